@@ -19,6 +19,8 @@ exactly once, and is computed on the model rebuilt from the artifact bytes. Noth
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import difflib
 import glob
@@ -331,12 +333,12 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def all_ranks_any(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank (MAX all-reduce), so all ranks take the same branch."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+def all_ranks_any(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank if it is true on any rank (one MAX all-reduce), so all ranks branch alike."""
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def synchronize(rt: Runtime) -> None:
@@ -644,9 +646,80 @@ def fake_quantize_int6(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES) ->
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training extras: schedules, EMA, SWA, late QAT
+# Pure schedules (wall-clock warm-down of the LR multiplier, Muon momentum warm-up) and the weight averagers.
+# EMA keeps an fp32 copy of every parameter; SWA averages EMA snapshots late in the warm-down. QAT is a switch on
+# the model (`qat_active`) flipped once, at 1 - QAT_TIME_FRAC of the wall-clock budget.
 # ---------------------------------------------------------------------------------------------------------------
 
-# (training extras section)
+
+def lr_scale(step: int, elapsed_ms: float, h: Hyperparameters) -> float:
+    """LR multiplier: 1, then linear to 0 over the last WARMDOWN_ITERS (estimated) steps of the time budget."""
+    if h.warmdown_iters <= 0:
+        return 1.0
+    if h.max_wallclock_seconds <= 0:
+        start = h.iterations - h.warmdown_iters
+        return (h.iterations - step) / h.warmdown_iters if step >= start else 1.0
+    warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum(step: int, h: Hyperparameters) -> float:
+    """Linear warm-up of the Muon momentum from MUON_MOMENTUM_WARMUP_START to MUON_MOMENTUM."""
+    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+
+def qat_should_start(elapsed_ms: float, h: Hyperparameters) -> bool:
+    """Late QAT begins once the elapsed share of the wall-clock budget reaches 1 - QAT_TIME_FRAC."""
+    if not h.use_late_qat or h.max_wallclock_seconds <= 0:
+        return False
+    return elapsed_ms / (1000.0 * h.max_wallclock_seconds) >= 1.0 - h.qat_time_frac
+
+
+def cast_like(state: dict, reference: dict) -> dict:
+    """Copy of `state` with every tensor cast to the dtype of the same-named tensor in `reference`."""
+    return {k: v.detach().to(reference[k].dtype).clone() for k, v in state.items()}
+
+
+class EMA:
+    """ema <- decay * ema + (1 - decay) * theta after every optimizer step; fp32, no bias correction."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shadow = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
+
+    def state(self) -> dict:
+        return dict(zip(self.names, self.shadow))
+
+
+class SWA:
+    """Uniform average of the snapshots it is given (EMA states), accumulated in fp32."""
+
+    def __init__(self):
+        self.total: dict | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, snapshot: dict) -> None:
+        if self.total is None:
+            self.total = {k: v.detach().float().clone() for k, v in snapshot.items()}
+        else:
+            for k, v in snapshot.items():
+                self.total[k].add_(v.float())
+        self.count += 1
+
+    def state(self) -> dict:
+        if not self.count:
+            raise RuntimeError("SWA has no snapshots: the run ended before the LR multiplier fell below "
+                               "SWA_LR_THRESHOLD; train longer or use EXPORT_WEIGHTS=ema")
+        return {k: v / self.count for k, v in self.total.items()}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Export
@@ -662,17 +735,227 @@ def fake_quantize_int6(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES) ->
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training loop
+# One `train_step` serves the compile warm-up and training. Warm-up runs real steps, then restores model and
+# optimizer state exactly and restarts the data. The clock runs only around training steps (validation stops it);
+# the MAX-reduced stop flag makes every rank stop on the same step; a non-finite loss stops the run.
 # ---------------------------------------------------------------------------------------------------------------
 
-# (training loop section)
+
+def autocast(rt: Runtime):
+    """bf16 autocast on CUDA; plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if rt.is_cuda else contextlib.nullcontext()
+
+
+def train_step(model, opt, loader, h: Hyperparameters, rt: Runtime, step: int, scale: float) -> torch.Tensor:
+    """Gradient-accumulated forward/backward over one global batch, clip, optimizer step; returns the mean loss."""
+    accum = h.grad_accum_steps(rt.world_size)
+    opt.zero_grad()
+    total = torch.zeros((), device=rt.device)
+    for _ in range(accum):
+        x, y = loader.next_batch(h.train_micro_batch_tokens, h.train_seq_len)
+        with autocast(rt):
+            loss = model(x, y)
+        (loss / accum).backward()
+        total += loss.detach().float()
+    opt.set_muon_momentum(muon_momentum(step, h))
+    opt.set_lr_scale(scale)
+    clip_gradients(model, h.grad_clip_norm)
+    opt.step()
+    return total / accum
+
+
+def warmup_and_restore(model, base_model, opt, h: Hyperparameters, rt: Runtime) -> None:
+    """Run WARMUP_STEPS real steps (compiling both the plain and, if used, the QAT graph), then undo them exactly."""
+    if h.warmup_steps <= 0:
+        return
+    model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    opt_state = copy.deepcopy(opt.state_dict())
+    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
+    for i in range(h.warmup_steps):
+        base_model.qat_active = h.use_late_qat and i == h.warmup_steps - 1
+        train_step(model, opt, loader, h, rt, i, 1.0)
+        if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
+            log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
+    base_model.qat_active = False
+    base_model.load_state_dict(model_state, strict=True)
+    opt.load_state_dict(opt_state)
+    synchronize(rt)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    raw: dict
+    ema: EMA | None
+    swa: SWA
+
+
+def should_validate(step: int, last: bool, h: Hyperparameters) -> bool:
+    """Periodic validation every VAL_LOSS_EVERY steps (not at step 0) and at the last step; 0 disables both."""
+    return h.val_loss_every > 0 and (last or (step > 0 and step % h.val_loss_every == 0))
+
+
+def validate_during_training(model, val, h, rt, step, train_ms) -> None:
+    res = sliding_eval(model, val, h, rt)
+    log0(f"step:{step}/{h.iterations} val_loss:{res.loss:.4f} val_bpb:{res.bpb:.4f} "
+         f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+
+
+def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime) -> TrainResult:
+    """The timed loop of SPEC §3.5; returns raw weights, the EMA and the SWA of EMA snapshots."""
+    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
+    ema = EMA(base_model, h.ema_decay) if h.use_ema else None
+    swa, cap_ms = SWA(), 1000.0 * h.max_wallclock_seconds
+    step, train_ms, stop_after = 0, 0.0, None
+    synchronize(rt)
+    t0 = time.perf_counter()
+    while True:
+        last = step >= h.iterations or (stop_after is not None and step >= stop_after)
+        if should_validate(step, last, h):
+            synchronize(rt)
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            validate_during_training(model, val, h, rt, step, train_ms)
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        scale = lr_scale(step, elapsed_ms, h)
+        if not base_model.qat_active and qat_should_start(elapsed_ms, h):
+            base_model.qat_active = True
+            log0(f"step:{step} QAT activated (time_frac={elapsed_ms / cap_ms:.3f}, scale={scale:.4f})")
+        loss = float(train_step(model, opt, loader, h, rt, step, scale))
+        if ema is not None:
+            ema.update(base_model)
+        step += 1
+        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        if ema is not None and h.swa_enabled and scale < h.swa_lr_threshold and step % h.swa_every == 0:
+            if swa.count == 0:
+                log0(f"swa:start step:{step}")
+            swa.add(ema.state())
+        reached, diverged = all_ranks_any([cap_ms > 0 and approx_ms >= cap_ms, not math.isfinite(loss)], rt.device)
+        if diverged:
+            log0(f"nonfinite_loss step:{step} train_loss:{loss}")
+            raise SystemExit(f"training diverged: non-finite loss at step {step}; lower the learning rates "
+                             "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+        if step <= 10 or step % h.train_log_every == 0 or reached or step == h.iterations:
+            log0(f"step:{step}/{h.iterations} train_loss:{loss:.4f} train_time:{approx_ms:.0f}ms "
+                 f"step_avg:{approx_ms / step:.2f}ms")
+        if reached and stop_after is None:
+            stop_after = step
+    if stop_after is not None and stop_after < h.iterations:
+        log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+    log_peak_memory(rt)
+    return TrainResult(step, train_ms, base_model.state_dict(), ema, swa)
+
+
+def log_peak_memory(rt: Runtime) -> None:
+    if rt.is_cuda:
+        log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    else:
+        import resource
+        log0(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
 # ---------------------------------------------------------------------------------------------------------------
 # main
+# Orchestration only: config → runtime → header → data → model → warm-up → train → export → rebuild from the
+# artifact bytes → sliding and n-gram evals → timing. An artifact over the limit fails the run after the evals.
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def log_header(h: Hyperparameters, rt: Runtime, attention: str, use_compile: bool) -> int:
+    """Settings, code identity and environment; the source text and versions go to the log file only."""
+    text, code_bytes, sha = code_identity()
+    for line in h.log_lines():
+        log0(line)
+    log0(f"code_bytes:{code_bytes} code_sha256:{sha}")
+    log0(f"runtime device:{rt.device.type} world_size:{rt.world_size} "
+         f"grad_accum_steps:{h.grad_accum_steps(rt.world_size)} attention:{attention} "
+         f"compile:{int(use_compile)} torch:{torch.__version__}")
+    log0(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps(rt.world_size)}")
+    log0(f"python:{sys.version.split()[0]} numpy:{np.__version__}", console=False)
+    log0(text + "\n" + "=" * 100, console=False)
+    return code_bytes
+
+
+def compile_model(model: nn.Module, use_compile: bool) -> nn.Module:
+    return torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+
+
+def export_state(result: TrainResult, h: Hyperparameters) -> dict:
+    """The weights chosen by EXPORT_WEIGHTS (never by a validation score), in the model's dtypes."""
+    log0(f"export_weights:{h.export_weights}")
+    if h.export_weights == "raw":
+        return result.raw
+    return cast_like(result.ema.state() if h.export_weights == "ema" else result.swa.state(), result.raw)
+
+
+def diagnostic_evals(base_model, model, val, result: TrainResult, h, rt) -> None:
+    """Opt-in fp scores of every candidate; they are only logged and never change the exported choice."""
+    candidates = {"raw": result.raw}
+    if result.ema is not None:
+        candidates["ema"] = cast_like(result.ema.state(), result.raw)
+    if result.swa.count:
+        candidates["swa"] = cast_like(result.swa.state(), result.raw)
+    for name, state in candidates.items():
+        base_model.load_state_dict(state, strict=True)
+        res = sliding_eval(model, val, h, rt)
+        log0(f"diag_eval_{name} val_loss:{res.loss:.4f} val_bpb:{res.bpb:.4f} eval_time:{res.time_ms:.0f}ms")
+
+
+def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool, float]:
+    """Build, warm up, train, export; returns (artifact over the limit?, wall time when training ended)."""
+    base_model = build_model(h, rt.device, attn_fn)
+    model = compile_model(base_model, use_compile)
+    log0(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
+    opt = build_optimizers(base_model, h, rt)
+    warmup_and_restore(model, base_model, opt, h, rt)
+    result = train(model, base_model, opt, val, h, rt)
+    t_end = time.perf_counter()
+    if h.diag_eval_candidates:
+        diagnostic_evals(base_model, model, val, result, h, rt)
+    report = export_artifact(export_state(result, h), h, code_bytes)
+    if rt.distributed:
+        dist.barrier()
+    return report.over_limit, t_end
+
+
+def evaluate_artifact(path: str, h, rt, val, attn_fn, use_compile) -> None:
+    """Rebuild the model from the artifact bytes on disk and run every scored evaluation on it."""
+    model = build_model(h, rt.device, attn_fn)
+    model.load_state_dict(load_artifact_state(path, h), strict=True)
+    model = compile_model(model, use_compile)
+    log_final_eval("int6_zstd_roundtrip", sliding_eval(model, val, h, rt))
+    if h.ngram_enabled:
+        ngram_eval(model, val, h, rt)
+
+
 def main() -> None:
-    raise SystemExit("train_gpt.py: training is not assembled yet")
+    h = Hyperparameters.from_env(os.environ)
+    rt = init_runtime(h)
+    h.validate(rt.world_size)
+    setup_logging(h, rt)
+    attention, attn_fn = select_attention(rt.device)
+    use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
+    code_bytes = log_header(h, rt, attention, use_compile)
+    seed_everything(h.seed)
+    val = load_val_data(h, load_tokenizer(h))
+    over_limit, t_end = False, time.perf_counter()
+    if not h.eval_only:
+        over_limit, t_end = train_and_export(h, rt, val, attn_fn, use_compile, code_bytes)
+    evaluate_artifact(h.artifact if h.eval_only else h.artifact_path, h, rt, val, attn_fn, use_compile)
+    log0(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
+    if rt.distributed:
+        dist.destroy_process_group()
+    if over_limit:
+        raise SystemExit(f"artifact over the {h.artifact_limit_bytes}-byte limit (see artifact_over_limit above)")
 
 
 if __name__ == "__main__":
