@@ -846,7 +846,8 @@ def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime)
     if stop_after is not None and stop_after < h.iterations:
         log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
     log_peak_memory(rt)
-    return TrainResult(step, train_ms, base_model.state_dict(), ema, swa)
+    raw = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    return TrainResult(step, train_ms, raw, ema, swa)
 
 
 def log_peak_memory(rt: Runtime) -> None:
