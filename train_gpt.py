@@ -686,7 +686,8 @@ def unbank_state(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str
             continue
         names = bank_slice_names(key, num_layers)
         if t.ndim != 3 or t.shape[0] != len(names):
-            raise ArtifactError(f"{key}: shape {tuple(t.shape)} does not hold {len(names)} slices for NUM_LAYERS={num_layers}")
+            raise ArtifactError(f"{key}: shape {tuple(t.shape)} does not hold {len(names)} slices "
+                                f"for NUM_LAYERS={num_layers}")
         flat.update((name, t[j].clone()) for j, name in enumerate(names))
     return flat
 
@@ -809,7 +810,7 @@ def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters) -> tupl
 def unpack_artifact(blob: bytes, num_layers: int) -> dict[str, torch.Tensor]:
     """Banked CPU state dict from artifact bytes; anything that is not our format raises ArtifactError."""
     zstd = require_zstd()
-    if not bytes(blob[:4]) == ZSTD_MAGIC:
+    if bytes(blob[:4]) != ZSTD_MAGIC:
         raise ArtifactError(f"not a zstd artifact: starts with {bytes(blob[:4]).hex()}, expected {ZSTD_MAGIC.hex()}")
     try:
         raw = zstd.ZstdDecompressor().decompress(blob)
@@ -818,7 +819,8 @@ def unpack_artifact(blob: bytes, num_layers: int) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors have no common base class
-        raise ArtifactError(f"decompressed bytes are not a readable torch.save object ({type(e).__name__}: {e})") from None
+        raise ArtifactError(f"decompressed bytes are not a readable torch.save object "
+                            f"({type(e).__name__}: {e})") from None
     fmt = obj.get("__quant_format__") if isinstance(obj, dict) else None
     if fmt != QUANT_FORMAT:
         raise ArtifactError(f"artifact format {fmt!r} is not {QUANT_FORMAT!r}; written by another exporter")
