@@ -723,9 +723,224 @@ class SWA:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Export
+# Artifact = zstd(torch.save(int6 object)) of the unbanked state dict (SPEC §6); submission size = artifact bytes +
+# code bytes, checked against ARTIFACT_LIMIT_BYTES with a loud line. Two tables drive it: BANK_LAYOUT (banks <->
+# per-layer matrices) and EXPORT_POLICY (SPEC §6.2, first match wins); int6 rows use the late-QAT quantizer.
+# zstandard is required (no zlib fallback); every eval after training runs on the model loaded from these bytes.
 # ---------------------------------------------------------------------------------------------------------------
 
-# (export section: bank layout, policy, pack/unpack artifact)
+QUANT_FORMAT = "int6_per_row_v1"
+QUANT_OBJECT_KEYS = ("quantized", "scales", "dtypes", "passthrough", "qmeta", "passthrough_orig_dtypes")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+INT6_TENSOR_CLIP_Q = 0.9999984  # clip quantile of |w| for int6 tensors that are not 2-D (one scale per tensor)
+BANK_LAYOUT = {  # bank -> per-layer names; slice k * num_layers + i of the bank is names[k] of layer i
+    "qo_bank": ("blocks.{i}.attn.c_q.weight", "blocks.{i}.attn.proj.weight"),
+    "kv_bank": ("blocks.{i}.attn.c_k.weight", "blocks.{i}.attn.c_v.weight"),
+    "mlp_up_bank": ("blocks.{i}.mlp.fc.weight",),
+    "mlp_down_bank": ("blocks.{i}.mlp.proj.weight",),
+}
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+def bank_slice_names(bank: str, num_layers: int) -> list[str]:
+    """Flat names of a bank's slices, in slice order."""
+    return [name.format(i=i) for name in BANK_LAYOUT[bank] for i in range(num_layers)]
+
+
+def unbank_state(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Each bank replaced in place by its per-layer 2-D matrices (cloned, so torch.save stores only the slice)."""
+    flat = {}
+    for key, t in state.items():
+        if key not in BANK_LAYOUT:
+            flat[key] = t
+            continue
+        names = bank_slice_names(key, num_layers)
+        if t.ndim != 3 or t.shape[0] != len(names):
+            raise ArtifactError(f"{key}: shape {tuple(t.shape)} does not hold {len(names)} slices "
+                                f"for NUM_LAYERS={num_layers}")
+        flat.update((name, t[j].clone()) for j, name in enumerate(names))
+    return flat
+
+
+def rebank_state(flat: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Inverse of unbank_state: each bank is stacked from its slices at the position of its first slice."""
+    owner = {name: bank for bank in BANK_LAYOUT for name in bank_slice_names(bank, num_layers)}
+    state = {}
+    for key, t in flat.items():
+        bank = owner.get(key)
+        if bank is None:
+            state[key] = t
+        elif bank not in state:
+            names = bank_slice_names(bank, num_layers)
+            missing = [n for n in names if n not in flat]
+            if missing:
+                raise ArtifactError(f"{bank}: {len(missing)} of {len(names)} slices missing (first: {missing[0]})")
+            state[bank] = torch.stack([flat[n] for n in names])
+    return state
+
+
+def _keep_float(name: str, t: torch.Tensor, h: Hyperparameters) -> bool:
+    return t.numel() <= h.keep_float_max_numel or "tok_emb.weight" in name
+
+
+EXPORT_POLICY = (  # SPEC §6.2 in order, first match wins: (kind, rule(name, tensor, h))
+    ("passthrough", lambda n, t, h: not t.is_floating_point()),
+    ("fp32_control", lambda n, t, h: _keep_float(n, t, h) and any(p in n for p in h.control_tensor_name_patterns)),
+    ("fp16", _keep_float),
+    ("int6_rows", lambda n, t, h: t.ndim == 2),
+    ("int6_tensor", lambda n, t, h: True),
+)
+
+
+def export_kind(name: str, t: torch.Tensor, h: Hyperparameters) -> str:
+    return next(kind for kind, rule in EXPORT_POLICY if rule(name, t, h))
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-tensor int6: clip at the 0.9999984 quantile of |w|, one fp32 scale (0-dim)."""
+    w = t.detach().float()
+    clip = float(_row_quantile(w.abs().flatten().sort().values, INT6_TENSOR_CLIP_Q))
+    scale = torch.tensor(clip / INT6_MAX if clip > 0 else 1.0, dtype=torch.float32)
+    q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -INT6_MAX, INT6_MAX)
+    return q.to(torch.int8), scale
+
+
+def quantize_state(flat: Mapping[str, torch.Tensor], h: Hyperparameters) -> tuple[dict, int]:
+    """SPEC §6.4 object of an unbanked CPU state dict, and its payload bytes (values + scales + passthrough)."""
+    obj = {"__quant_format__": QUANT_FORMAT, **{k: {} for k in QUANT_OBJECT_KEYS}}
+    for name, t in flat.items():
+        kind, dtype = export_kind(name, t, h), str(t.dtype).removeprefix("torch.")
+        if kind.startswith("int6"):
+            rows = kind == "int6_rows"
+            q, s = quantize_int6_rows(t, h.int6_clip_candidates) if rows else quantize_int6_tensor(t)
+            obj["quantized"][name], obj["scales"][name], obj["dtypes"][name] = q, s, dtype
+            obj["qmeta"][name] = {"scheme": "per_row", "axis": 0} if rows else {"scheme": "per_tensor"}
+            continue
+        if kind == "fp32_control":
+            t = t.float()
+        elif kind == "fp16" and t.dtype in (torch.float32, torch.bfloat16):
+            t = t.half()
+        obj["passthrough"][name], obj["passthrough_orig_dtypes"][name] = t.contiguous(), dtype
+    payload = sum(tensor_bytes(t) for part in ("quantized", "scales", "passthrough") for t in obj[part].values())
+    return obj, payload
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ArtifactError(f"artifact records unknown dtype {name!r}")
+    return dtype
+
+
+def dequantize_state(obj: dict) -> dict[str, torch.Tensor]:
+    """Flat state dict at the recorded dtypes: int6 values * scale in fp32, then cast; passthrough cast back."""
+    flat = {}
+    for name, q in obj["quantized"].items():
+        if obj["qmeta"].get(name, {}).get("scheme") not in ("per_row", "per_tensor"):
+            raise ArtifactError(f"{name}: unknown quantization scheme {obj['qmeta'].get(name)!r}")
+        flat[name] = dequantize_rows(q, obj["scales"][name]).to(_dtype(obj["dtypes"][name]))
+    for name, t in obj["passthrough"].items():
+        flat[name] = t.to(_dtype(obj["passthrough_orig_dtypes"].get(name, str(t.dtype).removeprefix("torch."))))
+    return flat
+
+
+def require_zstd():
+    """The zstandard module; the artifact format has no other compressor, so a missing package is an error."""
+    try:
+        import zstandard
+    except ImportError:
+        raise RuntimeError("the int6+zstd artifact needs the `zstandard` package (pip install zstandard); "
+                           "there is deliberately no zlib fallback") from None
+    return zstandard
+
+
+class PackStats(NamedTuple):
+    payload_bytes: int  # quantized values + scales + passthrough tensors (SPEC §6.4)
+    raw_torch_bytes: int  # uncompressed torch.save bytes
+    compressed_bytes: int  # the artifact
+    baseline_bytes: int  # unbanked state dict at its own dtypes (numerator of payload_ratio)
+
+
+def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters) -> tuple[bytes, PackStats]:
+    """Unbank, quantize, torch.save into memory, zstd (with a frame checksum) at ZSTD_LEVEL."""
+    zstd = require_zstd()
+    flat = unbank_state({k: v.detach().cpu() for k, v in state.items()}, h.num_layers)
+    obj, payload = quantize_state(flat, h)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    raw = buf.getvalue()
+    blob = zstd.ZstdCompressor(level=h.zstd_level, write_checksum=True).compress(raw)
+    return blob, PackStats(payload, len(raw), len(blob), sum(tensor_bytes(t) for t in flat.values()))
+
+
+def unpack_artifact(blob: bytes, num_layers: int) -> dict[str, torch.Tensor]:
+    """Banked CPU state dict from artifact bytes; anything that is not our format raises ArtifactError."""
+    zstd = require_zstd()
+    if bytes(blob[:4]) != ZSTD_MAGIC:
+        raise ArtifactError(f"not a zstd artifact: starts with {bytes(blob[:4]).hex()}, expected {ZSTD_MAGIC.hex()}")
+    try:
+        raw = zstd.ZstdDecompressor().decompress(blob)
+    except zstd.ZstdError as e:
+        raise ArtifactError(f"zstd stream is corrupt or truncated ({e})") from None
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors have no common base class
+        raise ArtifactError(f"decompressed bytes are not a readable torch.save object "
+                            f"({type(e).__name__}: {e})") from None
+    fmt = obj.get("__quant_format__") if isinstance(obj, dict) else None
+    if fmt != QUANT_FORMAT:
+        raise ArtifactError(f"artifact format {fmt!r} is not {QUANT_FORMAT!r}; written by another exporter")
+    missing = [k for k in QUANT_OBJECT_KEYS if not isinstance(obj.get(k), dict)]
+    if missing:
+        raise ArtifactError(f"artifact object lacks {missing}")
+    return rebank_state(dequantize_state(obj), num_layers)
+
+
+class ArtifactReport(NamedTuple):
+    path: str
+    sha256: str
+    model_bytes: int
+    code_bytes: int
+    total_bytes: int
+    over_limit: bool
+    stats: PackStats
+
+
+def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code_bytes: int) -> ArtifactReport:
+    """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; others load the file)."""
+    blob, st = pack_artifact(state, h)
+    write_file_atomic(h.artifact_path, blob)
+    model_bytes = os.path.getsize(h.artifact_path)
+    digest = hashlib.sha256(Path(h.artifact_path).read_bytes()).hexdigest()
+    total, limit = model_bytes + code_bytes, h.artifact_limit_bytes
+    ratio = st.baseline_bytes / max(st.payload_bytes, 1)
+    log0(f"Serialized model int6+zstd: {model_bytes} bytes (payload:{st.payload_bytes} "
+         f"raw_torch:{st.raw_torch_bytes} payload_ratio:{ratio:.2f}x)")
+    log0(f"Total submission int6+zstd: {total} bytes")
+    log0(f"artifact path:{h.artifact_path} sha256:{digest} model_bytes:{model_bytes} code_bytes:{code_bytes} "
+         f"total_bytes:{total} limit:{limit}")
+    if total > limit:
+        log0(f"artifact_over_limit total_bytes:{total} limit:{limit} excess:{total - limit}")
+    return ArtifactReport(h.artifact_path, digest, model_bytes, code_bytes, total, total > limit, st)
+
+
+def load_artifact_state(path: str, h: Hyperparameters) -> dict[str, torch.Tensor]:
+    """State dict read back from the artifact file, ready for load_state_dict(strict=True) on a fresh model."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read artifact ({e.strerror})") from None
+    try:
+        return unpack_artifact(blob, h.num_layers)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation engine

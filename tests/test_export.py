@@ -1,0 +1,266 @@
+"""Export: int6 row quantizer, bank layout, quantization policy, artifact pack/unpack, size report."""
+import dataclasses
+import io
+import os
+import sys
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+DEFAULT_PAYLOAD_BYTES = 27_627_290  # SPEC §6.4 reconciliation with the reference log
+
+
+def contract_state(h, seed=0):
+    """A state dict with the model's naming contract, shapes from h and the at-rest dtypes of SPEC §2.10."""
+    g = torch.Generator().manual_seed(seed)
+    L, d, kv, hid, nh = h.num_layers, h.model_dim, h.kv_dim, h.mlp_hidden, h.num_heads
+
+    def r(*shape, dtype=torch.float32, std=0.05):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    s = {"tok_emb.weight": r(h.vocab_size, d, dtype=torch.bfloat16),
+         "qo_bank": r(2 * L, d, d), "kv_bank": r(2 * L, kv, d),
+         "mlp_up_bank": r(L, hid, d), "mlp_down_bank": r(L, d, hid),
+         "bigram.embed.weight": r(h.bigram_vocab_size, h.bigram_dim, dtype=torch.bfloat16),
+         "bigram.proj.weight": r(d, h.bigram_dim), "bigram.scale": torch.tensor(0.05),
+         "smear.gate": r(d), "skip_weights": r(L // 2, d)}
+    for i in range(L):
+        s.update({f"blocks.{i}.attn_scale": r(d), f"blocks.{i}.mlp_scale": r(d), f"blocks.{i}.resid_mix": r(2, d),
+                  f"blocks.{i}.attn.q_gain": r(nh), f"blocks.{i}.attn.attn_gate.weight": r(nh, d),
+                  f"blocks.{i}.attn.attn_gate.bias": r(nh), f"blocks.{i}.attn.vr_lambda": r(2)})
+    return s
+
+
+@pytest.fixture
+def small_h(tiny, tmp_path):
+    # threshold 256 keeps the control tensors and bigram projection float and sends bank slices to int6 rows
+    return tiny(keep_float_max_numel=256, zstd_level=3, artifact_path=str(tmp_path / "model.int6.ptz"))
+
+
+# ---- quantizer ------------------------------------------------------------------------------------------------
+
+def reference_rows(w, candidates):
+    """Independent per-row loop over the clip candidates with torch.quantile (SPEC §6.3)."""
+    qs, ss, errs = [], [], []
+    for row in w.float():
+        best = None
+        for p in candidates:
+            c = torch.quantile(row.abs(), p)
+            s = torch.clamp(c / 31, min=1 / 31)
+            q = torch.clamp(torch.round(torch.clamp(row, -c, c) / s), -31, 31)
+            err = float((row - q * s).square().sum())
+            if best is None or err < best[2]:  # strict: ties keep the earlier candidate
+                best = (q, s, err)
+        qs.append(best[0]), ss.append(best[1]), errs.append(best[2])
+    return torch.stack(qs), torch.stack(ss), torch.tensor(errs)
+
+
+def heavy_tailed(rows, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 3
+    w[torch.rand(rows, cols, generator=g) < 0.002] *= 8  # outliers make clipping worth it on some rows
+    return w
+
+
+def test_quantizer_range_dtypes_and_scale_floor():
+    w = torch.cat([heavy_tailed(64, 256), torch.randn(8, 256) * 1e-3, torch.zeros(2, 256)])
+    q, s = tg.quantize_int6_rows(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (w.shape[0],)
+    assert int(q.min()) >= -31 and int(q.max()) <= 31
+    assert bool((s.float() >= torch.tensor(1 / 31, dtype=torch.float16).float()).all())
+
+
+def test_quantizer_picks_best_candidate_per_row():
+    w = heavy_tailed(96, 384, seed=1)
+    q, s = tg.quantize_int6_rows(w, tg.INT6_CLIP_CANDIDATES)
+    q_ref, s_ref, err_ref = reference_rows(w, tg.INT6_CLIP_CANDIDATES)
+    assert torch.equal(q, q_ref.to(torch.int8))
+    # torch.quantile takes p in fp32, the quantizer in fp64: clips agree to ~1e-6, fp16 scales to one ulp
+    assert torch.allclose(s.float(), s_ref, rtol=2**-10, atol=0)
+    # the search is not trivial here: several candidates win on different rows
+    plain_q, plain_s, plain_err = reference_rows(w, (1.0,))
+    assert (err_ref < plain_err).sum() > 0
+    assert bool((err_ref <= plain_err).all())
+    # with the stored fp16 scales the error stays within fp16 rounding of the plain max-abs grid's error
+    err = (w - tg.dequantize_rows(q, s)).square().sum(dim=1)
+    plain = (w - tg.dequantize_rows(plain_q.to(torch.int8), plain_s.half())).square().sum(dim=1)
+    assert bool((err <= plain * (1 + 2e-3) + 1e-9).all())
+
+
+def test_quantizer_ties_keep_earlier_candidate():
+    # rows whose every |w| < 1 hit the 1/31 floor for all candidates: identical grids must give identical output
+    w = torch.rand(16, 128) * 0.5
+    q1, s1 = tg.quantize_int6_rows(w, (0.999, 1.0))
+    q_ref, s_ref, _ = reference_rows(w, (0.999, 1.0))
+    assert torch.equal(q1, q_ref.to(torch.int8)) and torch.equal(s1, s_ref.half())
+    # a duplicated candidate list is a tie on every row and changes nothing
+    q2, s2 = tg.quantize_int6_rows(w, (1.0, 1.0, 1.0))
+    q3, s3 = tg.quantize_int6_rows(w, (1.0,))
+    assert torch.equal(q2, q3) and torch.equal(s2, s3)
+
+
+# ---- bank layout and policy -----------------------------------------------------------------------------------
+
+def test_unbank_rebank_identity(small_h):
+    state = contract_state(small_h)
+    flat = tg.unbank_state(state, small_h.num_layers)
+    L = small_h.num_layers
+    assert not any(k in flat for k in tg.BANK_LAYOUT)
+    assert torch.equal(flat[f"blocks.{L - 1}.attn.proj.weight"], state["qo_bank"][2 * L - 1])
+    assert torch.equal(flat["blocks.0.attn.c_v.weight"], state["kv_bank"][L])
+    assert flat["blocks.1.mlp.proj.weight"].shape == (small_h.model_dim, small_h.mlp_hidden)
+    back = tg.rebank_state(flat, L)
+    assert list(back) == list(state)
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
+
+
+def test_rebank_reports_missing_slice(small_h):
+    flat = tg.unbank_state(contract_state(small_h), small_h.num_layers)
+    del flat["blocks.1.mlp.fc.weight"]
+    with pytest.raises(tg.ArtifactError, match="mlp_up_bank"):
+        tg.rebank_state(flat, small_h.num_layers)
+
+
+def test_policy_classes_default_shapes():
+    h = tg.Hyperparameters()
+    flat = tg.unbank_state(contract_state(h), h.num_layers)
+    kinds = {name: tg.export_kind(name, t, h) for name, t in flat.items()}
+    assert kinds["tok_emb.weight"] == "fp16" and kinds["bigram.proj.weight"] == "fp16"
+    assert kinds["bigram.scale"] == "fp16"  # `bigram.scale` does not match the pattern `bigram_scale` (SPEC §6.2)
+    assert kinds["bigram.embed.weight"] == "int6_rows" and kinds["blocks.3.attn.c_k.weight"] == "int6_rows"
+    for name in ("smear.gate", "skip_weights", "blocks.0.resid_mix", "blocks.10.attn.attn_gate.bias",
+                 "blocks.2.attn.vr_lambda", "blocks.4.attn.q_gain"):
+        assert kinds[name] == "fp32_control", name
+    assert sum(k == "int6_rows" for k in kinds.values()) == 6 * h.num_layers + 1
+
+
+def test_default_payload_bytes():
+    h = tg.Hyperparameters()
+    flat = tg.unbank_state(contract_state(h), h.num_layers)
+    _, payload = tg.quantize_state(flat, h)
+    assert payload == DEFAULT_PAYLOAD_BYTES
+    assert sum(tg.tensor_bytes(t) for t in flat.values()) == 105_665_308  # baseline of payload_ratio 3.82x
+
+
+# ---- pack / unpack --------------------------------------------------------------------------------------------
+
+def test_pack_unpack_error_bounds(small_h):
+    state = contract_state(small_h)
+    state["extra.cube"] = torch.randn(4, 8, 16)  # non-2-D, above the keep-float threshold: per-tensor int6
+    state["extra.steps"] = torch.arange(5)  # non-float: passthrough unchanged
+    blob, stats = tg.pack_artifact(state, small_h)
+    out = tg.unpack_artifact(blob, small_h.num_layers)
+    assert set(out) == set(state)
+    assert all(out[k].dtype == v.dtype and out[k].shape == v.shape for k, v in state.items())
+    flat_in = tg.unbank_state(state, small_h.num_layers)
+    flat_out = tg.unbank_state(out, small_h.num_layers)
+    for name, w in flat_in.items():
+        kind, got = tg.export_kind(name, w, small_h), flat_out[name]
+        if kind in ("passthrough", "fp32_control"):
+            assert torch.equal(got, w), name
+        elif kind == "fp16":
+            assert torch.equal(got, w.half().to(w.dtype)), name
+        elif kind == "int6_rows":
+            q, s = tg.quantize_int6_rows(w, small_h.int6_clip_candidates)
+            scale = s.float().unsqueeze(1)
+            inside = w.float().abs() <= 31 * scale * (1 - 2**-11)
+            bound = scale / 2 + 32 * scale * 2**-11 + 1e-7  # half a step + fp16 rounding of the stored scale
+            if w.dtype == torch.bfloat16:
+                bound = bound + got.float().abs() * 2**-8  # final cast back to bf16
+            err = (got.float() - w.float()).abs()
+            assert bool((err <= bound)[inside].all()), name
+            assert torch.equal(got, tg.dequantize_rows(q, s).to(w.dtype)), name
+        else:
+            assert kind == "int6_tensor"
+            step = (w.abs().max() / 31).item()
+            assert (got - w).abs().max().item() <= step / 2 + 1e-6
+    assert stats.compressed_bytes == len(blob) and stats.raw_torch_bytes > stats.compressed_bytes
+    assert stats.payload_bytes < stats.baseline_bytes
+
+
+def test_blob_is_zstd_and_object_is_truthful(small_h):
+    zstd = pytest.importorskip("zstandard")
+    blob, stats = tg.pack_artifact(contract_state(small_h), small_h)
+    raw = zstd.ZstdDecompressor().decompress(blob)
+    assert len(raw) == stats.raw_torch_bytes
+    obj = torch.load(io.BytesIO(raw), weights_only=True)
+    assert obj["__quant_format__"] == tg.QUANT_FORMAT and "int6" in tg.QUANT_FORMAT
+    assert set(obj) == {"__quant_format__", *tg.QUANT_OBJECT_KEYS}
+    assert obj["qmeta"]["blocks.0.attn.c_q.weight"] == {"scheme": "per_row", "axis": 0}
+    assert obj["passthrough_orig_dtypes"]["tok_emb.weight"] == "bfloat16"
+
+
+def test_missing_zstandard_is_an_error(small_h, monkeypatch):
+    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import now raises ImportError
+    with pytest.raises(RuntimeError, match="zstandard"):
+        tg.pack_artifact(contract_state(small_h), small_h)
+    with pytest.raises(RuntimeError, match="no zlib fallback"):
+        tg.unpack_artifact(blob, small_h.num_layers)
+
+
+def test_corrupt_and_foreign_blobs(small_h):
+    zstd = pytest.importorskip("zstandard")
+    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
+    L = small_h.num_layers
+    with pytest.raises(tg.ArtifactError, match="not a zstd artifact"):
+        tg.unpack_artifact(b"PK\x03\x04" + blob[4:], L)
+    with pytest.raises(tg.ArtifactError, match="corrupt or truncated"):
+        tg.unpack_artifact(blob[: len(blob) // 2], L)
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0xFF
+    with pytest.raises(tg.ArtifactError):
+        tg.unpack_artifact(bytes(flipped), L)
+    with pytest.raises(tg.ArtifactError, match="not a readable torch.save"):
+        tg.unpack_artifact(zstd.ZstdCompressor().compress(b"hello world"), L)
+    buf = io.BytesIO()
+    torch.save({"__quant_format__": "int8_clean_per_row_v1"}, buf)
+    with pytest.raises(tg.ArtifactError, match="int8_clean_per_row_v1"):
+        tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()), L)
+
+
+# ---- export to disk -------------------------------------------------------------------------------------------
+
+def test_export_and_load_roundtrip(small_h, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    state = contract_state(small_h)
+    rep = tg.export_artifact(state, small_h, code_bytes=1234)
+    assert not rep.over_limit and rep.model_bytes == os.path.getsize(small_h.artifact_path)
+    assert rep.total_bytes == rep.model_bytes + 1234
+    out = capsys.readouterr().out
+    assert f"Serialized model int6+zstd: {rep.model_bytes} bytes (payload:{rep.stats.payload_bytes} " in out
+    assert f"Total submission int6+zstd: {rep.model_bytes + 1234} bytes" in out
+    assert f"sha256:{rep.sha256} model_bytes:{rep.model_bytes} code_bytes:1234" in out
+    assert "artifact_over_limit" not in out
+    loaded = tg.load_artifact_state(small_h.artifact_path, small_h)
+    assert set(loaded) == set(state) and all(loaded[k].dtype == v.dtype for k, v in state.items())
+
+
+def test_over_limit_is_reported(small_h, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    h = dataclasses.replace(small_h, artifact_limit_bytes=100)
+    rep = tg.export_artifact(contract_state(h), h, code_bytes=50)
+    assert rep.over_limit
+    excess = rep.total_bytes - 100
+    assert f"artifact_over_limit total_bytes:{rep.total_bytes} limit:100 excess:{excess}" in capsys.readouterr().out
+
+
+def test_failed_write_leaves_no_file(small_h, monkeypatch, tmp_path):
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tg.os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        tg.export_artifact(contract_state(small_h), small_h, code_bytes=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_missing_or_corrupt_file(small_h, tmp_path):
+    with pytest.raises(tg.ArtifactError, match="cannot read artifact"):
+        tg.load_artifact_state(str(tmp_path / "absent.ptz"), small_h)
+    bad = tmp_path / "bad.ptz"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(tg.ArtifactError, match="bad.ptz: not a zstd artifact"):
+        tg.load_artifact_state(str(bad), small_h)
