@@ -1137,10 +1137,10 @@ def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool
     t_end = time.perf_counter()
     if h.diag_eval_candidates:
         diagnostic_evals(base_model, model, val, result, h, rt)
-    report = export_artifact(export_state(result, h), h, code_bytes)
+    over_limit = rt.is_main and export_artifact(export_state(result, h), h, code_bytes).over_limit
     if rt.distributed:
-        dist.barrier()
-    return report.over_limit, t_end
+        dist.barrier()  # the other ranks read the artifact only once rank 0 has renamed it into place
+    return over_limit, t_end
 
 
 def evaluate_artifact(path: str, h, rt, val, attn_fn, use_compile) -> None:

@@ -30,3 +30,49 @@ def tiny_hparams(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_hparams
+
+
+WORDS = ("the of and to in is was for on that with as by at from his her are were it an be this which or had "
+         "not but first one their also after new who they has two its time city state world year river music "
+         "team school film season war house north south century county people part known game album series "
+         "played including released became named located family group called number government").split()
+
+
+def synthetic_documents(num_docs: int, seed: int = 0):
+    """Deterministic English-like documents (word salad with some repetition) for tokenizer and shard tests."""
+    import random
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(num_docs):
+        sentences = []
+        for _ in range(rng.randint(2, 6)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+            sentences.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?"]))
+        docs.append(" ".join(sentences) + f" In {rng.randint(1800, 2020)}.")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """(data_path, tokenizer_path, vocab): a vocab-320 SentencePiece BPE + train/val shards with BOS per document."""
+    import numpy as np
+    import sentencepiece as spm
+    root = tmp_path_factory.mktemp("corpus")
+    docs = synthetic_documents(1200)
+    text_file = root / "text.txt"
+    text_file.write_text("\n".join(docs), encoding="utf-8")
+    vocab = 320
+    spm.SentencePieceTrainer.train(
+        input=str(text_file), model_prefix=str(root / "tok"), model_type="bpe", vocab_size=vocab,
+        byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+        character_coverage=0.999, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tok.model"))
+    assert sp.vocab_size() == vocab
+    data = root / "tiny_sp"
+    data.mkdir()
+    encode = lambda ds: np.concatenate([np.array([1] + sp.encode(d), dtype=np.uint16) for d in ds])
+    train_gpt.write_shard(data / "tiny_val_000000.bin", encode(docs[:150]))
+    train_gpt.write_shard(data / "tiny_train_000000.bin", encode(docs[150:700]))
+    train_gpt.write_shard(data / "tiny_train_000001.bin", encode(docs[700:]))
+    return str(data), str(root / "tok.model"), vocab
