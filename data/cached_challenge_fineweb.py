@@ -76,12 +76,13 @@ def list_remote_files(repo_id: str) -> list[str]:
                             f"{OFFLINE_HINT}") from None
 
 
-def download_file(repo_id: str, remote_path: str) -> Path:
-    """Local path of one repo file in the huggingface_hub cache (downloaded if needed)."""
+def download_file(repo_id: str, remote_path: str, force: bool = False) -> Path:
+    """Local path of one repo file in the huggingface_hub cache (downloaded if needed, or again if force)."""
     hub = import_hub()
     folder, name = os.path.split(remote_path)
     try:
-        return Path(hub.hf_hub_download(repo_id=repo_id, filename=name, subfolder=folder or None, repo_type="dataset"))
+        return Path(hub.hf_hub_download(repo_id=repo_id, filename=name, subfolder=folder or None,
+                                        repo_type="dataset", force_download=force))
     except Exception as e:
         raise DownloadError(f"cannot download {remote_path} from {repo_id} ({type(e).__name__}: {e}); "
                             f"{OFFLINE_HINT}") from None
@@ -137,6 +138,15 @@ def place_file(cached: Path, dest: Path) -> None:
             tmp.unlink()
 
 
+def fetch_one(repo_id: str, remote: str, dest: Path) -> None:
+    """Place one file at dest; a cached copy that fails validation is downloaded once more before giving up."""
+    for force in (False, True):
+        place_file(download_file(repo_id, remote, force=force), dest)
+        if is_valid_local(dest):
+            return
+    raise DownloadError(f"{dest}: the downloaded file is not valid (even after a fresh download)")
+
+
 def fetch(args: argparse.Namespace) -> tuple[int, int]:
     """Download every planned file that is missing or invalid; returns (downloaded, skipped)."""
     out = Path(args.out_dir)
@@ -148,9 +158,7 @@ def fetch(args: argparse.Namespace) -> tuple[int, int]:
             skipped += 1
             continue
         remote = f"{args.remote_prefix.strip('/')}/{rel}" if args.remote_prefix.strip("/") else rel
-        place_file(download_file(args.repo_id, remote), dest)
-        if not is_valid_local(dest):
-            raise DownloadError(f"{dest}: downloaded file is not valid; delete it and retry")
+        fetch_one(args.repo_id, remote, dest)
         downloaded += 1
         print(f"cached_challenge_fineweb: {rel}", flush=True)
     return downloaded, skipped

@@ -197,12 +197,15 @@ def train_tokenizer(docs: list[str], vocab_size: int, threads: int) -> bytes:
     lines = training_lines(docs)
     longest = max(len(line.encode("utf-8")) for line in lines)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
-        character_coverage=0.999, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        max_sentence_length=max(MIN_MAX_SENTENCE_BYTES, longest + 1), input_sentence_size=0,
-        num_threads=max(1, threads), minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+            character_coverage=0.999, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+            max_sentence_length=max(MIN_MAX_SENTENCE_BYTES, longest + 1), input_sentence_size=0,
+            num_threads=max(1, threads), minloglevel=2)
+    except RuntimeError as e:  # e.g. more distinct characters than --vocab-size leaves room for
+        raise DatasetError(f"tokenizer training failed ({e}); adjust --vocab-size") from None
     return model.getvalue()
 
 
@@ -221,16 +224,20 @@ def load_tokenizer_bytes(data: bytes, vocab_size: int, origin: str):
     return sp
 
 
-def prepare_tokenizer(args: argparse.Namespace, train_docs: list[str], out_path: Path):
-    """Train (or load --tokenizer), validate, write it atomically to out_path, and return the processor."""
-    if args.tokenizer:
-        src = Path(args.tokenizer)
-        if not src.is_file() or src.suffix != ".model":
-            raise DatasetError(f"--tokenizer {src}: expected an existing SentencePiece .model file")
-        data, origin = src.read_bytes(), str(src)
-    else:
-        data, origin = train_tokenizer(train_docs, args.vocab_size, args.threads), "trained tokenizer"
-    sp = load_tokenizer_bytes(data, args.vocab_size, origin)
+def read_tokenizer_file(path: str, vocab_size: int) -> bytes:
+    """Bytes of an existing --tokenizer model, validated (loads, vocab_size pieces, BOS id 1) before any work."""
+    src = Path(path)
+    if not src.is_file() or src.suffix != ".model":
+        raise DatasetError(f"--tokenizer {src}: expected an existing SentencePiece .model file")
+    data = src.read_bytes()
+    load_tokenizer_bytes(data, vocab_size, str(src))
+    return data
+
+
+def prepare_tokenizer(args: argparse.Namespace, given: bytes | None, train_docs: list[str], out_path: Path):
+    """The given model bytes, or a model trained on train_docs; validated, written atomically to out_path."""
+    data = given if given is not None else train_tokenizer(train_docs, args.vocab_size, args.threads)
+    sp = load_tokenizer_bytes(data, args.vocab_size, args.tokenizer or "trained tokenizer")
     if not (out_path.exists() and out_path.read_bytes() == data):
         train_gpt.write_file_atomic(str(out_path), data)
     return sp
@@ -324,10 +331,11 @@ def build(args: argparse.Namespace) -> dict[str, SplitStats]:
     """Read, split, tokenize and shard the corpus; print a summary; return per-split statistics."""
     t0 = time.perf_counter()
     tok_path, data_dir = output_paths(args)
+    given = read_tokenizer_file(args.tokenizer, args.vocab_size) if args.tokenizer else None
     docs = read_documents(args.input, args.text_field)
     val, train = split_documents(docs, args.val_docs)
     print(f"make_dataset: {len(docs)} documents from {args.input} (val {len(val)}, train {len(train)})", flush=True)
-    sp = prepare_tokenizer(args, train, tok_path)
+    sp = prepare_tokenizer(args, given, train, tok_path)
     tables = train_gpt.build_byte_luts(sp, args.vocab_size)
     data_dir.mkdir(parents=True, exist_ok=True)
     stats = {}
