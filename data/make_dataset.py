@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--vocab-size must be in (260, 65536]: 4 special ids + 256 byte pieces + at least one merge")
     if not args.name or os.sep in args.name or args.name.startswith("."):
         p.error("--name must be a plain file-name prefix")
+    if any(f"_{split}_" in f"{args.name}_" for split in ("train", "val")):
+        p.error("--name must not contain '_train_'/'_val_' or end in '_train'/'_val' (train_gpt finds shards by them)")
     return args
 
 

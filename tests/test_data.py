@@ -155,6 +155,14 @@ def test_stream_wraps_across_shards_and_back_to_first(tmp_path):
     np.testing.assert_array_equal(got, np.arange(40) % 15)
 
 
+def test_stream_skips_empty_shards_and_rejects_all_empty(tmp_path):
+    files = write_position_shards(tmp_path, "pos", "train", [3, 0, 2])
+    np.testing.assert_array_equal(tg.TokenStream(files).take(7), [0, 1, 2, 3, 4, 0, 1])
+    empty = write_position_shards(tmp_path, "none", "train", [0, 0])
+    with pytest.raises(tg.ShardError, match="hold no tokens"):
+        tg.TokenStream(empty).take(1)
+
+
 def test_loader_batch_straddles_wrap(tmp_path):
     files = write_position_shards(tmp_path, "pos", "train", [6, 4])
     loader = tg.DistributedTokenLoader(files, make_runtime(1, 2))

@@ -182,6 +182,13 @@ def test_input_errors_are_clear(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["my_val_set", "x_train", "a/b", ""])
+def test_names_that_would_confuse_shard_discovery_are_refused(tmp_path, name):
+    with pytest.raises(SystemExit) as err:
+        md.parse_args(["--input", "sample", "--name", name, "--out-dir", str(tmp_path)])
+    assert err.value.code == 2
+
+
 def test_long_document_contributes_to_tokenizer(built):
     import sentencepiece as spm
     long_doc = " ".join(["qzvk"] * 3000)  # one 15,000-byte line, far above SentencePiece's 4,192 default
