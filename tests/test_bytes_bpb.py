@@ -6,7 +6,6 @@ import io
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 
