@@ -835,7 +835,8 @@ class Block(nn.Module):
 
 
 def bigram_buckets(ids: torch.Tensor, buckets: int) -> torch.Tensor:
-    """Bucket of (t_{i−1}, t_i): ((36313·t_i) XOR (27191·t_{i−1})) mod (buckets−1) in int32; position 0 → buckets−1."""
+    """Bucket of (t_{i−1}, t_i): ((36313·t_i) XOR (27191·t_{i−1})) mod (buckets−1), int32 arithmetic.
+    Position 0 of every row gets the last bucket (buckets−1)."""
     t = ids.to(torch.int32)
     pair = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (buckets - 1)
     return torch.cat((torch.full_like(t[:, :1], buckets - 1), pair), dim=1).long()

@@ -196,7 +196,7 @@ def test_sdpa_backend_matches_explicit_gqa_attention():
     name, fn = tg.select_attention("cpu")
     assert name == "sdpa"
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 5, 4, 8, generator=g), torch.randn(2, 5, 2, 8, generator=g), torch.randn(2, 5, 2, 8, generator=g)
+    q, k, v = (torch.randn(2, 5, n, 8, generator=g) for n in (4, 2, 2))
     kk, vv = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # query head h reads kv head h // 2
     scores = torch.einsum("bthd,bshd->bhts", q, kk) / math.sqrt(8)
     scores = scores.masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
@@ -222,9 +222,9 @@ def test_qat_fake_quant_matches_export_grid(tiny):
         torch.testing.assert_close(got, tg.dequantize_rows(*tg.quantize_int6_rows(bank, h.int6_clip_candidates)),
                                    rtol=0, atol=0)
         assert not torch.equal(got, bank)
-    model.eval()
-    assert all(torch.equal(a, b) for a, b in zip(model.banks(torch.float32),
-                                                  (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank)))
+    model.eval()  # QAT acts only while training
+    raw = (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank)
+    assert all(torch.equal(a, b) for a, b in zip(model.banks(torch.float32), raw))
 
 
 def test_qat_reaches_bigram_table_and_passes_gradients(tiny):
