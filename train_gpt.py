@@ -739,14 +739,7 @@ def _flash_backend(flash_attn_func):
     return attend
 
 
-def _import_fa3():
-    from flash_attn_interface import flash_attn_func
-    return flash_attn_func
-
-
-def _import_fa4():
-    from flash_attn.cute import flash_attn_func
-    return flash_attn_func
+FLASH_BACKENDS = (("fa3", "flash_attn_interface"), ("fa4", "flash_attn.cute"))  # (name, module with flash_attn_func)
 
 
 def _agrees_with_sdpa(fn, device: torch.device) -> bool:
@@ -762,9 +755,9 @@ def select_attention(device) -> tuple[str, callable]:
     """(name, fn) of the first backend that imports and agrees with SDPA: fa3, fa4 (CUDA only), else sdpa."""
     device = torch.device(device)
     if device.type == "cuda":
-        for name, importer in (("fa3", _import_fa3), ("fa4", _import_fa4)):
+        for name, module in FLASH_BACKENDS:
             try:
-                fn = _flash_backend(importer())
+                fn = _flash_backend(__import__(module, fromlist=["flash_attn_func"]).flash_attn_func)
                 if _agrees_with_sdpa(fn, device):
                     return name, fn
             except Exception:  # not installed, wrong GPU or API drift: try the next backend
