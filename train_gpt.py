@@ -640,7 +640,333 @@ def fake_quantize_int6(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES) ->
 # Model
 # ---------------------------------------------------------------------------------------------------------------
 
-# (model section: GPT)
+# GPT(h): input ids [B,T] -> hidden [B,T,d] -> tied-embedding logits, soft-capped, fp32 -> cross-entropy (SPEC §2).
+# Every matrix lives in one of four fp32 banks whose names are a contract (export, optimizer routing, tests).
+# Optional pieces are built or None from h at construction. Activations use the autocast dtype (CUDA) or fp32 (CPU);
+# weights are cast at use. `qat_active` (plain bool) sends the banks and the bigram table through the export int6
+# grid while training (DESIGN H6); flipping it makes torch.compile re-guard and recompile once.
+
+class Banks(NamedTuple):
+    qo: torch.Tensor  # [2L, d, d]: W_q of layer i at i, W_o at L+i
+    kv: torch.Tensor  # [2L, kv_dim, d]: W_k at i, W_v at L+i
+    up: torch.Tensor  # [L, hidden, d]
+    down: torch.Tensor  # [L, d, hidden]
+
+
+class LayerSpec(NamedTuple):
+    index: int
+    xsa: bool
+    norm_scale: float
+
+
+def layer_specs(h: Hyperparameters) -> tuple[LayerSpec, ...]:
+    """Per-layer choices, fixed once: XSA on the last xsa_last_n layers; norm factor 1/sqrt(i+1) if ln_scale."""
+    n = h.num_layers
+    return tuple(LayerSpec(i, i >= n - h.xsa_last_n, 1.0 / math.sqrt(i + 1) if h.ln_scale else 1.0)
+                 for i in range(n))
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim (eps = dtype epsilon), returned in the input dtype."""
+    return F.rms_norm(x, (x.size(-1),)).type_as(x)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Activation dtype: the autocast dtype when autocast is on for this device type, else fp32."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+
+def rope_base_eff(base: float, dims: int, train_len: int, seq_len: int) -> float:
+    """NTK base rescale (SPEC §2.4): base·(T/train_len)^(dims/(dims−2)) once T exceeds the training length."""
+    if seq_len <= train_len:
+        return base
+    return base * (seq_len / train_len) ** (dims / max(dims - 2, 1))  # max(): ROPE_DIMS=2 would divide by 0
+
+
+class Rotary(nn.Module):
+    """Partial RoPE tables for the first `dims` dims of a head (0 = the whole head), half-split pairing."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.dims = h.rope_dims or h.head_dim
+        self.base, self.train_len = h.rope_base, h.rope_train_len
+        exps = torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims
+        self.register_buffer("inv_freq", self.base ** -exps, persistent=False)
+
+    def freqs(self, seq_len: int) -> torch.Tensor:
+        """ω_j = base_eff^(−2j/dims); base^(−e)^(ln b'/ln b) = b'^(−e) reuses the buffer."""
+        eff = rope_base_eff(self.base, self.dims, self.train_len, seq_len)
+        return self.inv_freq if eff == self.base else self.inv_freq ** (math.log(eff) / math.log(self.base))
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [T, dims/2], for positions 0..T−1."""
+        freqs = self.freqs(seq_len)
+        angles = torch.outer(torch.arange(seq_len, device=freqs.device, dtype=torch.float32), freqs)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the first 2·len(ω) dims of x [B,T,H,D] as pairs (j, j+half): [x1·c + x2·s, −x1·s + x2·c]."""
+    cos, sin = (t.to(x.dtype)[None, :, None, :] for t in rope)
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output y [B,T,H,D] its component along its own position's unit value vector."""
+    b, t, heads, d = y.shape
+    unit = F.normalize(v, dim=-1).unsqueeze(3)  # [B,T,Hkv,1,D]; query head h reads kv head h // (H/Hkv)
+    yg = y.reshape(b, t, v.size(2), heads // v.size(2), d)
+    return (yg - (yg * unit).sum(-1, keepdim=True) * unit).reshape(b, t, heads, d)
+
+
+def mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """LeakyReLU(0.5)² MLP, no biases."""
+    return F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
+
+
+# Attention backends: fn(q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,H,D], causal, GQA (head h reads kv head
+# h // (H/Hkv)). Chosen once by select_attention: FlashAttention-3, then FlashAttention-4 (CUDA only), else SDPA.
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention with PyTorch SDPA (works on every device)."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def _flash_backend(flash_attn_func):
+    """Wrap a FlashAttention `flash_attn_func` (layout [B,T,H,D]); some versions also return the LSE."""
+    def attend(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    return attend
+
+
+FLASH_BACKENDS = (("fa3", "flash_attn_interface"), ("fa4", "flash_attn.cute"))  # (name, module with flash_attn_func)
+
+
+def _agrees_with_sdpa(fn, device: torch.device) -> bool:
+    """Probe a backend on a small bf16 GQA problem; it must match SDPA, head mapping included."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 256, n, 64, generator=g).to(device, torch.bfloat16) for n in (4, 2, 2))
+    ref = sdpa_attention(q.float(), k.float(), v.float())
+    out = fn(q, k, v)
+    return out.shape == ref.shape and (out.float() - ref).abs().max().item() < 0.05
+
+
+def select_attention(device) -> tuple[str, callable]:
+    """(name, fn) of the first backend that imports and agrees with SDPA: fa3, fa4 (CUDA only), else sdpa."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        for name, module in FLASH_BACKENDS:
+            try:
+                fn = _flash_backend(__import__(module, fromlist=["flash_attn_func"]).flash_attn_func)
+                if _agrees_with_sdpa(fn, device):
+                    return name, fn
+            except Exception:  # not installed, wrong GPU or API drift: try the next backend
+                continue
+    return "sdpa", sdpa_attention
+
+
+class Attention(nn.Module):
+    """GQA causal attention on bank weights: QK RMSNorm, partial RoPE, q-gain; optional XSA, gate, value residual."""
+
+    def __init__(self, h: Hyperparameters, spec: LayerSpec, attn_fn):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
+        self.xsa, self.attn_fn = spec.xsa, attn_fn
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.attn_gate = nn.Linear(h.model_dim, h.num_heads) if h.use_gated_attention else None
+        if self.attn_gate is not None:  # gate = sigmoid(0·x + 4) ≈ 0.982 at init
+            nn.init.zeros_(self.attn_gate.weight)
+            nn.init.constant_(self.attn_gate.bias, 4.0)
+        self.vr_lambda = nn.Parameter(torch.full((2,), 0.5)) if h.use_value_residual else None
+
+    def forward(self, x, w, v0, rope):
+        """x [B,T,d] normalized; w = (W_q, W_k, W_v, W_o); v0 = layer 0's values or None. Returns (out, raw v)."""
+        b, t, _ = x.shape
+        w_q, w_k, w_v, w_o = w
+        q = F.linear(x, w_q).view(b, t, self.heads, self.head_dim)
+        k = F.linear(x, w_k).view(b, t, self.kv_heads, self.head_dim)
+        v = raw_v = F.linear(x, w_v).view(b, t, self.kv_heads, self.head_dim)
+        if self.vr_lambda is not None and v0 is not None:
+            lam = self.vr_lambda.to(v.dtype)
+            v = lam[0] * v0 + lam[1] * v
+        q = apply_rotary(rms_norm(q), rope) * self.q_gain.to(q.dtype)[:, None]
+        k = apply_rotary(rms_norm(k), rope)
+        y = self.attn_fn(q, k, v)
+        if self.xsa:
+            y = exclude_self_value(y, v)
+        if self.attn_gate is not None:
+            gate = torch.sigmoid(F.linear(x, self.attn_gate.weight.to(x.dtype), self.attn_gate.bias.to(x.dtype)))
+            y = y * gate.unsqueeze(-1)
+        return F.linear(y.reshape(b, t, -1).to(x.dtype), w_o), raw_v
+
+
+class Block(nn.Module):
+    """x_in = mix(x, x0); x = x_in + s_a·Attn(norm x_in); x = x + s_m·MLP(norm x). Weights come from the banks."""
+
+    def __init__(self, h: Hyperparameters, spec: LayerSpec, attn_fn):
+        super().__init__()
+        d = h.model_dim
+        self.index, self.num_layers, self.norm_scale = spec.index, h.num_layers, spec.norm_scale
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.attn = Attention(h, spec, attn_fn)
+
+    def _norm(self, x):
+        n = rms_norm(x)
+        return n * self.norm_scale if self.norm_scale != 1.0 else n
+
+    def forward(self, x, x0, v0, rope, banks: Banks):
+        i, n = self.index, self.num_layers
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        w = (banks.qo[i], banks.kv[i], banks.kv[n + i], banks.qo[n + i])
+        a, raw_v = self.attn(self._norm(x), w, v0, rope)
+        x = x + self.attn_scale.to(x.dtype) * a
+        x = x + self.mlp_scale.to(x.dtype) * mlp(self._norm(x), banks.up[i], banks.down[i])
+        return x, raw_v
+
+
+def bigram_buckets(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket of (t_{i−1}, t_i): ((36313·t_i) XOR (27191·t_{i−1})) mod (buckets−1), int32 arithmetic.
+    Position 0 of every row gets the last bucket (buckets−1)."""
+    t = ids.to(torch.int32)
+    pair = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (buckets - 1)
+    return torch.cat((torch.full_like(t[:, :1], buckets - 1), pair), dim=1).long()
+
+
+class BigramHash(nn.Module):
+    """Hashed token-pair embedding: zero table [buckets, dim] -> orthogonal projection to d -> × scale (0.05)."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+        nn.init.zeros_(self.embed.weight)
+        nn.init.orthogonal_(self.proj.weight)  # the reference's model-wide pass; done for any shape here
+
+    def forward(self, ids, dtype, qat_clips=None):
+        table = self.embed.weight
+        if qat_clips is not None:
+            table = fake_quantize_int6(table.float(), qat_clips)
+        e = F.embedding(bigram_buckets(ids, self.buckets), table).to(dtype)
+        return F.linear(e, self.proj.weight.to(dtype)) * self.scale.to(dtype)
+
+
+class SmearGate(nn.Module):
+    """x_i ← (1−g)⊙x_i + g⊙x_{i−1} with g = sigmoid(gate) per channel (0.5 at init) and x_{−1} = 0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        return x + g * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)
+
+
+class GPT(nn.Module):
+    """The SPEC §2 model: embeddings (+BigramHash, SmearGate) -> U-Net of blocks -> tied soft-capped head."""
+
+    def __init__(self, h: Hyperparameters, attn_fn=None):
+        super().__init__()
+        n, d = h.num_layers, h.model_dim
+        self.softcap, self.clips = h.logit_softcap, tuple(h.int6_clip_candidates)
+        self.num_encoder, self.capture_v0 = n // 2, h.use_value_residual
+        self.tok_emb = nn.Embedding(h.vocab_size, d)
+        self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size > 0 else None
+        self.smear = SmearGate(d) if h.use_smeargate else None
+        self.qo_bank = nn.Parameter(torch.empty(2 * n, d, d))
+        self.kv_bank = nn.Parameter(torch.empty(2 * n, h.kv_dim, d))
+        self.mlp_up_bank = nn.Parameter(torch.empty(n, h.mlp_hidden, d))
+        self.mlp_down_bank = nn.Parameter(torch.empty(n, d, h.mlp_hidden))
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, n - self.num_encoder), d))
+        self.rotary = Rotary(h)
+        self.blocks = nn.ModuleList(Block(h, s, attn_fn or sdpa_attention) for s in layer_specs(h))
+        self.qat_active = False
+        self._init_weights(h)
+
+    @torch.no_grad()
+    def _init_weights(self, h: Hyperparameters) -> None:
+        """OrthoInit (SPEC §2.9): orthogonal W_q, W_k, W_v, W_up; zero W_o, W_down; tok_emb N(0, std²)."""
+        n = h.num_layers
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        for i in range(n):
+            for w in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[n + i], self.mlp_up_bank[i]):
+                nn.init.orthogonal_(w)
+        self.qo_bank[n:].zero_()
+        self.mlp_down_bank.zero_()
+
+    def _qat(self) -> bool:
+        return self.qat_active and self.training
+
+    def banks(self, dtype: torch.dtype) -> Banks:
+        """The one place bank weights are prepared for use: int6 fake-quant (QAT, training only), then cast."""
+        ws = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
+        if self._qat():
+            ws = tuple(fake_quantize_int6(w, self.clips) for w in ws)
+        return Banks(*(w.to(dtype) for w in ws))
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final normalized hidden states [B,T,d] in the activation dtype."""
+        dt = compute_dtype(ids.device)
+        banks, rope = self.banks(dt), self.rotary(ids.size(1))
+        x = self.tok_emb(ids).to(dt)
+        if self.bigram is not None:
+            x = x + self.bigram(ids, dt, self.clips if self._qat() else None)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x)
+        x0, v0, skips = x, None, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:  # decoder j = i − num_encoder pairs with encoder output 4−j, ...
+                x = x + self.skip_weights[i - self.num_encoder].to(dt) * skips.pop()
+            x, raw_v = block(x, x0, v0, rope, banks)
+            if i < self.num_encoder:
+                skips.append(x)
+            if i == 0 and self.capture_v0:
+                v0 = raw_v
+        return rms_norm(x)
+
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 soft-capped logits [B,T,V] = c·tanh(z·Eᵀ / c) with the tied embedding E."""
+        z = self.hidden(ids)
+        logits = F.linear(z, self.tok_emb.weight.to(z.dtype)).float()
+        return self.softcap * torch.tanh(logits / self.softcap)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy in nats: 'mean' scalar, 'sum' scalar, or 'none' per token [B,T]."""
+        logits = self.forward_logits(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss.view_as(targets) if reduction == "none" else loss
+
+
+def keeps_fp32(name: str, param: torch.Tensor, patterns) -> bool:
+    """SPEC §2.10: banks, the bigram projection, every ndim<2 tensor and every control-pattern name stay fp32."""
+    return (name.endswith("_bank") or name == "bigram.proj.weight" or param.ndim < 2
+            or any(p in name for p in patterns))
+
+
+def build_model(h: Hyperparameters, device, attn_fn=None) -> GPT:
+    """Init on CPU in fp32, round every parameter through bf16 (as the reference's model-wide cast does), keep bf16
+    at rest only where keeps_fp32 says no, move to device. `model.attention_backend` names the kernel in use."""
+    name, fn = ("custom", attn_fn) if attn_fn is not None else select_attention(device)
+    model = GPT(h, fn)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.data = p.data.to(torch.bfloat16)
+            if keeps_fp32(pname, p, h.control_tensor_name_patterns):
+                p.data = p.data.float()
+    model.attention_backend = name
+    return model.to(device)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizers
