@@ -39,10 +39,11 @@ SOURCE_NOISE = [
 SHA_OF_SCRIPT = "ab" * 32
 
 
-def log_text(seed, sha=SHA_OF_SCRIPT, code_bytes=93397, hashed=False, truncate_at=None, extra_hparams=None):
+def log_text(seed, sha=SHA_OF_SCRIPT, code_bytes=93397, hashed=False, truncate_at=None, extra_hparams=None,
+             hparams=None):
     """Realistic rank-0 log text of one seed, with source-code noise lines between header and training."""
     s = SEEDS[seed]
-    hp = {"iterations": "20000", "max_wallclock_seconds": "600.0", "ngram_mode": "hashed" if hashed else "exact",
+    hp = dict(hparams) if hparams is not None else {"iterations": "20000", "max_wallclock_seconds": "600.0", "ngram_mode": "hashed" if hashed else "exact",
           "run_id": f"run{seed}", "seed": str(seed), "train_batch_tokens": "786432", "val_max_tokens": "0",
           "ngram_max_order": "9", "diag_eval_candidates": "1"}
     hp.update(extra_hparams or {})
@@ -110,7 +111,7 @@ def write_logs(tmp_path, seeds=(1337, 42, 2024), **kw):
 
 def script_with_sha(tmp_path, text=None):
     """A small stand-in for train_gpt.py (a Hyperparameters dataclass with defaults); returns (path, sha, size)."""
-    text = text or ("import dataclasses\n\n\n@dataclasses.dataclass(frozen=True)\nclass Hyperparameters:\n"
+    text = text or ("from __future__ import annotations\nimport dataclasses\n\n\n@dataclasses.dataclass(frozen=True)\nclass Hyperparameters:\n"
                     "    seed: int = 1337\n    iterations: int = 20000\n    max_wallclock_seconds: float = 600.0\n"
                     "    ngram_mode: str = 'exact'\n    ngram_max_order: int = 12\n    train_batch_tokens: int = 786432\n"
                     "    val_max_tokens: int = 0\n    diag_eval_candidates: bool = False\n    run_id: str = ''\n\n\n"
@@ -360,3 +361,23 @@ def test_clis_have_help():
     for tool in ("summarize_logs", "significance", "plot_logs", "make_record"):
         out = subprocess.run([sys.executable, str(TOOLS / f"{tool}.py"), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout, tool
+
+
+def test_real_script_hparam_lines_and_defaults(tmp_path, tg, capsys):
+    """The real train_gpt.py: its hparam lines parse, and a default run's launch command only sets SEED."""
+    h = tg.Hyperparameters(run_id="x")
+    for line in h.log_lines():
+        assert logparse.match_line(line)[0] == "hparam", line
+    script = Path(tg.__file__)
+    sha, size = hashlib.sha256(script.read_bytes()).hexdigest(), script.stat().st_size
+    logs = []
+    for seed in (1337, 42, 2024):
+        hp = {ln.split(" ", 1)[1].split(":", 1)[0]: ln.split(":", 1)[1] for ln in h.log_lines()}
+        hp.update(seed=str(seed), run_id=f"run{seed}")
+        p = tmp_path / f"s{seed}.txt"
+        p.write_text(log_text(seed, sha=sha, code_bytes=size, hparams=hp))
+        logs.append(p)
+    assert make_record.main(record_args(tmp_path, script, logs)) == 0, capsys.readouterr().err
+    readme = next((tmp_path / "records").iterdir()).joinpath("README.md").read_text()
+    assert "\nSEED=2024 torchrun --standalone --nproc_per_node=8 train_gpt.py\n" in readme
+    assert "differ from the defaults" in readme

@@ -37,7 +37,7 @@ NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 DEFAULTS_PROBE = r"""
 import dataclasses, importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("record_script", sys.argv[1])
-mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
 h = mod.Hyperparameters()
 fmt = getattr(mod, "format_setting", str)
 print(json.dumps({f.name: fmt(getattr(h, f.name)) for f in dataclasses.fields(h)}))
