@@ -312,6 +312,7 @@ def test_make_record_builds_folder(tmp_path, capsys):
     assert "DIAG_EVAL_CANDIDATES=1 NGRAM_MAX_ORDER=9 SEED=42 torchrun --standalone --nproc_per_node=8" in readme
     assert "ITERATIONS=" not in readme and readme.count("- [x] PASS") == 6 and "FAIL" not in readme
     assert "sum_min:0.999999998" in readme and "Total submission int6+zstd: 15924715 bytes" in readme
+    assert "seed 2024: `stopping_early: wallclock_cap train_time:599967ms step:6764/20000`" in readme
     # an existing folder is kept unless --force
     assert make_record.main(record_args(tmp_path, script, logs)) == 1
     assert "already exists" in capsys.readouterr().err
@@ -381,3 +382,11 @@ def test_real_script_hparam_lines_and_defaults(tmp_path, tg, capsys):
     readme = next((tmp_path / "records").iterdir()).joinpath("README.md").read_text()
     assert "\nSEED=2024 torchrun --standalone --nproc_per_node=8 train_gpt.py\n" in readme
     assert "differ from the defaults" in readme
+
+
+def test_compliance_training_time_falls_back_to_last_step_line(tmp_path):
+    text = "\n".join(ln for ln in log_text(42).splitlines() if not ln.startswith("stopping_early"))
+    run = logparse.parse_text(text.replace("train_time:599999ms", "train_time:600500ms"), "x.txt")
+    item = make_record._check_train_time([run])
+    assert item["ok"] is False and item["evidence"] == [
+        "seed 42: `step:6772/20000 val_loss:1.8914 val_bpb:1.1202 train_time:600500ms step_avg:88.60ms`"]

@@ -10,6 +10,7 @@ Public API: `parse_log(path) -> RunLog`, `require_complete(run)`, `LogError`, `l
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +101,12 @@ class RunLog:
 
     @property
     def seed(self) -> int | None:
+        """Seed from `hparam seed:`."""
         return _to_int(self.hparams.get("seed"))
 
     @property
     def world_size(self) -> int | None:
+        """world_size from the `runtime` line."""
         return _to_int(self.runtime.get("world_size"))
 
     @property
@@ -155,6 +158,7 @@ class RunLog:
 
     @property
     def tokens_per_s_per_device(self) -> float | None:
+        """Throughput per device = tokens_per_s / world_size."""
         tps, world = self.tokens_per_s, self.world_size
         return tps / world if tps and world else None
 
@@ -166,6 +170,7 @@ class RunLog:
 
     @property
     def roundtrip_exact(self) -> dict:
+        """final_int6_zstd_roundtrip_exact fields (val_loss, val_bpb); empty when truncated."""
         return self.event("roundtrip_exact")
 
     @property
@@ -175,18 +180,22 @@ class RunLog:
 
     @property
     def total_bytes(self) -> int | None:
+        """Compressed model + code bytes from `Total submission int6+zstd:`."""
         return self.event("total_submission").get("total_bytes")
 
     @property
     def code_bytes(self) -> int | None:
+        """Script size from the `code_bytes:` line."""
         return self.event("code").get("code_bytes")
 
     @property
     def code_sha256(self) -> str | None:
+        """Script sha256 from the `code_sha256:` field."""
         return self.event("code").get("code_sha256")
 
     @property
     def post_training_ms(self) -> int | None:
+        """Export + evaluation time from `post_training_time:`."""
         return self.event("post_training_time").get("ms")
 
 
@@ -236,7 +245,7 @@ def parse_text(text: str, path: Path | str = "<text>") -> RunLog:
         else:
             run.events[name] = fields
         if name in ("val_step", "train_step"):
-            run.events.setdefault("_steps", []).append(dict(fields, kind=name))
+            run.events.setdefault("_steps", []).append(dict(fields, kind=name, line=line.rstrip()))
         run.lines[name] = line.rstrip()
     return run
 
@@ -276,6 +285,12 @@ def load_runs(paths, complete: bool = True) -> list[RunLog]:
         for run in runs:
             require_complete(run)
     return runs
+
+
+def cli_parser(doc: str) -> argparse.ArgumentParser:
+    """ArgumentParser whose description is the module docstring's first paragraph and epilog the rest."""
+    head, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def mean_std(values) -> tuple[float | None, float | None]:

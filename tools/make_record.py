@@ -51,6 +51,7 @@ class RecordError(Exception):
 # ------------------------------------------------------------------ checks before anything is written
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -101,10 +102,12 @@ def _item(rule: str, results) -> dict:
 
 
 def _ev(run, name: str) -> str:
+    """Evidence text: the seed and the quoted last line of an event."""
     return f"seed {run.seed}: `{run.lines.get(name, f'(no {name} line)')}`"
 
 
 def _check_size(runs) -> dict:
+    """Total submission bytes below the limit and no artifact_over_limit line."""
     results = []
     for r in runs:
         ok = r.total_bytes is not None and r.total_bytes < SIZE_LIMIT and not r.event("artifact_over_limit")
@@ -113,29 +116,24 @@ def _check_size(runs) -> dict:
 
 
 def _check_train_time(runs) -> dict:
+    """Training time from the stopping_early line (else the last step line)."""
     results = []
     for r in runs:
-        name = "stopping_early" if r.event("stopping_early") else ("train_step" if r.events.get("train_step") else "val_step")
+        line = r.lines.get("stopping_early") or (r.step_lines[-1]["line"] if r.step_lines else "(no step line)")
         ok = r.train_time_ms is not None and r.train_time_ms <= TIME_LIMIT_S * 1000
-        results.append((ok, f"seed {r.seed}: `{_last_step_line(r, name)}`"))
+        results.append((ok, f"seed {r.seed}: `{line}`"))
     return _item(f"training time <= {TIME_LIMIT_S:.0f} s", results)
 
 
-def _last_step_line(run, name: str) -> str:
-    """Evidence text for the training-time rule (the stop line, else the later of the last train/val lines)."""
-    if name == "stopping_early":
-        return run.lines["stopping_early"]
-    candidates = [run.lines[k] for k in ("train_step", "val_step") if k in run.lines]
-    return max(candidates, key=lambda ln: int(ln.split("/")[0].split(":")[1])) if candidates else "(no step line)"
-
-
 def _check_post_time(runs) -> dict:
+    """post_training_time line present and within the limit."""
     results = [(r.post_training_ms is not None and r.post_training_ms <= TIME_LIMIT_S * 1000, _ev(r, "post_training_time"))
                for r in runs]
     return _item(f"post-training time (export + evaluation) <= {TIME_LIMIT_S:.0f} s", results)
 
 
 def _check_full_val(runs) -> dict:
+    """No validation cap (val_max_tokens:0); the val_loader line shows tokens and bytes."""
     results = [(r.hparams.get("val_max_tokens", "0") == "0",
                 f"seed {r.seed}: `hparam val_max_tokens:{r.hparams.get('val_max_tokens', '(not logged)')}`; "
                 f"`{r.lines.get('val_loader', '(no val_loader line)')}`") for r in runs]
@@ -143,6 +141,7 @@ def _check_full_val(runs) -> dict:
 
 
 def _check_single_pass(runs) -> dict:
+    """Exact (normalized, score-first) n-gram mode in settings and in the eval start line."""
     results = []
     for r in runs:
         mode = r.hparams.get("ngram_mode")
@@ -152,6 +151,7 @@ def _check_single_pass(runs) -> dict:
 
 
 def _check_normalization(runs) -> dict:
+    """ngram_audit sums (min, median, max) within AUDIT_TOL of 1."""
     results = []
     for r in runs:
         a = r.event("ngram_audit")
@@ -186,6 +186,7 @@ def launch_command(env: dict[str, str], seed: int, world_size: int | None) -> st
 
 
 def _shell_quote(value: str) -> str:
+    """Quote a value for a POSIX shell when it has special characters."""
     return value if re.fullmatch(r"[A-Za-z0-9_.,:/+=-]+", value) else "'" + value.replace("'", "'\\''") + "'"
 
 
@@ -279,8 +280,8 @@ def build(args) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    """Command-line interface (every flag has help)."""
+    p = logparse.cli_parser(__doc__)
     p.add_argument("logs", nargs="+", metavar="LOG", help="finished train_gpt.py logs, one per seed")
     p.add_argument("--name", required=True, help="record name; the folder is <out>/<date>_<name>")
     p.add_argument("--date", default=dt.date.today().isoformat(), help="record date YYYY-MM-DD (default today)")
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         dt.date.fromisoformat(args.date)

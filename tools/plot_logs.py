@@ -141,8 +141,8 @@ def default_title(runs) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    """Command-line interface (every flag has help)."""
+    p = logparse.cli_parser(__doc__)
     p.add_argument("logs", nargs="+", metavar="LOG", help="train_gpt.py log files")
     p.add_argument("-o", "--output", default="curves.png", help="output image path (default curves.png)")
     p.add_argument("--title", help="figure title (default: run count and seeds)")
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         runs = logparse.load_runs(args.logs, complete=False)

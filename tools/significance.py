@@ -111,6 +111,7 @@ def metric_values(runs, metric: str) -> list[float]:
 
 
 def _line_prefix(event: str) -> str:
+    """Log-line prefix of an event name."""
     return {"roundtrip_exact": "final_int6_zstd_roundtrip_exact", "ngram_eval_exact": "ngram_eval_exact"}[event]
 
 
@@ -132,8 +133,8 @@ def report(result: dict, args, values) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    """Command-line interface (every flag has help)."""
+    p = logparse.cli_parser(__doc__)
     p.add_argument("--baseline", type=float, required=True, help="score of the record to beat, in the metric's unit")
     p.add_argument("--logs", nargs="+", required=True, metavar="LOG", help="our train_gpt.py logs, one per seed (>= 2)")
     p.add_argument("--metric", choices=sorted(METRICS), default="val_loss",
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         values = metric_values(logparse.load_runs(args.logs), args.metric)

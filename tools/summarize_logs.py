@@ -78,16 +78,17 @@ def table_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
     if summary["n"] >= 2:
         for label in ("mean", "std"):
             stats = summary[label]
-            body.append([label if k == "run" else fmt(stats.get(k), _stat_spec(spec, label)) for k, _, spec, _ in cols])
+            body.append([label if k == "run" else fmt(stats.get(k), _stat_spec(spec)) for k, _, spec, _ in cols])
     return header, body
 
 
-def _stat_spec(spec: str, label: str) -> str:
+def _stat_spec(spec: str) -> str:
     """Counts keep one more decimal in the mean and std rows (e.g. steps 6771.7)."""
     return "{:,.1f}" if spec in ("{}", "{:,}") else spec
 
 
 def render_markdown(summary: dict) -> str:
+    """GitHub Markdown table with mean/std rows and footnotes."""
     header, body = table_cells(summary)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -95,6 +96,7 @@ def render_markdown(summary: dict) -> str:
 
 
 def render_text(summary: dict) -> str:
+    """Aligned plain-text table with mean/std rows and footnotes."""
     header, body = table_cells(summary)
     widths = [max(len(c) for c in col) for col in zip(header, *body)]
     out = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -103,6 +105,7 @@ def render_text(summary: dict) -> str:
 
 
 def _footnote(summary: dict) -> str:
+    """Notes printed under the table."""
     notes = ["", f"{summary['n']} log(s); std is the sample standard deviation (ddof=1); rt = int6+zstd round trip."]
     if any(row["ngram_hashed_bpb"] is not None for row in summary["rows"]):
         notes.append("* hashed = ngram_hashed_unnormalized_exact: comparison mode, not a valid score.")
@@ -110,8 +113,8 @@ def _footnote(summary: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    """Command-line interface (every flag has help)."""
+    p = logparse.cli_parser(__doc__)
     p.add_argument("logs", nargs="+", metavar="LOG", help="train_gpt.py log files (logs/<run_id>.txt)")
     p.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT ('-' for stdout instead of the table)")
     p.add_argument("--markdown", action="store_true", help="print a GitHub Markdown table instead of aligned text")
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         runs = logparse.load_runs(args.logs, complete=not args.allow_incomplete)
