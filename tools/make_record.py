@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""Build an upstream record folder from finished per-seed logs.
+
+    python3 tools/make_record.py --name ExactNgram11L --author "A B" --github-id ab logs/s1337.txt logs/s42.txt logs/s2024.txt
+
+Creates <out>/<date>_<name>/ holding README.md (results, reconstructed launch command, compliance checklist
+backed by log lines), submission.json, train_seed<S>.log per log and train_gpt.py (a copy of --script).
+
+Refuses (exit 1, clear message, nothing created) when: a log is foreign or truncated; the script's sha256 differs
+from code_sha256 in ANY log; two logs share a seed; the logs differ in settings other than seed/run_id; the folder
+exists (unless --force); with --strict, any compliance check fails. Usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import logparse  # noqa: E402
+import summarize_logs  # noqa: E402
+
+SIZE_LIMIT = 16_000_000
+TIME_LIMIT_S = 600.0
+AUDIT_TOL = 1e-6
+PER_RUN_KEYS = ("seed", "run_id")  # settings allowed to differ between the seeds of one record
+NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+# Prints {field: logged text of its default} for the script's Hyperparameters, using its own formatter.
+DEFAULTS_PROBE = r"""
+import dataclasses, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("record_script", sys.argv[1])
+mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
+h = mod.Hyperparameters()
+fmt = getattr(mod, "format_setting", str)
+print(json.dumps({f.name: fmt(getattr(h, f.name)) for f in dataclasses.fields(h)}))
+"""
+
+
+class RecordError(Exception):
+    """A reason to refuse building the record."""
+
+
+# ------------------------------------------------------------------ checks before anything is written
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_code(runs, script: Path) -> str:
+    """The script must be the code that produced every log (sha256 and size); returns its sha256."""
+    if not script.is_file():
+        raise RecordError(f"script not found: {script}")
+    digest, size = sha256_file(script), script.stat().st_size
+    bad = [f"  {r.path}: code_sha256:{r.code_sha256 or '(no code_sha256 line)'}" for r in runs if r.code_sha256 != digest]
+    if bad:
+        raise RecordError(f"{script} (sha256 {digest}) is not the code of these logs:\n" + "\n".join(bad))
+    wrong_size = [f"  {r.path}: code_bytes:{r.code_bytes}" for r in runs if r.code_bytes != size]
+    if wrong_size:
+        raise RecordError(f"{script} has {size} bytes but the logs say otherwise:\n" + "\n".join(wrong_size))
+    return digest
+
+
+def check_seeds_and_settings(runs) -> None:
+    """One log per seed, and identical settings apart from seed and run id."""
+    seeds = [r.seed for r in runs]
+    if None in seeds:
+        raise RecordError(f"{runs[seeds.index(None)].path}: no 'hparam seed:' line")
+    dupes = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dupes:
+        raise RecordError(f"several logs for seed(s) {dupes}: one log per seed")
+    ref = runs[0].hparams
+    for run in runs[1:]:
+        keys = sorted(k for k in set(ref) | set(run.hparams)
+                      if k not in PER_RUN_KEYS and ref.get(k) != run.hparams.get(k))
+        if keys:
+            diffs = ", ".join(f"{k}: {ref.get(k)} vs {run.hparams.get(k)}" for k in keys)
+            raise RecordError(f"{runs[0].path} and {run.path} differ in settings other than the seed ({diffs})")
+
+
+# ------------------------------------------------------------------ compliance checklist
+
+def compliance(runs) -> list[dict]:
+    """One item per rule: {'rule', 'ok' (True/False/None = not applicable), 'evidence': [lines]}."""
+    items = [_check_size(runs), _check_train_time(runs), _check_post_time(runs), _check_full_val(runs)]
+    if any(r.event("ngram_start") or r.ngram_exact or r.event("ngram_hashed_exact") for r in runs):
+        items += [_check_single_pass(runs), _check_normalization(runs)]
+    return items
+
+
+def _item(rule: str, results) -> dict:
+    """Combine per-seed (ok, evidence) pairs into one checklist item."""
+    return {"rule": rule, "ok": all(ok for ok, _ in results), "evidence": [ev for _, ev in results]}
+
+
+def _ev(run, name: str) -> str:
+    """Evidence text: the seed and the quoted last line of an event."""
+    return f"seed {run.seed}: `{run.lines.get(name, f'(no {name} line)')}`"
+
+
+def _check_size(runs) -> dict:
+    """Total submission bytes below the limit and no artifact_over_limit line."""
+    results = []
+    for r in runs:
+        ok = r.total_bytes is not None and r.total_bytes < SIZE_LIMIT and not r.event("artifact_over_limit")
+        results.append((ok, _ev(r, "total_submission")))
+    return _item(f"artifact total (compressed model + code) < {SIZE_LIMIT:,} bytes", results)
+
+
+def _check_train_time(runs) -> dict:
+    """Training time from the stopping_early line (else the last step line)."""
+    results = []
+    for r in runs:
+        line = r.lines.get("stopping_early") or (r.step_lines[-1]["line"] if r.step_lines else "(no step line)")
+        ok = r.train_time_ms is not None and r.train_time_ms <= TIME_LIMIT_S * 1000
+        results.append((ok, f"seed {r.seed}: `{line}`"))
+    return _item(f"training time <= {TIME_LIMIT_S:.0f} s", results)
+
+
+def _check_post_time(runs) -> dict:
+    """post_training_time line present and within the limit."""
+    results = [(r.post_training_ms is not None and r.post_training_ms <= TIME_LIMIT_S * 1000, _ev(r, "post_training_time"))
+               for r in runs]
+    return _item(f"post-training time (export + evaluation) <= {TIME_LIMIT_S:.0f} s", results)
+
+
+def _check_full_val(runs) -> dict:
+    """No validation cap (val_max_tokens:0); the val_loader line shows tokens and bytes."""
+    results = [(r.hparams.get("val_max_tokens", "0") == "0",
+                f"seed {r.seed}: `hparam val_max_tokens:{r.hparams.get('val_max_tokens', '(not logged)')}`; "
+                f"`{r.lines.get('val_loader', '(no val_loader line)')}`") for r in runs]
+    return _item("scored on the whole validation split (val_max_tokens:0)", results)
+
+
+def _check_single_pass(runs) -> dict:
+    """Exact (normalized, score-first) n-gram mode in settings and in the eval start line."""
+    results = []
+    for r in runs:
+        mode = r.hparams.get("ngram_mode")
+        ok = mode == "exact" and r.event("ngram_start").get("mode") == "exact" and bool(r.ngram_exact)
+        results.append((ok, f"seed {r.seed}: `hparam ngram_mode:{mode}`; `{r.lines.get('ngram_start', '(no start line)')}`"))
+    return _item("n-gram cache scores first, single pass (ngram_mode exact, normalized ngram_eval_exact)", results)
+
+
+def _check_normalization(runs) -> dict:
+    """ngram_audit sums (min, median, max) within AUDIT_TOL of 1."""
+    results = []
+    for r in runs:
+        a = r.event("ngram_audit")
+        ok = bool(a) and all(abs(a[k] - 1.0) <= AUDIT_TOL for k in ("sum_min", "sum_median", "sum_max"))
+        results.append((ok, _ev(r, "ngram_audit")))
+    return _item(f"normalization audit: mixed distributions sum to 1 within {AUDIT_TOL:g}", results)
+
+
+# ------------------------------------------------------------------ launch command
+
+def script_defaults(script: Path) -> dict[str, str] | None:
+    """Logged text of every Hyperparameters default of the script, or None if it cannot be imported."""
+    try:
+        out = subprocess.run([sys.executable, "-c", DEFAULTS_PROBE, str(script.resolve())], capture_output=True,
+                             text=True, timeout=120, cwd=script.resolve().parent)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
+        return None
+
+
+def launch_env(runs, defaults: dict[str, str] | None) -> dict[str, str]:
+    """ENV_VAR -> value for settings that differ from the defaults (all settings when defaults are unknown)."""
+    hp = runs[0].hparams
+    keys = [k for k in sorted(hp) if k not in PER_RUN_KEYS and (defaults is None or defaults.get(k) != hp[k])]
+    return {k.upper(): hp[k] for k in keys}
+
+
+def launch_command(env: dict[str, str], seed: int, world_size: int | None) -> str:
+    """Shell command for one seed."""
+    parts = [f"{k}={_shell_quote(v)}" for k, v in env.items()] + [f"SEED={seed}"]
+    return " ".join(parts + [f"torchrun --standalone --nproc_per_node={world_size or 8} train_gpt.py"])
+
+
+def _shell_quote(value: str) -> str:
+    """Quote a value for a POSIX shell when it has special characters."""
+    return value if re.fullmatch(r"[A-Za-z0-9_.,:/+=-]+", value) else "'" + value.replace("'", "'\\''") + "'"
+
+
+# ------------------------------------------------------------------ outputs
+
+def headline(runs) -> tuple[str, list[float], list[float]]:
+    """Which score the record reports (n-gram exact if every log has it, else round trip) and its values."""
+    if all(r.ngram_exact for r in runs):
+        return "ngram_eval_exact", [r.ngram_exact["val_loss"] for r in runs], [r.ngram_exact["val_bpb"] for r in runs]
+    return ("final_int6_zstd_roundtrip_exact", [r.roundtrip_exact["val_loss"] for r in runs],
+            [r.roundtrip_exact["val_bpb"] for r in runs])
+
+
+def submission(runs, args) -> dict:
+    """submission.json content."""
+    _, losses, bpbs = headline(runs)
+    loss, _ = logparse.mean_std(losses)
+    bpb, bpb_std = logparse.mean_std(bpbs)
+    out = {"author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
+           "date": args.date, "val_loss": round(loss, 8), "val_bpb": round(bpb, 8),
+           "bytes_total": max(r.total_bytes for r in runs), "bytes_code": runs[0].code_bytes,
+           "seeds": [r.seed for r in runs]}
+    if bpb_std is not None:
+        out["val_bpb_std"] = round(bpb_std, 8)
+    return out
+
+
+def readme(runs, args, sub: dict, env: dict, defaults_known: bool, checks: list[dict], sha: str) -> str:
+    """README.md text."""
+    score_line, _, _ = headline(runs)
+    summary = summarize_logs.summarize(runs)
+    out = [f"# {args.name}", "", args.blurb or "", "",
+           f"**val_bpb {sub['val_bpb']:.8f}** (mean of {len(runs)} seeds, `{score_line}`"
+           + (f", std {sub['val_bpb_std']:.8f}" if "val_bpb_std" in sub else "") + f"), val_loss {sub['val_loss']:.8f} nats; "
+           f"largest artifact {sub['bytes_total']:,} bytes (code {sub['bytes_code']:,} bytes).", "",
+           "## Results per seed", "", summarize_logs.render_markdown(summary), "",
+           "## Launch", "",
+           ("Settings that differ from the defaults of `train_gpt.py`:" if defaults_known else
+            "The script's defaults could not be read, so every logged setting is listed:"), "", "```bash"]
+    out += [launch_command(env, r.seed, r.world_size) for r in runs]
+    out += ["```", "", f"Code: `train_gpt.py`, sha256 `{sha}` (equal to `code_sha256` in every log).", "",
+            "## Compliance checklist", "", "Each item is backed by the quoted log lines.", ""]
+    for item in checks:
+        out.append(f"- [{'x' if item['ok'] else ' '}] {'PASS' if item['ok'] else 'FAIL'}: {item['rule']}")
+        out += [f"  - {ev}" for ev in item["evidence"]]
+    out += ["", "## Files", "", "- `train_gpt.py`: the script that produced the logs",
+            *[f"- `train_seed{r.seed}.log`: log of seed {r.seed} (from `{r.path.name}`)" for r in runs],
+            "- `submission.json`: record metadata", ""]
+    return "\n".join(out)
+
+
+def write_record(folder: Path, files: dict[str, str], copies: dict[str, Path], force: bool) -> None:
+    """Write into a temporary sibling folder, then move it into place (replacing the old one with --force)."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, text in files.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    for name, src in copies.items():
+        shutil.copyfile(src, tmp / name)
+    if folder.exists() and force:
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def build(args) -> Path:
+    """All checks first, then write the folder; raises RecordError or LogError to refuse."""
+    if not NAME_RX.fullmatch(args.name):
+        raise RecordError(f"--name {args.name!r}: use letters, digits, '_', '.', '-'")
+    runs = logparse.load_runs(args.logs)
+    script = Path(args.script)
+    sha = check_code(runs, script)
+    check_seeds_and_settings(runs)
+    folder = Path(args.out) / f"{args.date}_{args.name}"
+    if folder.exists() and not args.force:
+        raise RecordError(f"{folder} already exists (use --force to replace it)")
+    checks = compliance(runs)
+    failed = [c["rule"] for c in checks if not c["ok"]]
+    if failed and args.strict:
+        raise RecordError("compliance checks failed (--strict):\n  " + "\n  ".join(failed))
+    for rule in failed:
+        print(f"warning: compliance check failed: {rule}", file=sys.stderr)
+    defaults = script_defaults(script)
+    env = launch_env(runs, defaults)
+    sub = submission(runs, args)
+    files = {"README.md": readme(runs, args, sub, env, defaults is not None, checks, sha),
+             "submission.json": json.dumps(sub, indent=2) + "\n"}
+    copies = {f"train_seed{r.seed}.log": r.path for r in runs} | {"train_gpt.py": script}
+    write_record(folder, files, copies, args.force)
+    return folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface (every flag has help)."""
+    p = logparse.cli_parser(__doc__)
+    p.add_argument("logs", nargs="+", metavar="LOG", help="finished train_gpt.py logs, one per seed")
+    p.add_argument("--name", required=True, help="record name; the folder is <out>/<date>_<name>")
+    p.add_argument("--date", default=dt.date.today().isoformat(), help="record date YYYY-MM-DD (default today)")
+    p.add_argument("--author", default="", help="author name for submission.json")
+    p.add_argument("--github-id", default="", help="GitHub user id for submission.json")
+    p.add_argument("--blurb", default="", help="one-paragraph description for submission.json and README.md")
+    p.add_argument("--script", default="train_gpt.py", help="the script that produced the logs (default train_gpt.py)")
+    p.add_argument("--out", default="records/track_10min_16mb", help="parent folder (default records/track_10min_16mb)")
+    p.add_argument("--force", action="store_true", help="replace an existing record folder")
+    p.add_argument("--strict", action="store_true", help="refuse when any compliance check fails")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        dt.date.fromisoformat(args.date)
+    except ValueError:
+        build_parser().error(f"--date {args.date!r} is not a YYYY-MM-DD date")
+    try:
+        folder = build(args)
+    except (RecordError, logparse.LogError) as exc:
+        print(f"error: {exc}\nnothing was created.", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

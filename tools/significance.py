@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Is our mean score better than a baseline by at least a margin? One-sided one-sample Student t-test.
+
+    python3 tools/significance.py --baseline 1.9200 --logs logs/seed*.txt
+    python3 tools/significance.py --baseline 0.4800 --metric ngram --logs logs/seed*.txt --strict
+
+H0: mean >= baseline - min_improvement;  H1: mean < baseline - min_improvement.
+t = (mean - (baseline - min_improvement)) / (s / sqrt(n)),  df = n - 1,  p = P(T_df <= t).
+PASS when p < alpha. The t CDF is computed here (regularized incomplete beta by continued fraction), so no
+scipy is needed.
+
+Metrics: val_loss (final_int6_zstd_roundtrip_exact val_loss, nats; the default), ngram (ngram_eval_exact val_loss),
+val_bpb / ngram_bpb (the same lines' val_bpb; the margin is then in bits per byte).
+
+Exit status: 0 when the test was computed (whatever the verdict); with --strict, 1 on FAIL. 1 for unusable logs
+(truncated, foreign, metric line missing) or fewer than 2 logs; 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import logparse  # noqa: E402
+
+METRICS = {  # name -> (event, field, unit)
+    "val_loss": ("roundtrip_exact", "val_loss", "nats"),
+    "val_bpb": ("roundtrip_exact", "val_bpb", "bits/byte"),
+    "ngram": ("ngram_eval_exact", "val_loss", "nats"),
+    "ngram_bpb": ("ngram_eval_exact", "val_bpb", "bits/byte"),
+}
+RECORD_MIN_SEEDS = 3
+
+
+# ------------------------------------------------------------------ Student t distribution (no scipy)
+
+def _betacf(a: float, b: float, x: float, max_iter: int = 500, eps: float = 1e-15) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, max_iter + 1):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            return h
+    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x={x} outside [0, 1]")
+    if x in (0.0, 1.0):
+        return x
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df > 0 degrees of freedom."""
+    if df <= 0:
+        raise ValueError(f"df={df} must be > 0")
+    if math.isinf(t):
+        return 0.0 if t < 0 else 1.0
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    return tail if t < 0 else 1.0 - tail
+
+
+# ------------------------------------------------------------------ the test
+
+def one_sided_ttest(values, baseline: float, min_improvement: float) -> dict:
+    """One-sample one-sided t-test of mean(values) < baseline - min_improvement; returns every figure."""
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"need at least 2 values for a t-test, got {n}")
+    mean, std = logparse.mean_std(values)
+    threshold = baseline - min_improvement
+    se = std / math.sqrt(n)
+    if se == 0.0:  # identical scores: the test degenerates to a comparison
+        t = -math.inf if mean < threshold else (math.inf if mean > threshold else 0.0)
+        p = 0.0 if mean < threshold else (1.0 if mean > threshold else 0.5)
+    else:
+        t = (mean - threshold) / se
+        p = t_cdf(t, n - 1)
+    return {"n": n, "mean": mean, "std": std, "threshold": threshold, "t": t, "df": n - 1, "p": p}
+
+
+def metric_values(runs, metric: str) -> list[float]:
+    """The chosen metric from each run; LogError when a log lacks its line."""
+    event, key, _ = METRICS[metric]
+    values = []
+    for run in runs:
+        found = run.event(event)
+        if not found:
+            raise logparse.LogError(f"{run.path}: no '{_line_prefix(event)}' line (needed for --metric {metric})")
+        values.append(float(found[key]))
+    return values
+
+
+def _line_prefix(event: str) -> str:
+    """Log-line prefix of an event name."""
+    return {"roundtrip_exact": "final_int6_zstd_roundtrip_exact", "ngram_eval_exact": "ngram_eval_exact"}[event]
+
+
+def report(result: dict, args, values) -> str:
+    """Human-readable result block; ends with the verdict line."""
+    unit = METRICS[args.metric][2]
+    verdict = "PASS" if result["p"] < args.alpha else "FAIL"
+    lines = [
+        f"test: one-sided one-sample Student t-test, H1: mean({args.metric}) < baseline - min_improvement",
+        f"metric: {args.metric} ({unit}) from {_line_prefix(METRICS[args.metric][0])}",
+        f"values: {', '.join(f'{v:.8f}' for v in values)}",
+        f"baseline: {args.baseline:.8f}  min_improvement: {args.min_improvement}  threshold: {result['threshold']:.8f}",
+        f"n: {result['n']}  mean: {result['mean']:.8f}  std: {result['std']:.8f}  "
+        f"improvement: {args.baseline - result['mean']:+.8f}",
+        f"t: {result['t']:.4f}  df: {result['df']}  p-value: {result['p']:.6g}  alpha: {args.alpha}",
+        f"verdict: {verdict} (p {'<' if verdict == 'PASS' else '>='} alpha)",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface (every flag has help)."""
+    p = logparse.cli_parser(__doc__)
+    p.add_argument("--baseline", type=float, required=True, help="score of the record to beat, in the metric's unit")
+    p.add_argument("--logs", nargs="+", required=True, metavar="LOG", help="our train_gpt.py logs, one per seed (>= 2)")
+    p.add_argument("--metric", choices=sorted(METRICS), default="val_loss",
+                   help="which final score to test (default: val_loss = int6 round-trip exact val_loss)")
+    p.add_argument("--min-improvement", type=float, default=0.005,
+                   help="required margin below the baseline (default 0.005, nats for loss metrics)")
+    p.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the verdict is FAIL (for scripts and CI)")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        values = metric_values(logparse.load_runs(args.logs), args.metric)
+    except logparse.LogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if len(values) < 2:
+        print(f"error: need at least 2 logs for a t-test, got {len(values)}", file=sys.stderr)
+        return 1
+    if len(values) < RECORD_MIN_SEEDS:
+        print(f"warning: records need >= {RECORD_MIN_SEEDS} seeds; this test uses {len(values)}", file=sys.stderr)
+    result = one_sided_ttest(values, args.baseline, args.min_improvement)
+    print(report(result, args, values))
+    return 1 if args.strict and not result["p"] < args.alpha else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
