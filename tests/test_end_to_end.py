@@ -1,0 +1,99 @@
+"""Whole runs of train_gpt.py on a tiny synthetic corpus, single process and torchrun x2 (gloo).
+Run: python3 -m pytest tests/test_end_to_end.py"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_run_env(tiny_corpus, tmp_path, **extra):
+    data, tok, vocab = tiny_corpus
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NGRAM_", "TRAIN_", "EVAL_", "USE_"))}
+    env.update(DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), DEVICE="cpu", COMPILE="0",
+               NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="1",
+               BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="16",
+               EVAL_BATCH_WINDOWS="8", TRAIN_BATCH_TOKENS="1024", TRAIN_MICRO_BATCH_TOKENS="512",
+               ITERATIONS="30", WARMUP_STEPS="2", WARMDOWN_ITERS="10", MAX_WALLCLOCK_SECONDS="0",
+               VAL_LOSS_EVERY="15", TRAIN_LOG_EVERY="5", VAL_MAX_TOKENS="2048", NGRAM_CHUNK_TOKENS="512",
+               NGRAM_AUDIT_POSITIONS="32", MATRIX_LR="0.02", SWA_EVERY="2", RUN_ID="e2e",
+               LOG_DIR=str(tmp_path / "logs"), ARTIFACT_PATH=str(tmp_path / "model.int6.ptz"),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_script(env, nproc=1, timeout=600):
+    cmd = [sys.executable, str(ROOT / "train_gpt.py")]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train_gpt.py")]
+    return subprocess.run(cmd, env=env, cwd=env["LOG_DIR"].rsplit("/", 1)[0], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check_log(log: str, env) -> dict:
+    floats = lambda pat: [float(x) for x in re.findall(pat, log)]
+    train_losses = floats(r"step:\d+/\d+ train_loss:([\d.]+)")
+    assert len(train_losses) >= 5 and train_losses[-1] < train_losses[0] - 0.5, train_losses
+    assert re.search(r"^step:30/30 val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
+    assert re.search(r"^code_bytes:\d+ code_sha256:[0-9a-f]{64}$", log, re.M)
+    assert re.search(r"^hparam seed:1337$", log, re.M) and "peak memory" in log
+    model_bytes = int(re.search(r"^Serialized model int6\+zstd: (\d+) bytes", log, re.M).group(1))
+    code_bytes = int(re.search(r"^code_bytes:(\d+)", log, re.M).group(1))
+    total = int(re.search(r"^Total submission int6\+zstd: (\d+) bytes", log, re.M).group(1))
+    assert total == model_bytes + code_bytes
+    assert model_bytes == os.path.getsize(env["ARTIFACT_PATH"])
+    rt = re.search(r"^final_int6_zstd_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", log, re.M)
+    alias = re.search(r"^final_int8_zlib_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", log, re.M)
+    assert rt and alias and rt.groups() == alias.groups()
+    audit = re.search(r"^ngram_audit positions:(\d+) sum_min:([\d.]+) sum_median:([\d.]+) sum_max:([\d.]+)", log, re.M)
+    assert audit and int(audit.group(1)) > 0
+    assert all(abs(float(audit.group(i)) - 1.0) < 1e-6 for i in (2, 3, 4))
+    ng = re.search(r"^ngram_eval_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", log, re.M)
+    assert ng and re.search(r"^post_training_time:\d+ms$", log, re.M)
+    return {"roundtrip_bpb": float(rt.group(2)), "ngram_bpb": float(ng.group(2))}
+
+
+@pytest.mark.slow
+def test_single_process_run(tiny_corpus, tmp_path):
+    env = tiny_run_env(tiny_corpus, tmp_path)
+    out = run_script(env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = (tmp_path / "logs" / "e2e.txt").read_text()
+    scores = check_log(log, env)
+    assert scores["roundtrip_bpb"] < 8.0
+    assert "def main()" in log  # the log file holds the source text; the console does not
+    assert "def main()" not in out.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tiny_corpus, tmp_path):
+    env = tiny_run_env(tiny_corpus, tmp_path)
+    out = run_script(env, nproc=2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = (tmp_path / "logs" / "e2e.txt").read_text()
+    check_log(log, env)
+    assert "world_size:2 grad_accum_steps:1" in log
+
+
+@pytest.mark.slow
+def test_over_limit_artifact_fails_after_evals(tiny_corpus, tmp_path):
+    env = tiny_run_env(tiny_corpus, tmp_path, ARTIFACT_LIMIT_BYTES="1000", ITERATIONS="3", VAL_LOSS_EVERY="0",
+                       NGRAM_ENABLED="0")
+    out = run_script(env)
+    assert out.returncode != 0
+    log = (tmp_path / "logs" / "e2e.txt").read_text()
+    assert "artifact_over_limit" in log and "final_int6_zstd_roundtrip_exact" in log
+
+
+@pytest.mark.slow
+def test_missing_shards_error_names_the_fix(tiny_corpus, tmp_path):
+    env = tiny_run_env(tiny_corpus, tmp_path, DATA_PATH=str(tmp_path / "nothing"))
+    out = run_script(env)
+    assert out.returncode != 0
+    assert "no val shards match" in out.stderr and "make_dataset.py --input sample" in out.stderr
