@@ -690,6 +690,8 @@ class EvalResult(NamedTuple):
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[Window]:
     """Scored ranges partition 1..N in order; the first window scores all its targets, each window is maximal."""
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride {stride} must be in [1, seq_len={seq_len}]")
     if num_targets < 1:
         return []
     first = min(seq_len, num_targets)
