@@ -865,15 +865,15 @@ def _find(keys: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _insert(keys: torch.Tensor, vals: tuple, new_keys: torch.Tensor, new_vals: tuple) -> list[torch.Tensor]:
-    """Merge sorted unique new_keys (absent from keys) and their values into the sorted table."""
-    at = torch.searchsorted(keys, new_keys)
-    shift = torch.bincount(at, minlength=keys.numel() + 1).cumsum(0)[:keys.numel()]
-    dest_old = torch.arange(keys.numel(), device=keys.device) + shift
-    dest_new = at + torch.arange(new_keys.numel(), device=keys.device)
+    """Merge sorted unique new_keys (absent from keys) and their values into the sorted table (one O(table) copy)."""
+    dest_new = torch.searchsorted(keys, new_keys) + torch.arange(new_keys.numel(), device=keys.device)
+    is_old = torch.ones(keys.numel() + new_keys.numel(), dtype=torch.bool, device=keys.device)
+    is_old[dest_new] = False
     out = []
     for old, new in zip((keys, *vals), (new_keys, *new_vals)):
         t = old.new_empty(old.numel() + new.numel())
-        t[dest_old], t[dest_new] = old, new.to(old.dtype)
+        t.masked_scatter_(is_old, old)
+        t[dest_new] = new.to(old.dtype)
         out.append(t)
     return out
 
