@@ -656,13 +656,12 @@ def fake_quantize_int6(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES) ->
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation engine
-# ---------------------------------------------------------------------------------------------------------------
-
 # Contract: target p (1..N) is tokens[p], predicted from tokens[<p]. Window(start, end, score_from) feeds
 # tokens[start:end] and predicts targets start+1..end; only targets >= score_from count. plan_windows partitions
 # 1..N into scored ranges exactly once. Every eval is evaluate() + a scorer (per-target NLL) + an optional hook run
 # after a chunk of targets is scored on all ranks (score first, then update). EvalTotals holds the only fp64 sums.
 # N-gram mode: p_final = (1-a) p_model + a p_ngram with p_ngram a true distribution (exact counts per context).
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class Window(NamedTuple):
@@ -1081,7 +1080,8 @@ class NgramScorer:
         s = self.audit_sums[self.audit_found > 0].cpu().numpy()
         if not s.size:
             return
-        log0(f"ngram_audit positions:{s.size} sum_min:{s.min():.9f} sum_median:{np.median(s):.9f} sum_max:{s.max():.9f}")
+        log0(f"ngram_audit positions:{s.size} sum_min:{s.min():.9f} sum_median:{np.median(s):.9f} "
+             f"sum_max:{s.max():.9f}")
         if exact and np.abs(s - 1.0).max() > 1e-6:
             raise RuntimeError(f"ngram_audit: exact n-gram mixture is not normalized (max |sum-1| = "
                                f"{np.abs(s - 1.0).max():.3e} > 1e-6); the score would not be a code length")
