@@ -1,0 +1,33 @@
+"""torchrun worker for tests/test_eval.py: sliding and n-gram eval totals on this world size -> JSON (rank 0)."""
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+from test_eval import TinyCausalLM, random_stream, random_tables  # noqa: E402
+
+
+def main(out_path: str) -> None:
+    vocab = 32
+    h = tg.Hyperparameters(vocab_size=vocab, eval_seq_len=32, eval_stride=8, eval_batch_windows=4,
+                           ngram_chunk_tokens=100, ngram_audit_positions=32, ngram_log_every=3, device="cpu",
+                           compile="0", run_id="dist")
+    rt = tg.init_runtime(h)
+    val = tg.ValData(random_stream(1500, vocab, 21), random_tables(vocab, 1))
+    model = TinyCausalLM(vocab)
+    runs = {"sliding": (tg.sliding_eval, h), "ngram_exact": (tg.ngram_eval, h),
+            "ngram_hashed": (tg.ngram_eval, dataclasses.replace(h, ngram_mode="hashed", ngram_buckets=512))}
+    out = {name: fn(model, val, hh, rt)._asdict() for name, (fn, hh) in runs.items()}
+    if rt.rank == 0:
+        Path(out_path).write_text(json.dumps(out))
+    if rt.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,383 @@
+"""Evaluation engine: window planning, driver, totals, sliding and n-gram evals, caches, audit.
+
+Run: python3 -m pytest tests/test_eval.py -q      (slow 2-process test included; -m "not slow" skips it)
+"""
+import collections
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+CPU = torch.device("cpu")
+RT1 = tg.Runtime(0, 1, 0, CPU, False)
+
+
+class TinyCausalLM(nn.Module):
+    """Causal stand-in: logits from embeddings of the current and previous input token (previous = 0 at row start)."""
+
+    def __init__(self, vocab: int, dim: int = 16, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.cur, self.prev = nn.Embedding(vocab, dim), nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward_logits(self, x):
+        prev = F.pad(x[:, :-1], (1, 0))
+        return self.head(torch.tanh(self.cur(x) + self.prev(prev)))
+
+
+class UniformLM(nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.dummy = vocab, nn.Parameter(torch.zeros(()))
+
+    def forward_logits(self, x):
+        return torch.zeros(*x.shape, self.vocab) + 0 * self.dummy
+
+
+def unit_tables(vocab):
+    return tg.ByteTables(torch.ones(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
+                         torch.zeros(vocab, dtype=torch.bool))
+
+
+def random_tables(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tg.ByteTables(torch.randint(0, 4, (vocab,), generator=g).to(torch.int16),
+                         torch.rand(vocab, generator=g) < 0.5, torch.rand(vocab, generator=g) < 0.1)
+
+
+def random_stream(n_targets, vocab, seed=0):
+    return torch.randint(0, vocab, (n_targets + 1,), generator=torch.Generator().manual_seed(seed))
+
+
+def scored_targets(w):
+    return range(w.score_from, w.end + 1)
+
+
+# ----------------------------------------------------------------------------------------------------- windows
+
+@pytest.mark.parametrize("seq_len", [1, 2, 8, 32])
+def test_plan_windows_scores_every_target_once_with_max_context(seq_len):
+    for n in [1, 2, 5, 7, 31, 32, 33, 100, 257]:
+        for stride in sorted({s for s in (1, 3, seq_len // 2, seq_len) if 1 <= s <= seq_len}):
+            ws = tg.plan_windows(n, seq_len, stride)
+            got = [p for w in ws for p in scored_targets(w)]
+            assert got == list(range(1, n + 1)), (n, seq_len, stride)
+            assert ws[0] == tg.Window(0, min(seq_len, n), 1)  # the first window scores all its targets
+            for w in ws:
+                assert 0 <= w.start < w.score_from <= w.end <= n
+                assert w.end - w.start == min(seq_len, w.end)  # as long as possible
+                for p in scored_targets(w):
+                    assert p - w.start >= min(seq_len - stride, p)  # context tokens seen by target p
+
+
+def test_split_for_rank_contiguous_balanced_cover():
+    for n in [0, 1, 7, 8, 100, 101]:
+        items = list(range(n))
+        for world in range(1, 9):
+            parts = [tg.split_for_rank(items, r, world) for r in range(world)]
+            assert sum(parts, []) == items
+            sizes = [len(p) for p in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 16, 50, 64, 1000])
+def test_group_by_chunk_monotone_no_straddle_same_context(chunk):
+    n, seq_len, stride = 300, 32, 8
+    ws = tg.plan_windows(n, seq_len, stride)
+    start_of = {p: w.start for w in ws for p in scored_targets(w)}
+    groups = tg.group_by_chunk(ws, chunk)
+    assert groups[0][0] == 1 and groups[-1][1] == n + 1
+    assert len(groups) == math.ceil(n / chunk)
+    seen = []
+    for (c0, c1, pieces), nxt in zip(groups, groups[1:] + [(n + 1,)]):
+        assert c1 == nxt[0] and c1 - c0 <= chunk and pieces
+        for w in pieces:
+            assert c0 <= w.score_from <= w.end < c1
+            assert all(start_of[p] == w.start for p in scored_targets(w))
+            seen += list(scored_targets(w))
+    assert seen == list(range(1, n + 1))
+
+
+def test_make_batch_shapes_shift_and_mask():
+    tokens = torch.arange(101)
+    ws = [tg.Window(0, 10, 1), tg.Window(5, 15, 12)]
+    b = tg.make_batch(tokens, ws, CPU, rows=4, length=12)
+    assert b.x.shape == b.y.shape == b.scored.shape == (4, 12)
+    assert torch.equal(b.x[1, :10], torch.arange(5, 15)) and torch.equal(b.y[1, :10], torch.arange(6, 16))
+    assert b.scored.sum() == 10 + 4 and not b.scored[2:].any()
+    assert b.sel_pos.tolist() == list(range(1, 11)) + [12, 13, 14, 15]
+    assert torch.equal(b.y.flatten()[b.sel], torch.tensor(b.sel_pos))
+
+
+# ------------------------------------------------------------------------------------------ driver equivalences
+
+def test_sliding_with_stride_equal_seq_len_is_plain_eval(tiny):
+    vocab, seq_len, n = 64, 32, 32 * 7
+    h = tiny(vocab_size=vocab, eval_seq_len=seq_len, eval_stride=seq_len, eval_batch_windows=3)
+    tokens, tables, model = random_stream(n, vocab), random_tables(vocab), TinyCausalLM(vocab)
+    r = tg.sliding_eval(model, tg.ValData(tokens, tables), h, RT1)
+    with torch.no_grad():  # independent plain evaluation
+        x, y = tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
+        nll = F.cross_entropy(model.forward_logits(x).reshape(-1, vocab), y.reshape(-1), reduction="sum").double()
+    nbytes = int((tables.base_bytes[y].long() + (tables.has_leading_space[y] & ~tables.is_boundary[x]).long()).sum())
+    assert (r.tokens, r.bytes) == (n, nbytes)
+    assert r.loss == pytest.approx(float(nll) / n, rel=1e-6)
+    assert r.bpb == pytest.approx(float(nll) / math.log(2) / nbytes, rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [64, 50])
+def test_ngram_with_alpha_zero_equals_sliding(tiny, chunk):
+    vocab, n = 16, 1000
+    h = tiny(vocab_size=vocab, ngram_alpha_min=0.0, ngram_alpha_max=0.0, ngram_chunk_tokens=chunk)
+    val, model = tg.ValData(random_stream(n, vocab, 1), random_tables(vocab)), TinyCausalLM(vocab)
+    s, g = tg.sliding_eval(model, val, h, RT1), tg.ngram_eval(model, val, h, RT1)
+    assert (g.tokens, g.bytes) == (s.tokens, s.bytes) == (n, g.bytes)
+    assert g.loss == pytest.approx(s.loss, rel=1e-12) and g.bpb == pytest.approx(s.bpb, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ exact cache
+
+def reference_counts(t, n, upto):
+    """Dict reference: context and (context, next) counts of order n over target positions < upto."""
+    ctx, pair = collections.Counter(), collections.Counter()
+    for p in range(max(n - 1, 1), upto):
+        c = tuple(t[p - n + 1:p])
+        ctx[c] += 1
+        pair[c + (t[p],)] += 1
+    return ctx, pair
+
+
+@pytest.mark.parametrize("vocab,alphabet", [(8, 8), (1024, 3)])
+def test_exact_cache_matches_dict_reference_and_normalizes(vocab, alphabet):
+    n, lo, hi, min_count = 1500, 2, 9, 2
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randperm(vocab, generator=g)[:alphabet]
+    tokens = ids[torch.randint(0, alphabet, (n + 1,), generator=g)]
+    cache = tg.ExactNgramCache(vocab, min_order=lo, max_order=hi, min_count=min_count, device=CPU)
+    bounds = [1, 2, 40, 41, 300, 777, 1201]
+    for a, b in zip(bounds, bounds[1:]):
+        cache.update(tokens, a, b)
+    t = tokens.tolist()
+    refs = {k: reference_counts(t, k, bounds[-1]) for k in range(lo, hi + 1)}
+    pos = torch.arange(1, n + 1)
+    order, p = cache.probs(tokens, pos, torch.arange(vocab).expand(n, vocab))
+    matched = 0
+    for q in range(1, n + 1):
+        want_order, want = 0, np.zeros(vocab)
+        for k in range(hi, lo - 1, -1):
+            c = tuple(t[q - k + 1:q])
+            if q >= k - 1 and refs[k][0][c] >= min_count:
+                want_order = k
+                want = np.array([refs[k][1][c + (v,)] for v in range(vocab)]) / refs[k][0][c]
+                break
+        assert order[q - 1].item() == want_order, q
+        np.testing.assert_allclose(p[q - 1].numpy(), want, rtol=0, atol=1e-15)
+        matched += want_order > 0
+    assert matched > n // 2
+    sums = p[order > 0].sum(1)
+    torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-12)
+    if alphabet == 3:
+        assert (order == hi).any()  # the hashed-key orders (8, 9 for a 10-bit vocab) are exercised
+
+
+def hashed_reference(t, lo, hi, min_count, buckets, upto, queries, vocab):
+    """Straightforward Python version of SPEC §7.3.3-7.3.4: (order, p for every candidate) per query."""
+    P = tg.NGRAM_PRIMES
+
+    def ctx_hash(p, n):
+        h = 0
+        for k in range(n - 1):
+            h ^= t[p - (n - 1) + k] * P[k % 15]
+        return h
+
+    ctx = {n: collections.Counter() for n in range(lo, hi + 1)}
+    full = {n: collections.Counter() for n in range(lo, hi + 1)}
+    for n in range(lo, hi + 1):
+        for p in range(max(1, n - 1), upto):
+            h = ctx_hash(p, n)
+            ctx[n][h & (buckets - 1)] += 1
+            full[n][(h ^ (t[p] * P[(n - 1) % 15])) & (buckets - 1)] += 1
+    out = []
+    for q in queries:
+        res = (0, [0.0] * vocab)
+        for n in range(hi, lo - 1, -1):
+            if q < n - 1:
+                continue
+            h = ctx_hash(q, n)
+            cc = ctx[n][h & (buckets - 1)]
+            if cc >= min_count:
+                res = (n, [min(full[n][(h ^ (v * P[(n - 1) % 15])) & (buckets - 1)], cc) / max(cc, 1)
+                           for v in range(vocab)])
+                break
+        out.append(res)
+    return out
+
+
+def test_hashed_cache_matches_spec_reference_loop():
+    vocab, n, buckets = 40, 800, 256
+    tokens = random_stream(n, vocab, 5)
+    cache = tg.HashedNgramCache(min_order=2, max_order=9, min_count=2, num_buckets=buckets, device=CPU)
+    cache.update(tokens, 1, 300)
+    cache.update(tokens, 300, 600)
+    queries = list(range(1, n + 1, 7))
+    ref = hashed_reference(tokens.tolist(), 2, 9, 2, buckets, 600, queries, vocab)
+    order, p = cache.probs(tokens, torch.tensor(queries), torch.arange(vocab).expand(len(queries), vocab))
+    assert order.tolist() == [o for o, _ in ref]
+    np.testing.assert_allclose(p.numpy(), np.array([q for _, q in ref]), rtol=0, atol=1e-15)
+    assert (p.sum(1) > 1.5).any()  # collisions: not a distribution
+
+
+# ------------------------------------------------------------------------------------ n-gram eval properties
+
+def null_eval(tiny, mode):
+    vocab = 1024
+    h = tiny(vocab_size=vocab, eval_seq_len=64, eval_stride=64, eval_batch_windows=64, ngram_chunk_tokens=8192,
+             ngram_mode=mode, ngram_buckets=4096, ngram_audit_positions=16, ngram_log_every=0)
+    val = tg.ValData(random_stream(200_000, vocab, 7), unit_tables(vocab))
+    return tg.ngram_eval(UniformLM(vocab), val, h, RT1)
+
+
+def test_null_uniform_stream_exact_cannot_compress_but_hashed_does(tiny):
+    exact = null_eval(tiny, "exact")
+    assert exact.bpb >= 10 - 0.01  # unit bytes: bpb = bits per token
+    hashed = null_eval(tiny, "hashed")
+    assert hashed.bpb < 5.0, hashed.bpb
+
+
+def recorded_ngram_run(model, tokens, h):
+    """Run the n-gram driver, recording each target's NLL and checking it reads a normalized distribution."""
+    val = tg.ValData(tokens, unit_tables(h.vocab_size))
+    scorer = tg.NgramScorer(tg.make_ngram_cache(h, CPU), tg.NgramMixer(h, CPU), tokens, np.zeros(0, np.int64))
+    nll_at, dist_at = {}, {}
+
+    def scorer_with_record(m, batch):
+        nll = scorer(m, batch)
+        pos = batch.pos.flatten()[batch.sel]
+        dist = scorer.full_distribution(tg.scored_logits(m, batch), pos)
+        torch.testing.assert_close(dist.sum(1), torch.ones(len(pos), dtype=torch.float64), rtol=0, atol=1e-9)
+        read = -torch.log(dist.gather(1, tg.batch_targets(batch)[:, None]).squeeze(1))
+        torch.testing.assert_close(read, nll.double(), rtol=1e-6, atol=1e-6)
+        for i, p in enumerate(batch.sel_pos.tolist()):
+            assert p not in nll_at
+            nll_at[p], dist_at[p] = nll[i].item(), dist[i]
+        return nll
+
+    windows = tg.plan_windows(val.num_targets, h.eval_seq_len, h.eval_stride)
+    tg.evaluate(model, val, windows, scorer_with_record, h, RT1, h.ngram_chunk_tokens, scorer.after_chunk)
+    return nll_at, dist_at
+
+
+def test_prefix_only_scores_and_target_independent_distribution(tiny):
+    vocab, n = 12, 700
+    h = tiny(vocab_size=vocab, ngram_chunk_tokens=64, ngram_alpha_min=0.3)
+    model, tokens = TinyCausalLM(vocab), random_stream(n, vocab, 9)
+    base_nll, base_dist = recorded_ngram_run(model, tokens, h)
+    assert sorted(base_nll) == list(range(1, n + 1))
+    for t in [5, 200, 451, 699]:
+        changed = tokens.clone()
+        changed[t + 1:] = random_stream(n - t - 1, vocab, 100 + t)[:n - t]  # every token after t replaced
+        changed[t] = (tokens[t] + 1) % vocab  # and the target at t itself
+        nll, dist = recorded_ngram_run(model, changed, h)
+        assert all(nll[p] == base_nll[p] for p in range(1, t))
+        assert torch.equal(dist[t], base_dist[t])  # same distribution at t, only the read entry differs
+        assert nll[t] != base_nll[t] or dist[t][tokens[t]] == dist[t][changed[t]]
+
+
+def test_exact_order_does_not_depend_on_target():
+    vocab, t = 6, 400
+    tokens = random_stream(500, vocab, 11)
+    cache = tg.ExactNgramCache(vocab, min_order=2, max_order=9, min_count=2, device=CPU)
+    cache.update(tokens, 1, t)
+    results = []
+    for v in range(vocab):
+        changed = tokens.clone()
+        changed[t] = v
+        results.append(cache.probs(changed, torch.tensor([t]), torch.arange(vocab)[None]))
+    assert all(torch.equal(o, results[0][0]) and torch.equal(p, results[0][1]) for o, p in results)
+    assert results[0][0].item() > 0
+
+
+def test_ngram_eval_logs_and_audit_exact(tiny, capsys):
+    vocab = 16
+    h = tiny(vocab_size=vocab, ngram_log_every=5, ngram_audit_positions=64)
+    r = tg.ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
+    out = capsys.readouterr().out
+    assert "Starting N-gram eval: order 2-9 mode=exact chunk=64" in out
+    assert re.search(r"^ngram_chunk \[5/19\] running_bpb:\d+\.\d{6} elapsed:\d+\.\ds$", out, re.M)
+    assert "ngram_chunk [19/19]" in out
+    m = re.search(r"^ngram_audit positions:64 sum_min:(\S+) sum_median:(\S+) sum_max:(\S+)$", out, re.M)
+    assert m and all(abs(float(x) - 1) <= 1e-6 for x in m.groups())
+    assert re.search(r"^ngram_eval val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms$", out, re.M)
+    assert f"ngram_eval_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f}" in out
+    assert "ngram_hashed" not in out
+
+
+def test_ngram_eval_hashed_mode_uses_its_own_prefix(tiny, capsys):
+    vocab = 16
+    h = tiny(vocab_size=vocab, ngram_mode="hashed", ngram_buckets=256, ngram_audit_positions=32)
+    tg.ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
+    out = capsys.readouterr().out
+    assert re.search(r"^ngram_hashed_unnormalized val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$", out, re.M)
+    assert re.search(r"^ngram_hashed_unnormalized_exact val_loss:\S+ val_bpb:\S+$", out, re.M)
+    assert re.search(r"^ngram_audit positions:32 ", out, re.M)
+    assert not re.search(r"^ngram_eval", out, re.M)
+
+
+def test_audit_fails_an_unnormalized_exact_run(tiny, monkeypatch):
+    class Inflated(tg.ExactNgramCache):
+        def probs(self, tokens, pos, cand):
+            order, p = super().probs(tokens, pos, cand)
+            return order, p * 2
+
+    monkeypatch.setattr(tg, "make_ngram_cache", lambda h, device: Inflated(
+        h.vocab_size, min_order=2, max_order=9, min_count=2, device=device))
+    vocab = 8
+    h = tiny(vocab_size=vocab, ngram_audit_positions=64)
+    with pytest.raises(RuntimeError, match="not normalized"):
+        tg.ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 4), unit_tables(vocab)), h, RT1)
+
+
+def test_final_eval_lines_and_leaderboard_alias(capsys):
+    r = tg.EvalResult(1.9044357812, 1.1279176712, 100, 243, 86812.4)
+    lines = tg.final_eval_lines("int6_zstd_roundtrip", r)
+    assert lines == ["final_int6_zstd_roundtrip val_loss:1.9044 val_bpb:1.1279 eval_time:86812ms",
+                     "final_int6_zstd_roundtrip_exact val_loss:1.90443578 val_bpb:1.12791767",
+                     "final_int8_zlib_roundtrip_exact val_loss:1.90443578 val_bpb:1.12791767"]
+    assert capsys.readouterr().out.splitlines() == lines
+    assert len(tg.final_eval_lines("sliding", r)) == 2
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(tmp_path):
+    results = []
+    for nproc in (1, 2):
+        out = tmp_path / f"r{nproc}.json"
+        env = dict(os.environ, OMP_NUM_THREADS="1", DEVICE="cpu")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "tests" / "eval_dist_worker.py"), str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results.append(json.loads(out.read_text()))
+    one, two = results
+    assert one.keys() == two.keys() == {"sliding", "ngram_exact", "ngram_hashed"}
+    for name in one:
+        assert (one[name]["tokens"], one[name]["bytes"]) == (two[name]["tokens"], two[name]["bytes"])
+        assert one[name]["loss"] == pytest.approx(two[name]["loss"], rel=1e-9)
+        assert one[name]["bpb"] == pytest.approx(two[name]["bpb"], rel=1e-9)

@@ -1,0 +1,119 @@
+"""Benchmark the n-gram cache the way ngram_eval uses it: for each chunk, look up this rank's share of the chunk's
+targets in batches (p_ngram of the target, as the scorer does), then update the tables with the whole chunk.
+
+  python3 tools/bench_ngram_cache.py --tokens 2000000 --device cpu
+  python3 tools/bench_ngram_cache.py --device cuda --json          # full 62,021,632-token validation size
+
+Prints tokens/s for lookup, update and both, and peak memory (torch.cuda.max_memory_allocated on GPU, ru_maxrss
+on CPU). --world W looks up 1/W of every chunk (one rank of a W-GPU run; every rank updates the whole chunk).
+"""
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+
+def make_stream(n: int, vocab: int, dist: str, seed: int, device) -> torch.Tensor:
+    """n + 1 i.i.d. tokens: uniform, or Zipf-like (p ~ 1/(rank+1)^1.1, a worst case for unique long contexts)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    if dist == "uniform":
+        return torch.randint(0, vocab, (n + 1,), generator=g, device=device)
+    probs = 1.0 / torch.arange(1, vocab + 1, device=device, dtype=torch.float64) ** 1.1
+    parts, left = [], n + 1
+    while left > 0:  # multinomial draws at most 2^24 samples per call
+        k = min(left, 1 << 24)
+        parts.append(torch.multinomial(probs, k, replacement=True, generator=g))
+        left -= k
+    return torch.cat(parts)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def table_entries(cache) -> dict:
+    if isinstance(cache, tg.ExactNgramCache):
+        return {"contexts": [int(c[0].numel()) for c in cache.ctx], "pairs": [int(p[0].numel()) for p in cache.pairs]}
+    return {"buckets": int(cache.ctx.size(1))}
+
+
+def run(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokens = make_stream(args.tokens, args.vocab, args.dist, args.seed, device)
+    kw = dict(min_order=args.min_order, max_order=args.max_order, min_count=args.min_count, device=device)
+    cache = (tg.HashedNgramCache(num_buckets=args.buckets, **kw) if args.mode == "hashed"
+             else tg.ExactNgramCache(args.vocab, **kw))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    lookup_s = update_s = 0.0
+    chunks = range(1, args.tokens + 1, args.chunk)
+    with torch.inference_mode():
+        for k, c0 in enumerate(chunks):
+            c1 = min(c0 + args.chunk, args.tokens + 1)
+            share = tg.split_for_rank(torch.arange(c0, c1, device=device), 0, args.world)
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(0, share.numel(), args.batch_positions):
+                pos = share[i:i + args.batch_positions]
+                cache.probs(tokens, pos, tokens[pos])
+            sync(device)
+            t1 = time.perf_counter()
+            if c1 <= args.tokens:  # the last chunk is never read back (as in ngram_eval)
+                cache.update(tokens, c0, c1)
+            sync(device)
+            lookup_s, update_s = lookup_s + t1 - t0, update_s + time.perf_counter() - t1
+            if args.log_every and (k + 1) % args.log_every == 0:
+                print(f"chunk {k + 1}/{len(chunks)} lookup:{lookup_s:.1f}s update:{update_s:.1f}s", file=sys.stderr)
+    total = lookup_s + update_s
+    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "mode": args.mode, "dist": args.dist, "tokens": args.tokens, "vocab": args.vocab, "chunk": args.chunk,
+            "orders": [args.min_order, args.max_order], "world": args.world, "chunks": len(chunks),
+            "lookup_s": round(lookup_s, 3), "update_s": round(update_s, 3), "total_s": round(total, 3),
+            "tokens_per_s": round(args.tokens / max(total, 1e-9)),
+            "update_tokens_per_s": round(args.tokens / max(update_s, 1e-9)),
+            "lookup_tokens_per_s": round(args.tokens / args.world / max(lookup_s, 1e-9)),
+            "peak_memory_bytes": peak_memory_bytes(device), "tables": table_entries(cache)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=62_021_632, help="number of targets (default: the val set)")
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--dist", choices=("zipf", "uniform"), default="zipf")
+    p.add_argument("--mode", choices=("exact", "hashed"), default="exact")
+    p.add_argument("--buckets", type=int, default=4_194_304, help="hashed mode only")
+    p.add_argument("--chunk", type=int, default=65_536)
+    p.add_argument("--min-order", type=int, default=2)
+    p.add_argument("--max-order", type=int, default=9)
+    p.add_argument("--min-count", type=int, default=2)
+    p.add_argument("--batch-positions", type=int, default=2048, help="scored targets per batch (32 windows x 64)")
+    p.add_argument("--world", type=int, default=1, help="look up 1/world of each chunk (one rank's share)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100, help="progress to stderr every N chunks (0: off)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of key:value text")
+    args = p.parse_args()
+    res = run(args)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(" ".join(f"{k}:{v}" for k, v in res.items() if k != "tables"))
+        print(f"tables {json.dumps(res['tables'])}")
+
+
+if __name__ == "__main__":
+    main()
