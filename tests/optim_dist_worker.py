@@ -107,6 +107,21 @@ def rel_diffs(a: nn.Module, b: nn.Module, init: dict) -> dict:
     return out
 
 
+def state_rel_diffs(dist_opt, single_opt) -> dict:
+    """Rank 0's optimizer state against the single-process one: AdamW moments, Muon momentum rows of its shard."""
+    out = {}
+    for k, opt in dist_opt.adams.items():
+        ref_state = single_opt.adams[k].state_dict()["state"]
+        for i, st in opt.state_dict()["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                ref = ref_state[i][key].float()
+                out[f"{k}.{i}.{key}"] = (st[key].float() - ref).abs().max().item() / ref.abs().max().item()
+    for b, ref in zip(dist_opt.muon.banks, single_opt.muon.banks):
+        want = ref.momentum[:b.shard].float()
+        out[f"muon.{b.name}"] = (b.momentum.float() - want).abs().max().item() / want.abs().max().item()
+    return out
+
+
 def main() -> None:
     torch.set_num_threads(1)
     tg.dist.init_process_group("gloo")
@@ -123,18 +138,21 @@ def main() -> None:
     for mode in ("native", "fallback"):
         tg.BankCollectives.use_fallback = mode == "fallback"
         model = copy.deepcopy(init_model)
-        train_steps(model, tg.build_optimizers(model, h, rt), mine)
-        results[mode] = model
+        opt = tg.build_optimizers(model, h, rt)
+        train_steps(model, opt, mine)
+        results[mode], results[mode + "_opt"] = model, opt
     gathered = [torch.empty_like(flat_params(results["native"])) for _ in range(world)]
     tg.dist.all_gather(gathered, flat_params(results["native"]))
     if rank == 0:
         ref = copy.deepcopy(init_model)
-        train_steps(ref, tg.build_optimizers(ref, h, tg.Runtime(0, 1, 0, torch.device("cpu"), False)), batches)
+        ref_opt = tg.build_optimizers(ref, h, tg.Runtime(0, 1, 0, torch.device("cpu"), False))
+        train_steps(ref, ref_opt, batches)
         report = {
             "world": world,
             "rank_max_abs_diff": max((g - gathered[0]).abs().max().item() for g in gathered),
             "fallback_max_abs_diff": (flat_params(results["fallback"]) - flat_params(results["native"])).abs().max().item(),
             "rel_diff_vs_single": rel_diffs(results["native"], ref, init),
+            "state_rel_diff_vs_single": state_rel_diffs(results["native_opt"], ref_opt),
         }
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
     tg.dist.barrier()
