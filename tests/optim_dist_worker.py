@@ -157,6 +157,11 @@ def main() -> None:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
     tg.dist.barrier()
     tg.dist.destroy_process_group()
+    # torch 2.13 + gloo aborts now and then at interpreter exit ("terminate called without an active exception",
+    # about 1 run in 10, also without destroy_process_group and with only the native collectives), after all work
+    # is done and the report written. Skip the C++ static teardown so the test sees the optimizer, not that.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
