@@ -970,9 +970,271 @@ def build_model(h: Hyperparameters, device, attn_fn=None) -> GPT:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizers
+# Routing: every parameter matches exactly one rule of OPTIMIZER_ROUTES, else build_optimizers fails naming it.
+# Muon takes the four banks [B, r, c]; AdamW "adam_tok" the token embedding (group 1) and bigram table (group 2);
+# AdamW "adam_scalar" control tensors and the bigram projection. `Optimizers.step()` (after backward + clipping):
+# bank reduce-scatters in flight -> non-bank grads averaged, AdamW steps -> per bank sharded Nesterov momentum,
+# NS5, all-gather, apply (SPEC §3.2-3.3). One process: same maths, no collectives. `state_dict()` holds all state.
 # ---------------------------------------------------------------------------------------------------------------
 
-# (optimizer section: newton_schulz5, Parallel Muon, build_optimizers)
+NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+OPTIMIZER_GROUPS = ("muon", "adam_tok", "adam_scalar")
+
+
+def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Orthogonalise each matrix of G ([n, r, c] or [r, c]) with quintic Newton-Schulz in bf16; same shape, bf16."""
+    a, b, c = NS5_COEFFS
+    X = G.to(torch.bfloat16).reshape(-1, *G.shape[-2:])
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT  # the Gram matrix X Xᵀ is then the smaller one
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # Frobenius norm per matrix
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return (X.mT if transposed else X).reshape(G.shape)
+
+
+def _is_block_control(name: str, p: torch.Tensor, patterns) -> bool:
+    return name.startswith("blocks.") and (p.ndim < 2 or any(pat in name for pat in patterns))
+
+
+OPTIMIZER_ROUTES = (  # (what, rule(name, param, control patterns), optimizer); rules must be disjoint
+    ("parameter bank", lambda n, p, pats: n in BANK_NAMES, "muon"),
+    ("token embedding / bigram table", lambda n, p, pats: n in ("tok_emb.weight", "bigram.embed.weight"), "adam_tok"),
+    ("model-level control or bigram projection",
+     lambda n, p, pats: n in ("bigram.proj.weight", "bigram.scale", "smear.gate", "skip_weights"), "adam_scalar"),
+    ("block control tensor (ndim < 2 or control-pattern name)", _is_block_control, "adam_scalar"),
+)
+
+
+def route_parameters(model: nn.Module, patterns=CONTROL_PATTERNS) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Optimizer group -> [(name, param)] in model order; raises if a parameter matches no rule or several."""
+    routed = {g: [] for g in OPTIMIZER_GROUPS}
+    bad = []
+    for name, p in model.named_parameters():
+        hits = [(what, group) for what, rule, group in OPTIMIZER_ROUTES if rule(name, p, patterns)]
+        if len(hits) == 1:
+            routed[hits[0][1]].append((name, p))
+        else:
+            bad.append(f"{name} {tuple(p.shape)}: " + ("no routing rule" if not hits else f"several rules {hits}"))
+    if bad:
+        raise ValueError("parameters not routed to exactly one optimizer (see OPTIMIZER_ROUTES):\n  " + "\n  ".join(bad))
+    return routed
+
+
+class _SlicedWork:
+    """Work handle of the reduce-scatter fallback: wait for the all-reduce, then copy this rank's slice out."""
+
+    def __init__(self, work, full: torch.Tensor, out: torch.Tensor):
+        self.work, self.full, self.out = work, full, out
+
+    def wait(self):
+        self.work.wait()
+        lo = dist.get_rank() * self.out.shape[0]
+        self.out.copy_(self.full[lo:lo + self.out.shape[0]])
+
+
+class BankCollectives:
+    """The bank collectives, chosen in this one place (SUM; callers scale). torch 2.13 runs reduce-scatter and
+    all-gather natively on NCCL and gloo (async, bf16); it names them `*_single` and deprecates
+    `reduce_scatter_tensor` / `all_gather_into_tensor`, which older versions use. Gloo builds without a native
+    reduce-scatter get an all-reduce of the padded buffer then a slice (same sums); `use_fallback` forces it."""
+
+    use_fallback = False
+
+    def __init__(self):
+        self._rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        self._ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+    def reduce_scatter(self, out: torch.Tensor, full: torch.Tensor):
+        if not self.use_fallback:
+            try:
+                return self._rs(out, full, op=dist.ReduceOp.SUM, async_op=True)
+            except (RuntimeError, NotImplementedError):
+                if dist.get_backend() != "gloo":
+                    raise
+                self.use_fallback = True  # refused at launch by this gloo build: switch for good
+        return _SlicedWork(dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True), full, out)
+
+    def all_gather(self, full: torch.Tensor, part: torch.Tensor):
+        return self._ag(full, part, async_op=True)
+
+
+class _Bank:
+    """One bank's Muon buffers (bf16): padded grad [B_pad], local grad shard, momentum shard, padded update."""
+
+    def __init__(self, name: str, param: torch.Tensor, world: int, rank: int):
+        B, r, c = param.shape
+        pad = -(-B // world) * world
+        self.name, self.param, self.size, self.shard = name, param, B, pad // world
+        self.scale = math.sqrt(max(1.0, r / c))  # of the un-transposed matrix
+        self.grad = torch.zeros((pad, r, c), dtype=torch.bfloat16, device=param.device)  # padding rows stay 0
+        self.local = self.grad[:B] if world == 1 else torch.zeros_like(self.grad[:self.shard])
+        self.momentum = torch.zeros_like(self.local)
+        self.update = torch.zeros_like(self.grad) if world > 1 else None
+        self.work = None
+
+
+class ParallelMuon:
+    """Muon over banks in size order, momentum and NS5 sharded over ranks by leading index (SPEC §3.3)."""
+
+    def __init__(self, banks, lr: float, wd: float, momentum: float, ns_steps: int, rt: Runtime):
+        self.world = rt.world_size if rt.distributed else 1
+        rank = rt.rank if rt.distributed else 0
+        ordered = sorted(banks, key=lambda item: -item[1].numel())  # stable: ties keep model order
+        self.banks = [_Bank(name, p, self.world, rank) for name, p in ordered]
+        self.base_lr = self.lr = lr
+        self.wd, self.momentum, self.ns_steps = wd, momentum, ns_steps
+        self.comm = BankCollectives() if self.world > 1 else None
+
+    @torch.no_grad()
+    def launch(self) -> None:
+        """Copy each bank grad into its padded bf16 buffer and start its reduce-scatter (no-op comms for W = 1)."""
+        for b in self.banks:
+            if b.param.grad is None:
+                b.grad[:b.size].zero_()
+            else:
+                b.grad[:b.size].copy_(b.param.grad)
+            if self.comm is not None:
+                b.work = self.comm.reduce_scatter(b.local, b.grad)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Per bank: wait its shard, Nesterov momentum, NS5, start its all-gather, then apply the previous bank."""
+        previous = None
+        for b in self.banks:
+            if b.work is not None:
+                b.work.wait()
+                b.local.mul_(1.0 / self.world)  # SUM -> mean over ranks
+            b.momentum.mul_(self.momentum).add_(b.local)
+            u = newton_schulz5(b.local.add(b.momentum, alpha=self.momentum), self.ns_steps)
+            if self.comm is not None:
+                b.work = self.comm.all_gather(b.update, u)
+            else:
+                b.update = u
+            if previous is not None:
+                self._apply(previous)
+            previous = b
+        if previous is not None:
+            self._apply(previous)
+
+    def _apply(self, b: _Bank) -> None:
+        """P <- P(1 - lr wd) - lr s U[:B] on every rank (decoupled weight decay, then the orthogonal update)."""
+        if b.work is not None:
+            b.work.wait()
+            b.work = None
+        p = b.param.data
+        if self.wd:
+            p.mul_(1.0 - self.lr * self.wd)
+        p.add_(b.update[:b.size].to(p.dtype), alpha=-self.lr * b.scale)
+
+    def state_dict(self) -> dict:
+        return {"world": self.world, "lr": self.lr, "momentum": self.momentum,
+                "buffers": {b.name: b.momentum for b in self.banks}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["world"] != self.world or set(sd["buffers"]) != {b.name for b in self.banks}:
+            raise ValueError(f"Muon state is for world size {sd['world']} and banks {sorted(sd['buffers'])}; "
+                             f"this run has {self.world} and {sorted(b.name for b in self.banks)}")
+        self.lr, self.momentum = sd["lr"], sd["momentum"]
+        for b in self.banks:
+            b.momentum.copy_(sd["buffers"][b.name])
+
+
+def _cloned(obj):
+    """Deep copy of a state tree with every tensor cloned (optimizer state dicts alias live tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cloned(v) for v in obj)
+    return obj
+
+
+def _average_grads(params: list[torch.Tensor], world: int) -> None:
+    """Mean of every non-bank gradient over ranks: one flat SUM all-reduce per dtype, then 1/W (no ReduceOp.AVG)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        all_reduce_sum(flat)
+        flat.mul_(1.0 / world)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+class Optimizers:
+    """The optimizer bundle the training loop drives: AdamW 'adam_tok' and 'adam_scalar' plus Parallel Muon."""
+
+    def __init__(self, adams: dict[str, torch.optim.Optimizer], muon: ParallelMuon):
+        self.adams, self.muon = adams, muon
+        self.adam_params = [p for opt in adams.values() for g in opt.param_groups for p in g["params"]]
+
+    def step(self) -> None:
+        """Call after backward and clipping: launch bank reduce-scatters, average + AdamW, then the Muon step."""
+        self.muon.launch()
+        if self.muon.world > 1:
+            _average_grads(self.adam_params, self.muon.world)
+        for opt in self.adams.values():
+            opt.step()
+        self.muon.finish()
+
+    def set_lr_scale(self, scale: float) -> None:
+        for opt in self.adams.values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        self.muon.lr = self.muon.base_lr * scale
+
+    def set_muon_momentum(self, mu: float) -> None:
+        self.muon.momentum = mu
+
+    def zero_grad(self) -> None:
+        for opt in self.adams.values():
+            opt.zero_grad(set_to_none=True)
+        for b in self.muon.banks:
+            b.param.grad = None
+
+    def state_dict(self) -> dict:
+        """Every optimizer state (AdamW moments and steps, Muon momentum shards, lr, mu) as an independent copy."""
+        return _cloned({"adam": {k: opt.state_dict() for k, opt in self.adams.items()}, "muon": self.muon.state_dict()})
+
+    def load_state_dict(self, sd: dict) -> None:
+        sd = _cloned(sd)  # AdamW keeps the loaded tensors: never alias the caller's snapshot
+        for k, opt in self.adams.items():
+            opt.load_state_dict(sd["adam"][k])
+        self.muon.load_state_dict(sd["muon"])
+
+
+def _adamw(groups: list[dict], h: Hyperparameters, rt: Runtime) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
+                             fused=True if rt.is_cuda else None)
+
+
+def build_optimizers(model: nn.Module, h: Hyperparameters, rt: Runtime) -> Optimizers:
+    """Route the parameters (SPEC §3.1) and build the bundle; group lr = base_lr * the scale set each step."""
+    routes = route_parameters(model, h.control_tensor_name_patterns)
+    tok = dict(routes["adam_tok"])
+    groups = {
+        "adam_tok": [{"params": [tok[n]], "lr": h.tied_embed_lr, "base_lr": h.tied_embed_lr}
+                     for n in ("tok_emb.weight", "bigram.embed.weight") if n in tok],
+        "adam_scalar": [{"params": [p for _, p in routes["adam_scalar"]], "lr": h.scalar_lr, "base_lr": h.scalar_lr}],
+    }
+    adams = {k: _adamw(g, h, rt) for k, g in groups.items() if any(gr["params"] for gr in g)}
+    muon = ParallelMuon(routes["muon"], h.matrix_lr, h.muon_wd, h.muon_momentum_warmup_start,
+                        h.muon_backend_steps, rt)
+    return Optimizers(adams, muon)
+
+
+def clip_gradients(model: nn.Module, max_norm: float):
+    """Per-rank clip of the global gradient norm over all parameters, before any averaging (SPEC §3.6); 0 disables."""
+    if max_norm <= 0:
+        return None
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training extras: schedules, EMA, SWA, late QAT
