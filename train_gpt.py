@@ -2191,7 +2191,7 @@ def evaluate_artifact(path: str, h, rt, val, attn_fn, use_compile) -> None:
     model = build_model(h, rt.device, attn_fn)
     model.load_state_dict(load_artifact_state(path, h), strict=True)
     model = compile_model(model, use_compile)
-    log_final_eval("int6_zstd_roundtrip", sliding_eval(model, val, h, rt))
+    timed_eval(ROUNDTRIP_EVAL_NAME, lambda: sliding_eval(model, val, h, rt))
     if h.ngram_enabled:
         ngram_eval(model, val, h, rt)
 
@@ -2211,10 +2211,23 @@ def main() -> None:
         over_limit, t_end = train_and_export(h, rt, val, attn_fn, use_compile, code_bytes)
     evaluate_artifact(h.artifact if h.eval_only else h.artifact_path, h, rt, val, attn_fn, use_compile)
     log0(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
-    if rt.distributed:
-        dist.destroy_process_group()
     if over_limit:
-        raise SystemExit(f"artifact over the {h.artifact_limit_bytes}-byte limit (see artifact_over_limit above)")
+        log0(f"run_failed reason:artifact_over_limit limit:{h.artifact_limit_bytes}")
+    shutdown(rt, 1 if over_limit else 0)
+
+
+def shutdown(rt: Runtime, code: int) -> None:
+    """Leave the process group and exit with `code`. On gloo (CPU) the interpreter's C++ teardown in torch 2.13
+    intermittently aborts after all work is done, so those runs end with os._exit once output is flushed."""
+    if rt.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+        if not rt.is_cuda:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
