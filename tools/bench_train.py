@@ -1,0 +1,211 @@
+"""Benchmark training throughput of train_gpt.py: ms/step, tokens/s, model FLOPs per token and MFU.
+
+  python3 tools/bench_train.py                                   # default (record) configuration, DATA_PATH shards
+  NUM_LAYERS=2 MODEL_DIM=64 python3 tools/bench_train.py --synthetic --steps 3 --warmup 1 --json -
+  torchrun --standalone --nproc_per_node=8 tools/bench_train.py --steps 20 --json bench.json
+
+The configuration comes from the environment exactly as for train_gpt.py (Hyperparameters.from_env). The tool builds
+the model and optimizers, runs --warmup untimed steps (torch.compile happens here), then --steps timed steps with
+synchronize() before and after; only training steps are inside the clock (no validation, no export). --synthetic
+draws uniform random tokens in memory instead of reading DATA_PATH shards. Only rank 0 prints.
+
+FLOPs per token (training = forward + backward, 3 × the forward's 2 FLOPs per multiply-add):
+
+  flops_per_token = 6·N + 6·L·T·d
+
+  N = L·(2·d² + 2·d·kv_dim + 2·d·mlp_hidden + d·H·[gated attention]) + d·bigram_dim·[bigram] + V·d
+
+N counts the weights of every matrix multiply a token goes through: per layer W_q, W_o (d×d), W_k, W_v (kv_dim×d),
+MLP up/down (mlp_hidden×d), the attention gate (H×d) when USE_GATED_ATTENTION; the BigramHash projection; and the
+tied output head (V×d). Embedding lookups (tok_emb as input, the bigram table) are not matrix multiplies and are
+excluded. The attention term: per layer, QKᵀ and AV cost 2·T·d multiply-adds per token for full attention; causal
+masking halves that to T·d multiply-adds = 2·T·d FLOPs forward, ×3 for forward+backward = 6·T·d (GQA does not change
+it: the query side has H·head_dim = d). T = TRAIN_SEQ_LEN, d = MODEL_DIM, L = NUM_LAYERS, H = NUM_HEADS, V = VOCAB_SIZE.
+Elementwise work (norms, RoPE, XSA, gates, softcap, optimizer incl. Newton-Schulz) is not counted.
+
+MFU = flops_per_token × tokens/s per device / peak, with peak the dense bf16 FLOP/s of the device (table below, by
+CUDA device name) or --peak-flops. On CPU, or on an unknown GPU without --peak-flops, mfu is null.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+# Dense bf16 tensor-core peak FLOP/s by (substring of) CUDA device name; first match wins.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def matmul_params(h: tg.Hyperparameters) -> int:
+    """N of the docstring: weights of the matrix multiplies per token (tied head included, lookups excluded)."""
+    d = h.model_dim
+    per_layer = 2 * d * d + 2 * d * h.kv_dim + 2 * d * h.mlp_hidden
+    if h.use_gated_attention:
+        per_layer += d * h.num_heads
+    n = h.num_layers * per_layer + h.vocab_size * d
+    if h.bigram_vocab_size > 0:
+        n += h.bigram_dim * d
+    return n
+
+
+def flops_per_token(h: tg.Hyperparameters) -> int:
+    """6·N + 6·L·T·d (training FLOPs per token, causal attention)."""
+    return 6 * matmul_params(h) + 6 * h.num_layers * h.train_seq_len * h.model_dim
+
+
+def peak_flops_for(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+class SyntheticTokenLoader:
+    """Uniform random tokens with DistributedTokenLoader's next_batch interface; each rank its own seed."""
+
+    def __init__(self, rt: tg.Runtime, vocab_size: int, seed: int = 0):
+        self.rt, self.vocab = rt, vocab_size
+        self.gen = torch.Generator().manual_seed(seed + 1000 * rt.rank)
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = torch.randint(0, self.vocab, (local_tokens + 1,), generator=self.gen)
+        x, y = mine[:-1].reshape(-1, seq_len), mine[1:].reshape(-1, seq_len)
+        nb = self.rt.is_cuda
+        return x.to(self.rt.device, non_blocking=nb), y.to(self.rt.device, non_blocking=nb)
+
+
+def reset_peak_memory(rt: tg.Runtime) -> None:
+    if rt.is_cuda:
+        torch.cuda.reset_peak_memory_stats(rt.device)
+
+
+def peak_memory_mib(rt: tg.Runtime) -> dict:
+    if rt.is_cuda:
+        return {"peak_memory_allocated_mib": torch.cuda.max_memory_allocated(rt.device) / 2**20,
+                "peak_memory_reserved_mib": torch.cuda.max_memory_reserved(rt.device) / 2**20}
+    return {"peak_memory_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the clock, compile included (default 5)")
+    p.add_argument("--synthetic", action="store_true", help="random tokens in memory instead of DATA_PATH shards")
+    p.add_argument("--qat", action="store_true", help="benchmark the late-QAT graph (int6 fake-quant on)")
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per device for MFU (overrides table)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON to PATH ('-' = stdout)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def run(args: argparse.Namespace, h: tg.Hyperparameters, rt: tg.Runtime) -> dict:
+    tg.seed_everything(h.seed)
+    attention, attn_fn = tg.select_attention(rt.device)
+    use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
+    base_model = tg.build_model(h, rt.device, attn_fn)
+    base_model.qat_active = args.qat
+    model = tg.compile_model(base_model, use_compile)
+    opt = tg.build_optimizers(base_model, h, rt)
+    if args.synthetic:
+        loader = SyntheticTokenLoader(rt, h.vocab_size, h.seed)
+    else:
+        loader = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
+
+    for i in range(args.warmup):
+        tg.train_step(model, opt, loader, h, rt, i, 1.0)
+    tg.synchronize(rt)
+    reset_peak_memory(rt)
+    if rt.distributed:
+        torch.distributed.barrier()
+    tg.synchronize(rt)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = tg.train_step(model, opt, loader, h, rt, args.warmup + i, 1.0)
+    tg.synchronize(rt)
+    elapsed = time.perf_counter() - t0
+    final_loss = float(loss.item())
+
+    ms_per_step = 1000.0 * elapsed / args.steps
+    tokens_per_step = h.grad_accum_steps(rt.world_size) * h.train_micro_batch_tokens * rt.world_size
+    tokens_per_s = tokens_per_step * args.steps / elapsed
+    per_device = tokens_per_s / rt.world_size
+    fpt = flops_per_token(h)
+    peak = peak_flops_for(rt.device, args.peak_flops)
+    achieved = fpt * per_device
+    return {
+        "device": torch.cuda.get_device_name(rt.device) if rt.is_cuda else "cpu",
+        "device_type": rt.device.type,
+        "world_size": rt.world_size,
+        "torch": torch.__version__,
+        "attention": attention,
+        "compile": use_compile,
+        "qat": args.qat,
+        "data": "synthetic" if args.synthetic else h.data_path,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "tokens_per_step": tokens_per_step,
+        "grad_accum_steps": h.grad_accum_steps(rt.world_size),
+        "seq_len": h.train_seq_len,
+        "model_params": sum(p.numel() for p in base_model.parameters()),
+        "matmul_params": matmul_params(h),
+        "ms_per_step": ms_per_step,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": per_device,
+        "flops_per_token": fpt,
+        "flops_formula": "6*N + 6*L*T*d",
+        "achieved_flops_per_device": achieved,
+        "peak_flops": peak,
+        "mfu": achieved / peak if peak else None,
+        "final_loss": final_loss,
+        **peak_memory_mib(rt),
+    }
+
+
+def report(res: dict, out) -> None:
+    mfu = "null" if res["mfu"] is None else f"{100 * res['mfu']:.2f}%"
+    mem = " ".join(f"{k}:{v:.0f}" for k, v in res.items() if k.startswith("peak_memory"))
+    print(f"device:{res['device']} world_size:{res['world_size']} torch:{res['torch']} "
+          f"attention:{res['attention']} compile:{int(res['compile'])} qat:{int(res['qat'])} data:{res['data']}", file=out)
+    print(f"steps:{res['timed_steps']} (warmup {res['warmup_steps']}) tokens/step:{res['tokens_per_step']} "
+          f"ms/step:{res['ms_per_step']:.2f} tokens/s:{res['tokens_per_s']:.0f} "
+          f"tokens/s/device:{res['tokens_per_s_per_device']:.0f}", file=out)
+    print(f"flops/token:{res['flops_per_token']:.4g} (6N+6LTd, N={res['matmul_params']}) "
+          f"achieved:{res['achieved_flops_per_device'] / 1e12:.3f} TFLOP/s/device mfu:{mfu} {mem} "
+          f"final_loss:{res['final_loss']:.4f}", file=out, flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    h = tg.Hyperparameters.from_env(os.environ)
+    rt = tg.init_runtime(h)
+    h.validate(rt.world_size)
+    res = run(args, h, rt)
+    if rt.is_main:
+        report(res, sys.stderr if args.json == "-" else sys.stdout)
+        if args.json == "-":
+            print(json.dumps(res, indent=2), flush=True)
+        elif args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+                f.write("\n")
+    tg.shutdown(rt, 0)
+
+
+if __name__ == "__main__":
+    main()
