@@ -100,3 +100,30 @@ def test_missing_shards_error_names_the_fix(tiny_corpus, tmp_path):
     out = run_script(env)
     assert out.returncode != 0
     assert "no val shards match" in out.stderr and "make_dataset.py --input sample" in out.stderr
+
+
+@pytest.mark.slow
+def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
+    env = tiny_run_env(tiny_corpus, tmp_path, ITERATIONS="4", VAL_LOSS_EVERY="0")
+    assert run_script(env).returncode == 0
+    first = (tmp_path / "logs" / "e2e.txt").read_text()
+    env2 = dict(env, EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="again")
+    out = run_script(env2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = (tmp_path / "logs" / "again.txt").read_text()
+    pick = lambda log, key: re.search(rf"^{key} val_loss:\S+ val_bpb:\S+$", log, re.M).group(0)
+    for key in ("final_int6_zstd_roundtrip_exact", "ngram_eval_exact"):
+        assert pick(first, key) == pick(again, key)
+    assert not re.search(r"^step:\d+/\d+ train_loss:", again, re.M)
+    assert not re.search(r"^Serialized model", again, re.M)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_the_run(tiny_corpus, tmp_path):
+    env = tiny_run_env(tiny_corpus, tmp_path, TIED_EMBED_LR="1e20", SCALAR_LR="1e20", MATRIX_LR="1e20",
+                       GRAD_CLIP_NORM="0", ITERATIONS="10", VAL_LOSS_EVERY="0")
+    out = run_script(env)
+    assert out.returncode != 0
+    log = (tmp_path / "logs" / "e2e.txt").read_text()
+    assert re.search(r"^nonfinite_loss step:\d+", log, re.M) and "training diverged" in out.stderr
+    assert not re.search(r"^Serialized model", log, re.M)
