@@ -1,0 +1,2234 @@
+"""Parameter Golf: 11-layer GQA transformer + Parallel Muon + int6/zstd artifact + exact n-gram evaluation.
+
+Launch (record configuration, 8xH100):   torchrun --standalone --nproc_per_node=8 train_gpt.py
+One GPU (gradient accumulation 8):       torchrun --standalone --nproc_per_node=1 train_gpt.py
+CPU smoke run:                           see README.md (small settings via environment variables)
+
+Every setting is a field of `Hyperparameters`; override it with the upper-cased environment variable
+(e.g. SEED=42, NGRAM_MODE=hashed). Defaults reproduce the record configuration. All fields are logged.
+
+Final log lines (grep these):
+  final_int6_zstd_roundtrip_exact val_loss:… val_bpb:…   sliding-window score of the model rebuilt from the artifact
+  ngram_eval_exact val_loss:… val_bpb:…                   the same model mixed with the exact, normalized n-gram cache
+  Total submission int6+zstd: … bytes                     compressed model + UTF-8 bytes of this file (limit 16,000,000)
+
+Compliance contract: every reported score is the code length of a distribution over the whole vocabulary that sums
+to 1, depends only on earlier tokens, is scored before any statistic is updated with the token, counts every target
+exactly once, and is computed on the model rebuilt from the artifact bytes. Nothing is selected on validation data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import glob
+import hashlib
+import io
+import math
+import os
+import random
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hyperparameters
+# One frozen dataclass; every field maps to the upper-cased environment variable; defaults = record configuration.
+# `from_env` parses by field type and validates everything that does not need the runtime or the tokenizer.
+# ---------------------------------------------------------------------------------------------------------------
+
+INT6_CLIP_CANDIDATES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite per-row clip quantiles
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_weights", "smear",
+                    "bigram_scale", "vr_lambda", "attn_gate", "ve_layer_scales", "ve_shared.scale")
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # data
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # empty: a fresh UUID4 is drawn by from_env
+    log_dir: str = "logs"
+    seed: int = 1337
+    vocab_size: int = 1024
+    val_max_tokens: int = 0  # cap on validation targets for smoke tests; 0 = the whole split (scored runs)
+    # schedule
+    iterations: int = 20000
+    warmdown_iters: int = 3500
+    warmup_steps: int = 20
+    train_batch_tokens: int = 786_432
+    train_micro_batch_tokens: int = 98_304  # per device per micro-step; grad accumulation = batch/(world*micro)
+    train_seq_len: int = 2048
+    max_wallclock_seconds: float = 600.0
+    val_loss_every: int = 4000
+    train_log_every: int = 500
+    # model shape
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    rope_base: float = 10000.0
+    rope_dims: int = 16
+    rope_train_len: int = 1024
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    # optional model features
+    use_smeargate: bool = True
+    bigram_vocab_size: int = 1024  # 0 removes BigramHash
+    bigram_dim: int = 128
+    use_value_residual: bool = True
+    use_gated_attention: bool = True
+    xsa_last_n: int = 4
+    ln_scale: bool = False
+    control_tensor_name_patterns: tuple[str, ...] = CONTROL_PATTERNS
+    # optimizer
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    tied_embed_lr: float = 0.035
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # per rank, before averaging (reference numerics); 0 disables
+    # averaging and QAT
+    use_ema: bool = True
+    ema_decay: float = 0.997
+    swa_enabled: bool = True
+    swa_every: int = 50
+    swa_lr_threshold: float = 0.2
+    use_late_qat: bool = True
+    qat_time_frac: float = 0.15
+    export_weights: str = "ema"  # ema | swa | raw: chosen by configuration, never by a validation score
+    diag_eval_candidates: bool = False  # also score the weights not exported (diagnostic; never changes the choice)
+    # export
+    artifact_path: str = "final_model.int6.ptz"
+    artifact_limit_bytes: int = 16_000_000
+    zstd_level: int = 22
+    keep_float_max_numel: int = 65_536
+    int6_clip_candidates: tuple[float, ...] = INT6_CLIP_CANDIDATES
+    eval_only: bool = False  # EVAL_ONLY=1 ARTIFACT=path: evaluate an existing artifact, no training
+    artifact: str = ""
+    # evaluation
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    eval_batch_windows: int = 32
+    ngram_enabled: bool = True
+    ngram_mode: str = "exact"  # exact (scored) | hashed (reference rule, comparison only)
+    ngram_min_order: int = 2
+    ngram_max_order: int = 9
+    ngram_min_count: int = 2
+    ngram_chunk_tokens: int = 65_536
+    ngram_buckets: int = 4_194_304  # hashed mode only
+    ngram_alpha_min: float = 0.05
+    ngram_alpha_max: float = 0.70
+    ngram_entropy_center: float = 3.0
+    ngram_entropy_scale: float = 2.0
+    ngram_center_shift: float = 0.25
+    ngram_order_mults: tuple[float, ...] = (0.3, 0.3, 0.97, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
+    ngram_alpha_clip: float = 0.95
+    ngram_audit_positions: int = 256
+    ngram_log_every: int = 20
+    # runtime
+    device: str = "auto"  # auto | cuda | cpu
+    compile: str = "auto"  # auto (on for CUDA) | 1 | 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        return self.train_batch_tokens // (world_size * self.train_micro_batch_tokens)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Hyperparameters":
+        check_unknown_settings(env)
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is not None:
+                values[f.name] = parse_setting(f.name, f.type, raw)
+        if not values.get("run_id"):
+            values["run_id"] = str(uuid.uuid4())
+        h = cls(**values)
+        h.validate()
+        return h
+
+    def validate(self, world_size: int | None = None) -> None:
+        problems = [msg for ok, msg in self._checks(world_size) if not ok]
+        if problems:
+            raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
+
+    def _checks(self, world_size):
+        yield self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}"
+        yield self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}"
+        yield self.head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even (RoPE pairs)"
+        yield 0 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim} (0 = full)"
+        yield 0 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} must be in [0, NUM_LAYERS={self.num_layers}]"
+        yield self.num_layers >= 1 and self.vocab_size >= 2, "NUM_LAYERS must be >= 1 and VOCAB_SIZE >= 2"
+        yield self.logit_softcap > 0, f"LOGIT_SOFTCAP={self.logit_softcap} must be > 0"
+        yield self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"
+        yield self.train_seq_len >= 2 and self.eval_seq_len >= 2, "TRAIN_SEQ_LEN and EVAL_SEQ_LEN must be >= 2"
+        yield self.train_micro_batch_tokens % self.train_seq_len == 0, f"TRAIN_MICRO_BATCH_TOKENS={self.train_micro_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}"
+        yield 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]"
+        yield self.eval_batch_windows >= 1, "EVAL_BATCH_WINDOWS must be >= 1"
+        yield 2 <= self.ngram_min_order <= self.ngram_max_order, f"NGRAM_MIN_ORDER={self.ngram_min_order} must be >= 2 and <= NGRAM_MAX_ORDER={self.ngram_max_order}"
+        yield len(self.ngram_order_mults) >= self.ngram_max_order - self.ngram_min_order + 1, "NGRAM_ORDER_MULTS needs one multiplier per order in [NGRAM_MIN_ORDER, NGRAM_MAX_ORDER]"
+        yield self.ngram_mode in ("exact", "hashed"), f"NGRAM_MODE={self.ngram_mode!r} must be 'exact' or 'hashed'"
+        yield self.ngram_buckets > 0 and self.ngram_buckets & (self.ngram_buckets - 1) == 0, f"NGRAM_BUCKETS={self.ngram_buckets} must be a power of two"
+        yield self.ngram_chunk_tokens >= 1 and self.ngram_min_count >= 1, "NGRAM_CHUNK_TOKENS and NGRAM_MIN_COUNT must be >= 1"
+        yield 0.0 <= self.ngram_alpha_clip < 1.0, f"NGRAM_ALPHA_CLIP={self.ngram_alpha_clip} must be in [0, 1) so the model keeps weight"
+        yield self.export_weights in ("ema", "swa", "raw"), f"EXPORT_WEIGHTS={self.export_weights!r} must be ema, swa or raw"
+        yield self.export_weights != "ema" or self.use_ema, "EXPORT_WEIGHTS=ema needs USE_EMA=1"
+        yield self.export_weights != "swa" or (self.swa_enabled and self.use_ema), "EXPORT_WEIGHTS=swa needs SWA_ENABLED=1 and USE_EMA=1 (SWA averages EMA snapshots)"
+        yield not self.eval_only or bool(self.artifact), "EVAL_ONLY=1 needs ARTIFACT=<path of an existing artifact>"
+        yield self.device in ("auto", "cuda", "cpu") and self.compile in ("auto", "0", "1"), "DEVICE must be auto|cuda|cpu and COMPILE auto|0|1"
+        yield self.tokenizer_path.endswith(".model"), f"TOKENIZER_PATH={self.tokenizer_path} must be a SentencePiece .model file"
+        yield 0.0 < self.ema_decay < 1.0 and self.swa_every >= 1, "EMA_DECAY must be in (0, 1) and SWA_EVERY >= 1"
+        yield 0.0 <= self.qat_time_frac <= 1.0, f"QAT_TIME_FRAC={self.qat_time_frac} must be in [0, 1]"
+        yield all(0.0 < p <= 1.0 for p in self.int6_clip_candidates), "INT6_CLIP_CANDIDATES must be quantiles in (0, 1]"
+        if world_size is not None:
+            unit = world_size * self.train_micro_batch_tokens
+            yield self.train_batch_tokens % unit == 0 and self.train_batch_tokens >= unit, (
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a positive multiple of WORLD_SIZE={world_size} x "
+                f"TRAIN_MICRO_BATCH_TOKENS={self.train_micro_batch_tokens} = {unit}")
+
+    def log_lines(self) -> list[str]:
+        return [f"hparam {f.name}:{format_setting(getattr(self, f.name))}"
+                for f in sorted(dataclasses.fields(self), key=lambda f: f.name)]
+
+
+# Settings of the reference script that this one does not have. A value equal to what we always do is accepted
+# (and logged as ignored); anything else is an error, so no one believes they changed something they did not.
+REFERENCE_ONLY_SETTINGS = {
+    "NGRAM_EVAL": ("1", "renamed NGRAM_ENABLED"),
+    "NGRAM_TWO_PASS": ("0", "two-pass rescoring scores tokens with statistics of later tokens; not offered"),
+    "NGRAM_RESCORE_CHUNKS": (None, "two-pass rescoring is not offered"),
+    "USE_BIGRAMHASH": ("1", "had no effect in the reference; BIGRAM_VOCAB_SIZE=0 removes BigramHash"),
+    "TIE_EMBEDDINGS": ("1", "embeddings are always tied"),
+    "USE_TTT": ("0", "test-time training is not implemented"),
+    "VAL_BATCH_SIZE": (None, "unused by the reference's evaluation; see EVAL_BATCH_WINDOWS"),
+    "VE_ENABLED": ("0", "value embeddings are not implemented"),
+}
+CHECKED_PREFIXES = ("NGRAM_", "EMA_", "SWA_", "QAT_", "MUON_", "BIGRAM_", "XSA_", "ROPE_", "EVAL_", "TRAIN_",
+                    "USE_", "ADAM_", "EXPORT_", "ARTIFACT_", "INT6_", "TIED_", "VAL_", "TTT_", "VE_")
+
+
+def check_unknown_settings(env: Mapping[str, str]) -> None:
+    """Reject typo'd or unsupported settings that look like ours instead of silently ignoring them."""
+    known = {f.name.upper() for f in dataclasses.fields(Hyperparameters)}
+    errors = []
+    for name, value in sorted(env.items()):
+        if name in known or not name.startswith(CHECKED_PREFIXES):
+            continue
+        accepted, why = REFERENCE_ONLY_SETTINGS.get(name, (None, None))
+        if why is not None:
+            if accepted is None or value.strip() != accepted:
+                errors.append(f"{name}={value}: {why}")
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        errors.append(f"{name} is not a setting" + (f"; did you mean {close[0]}?" if close else ""))
+    if errors:
+        raise ValueError("unknown or unsupported settings in the environment:\n  " + "\n  ".join(errors))
+
+
+def parse_setting(name: str, type_name, raw: str):
+    t = str(type_name)
+    try:
+        if t == "bool":
+            low = raw.strip().lower()
+            if low not in ("0", "1", "true", "false"):
+                raise ValueError("expected 0, 1, true or false")
+            return low in ("1", "true")
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+        if t.startswith("tuple[float"):
+            return tuple(float(x) for x in raw.split(",") if x.strip())
+        if t.startswith("tuple[str"):
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        return raw
+    except ValueError as e:
+        raise ValueError(f"{name.upper()}={raw!r}: cannot parse as {t} ({e})") from None
+
+
+def format_setting(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtime and logging
+# CUDA + NCCL when available, else CPU + gloo; one process needs no process group. Collectives are SUM (then
+# scale) so they behave the same on gloo. Rank 0 logs one event per line to the console and logs/<run_id>.txt.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def init_runtime(h: Hyperparameters) -> Runtime:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but no CUDA device is visible; use DEVICE=cpu or fix the driver")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return Runtime(rank, world, local_rank, device, world > 1)
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """In-place SUM over ranks; a no-op without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_ranks_any(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank if it is true on any rank (one MAX all-reduce), so all ranks branch alike."""
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def synchronize(rt: Runtime) -> None:
+    if rt.is_cuda:
+        torch.cuda.synchronize(rt.device)
+
+
+_LOG_FILE: list = []  # [path] once setup_logging ran on rank 0
+
+
+def setup_logging(h: Hyperparameters, rt: Runtime) -> None:
+    if rt.is_main:
+        os.makedirs(h.log_dir, exist_ok=True)
+        _LOG_FILE[:] = [os.path.join(h.log_dir, f"{h.run_id}.txt")]
+        print(_LOG_FILE[0], flush=True)
+
+
+def log0(msg: str, console: bool = True) -> None:
+    """Rank-0 log line: console (unless console=False) and the run's log file."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if console:
+        print(msg, flush=True)
+    if _LOG_FILE:
+        with open(_LOG_FILE[0], "a", encoding="utf-8") as f:
+            print(msg, file=f)
+
+
+def code_identity() -> tuple[str, int, str]:
+    """(source text, UTF-8 byte count, sha256) of this file; the byte count is what the artifact limit counts."""
+    text = Path(__file__).read_text(encoding="utf-8")
+    data = text.encode("utf-8")
+    return text, len(data), hashlib.sha256(data).hexdigest()
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a reader never sees a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# Shards: 256 little-endian int32 header words (magic 20240520, version 1, token count) then uint16 tokens.
+# Training reads a cyclic token stream; each rank takes its own contiguous span of every global micro-batch.
+# Validation is all val shards concatenated, truncated to a whole number of training sequences (+1 for targets).
+# ---------------------------------------------------------------------------------------------------------------
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_WORDS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_WORDS * 4
+MAKE_DATA_HINT = ("make shards with `python3 data/cached_challenge_fineweb.py --variant sp1024` (FineWeb) or "
+                  "`python3 data/make_dataset.py --input sample --name sample` (offline corpus)")
+
+
+class ShardError(ValueError):
+    pass
+
+
+def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
+    """Validated shard contents as a uint16 array; any violation raises ShardError naming the file and the problem."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot open shard ({e.strerror})") from None
+    if size < SHARD_HEADER_BYTES:
+        raise ShardError(f"{path}: truncated header ({size} bytes < {SHARD_HEADER_BYTES}); re-create the shard")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_WORDS)
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        kind = "truncated file" if size < expected else "size mismatch"
+        raise ShardError(f"{path}: {kind}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise ShardError(f"{path}: token id {int(tokens[bad])} at index {bad} >= vocab size {vocab_size}; "
+                         "shards and tokenizer do not match")
+    return tokens
+
+
+def write_shard(path, tokens) -> None:
+    """Write tokens (ids < 65536) in the shard format, atomically."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1 or (arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 2**16)):
+        raise ShardError(f"{path}: tokens must be a 1-D array of ids in [0, 65535]")
+    header = np.zeros(SHARD_HEADER_WORDS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
+    write_file_atomic(str(path), header.tobytes() + arr.astype("<u2").tobytes())
+
+
+def find_shards(data_path: str, split: str) -> list[str]:
+    """Sorted `*_{split}_*.bin` files under data_path; none is an error that says how to make them."""
+    pattern = os.path.join(data_path, f"*_{split}_*.bin")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no {split} shards match {pattern}; {MAKE_DATA_HINT}")
+    return files
+
+
+class TokenStream:
+    """Cyclic stream over the train shards in name order; identical on every rank."""
+
+    def __init__(self, files: list[str], vocab_size: int | None = None):
+        self.files, self.vocab_size = files, vocab_size
+        self.file_index, self.pos = 0, 0
+        self.tokens = read_shard(files[0], vocab_size)
+
+    def _advance(self) -> None:
+        self.file_index = (self.file_index + 1) % len(self.files)
+        self.tokens, self.pos = read_shard(self.files[self.file_index], self.vocab_size), 0
+
+    def take(self, n: int) -> np.ndarray:
+        parts, left, empty = [], n, 0
+        while left > 0:
+            if self.pos >= self.tokens.size:
+                empty += 1
+                if empty > len(self.files):  # a whole cycle without a token: would loop forever
+                    raise ShardError(f"{self.files[0]}: the train shards hold no tokens")
+                self._advance()
+                continue
+            empty = 0
+            k = min(left, self.tokens.size - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, left = self.pos + k, left - k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each call consumes world*(local+1) stream tokens; rank r gets span r as (inputs, targets shifted by one)."""
+
+    def __init__(self, files: list[str], rt: Runtime, vocab_size: int | None = None):
+        self.stream, self.rt = TokenStream(files, vocab_size), rt
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.rt.world_size)
+        mine = torch.from_numpy(chunk[self.rt.rank * span:(self.rt.rank + 1) * span].astype(np.int64))
+        x, y = mine[:-1].reshape(-1, seq_len), mine[1:].reshape(-1, seq_len)
+        nb = self.rt.is_cuda
+        return x.to(self.rt.device, non_blocking=nb), y.to(self.rt.device, non_blocking=nb)
+
+
+def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int | None = None,
+                           max_targets: int = 0) -> torch.Tensor:
+    """All val shards concatenated, cut to a multiple of seq_len targets (+1 token); optional smoke-test cap."""
+    tokens = np.concatenate([read_shard(f, vocab_size) for f in files])
+    usable = (tokens.size - 1) // seq_len * seq_len
+    if max_targets > 0:
+        usable = min(usable, max(max_targets // seq_len, 1) * seq_len)
+    if usable <= 0:
+        raise ValueError(f"validation split has {tokens.size} tokens, fewer than one sequence of {seq_len} + 1")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Byte accounting and the bpb metric
+# bytes(y | x) = base_bytes[y] + (has_leading_space[y] and not is_boundary[x]); bpb = (Σ nll / ln 2) / Σ bytes.
+# These tables and `count_bytes` are the only byte counter; `bits_per_byte` is the only bpb formula.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ByteTables(NamedTuple):
+    base_bytes: torch.Tensor  # int16 [V]
+    has_leading_space: torch.Tensor  # bool [V]
+    is_boundary: torch.Tensor  # bool [V]
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(*(t.to(device) for t in self))
+
+
+def build_byte_luts(sp, vocab_size: int) -> ByteTables:
+    """Per-token byte tables from a SentencePiece model (SPEC §1.6); ids >= sp vocab are boundary tokens."""
+    n = max(int(sp.vocab_size()), vocab_size)
+    base = np.zeros(n, dtype=np.int16)
+    space = np.zeros(n, dtype=np.bool_)
+    boundary = np.ones(n, dtype=np.bool_)
+    for i in range(int(sp.vocab_size())):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def count_bytes(prev: torch.Tensor, tgt: torch.Tensor, tables: ByteTables) -> torch.Tensor:
+    """UTF-8 bytes of each target given the token before it (int64, same shape as tgt)."""
+    extra = tables.has_leading_space[tgt] & ~tables.is_boundary[prev]
+    return tables.base_bytes[tgt].to(torch.int64) + extra.to(torch.int64)
+
+
+def bits_per_byte(nll_sum_nats: float, num_bytes: float) -> float:
+    return nll_sum_nats / math.log(2.0) / max(num_bytes, 1.0)
+
+
+def load_tokenizer(h: Hyperparameters):
+    import sentencepiece as spm  # imported here so tests of other sections need no tokenizer
+    if not os.path.isfile(h.tokenizer_path):
+        raise FileNotFoundError(f"tokenizer {h.tokenizer_path} not found; {MAKE_DATA_HINT}")
+    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    if int(sp.vocab_size()) != h.vocab_size:
+        raise ValueError(f"tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}; "
+                         "use the tokenizer the shards were made with or set VOCAB_SIZE")
+    return sp
+
+
+class ValData(NamedTuple):
+    tokens: torch.Tensor  # int64 [N + 1] on CPU
+    tables: ByteTables
+
+    @property
+    def num_targets(self) -> int:
+        return self.tokens.numel() - 1
+
+
+def load_val_data(h: Hyperparameters, sp) -> ValData:
+    """Validation tokens + byte tables; logs the count and total bytes of the targets that will be scored."""
+    files = find_shards(h.data_path, "val")
+    tokens = load_validation_tokens(files, h.eval_seq_len, h.vocab_size, h.val_max_tokens)
+    tables = build_byte_luts(sp, h.vocab_size)
+    total = int(count_bytes(tokens[:-1], tokens[1:], tables).sum())
+    log0(f"val_loader:shards pattern={os.path.join(h.data_path, '*_val_*.bin')} tokens:{tokens.numel() - 1} bytes:{total}")
+    return ValData(tokens, tables)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Int6 row grid (shared by late QAT and export)
+# GPTQ-lite without a Hessian: per row, try clip quantiles, keep the one with the least squared error.
+# Values are int8 in [-31, 31], scales fp16 with a floor of 1/31. Fake-quant = dequantize(quantize(w)) exactly.
+# ---------------------------------------------------------------------------------------------------------------
+
+INT6_MAX = 31
+
+
+def _row_quantile(sorted_abs: torch.Tensor, p: float) -> torch.Tensor:
+    """Linear-interpolation quantile (torch.quantile's rule) of each row of an already sorted tensor, keepdim."""
+    pos = p * (sorted_abs.shape[-1] - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, sorted_abs.shape[-1] - 1)
+    frac = pos - lo
+    a, b = sorted_abs[..., lo:lo + 1], sorted_abs[..., hi:hi + 1]
+    return a + (b - a) * frac
+
+
+def quantize_int6_rows(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES):
+    """Per-row (last dim) int6 quantization: (int8 values in [-31, 31], fp16 scales of shape w.shape[:-1])."""
+    w = w.detach().float()
+    sorted_abs = w.abs().sort(dim=-1).values
+    best_q = best_s = best_err = None
+    for p in clip_candidates:
+        clip = _row_quantile(sorted_abs, p)
+        scale = torch.clamp(clip / INT6_MAX, min=1.0 / INT6_MAX)
+        q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -INT6_MAX, INT6_MAX)
+        err = (w - q * scale).square().sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_q, best_s, best_err = q, scale, err
+        else:
+            better = err < best_err  # strict: ties keep the earlier candidate
+            best_q = torch.where(better, q, best_q)
+            best_s = torch.where(better, scale, best_s)
+            best_err = torch.where(better, err, best_err)
+    return best_q.to(torch.int8), best_s.squeeze(-1).to(torch.float16)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 weights from int8 row values and fp16 row scales."""
+    return q.float() * scale.float().unsqueeze(-1)
+
+
+def fake_quantize_int6(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES) -> torch.Tensor:
+    """Straight-through estimator: forward value = the exported int6 grid point, gradient = identity."""
+    wq = dequantize_rows(*quantize_int6_rows(w, clip_candidates)).to(w.dtype)
+    return w + (wq - w).detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+# GPT(h): input ids [B,T] -> hidden [B,T,d] -> tied-embedding logits, soft-capped, fp32 -> cross-entropy (SPEC §2).
+# Every matrix lives in one of four fp32 banks whose names are a contract (export, optimizer routing, tests).
+# Optional pieces are built or None from h at construction. Activations use the autocast dtype (CUDA) or fp32 (CPU);
+# weights are cast at use. `qat_active` (plain bool) sends the banks and the bigram table through the export int6
+# grid while training (DESIGN H6); flipping it makes torch.compile re-guard and recompile once.
+
+class Banks(NamedTuple):
+    qo: torch.Tensor  # [2L, d, d]: W_q of layer i at i, W_o at L+i
+    kv: torch.Tensor  # [2L, kv_dim, d]: W_k at i, W_v at L+i
+    up: torch.Tensor  # [L, hidden, d]
+    down: torch.Tensor  # [L, d, hidden]
+
+
+class LayerSpec(NamedTuple):
+    index: int
+    xsa: bool
+    norm_scale: float
+
+
+def layer_specs(h: Hyperparameters) -> tuple[LayerSpec, ...]:
+    """Per-layer choices, fixed once: XSA on the last xsa_last_n layers; norm factor 1/sqrt(i+1) if ln_scale."""
+    n = h.num_layers
+    return tuple(LayerSpec(i, i >= n - h.xsa_last_n, 1.0 / math.sqrt(i + 1) if h.ln_scale else 1.0)
+                 for i in range(n))
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim (eps = dtype epsilon), returned in the input dtype."""
+    return F.rms_norm(x, (x.size(-1),)).type_as(x)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Activation dtype: the autocast dtype when autocast is on for this device type, else fp32."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+
+def rope_base_eff(base: float, dims: int, train_len: int, seq_len: int) -> float:
+    """NTK base rescale (SPEC §2.4): base·(T/train_len)^(dims/(dims−2)) once T exceeds the training length."""
+    if seq_len <= train_len:
+        return base
+    return base * (seq_len / train_len) ** (dims / max(dims - 2, 1))  # max(): ROPE_DIMS=2 would divide by 0
+
+
+class Rotary(nn.Module):
+    """Partial RoPE tables for the first `dims` dims of a head (0 = the whole head), half-split pairing."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.dims = h.rope_dims or h.head_dim
+        self.base, self.train_len = h.rope_base, h.rope_train_len
+        exps = torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims
+        self.register_buffer("inv_freq", self.base ** -exps, persistent=False)
+
+    def freqs(self, seq_len: int) -> torch.Tensor:
+        """ω_j = base_eff^(−2j/dims); base^(−e)^(ln b'/ln b) = b'^(−e) reuses the buffer."""
+        eff = rope_base_eff(self.base, self.dims, self.train_len, seq_len)
+        return self.inv_freq if eff == self.base else self.inv_freq ** (math.log(eff) / math.log(self.base))
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [T, dims/2], for positions 0..T−1."""
+        freqs = self.freqs(seq_len)
+        angles = torch.outer(torch.arange(seq_len, device=freqs.device, dtype=torch.float32), freqs)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the first 2·len(ω) dims of x [B,T,H,D] as pairs (j, j+half): [x1·c + x2·s, −x1·s + x2·c]."""
+    cos, sin = (t.to(x.dtype)[None, :, None, :] for t in rope)
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output y [B,T,H,D] its component along its own position's unit value vector."""
+    b, t, heads, d = y.shape
+    unit = F.normalize(v, dim=-1).unsqueeze(3)  # [B,T,Hkv,1,D]; query head h reads kv head h // (H/Hkv)
+    yg = y.reshape(b, t, v.size(2), heads // v.size(2), d)
+    return (yg - (yg * unit).sum(-1, keepdim=True) * unit).reshape(b, t, heads, d)
+
+
+def mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """LeakyReLU(0.5)² MLP, no biases."""
+    return F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
+
+
+# Attention backends: fn(q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,H,D], causal, GQA (head h reads kv head
+# h // (H/Hkv)). Chosen once by select_attention: FlashAttention-3, then FlashAttention-4 (CUDA only), else SDPA.
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention with PyTorch SDPA (works on every device)."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def _flash_backend(flash_attn_func):
+    """Wrap a FlashAttention `flash_attn_func` (layout [B,T,H,D]); some versions also return the LSE."""
+    def attend(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    return attend
+
+
+FLASH_BACKENDS = (("fa3", "flash_attn_interface"), ("fa4", "flash_attn.cute"))  # (name, module with flash_attn_func)
+
+
+def _agrees_with_sdpa(fn, device: torch.device) -> bool:
+    """Probe a backend on a small bf16 GQA problem; it must match SDPA, head mapping included."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 256, n, 64, generator=g).to(device, torch.bfloat16) for n in (4, 2, 2))
+    ref = sdpa_attention(q.float(), k.float(), v.float())
+    out = fn(q, k, v)
+    return out.shape == ref.shape and (out.float() - ref).abs().max().item() < 0.05
+
+
+def select_attention(device) -> tuple[str, callable]:
+    """(name, fn) of the first backend that imports and agrees with SDPA: fa3, fa4 (CUDA only), else sdpa."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        for name, module in FLASH_BACKENDS:
+            try:
+                fn = _flash_backend(__import__(module, fromlist=["flash_attn_func"]).flash_attn_func)
+                if _agrees_with_sdpa(fn, device):
+                    return name, fn
+            except Exception:  # not installed, wrong GPU or API drift: try the next backend
+                continue
+    return "sdpa", sdpa_attention
+
+
+class Attention(nn.Module):
+    """GQA causal attention on bank weights: QK RMSNorm, partial RoPE, q-gain; optional XSA, gate, value residual."""
+
+    def __init__(self, h: Hyperparameters, spec: LayerSpec, attn_fn):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
+        self.xsa, self.attn_fn = spec.xsa, attn_fn
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.attn_gate = nn.Linear(h.model_dim, h.num_heads) if h.use_gated_attention else None
+        if self.attn_gate is not None:  # gate = sigmoid(0·x + 4) ≈ 0.982 at init
+            nn.init.zeros_(self.attn_gate.weight)
+            nn.init.constant_(self.attn_gate.bias, 4.0)
+        self.vr_lambda = nn.Parameter(torch.full((2,), 0.5)) if h.use_value_residual else None
+
+    def forward(self, x, w, v0, rope):
+        """x [B,T,d] normalized; w = (W_q, W_k, W_v, W_o); v0 = layer 0's values or None. Returns (out, raw v)."""
+        b, t, _ = x.shape
+        w_q, w_k, w_v, w_o = w
+        q = F.linear(x, w_q).view(b, t, self.heads, self.head_dim)
+        k = F.linear(x, w_k).view(b, t, self.kv_heads, self.head_dim)
+        v = raw_v = F.linear(x, w_v).view(b, t, self.kv_heads, self.head_dim)
+        if self.vr_lambda is not None and v0 is not None:
+            lam = self.vr_lambda.to(v.dtype)
+            v = lam[0] * v0 + lam[1] * v
+        q = apply_rotary(rms_norm(q), rope) * self.q_gain.to(q.dtype)[:, None]
+        k = apply_rotary(rms_norm(k), rope)
+        y = self.attn_fn(q, k, v)
+        if self.xsa:
+            y = exclude_self_value(y, v)
+        if self.attn_gate is not None:
+            gate = torch.sigmoid(F.linear(x, self.attn_gate.weight.to(x.dtype), self.attn_gate.bias.to(x.dtype)))
+            y = y * gate.unsqueeze(-1)
+        return F.linear(y.reshape(b, t, -1).to(x.dtype), w_o), raw_v
+
+
+class Block(nn.Module):
+    """x_in = mix(x, x0); x = x_in + s_a·Attn(norm x_in); x = x + s_m·MLP(norm x). Weights come from the banks."""
+
+    def __init__(self, h: Hyperparameters, spec: LayerSpec, attn_fn):
+        super().__init__()
+        d = h.model_dim
+        self.index, self.num_layers, self.norm_scale = spec.index, h.num_layers, spec.norm_scale
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.attn = Attention(h, spec, attn_fn)
+
+    def _norm(self, x):
+        n = rms_norm(x)
+        return n * self.norm_scale if self.norm_scale != 1.0 else n
+
+    def forward(self, x, x0, v0, rope, banks: Banks):
+        i, n = self.index, self.num_layers
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        w = (banks.qo[i], banks.kv[i], banks.kv[n + i], banks.qo[n + i])
+        a, raw_v = self.attn(self._norm(x), w, v0, rope)
+        x = x + self.attn_scale.to(x.dtype) * a
+        x = x + self.mlp_scale.to(x.dtype) * mlp(self._norm(x), banks.up[i], banks.down[i])
+        return x, raw_v
+
+
+def bigram_buckets(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket of (t_{i−1}, t_i): ((36313·t_i) XOR (27191·t_{i−1})) mod (buckets−1), int32 arithmetic.
+    Position 0 of every row gets the last bucket (buckets−1)."""
+    t = ids.to(torch.int32)
+    pair = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (buckets - 1)
+    return torch.cat((torch.full_like(t[:, :1], buckets - 1), pair), dim=1).long()
+
+
+class BigramHash(nn.Module):
+    """Hashed token-pair embedding: zero table [buckets, dim] -> orthogonal projection to d -> × scale (0.05)."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+        nn.init.zeros_(self.embed.weight)
+        nn.init.orthogonal_(self.proj.weight)  # the reference's model-wide pass; done for any shape here
+
+    def forward(self, ids, dtype, qat_clips=None):
+        table = self.embed.weight
+        if qat_clips is not None:
+            table = fake_quantize_int6(table.float(), qat_clips)
+        e = F.embedding(bigram_buckets(ids, self.buckets), table).to(dtype)
+        return F.linear(e, self.proj.weight.to(dtype)) * self.scale.to(dtype)
+
+
+class SmearGate(nn.Module):
+    """x_i ← (1−g)⊙x_i + g⊙x_{i−1} with g = sigmoid(gate) per channel (0.5 at init) and x_{−1} = 0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        return x + g * (F.pad(x[:, :-1], (0, 0, 1, 0)) - x)
+
+
+class GPT(nn.Module):
+    """The SPEC §2 model: embeddings (+BigramHash, SmearGate) -> U-Net of blocks -> tied soft-capped head."""
+
+    def __init__(self, h: Hyperparameters, attn_fn=None):
+        super().__init__()
+        n, d = h.num_layers, h.model_dim
+        self.softcap, self.clips = h.logit_softcap, tuple(h.int6_clip_candidates)
+        self.num_encoder, self.capture_v0 = n // 2, h.use_value_residual
+        self.tok_emb = nn.Embedding(h.vocab_size, d)
+        self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size > 0 else None
+        self.smear = SmearGate(d) if h.use_smeargate else None
+        self.qo_bank = nn.Parameter(torch.empty(2 * n, d, d))
+        self.kv_bank = nn.Parameter(torch.empty(2 * n, h.kv_dim, d))
+        self.mlp_up_bank = nn.Parameter(torch.empty(n, h.mlp_hidden, d))
+        self.mlp_down_bank = nn.Parameter(torch.empty(n, d, h.mlp_hidden))
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, n - self.num_encoder), d))
+        self.rotary = Rotary(h)
+        self.blocks = nn.ModuleList(Block(h, s, attn_fn or sdpa_attention) for s in layer_specs(h))
+        self.qat_active = False
+        self._init_weights(h)
+
+    @torch.no_grad()
+    def _init_weights(self, h: Hyperparameters) -> None:
+        """OrthoInit (SPEC §2.9): orthogonal W_q, W_k, W_v, W_up; zero W_o, W_down; tok_emb N(0, std²)."""
+        n = h.num_layers
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        for i in range(n):
+            for w in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[n + i], self.mlp_up_bank[i]):
+                nn.init.orthogonal_(w)
+        self.qo_bank[n:].zero_()
+        self.mlp_down_bank.zero_()
+
+    def _qat(self) -> bool:
+        return self.qat_active and self.training
+
+    def banks(self, dtype: torch.dtype) -> Banks:
+        """The one place bank weights are prepared for use: int6 fake-quant (QAT, training only), then cast."""
+        ws = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
+        if self._qat():
+            ws = tuple(fake_quantize_int6(w, self.clips) for w in ws)
+        return Banks(*(w.to(dtype) for w in ws))
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final normalized hidden states [B,T,d] in the activation dtype."""
+        dt = compute_dtype(ids.device)
+        banks, rope = self.banks(dt), self.rotary(ids.size(1))
+        x = self.tok_emb(ids).to(dt)
+        if self.bigram is not None:
+            x = x + self.bigram(ids, dt, self.clips if self._qat() else None)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x)
+        x0, v0, skips = x, None, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:  # decoder j = i − num_encoder pairs with encoder output 4−j, ...
+                x = x + self.skip_weights[i - self.num_encoder].to(dt) * skips.pop()
+            x, raw_v = block(x, x0, v0, rope, banks)
+            if i < self.num_encoder:
+                skips.append(x)
+            if i == 0 and self.capture_v0:
+                v0 = raw_v
+        return rms_norm(x)
+
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 soft-capped logits [B,T,V] = c·tanh(z·Eᵀ / c) with the tied embedding E."""
+        z = self.hidden(ids)
+        logits = F.linear(z, self.tok_emb.weight.to(z.dtype)).float()
+        return self.softcap * torch.tanh(logits / self.softcap)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy in nats: 'mean' scalar, 'sum' scalar, or 'none' per token [B,T]."""
+        logits = self.forward_logits(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss.view_as(targets) if reduction == "none" else loss
+
+
+def keeps_fp32(name: str, param: torch.Tensor, patterns) -> bool:
+    """SPEC §2.10: banks, the bigram projection, every ndim<2 tensor and every control-pattern name stay fp32."""
+    return (name.endswith("_bank") or name == "bigram.proj.weight" or param.ndim < 2
+            or any(p in name for p in patterns))
+
+
+def build_model(h: Hyperparameters, device, attn_fn=None) -> GPT:
+    """Init on CPU in fp32, round every parameter through bf16 (as the reference's model-wide cast does), keep bf16
+    at rest only where keeps_fp32 says no, move to device. `model.attention_backend` names the kernel in use."""
+    name, fn = ("custom", attn_fn) if attn_fn is not None else select_attention(device)
+    model = GPT(h, fn)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.data = p.data.to(torch.bfloat16)
+            if keeps_fp32(pname, p, h.control_tensor_name_patterns):
+                p.data = p.data.float()
+    model.attention_backend = name
+    return model.to(device)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizers
+# Routing: every parameter matches exactly one rule of OPTIMIZER_ROUTES, else build_optimizers fails naming it.
+# Muon takes the four banks [B, r, c]; AdamW "adam_tok" the token embedding (group 1) and bigram table (group 2);
+# AdamW "adam_scalar" control tensors and the bigram projection. `Optimizers.step()` (after backward + clipping):
+# bank reduce-scatters in flight -> non-bank grads averaged, AdamW steps -> per bank sharded Nesterov momentum,
+# NS5, all-gather, apply (SPEC §3.2-3.3). One process: same maths, no collectives. `state_dict()` holds all state.
+# ---------------------------------------------------------------------------------------------------------------
+
+NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+OPTIMIZER_GROUPS = ("muon", "adam_tok", "adam_scalar")
+
+
+def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Orthogonalise each matrix of G ([n, r, c] or [r, c]) with quintic Newton-Schulz in bf16; same shape, bf16."""
+    a, b, c = NS5_COEFFS
+    X = G.to(torch.bfloat16).reshape(-1, *G.shape[-2:])
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT  # the Gram matrix X Xᵀ is then the smaller one
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # Frobenius norm per matrix
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return (X.mT if transposed else X).reshape(G.shape)
+
+
+def _is_block_control(name: str, p: torch.Tensor, patterns) -> bool:
+    return name.startswith("blocks.") and (p.ndim < 2 or any(pat in name for pat in patterns))
+
+
+OPTIMIZER_ROUTES = (  # (what, rule(name, param, control patterns), optimizer); rules must be disjoint
+    ("parameter bank", lambda n, p, pats: n in BANK_NAMES, "muon"),
+    ("token embedding / bigram table", lambda n, p, pats: n in ("tok_emb.weight", "bigram.embed.weight"), "adam_tok"),
+    ("model-level control or bigram projection",
+     lambda n, p, pats: n in ("bigram.proj.weight", "bigram.scale", "smear.gate", "skip_weights"), "adam_scalar"),
+    ("block control tensor (ndim < 2 or control-pattern name)", _is_block_control, "adam_scalar"),
+)
+
+
+def route_parameters(model: nn.Module, patterns=CONTROL_PATTERNS) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Optimizer group -> [(name, param)] in model order; raises if a parameter matches no rule or several."""
+    routed = {g: [] for g in OPTIMIZER_GROUPS}
+    bad = []
+    for name, p in model.named_parameters():
+        hits = [(what, group) for what, rule, group in OPTIMIZER_ROUTES if rule(name, p, patterns)]
+        if len(hits) == 1:
+            routed[hits[0][1]].append((name, p))
+        else:
+            bad.append(f"{name} {tuple(p.shape)}: " + ("no routing rule" if not hits else f"several rules {hits}"))
+    if bad:
+        raise ValueError("parameters not routed to exactly one optimizer (see OPTIMIZER_ROUTES):\n  " + "\n  ".join(bad))
+    return routed
+
+
+class _SlicedWork:
+    """Work handle of the reduce-scatter fallback: wait for the all-reduce, then copy this rank's slice out."""
+
+    def __init__(self, work, full: torch.Tensor, out: torch.Tensor):
+        self.work, self.full, self.out = work, full, out
+
+    def wait(self):
+        self.work.wait()
+        lo = dist.get_rank() * self.out.shape[0]
+        self.out.copy_(self.full[lo:lo + self.out.shape[0]])
+
+
+class BankCollectives:
+    """The bank collectives, chosen in this one place (SUM; callers scale). torch 2.13 runs reduce-scatter and
+    all-gather natively on NCCL and gloo (async, bf16); it names them `*_single` and deprecates
+    `reduce_scatter_tensor` / `all_gather_into_tensor`, which older versions use. Gloo builds without a native
+    reduce-scatter get an all-reduce of the padded buffer then a slice (same sums); `use_fallback` forces it."""
+
+    use_fallback = False
+
+    def __init__(self):
+        self._rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        self._ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+    def reduce_scatter(self, out: torch.Tensor, full: torch.Tensor):
+        if not self.use_fallback:
+            try:
+                return self._rs(out, full, op=dist.ReduceOp.SUM, async_op=True)
+            except (RuntimeError, NotImplementedError):
+                if dist.get_backend() != "gloo":
+                    raise
+                self.use_fallback = True  # refused at launch by this gloo build: switch for good
+        return _SlicedWork(dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True), full, out)
+
+    def all_gather(self, full: torch.Tensor, part: torch.Tensor):
+        return self._ag(full, part, async_op=True)
+
+
+class _Bank:
+    """One bank's Muon buffers (bf16): padded grad [B_pad], local grad shard, momentum shard, padded update."""
+
+    def __init__(self, name: str, param: torch.Tensor, world: int, rank: int):
+        B, r, c = param.shape
+        pad = -(-B // world) * world
+        self.name, self.param, self.size, self.shard = name, param, B, pad // world
+        self.scale = math.sqrt(max(1.0, r / c))  # of the un-transposed matrix
+        self.grad = torch.zeros((pad, r, c), dtype=torch.bfloat16, device=param.device)  # padding rows stay 0
+        self.local = self.grad[:B] if world == 1 else torch.zeros_like(self.grad[:self.shard])
+        self.momentum = torch.zeros_like(self.local)
+        self.update = torch.zeros_like(self.grad) if world > 1 else None
+        self.work = None
+
+
+class ParallelMuon:
+    """Muon over banks in size order, momentum and NS5 sharded over ranks by leading index (SPEC §3.3)."""
+
+    def __init__(self, banks, lr: float, wd: float, momentum: float, ns_steps: int, rt: Runtime):
+        self.world = rt.world_size if rt.distributed else 1
+        rank = rt.rank if rt.distributed else 0
+        ordered = sorted(banks, key=lambda item: -item[1].numel())  # stable: ties keep model order
+        self.banks = [_Bank(name, p, self.world, rank) for name, p in ordered]
+        self.base_lr = self.lr = lr
+        self.wd, self.momentum, self.ns_steps = wd, momentum, ns_steps
+        self.comm = BankCollectives() if self.world > 1 else None
+
+    @torch.no_grad()
+    def launch(self) -> None:
+        """Copy each bank grad into its padded bf16 buffer and start its reduce-scatter (no-op comms for W = 1)."""
+        for b in self.banks:
+            if b.param.grad is None:
+                b.grad[:b.size].zero_()
+            else:
+                b.grad[:b.size].copy_(b.param.grad)
+            if self.comm is not None:
+                b.work = self.comm.reduce_scatter(b.local, b.grad)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Per bank: wait its shard, Nesterov momentum, NS5, start its all-gather, then apply the previous bank."""
+        previous = None
+        for b in self.banks:
+            if b.work is not None:
+                b.work.wait()
+                b.local.mul_(1.0 / self.world)  # SUM -> mean over ranks
+            b.momentum.mul_(self.momentum).add_(b.local)
+            u = newton_schulz5(b.local.add(b.momentum, alpha=self.momentum), self.ns_steps)
+            if self.comm is not None:
+                b.work = self.comm.all_gather(b.update, u)
+            else:
+                b.update = u
+            if previous is not None:
+                self._apply(previous)
+            previous = b
+        if previous is not None:
+            self._apply(previous)
+
+    def _apply(self, b: _Bank) -> None:
+        """P <- P(1 - lr wd) - lr s U[:B] on every rank (decoupled weight decay, then the orthogonal update)."""
+        if b.work is not None:
+            b.work.wait()
+            b.work = None
+        p = b.param.data
+        if self.wd:
+            p.mul_(1.0 - self.lr * self.wd)
+        p.add_(b.update[:b.size].to(p.dtype), alpha=-self.lr * b.scale)
+
+    def state_dict(self) -> dict:
+        return {"world": self.world, "lr": self.lr, "momentum": self.momentum,
+                "buffers": {b.name: b.momentum for b in self.banks}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["world"] != self.world or set(sd["buffers"]) != {b.name for b in self.banks}:
+            raise ValueError(f"Muon state is for world size {sd['world']} and banks {sorted(sd['buffers'])}; "
+                             f"this run has {self.world} and {sorted(b.name for b in self.banks)}")
+        self.lr, self.momentum = sd["lr"], sd["momentum"]
+        for b in self.banks:
+            b.momentum.copy_(sd["buffers"][b.name])
+
+
+def _cloned(obj):
+    """Deep copy of a state tree with every tensor cloned (optimizer state dicts alias live tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cloned(v) for v in obj)
+    return obj
+
+
+def _average_grads(params: list[torch.Tensor], world: int) -> None:
+    """Mean of every non-bank gradient over ranks: one flat SUM all-reduce per dtype, then 1/W (no ReduceOp.AVG)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        all_reduce_sum(flat)
+        flat.mul_(1.0 / world)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+class Optimizers:
+    """The optimizer bundle the training loop drives: AdamW 'adam_tok' and 'adam_scalar' plus Parallel Muon."""
+
+    def __init__(self, adams: dict[str, torch.optim.Optimizer], muon: ParallelMuon):
+        self.adams, self.muon = adams, muon
+        self.adam_params = [p for opt in adams.values() for g in opt.param_groups for p in g["params"]]
+
+    def step(self) -> None:
+        """Call after backward and clipping: launch bank reduce-scatters, average + AdamW, then the Muon step."""
+        self.muon.launch()
+        if self.muon.world > 1:
+            _average_grads(self.adam_params, self.muon.world)
+        for opt in self.adams.values():
+            opt.step()
+        self.muon.finish()
+
+    def set_lr_scale(self, scale: float) -> None:
+        for opt in self.adams.values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        self.muon.lr = self.muon.base_lr * scale
+
+    def set_muon_momentum(self, mu: float) -> None:
+        self.muon.momentum = mu
+
+    def zero_grad(self) -> None:
+        for opt in self.adams.values():
+            opt.zero_grad(set_to_none=True)
+        for b in self.muon.banks:
+            b.param.grad = None
+
+    def state_dict(self) -> dict:
+        """Every optimizer state (AdamW moments and steps, Muon momentum shards, lr, mu) as an independent copy."""
+        return _cloned({"adam": {k: opt.state_dict() for k, opt in self.adams.items()}, "muon": self.muon.state_dict()})
+
+    def load_state_dict(self, sd: dict) -> None:
+        sd = _cloned(sd)  # AdamW keeps the loaded tensors: never alias the caller's snapshot
+        for k, opt in self.adams.items():
+            opt.load_state_dict(sd["adam"][k])
+        self.muon.load_state_dict(sd["muon"])
+
+
+def _adamw(groups: list[dict], h: Hyperparameters, rt: Runtime) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
+                             fused=True if rt.is_cuda else None)
+
+
+def build_optimizers(model: nn.Module, h: Hyperparameters, rt: Runtime) -> Optimizers:
+    """Route the parameters (SPEC §3.1) and build the bundle; group lr = base_lr * the scale set each step."""
+    routes = route_parameters(model, h.control_tensor_name_patterns)
+    tok = dict(routes["adam_tok"])
+    groups = {
+        "adam_tok": [{"params": [tok[n]], "lr": h.tied_embed_lr, "base_lr": h.tied_embed_lr}
+                     for n in ("tok_emb.weight", "bigram.embed.weight") if n in tok],
+        "adam_scalar": [{"params": [p for _, p in routes["adam_scalar"]], "lr": h.scalar_lr, "base_lr": h.scalar_lr}],
+    }
+    adams = {k: _adamw(g, h, rt) for k, g in groups.items() if any(gr["params"] for gr in g)}
+    muon = ParallelMuon(routes["muon"], h.matrix_lr, h.muon_wd, h.muon_momentum_warmup_start,
+                        h.muon_backend_steps, rt)
+    return Optimizers(adams, muon)
+
+
+def clip_gradients(model: nn.Module, max_norm: float):
+    """Per-rank clip of the global gradient norm over all parameters, before any averaging (SPEC §3.6); 0 disables."""
+    if max_norm <= 0:
+        return None
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training extras: schedules, EMA, SWA, late QAT
+# Pure schedules (wall-clock warm-down of the LR multiplier, Muon momentum warm-up) and the weight averagers.
+# EMA keeps an fp32 copy of every parameter; SWA averages EMA snapshots late in the warm-down. QAT is a switch on
+# the model (`qat_active`) flipped once, at 1 - QAT_TIME_FRAC of the wall-clock budget.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def lr_scale(step: int, elapsed_ms: float, h: Hyperparameters) -> float:
+    """LR multiplier: 1, then linear to 0 over the last WARMDOWN_ITERS (estimated) steps of the time budget."""
+    if h.warmdown_iters <= 0:
+        return 1.0
+    if h.max_wallclock_seconds <= 0:
+        start = h.iterations - h.warmdown_iters
+        return (h.iterations - step) / h.warmdown_iters if step >= start else 1.0
+    warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum(step: int, h: Hyperparameters) -> float:
+    """Linear warm-up of the Muon momentum from MUON_MOMENTUM_WARMUP_START to MUON_MOMENTUM."""
+    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+
+def qat_should_start(elapsed_ms: float, h: Hyperparameters) -> bool:
+    """Late QAT begins once the elapsed share of the wall-clock budget reaches 1 - QAT_TIME_FRAC."""
+    if not h.use_late_qat or h.max_wallclock_seconds <= 0:
+        return False
+    return elapsed_ms / (1000.0 * h.max_wallclock_seconds) >= 1.0 - h.qat_time_frac
+
+
+def cast_like(state: dict, reference: dict) -> dict:
+    """Copy of `state` with every tensor cast to the dtype of the same-named tensor in `reference`."""
+    return {k: v.detach().to(reference[k].dtype).clone() for k, v in state.items()}
+
+
+class EMA:
+    """ema <- decay * ema + (1 - decay) * theta after every optimizer step; fp32, no bias correction."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shadow = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
+
+    def state(self) -> dict:
+        return dict(zip(self.names, self.shadow))
+
+
+class SWA:
+    """Uniform average of the snapshots it is given (EMA states), accumulated in fp32."""
+
+    def __init__(self):
+        self.total: dict | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, snapshot: dict) -> None:
+        if self.total is None:
+            self.total = {k: v.detach().float().clone() for k, v in snapshot.items()}
+        else:
+            for k, v in snapshot.items():
+                self.total[k].add_(v.float())
+        self.count += 1
+
+    def state(self) -> dict:
+        if not self.count:
+            raise RuntimeError("SWA has no snapshots: the run ended before the LR multiplier fell below "
+                               "SWA_LR_THRESHOLD; train longer or use EXPORT_WEIGHTS=ema")
+        return {k: v / self.count for k, v in self.total.items()}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+# Artifact = zstd(torch.save(int6 object)) of the unbanked state dict (SPEC §6); submission size = artifact bytes +
+# code bytes, checked against ARTIFACT_LIMIT_BYTES with a loud line. Two tables drive it: BANK_LAYOUT (banks <->
+# per-layer matrices) and EXPORT_POLICY (SPEC §6.2, first match wins); int6 rows use the late-QAT quantizer.
+# zstandard is required (no zlib fallback); every eval after training runs on the model loaded from these bytes.
+# ---------------------------------------------------------------------------------------------------------------
+
+QUANT_FORMAT = "int6_per_row_v1"
+QUANT_OBJECT_KEYS = ("quantized", "scales", "dtypes", "passthrough", "qmeta", "passthrough_orig_dtypes")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+INT6_TENSOR_CLIP_Q = 0.9999984  # clip quantile of |w| for int6 tensors that are not 2-D (one scale per tensor)
+BANK_LAYOUT = {  # bank -> per-layer names; slice k * num_layers + i of the bank is names[k] of layer i
+    "qo_bank": ("blocks.{i}.attn.c_q.weight", "blocks.{i}.attn.proj.weight"),
+    "kv_bank": ("blocks.{i}.attn.c_k.weight", "blocks.{i}.attn.c_v.weight"),
+    "mlp_up_bank": ("blocks.{i}.mlp.fc.weight",),
+    "mlp_down_bank": ("blocks.{i}.mlp.proj.weight",),
+}
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+def bank_slice_names(bank: str, num_layers: int) -> list[str]:
+    """Flat names of a bank's slices, in slice order."""
+    return [name.format(i=i) for name in BANK_LAYOUT[bank] for i in range(num_layers)]
+
+
+def unbank_state(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Each bank replaced in place by its per-layer 2-D matrices (cloned, so torch.save stores only the slice)."""
+    flat = {}
+    for key, t in state.items():
+        if key not in BANK_LAYOUT:
+            flat[key] = t
+            continue
+        names = bank_slice_names(key, num_layers)
+        if t.ndim != 3 or t.shape[0] != len(names):
+            raise ArtifactError(f"{key}: shape {tuple(t.shape)} does not hold {len(names)} slices "
+                                f"for NUM_LAYERS={num_layers}")
+        flat.update((name, t[j].clone()) for j, name in enumerate(names))
+    return flat
+
+
+def rebank_state(flat: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Inverse of unbank_state: each bank is stacked from its slices at the position of its first slice."""
+    owner = {name: bank for bank in BANK_LAYOUT for name in bank_slice_names(bank, num_layers)}
+    state = {}
+    for key, t in flat.items():
+        bank = owner.get(key)
+        if bank is None:
+            state[key] = t
+        elif bank not in state:
+            names = bank_slice_names(bank, num_layers)
+            missing = [n for n in names if n not in flat]
+            if missing:
+                raise ArtifactError(f"{bank}: {len(missing)} of {len(names)} slices missing (first: {missing[0]})")
+            state[bank] = torch.stack([flat[n] for n in names])
+    return state
+
+
+def _keep_float(name: str, t: torch.Tensor, h: Hyperparameters) -> bool:
+    return t.numel() <= h.keep_float_max_numel or "tok_emb.weight" in name
+
+
+EXPORT_POLICY = (  # SPEC §6.2 in order, first match wins: (kind, rule(name, tensor, h))
+    ("passthrough", lambda n, t, h: not t.is_floating_point()),
+    ("fp32_control", lambda n, t, h: _keep_float(n, t, h) and any(p in n for p in h.control_tensor_name_patterns)),
+    ("fp16", _keep_float),
+    ("int6_rows", lambda n, t, h: t.ndim == 2),
+    ("int6_tensor", lambda n, t, h: True),
+)
+
+
+def export_kind(name: str, t: torch.Tensor, h: Hyperparameters) -> str:
+    return next(kind for kind, rule in EXPORT_POLICY if rule(name, t, h))
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-tensor int6: clip at the 0.9999984 quantile of |w|, one fp32 scale (0-dim)."""
+    w = t.detach().float()
+    clip = float(_row_quantile(w.abs().flatten().sort().values, INT6_TENSOR_CLIP_Q))
+    scale = torch.tensor(clip / INT6_MAX if clip > 0 else 1.0, dtype=torch.float32)
+    q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -INT6_MAX, INT6_MAX)
+    return q.to(torch.int8), scale
+
+
+def quantize_state(flat: Mapping[str, torch.Tensor], h: Hyperparameters) -> tuple[dict, int]:
+    """SPEC §6.4 object of an unbanked CPU state dict, and its payload bytes (values + scales + passthrough)."""
+    obj = {"__quant_format__": QUANT_FORMAT, **{k: {} for k in QUANT_OBJECT_KEYS}}
+    for name, t in flat.items():
+        kind, dtype = export_kind(name, t, h), str(t.dtype).removeprefix("torch.")
+        if kind.startswith("int6"):
+            rows = kind == "int6_rows"
+            q, s = quantize_int6_rows(t, h.int6_clip_candidates) if rows else quantize_int6_tensor(t)
+            obj["quantized"][name], obj["scales"][name], obj["dtypes"][name] = q, s, dtype
+            obj["qmeta"][name] = {"scheme": "per_row", "axis": 0} if rows else {"scheme": "per_tensor"}
+            continue
+        if kind == "fp32_control":
+            t = t.float()
+        elif kind == "fp16" and t.dtype in (torch.float32, torch.bfloat16):
+            t = t.half()
+        obj["passthrough"][name], obj["passthrough_orig_dtypes"][name] = t.contiguous(), dtype
+    payload = sum(tensor_bytes(t) for part in ("quantized", "scales", "passthrough") for t in obj[part].values())
+    return obj, payload
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ArtifactError(f"artifact records unknown dtype {name!r}")
+    return dtype
+
+
+def dequantize_state(obj: dict) -> dict[str, torch.Tensor]:
+    """Flat state dict at the recorded dtypes: int6 values * scale in fp32, then cast; passthrough cast back."""
+    flat = {}
+    for name, q in obj["quantized"].items():
+        if obj["qmeta"].get(name, {}).get("scheme") not in ("per_row", "per_tensor"):
+            raise ArtifactError(f"{name}: unknown quantization scheme {obj['qmeta'].get(name)!r}")
+        flat[name] = dequantize_rows(q, obj["scales"][name]).to(_dtype(obj["dtypes"][name]))
+    for name, t in obj["passthrough"].items():
+        flat[name] = t.to(_dtype(obj["passthrough_orig_dtypes"].get(name, str(t.dtype).removeprefix("torch."))))
+    return flat
+
+
+def require_zstd():
+    """The zstandard module; the artifact format has no other compressor, so a missing package is an error."""
+    try:
+        import zstandard
+    except ImportError:
+        raise RuntimeError("the int6+zstd artifact needs the `zstandard` package (pip install zstandard); "
+                           "there is deliberately no zlib fallback") from None
+    return zstandard
+
+
+class PackStats(NamedTuple):
+    payload_bytes: int  # quantized values + scales + passthrough tensors (SPEC §6.4)
+    raw_torch_bytes: int  # uncompressed torch.save bytes
+    compressed_bytes: int  # the artifact
+    baseline_bytes: int  # unbanked state dict at its own dtypes (numerator of payload_ratio)
+
+
+def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters) -> tuple[bytes, PackStats]:
+    """Unbank, quantize, torch.save into memory, zstd (with a frame checksum) at ZSTD_LEVEL."""
+    zstd = require_zstd()
+    flat = unbank_state({k: v.detach().cpu() for k, v in state.items()}, h.num_layers)
+    obj, payload = quantize_state(flat, h)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    raw = buf.getvalue()
+    blob = zstd.ZstdCompressor(level=h.zstd_level, write_checksum=True).compress(raw)
+    return blob, PackStats(payload, len(raw), len(blob), sum(tensor_bytes(t) for t in flat.values()))
+
+
+def unpack_artifact(blob: bytes, num_layers: int) -> dict[str, torch.Tensor]:
+    """Banked CPU state dict from artifact bytes; anything that is not our format raises ArtifactError."""
+    zstd = require_zstd()
+    if bytes(blob[:4]) != ZSTD_MAGIC:
+        raise ArtifactError(f"not a zstd artifact: starts with {bytes(blob[:4]).hex()}, expected {ZSTD_MAGIC.hex()}")
+    try:
+        raw = zstd.ZstdDecompressor().decompress(blob)
+    except zstd.ZstdError as e:
+        raise ArtifactError(f"zstd stream is corrupt or truncated ({e})") from None
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors have no common base class
+        raise ArtifactError(f"decompressed bytes are not a readable torch.save object "
+                            f"({type(e).__name__}: {e})") from None
+    fmt = obj.get("__quant_format__") if isinstance(obj, dict) else None
+    if fmt != QUANT_FORMAT:
+        raise ArtifactError(f"artifact format {fmt!r} is not {QUANT_FORMAT!r}; written by another exporter")
+    missing = [k for k in QUANT_OBJECT_KEYS if not isinstance(obj.get(k), dict)]
+    if missing:
+        raise ArtifactError(f"artifact object lacks {missing}")
+    return rebank_state(dequantize_state(obj), num_layers)
+
+
+class ArtifactReport(NamedTuple):
+    path: str
+    sha256: str
+    model_bytes: int
+    code_bytes: int
+    total_bytes: int
+    over_limit: bool
+    stats: PackStats
+
+
+def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code_bytes: int) -> ArtifactReport:
+    """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; others load the file)."""
+    blob, st = pack_artifact(state, h)
+    write_file_atomic(h.artifact_path, blob)
+    model_bytes = os.path.getsize(h.artifact_path)
+    digest = hashlib.sha256(Path(h.artifact_path).read_bytes()).hexdigest()
+    total, limit = model_bytes + code_bytes, h.artifact_limit_bytes
+    ratio = st.baseline_bytes / max(st.payload_bytes, 1)
+    log0(f"Serialized model int6+zstd: {model_bytes} bytes (payload:{st.payload_bytes} "
+         f"raw_torch:{st.raw_torch_bytes} payload_ratio:{ratio:.2f}x)")
+    log0(f"Total submission int6+zstd: {total} bytes")
+    log0(f"artifact path:{h.artifact_path} sha256:{digest} model_bytes:{model_bytes} code_bytes:{code_bytes} "
+         f"total_bytes:{total} limit:{limit}")
+    if total > limit:
+        log0(f"artifact_over_limit total_bytes:{total} limit:{limit} excess:{total - limit}")
+    return ArtifactReport(h.artifact_path, digest, model_bytes, code_bytes, total, total > limit, st)
+
+
+def load_artifact_state(path: str, h: Hyperparameters) -> dict[str, torch.Tensor]:
+    """State dict read back from the artifact file, ready for load_state_dict(strict=True) on a fresh model."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read artifact ({e.strerror})") from None
+    try:
+        return unpack_artifact(blob, h.num_layers)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation engine
+# Contract: target p (1..N) is tokens[p], predicted from tokens[<p]. Window(start, end, score_from) feeds
+# tokens[start:end] and predicts targets start+1..end; only targets >= score_from count. plan_windows partitions
+# 1..N into scored ranges exactly once. Every eval is evaluate() + a scorer (per-target NLL) + an optional hook run
+# after a chunk of targets is scored on all ranks (score first, then update). EvalTotals holds the only fp64 sums.
+# N-gram mode: p_final = (1-a) p_model + a p_ngram with p_ngram a true distribution (exact counts per context).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Window(NamedTuple):
+    start: int  # first input token
+    end: int  # last target position; inputs are tokens[start:end]
+    score_from: int  # first scored target position
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # [B, L] inputs (padding reads valid tokens but is never scored)
+    y: torch.Tensor  # [B, L] targets
+    scored: torch.Tensor  # [B, L] bool
+    pos: torch.Tensor  # [B, L] target positions
+    sel: torch.Tensor  # [S] row-major flat indices of the scored entries
+    sel_pos: np.ndarray  # [S] their target positions, on the host
+
+
+class EvalResult(NamedTuple):
+    loss: float
+    bpb: float
+    tokens: int
+    bytes: int
+    time_ms: float
+
+
+def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[Window]:
+    """Scored ranges partition 1..N in order; the first window scores all its targets, each window is maximal."""
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride {stride} must be in [1, seq_len={seq_len}]")
+    if num_targets < 1:
+        return []
+    first = min(seq_len, num_targets)
+    nxt = np.arange(first + 1, num_targets + 1, stride, dtype=np.int64)
+    end = np.minimum(nxt + stride - 1, num_targets)
+    start = np.maximum(end - seq_len, 0)
+    return [Window(0, first, 1)] + list(map(Window, start.tolist(), end.tolist(), nxt.tolist()))
+
+
+def split_for_rank(items, rank: int, world: int):
+    """Contiguous, balanced share of rank (sizes differ by at most one)."""
+    base, extra = divmod(len(items), world)
+    lo = rank * base + min(rank, extra)
+    return items[lo:lo + base + (rank < extra)]
+
+
+def group_by_chunk(windows: list[Window], chunk_tokens: int) -> list[tuple[int, int, list[Window]]]:
+    """[(first target, end target excl., windows)] for chunks [1+kC, 1+(k+1)C); a window whose scored range
+    straddles a boundary is split into pieces with the same start, so every target keeps its context."""
+    c = chunk_tokens
+    a = np.asarray(windows, dtype=np.int64).reshape(-1, 3)
+    k0, k1 = (a[:, 2] - 1) // c, (a[:, 1] - 1) // c
+    n = k1 - k0 + 1
+    rep = np.repeat(np.arange(len(a)), n)
+    k = k0[rep] + np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n)
+    sf, end = np.maximum(a[rep, 2], k * c + 1), np.minimum(a[rep, 1], (k + 1) * c)
+    pieces = list(map(Window, a[rep, 0].tolist(), end.tolist(), sf.tolist()))
+    total = int(a[:, 1].max())
+    cut = np.searchsorted(k, np.arange((total + c - 1) // c + 1)).tolist()
+    return [(1 + i * c, min(1 + (i + 1) * c, total + 1), pieces[cut[i]:cut[i + 1]]) for i in range(len(cut) - 1)]
+
+
+def make_batch(tokens: torch.Tensor, windows: list[Window], device, rows: int = 0, length: int = 0) -> Batch:
+    """Inputs/targets padded to [rows, length] (fixed shapes: one compiled graph); masks are built on the host."""
+    w = torch.zeros(max(rows, len(windows)), 3, dtype=torch.int64)
+    w[:, 2] = 1  # padding rows: empty windows
+    w[:len(windows)] = torch.tensor(windows, dtype=torch.int64).reshape(-1, 3)
+    length = length or int((w[:, 1] - w[:, 0]).max())
+    pos = w[:, :1] + 1 + torch.arange(length)
+    valid = pos <= w[:, 1:2]
+    scored = valid & (pos >= w[:, 2:3])
+    sel = scored.flatten().nonzero().squeeze(1)
+    pos = torch.where(valid, pos, 1)
+    sel_pos = pos.flatten()[sel].numpy()
+    pos, tokens = pos.to(device), tokens.to(device)
+    return Batch(tokens[pos - 1], tokens[pos], scored.to(device), pos, sel.to(device), sel_pos)
+
+
+class EvalTotals:
+    """fp64 sums (nll nats, tokens, bytes) on the eval device; bpb only through bits_per_byte."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, nll: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor, tables: ByteTables) -> None:
+        n = nll.new_full((), nll.numel(), dtype=torch.float64)
+        self.sums += torch.stack([nll.double().sum(), n, count_bytes(prev, tgt, tables).sum().double()])
+
+    def reduce(self) -> None:
+        all_reduce_sum(self.sums)
+
+    def running_bpb(self) -> float:
+        """bpb of everything scored so far on all ranks (a collective: every rank must call it)."""
+        s = self.sums.clone()
+        all_reduce_sum(s)
+        return bits_per_byte(float(s[0]), float(s[2]))
+
+    def result(self, time_ms: float) -> EvalResult:
+        nll, tokens, nbytes = self.sums.tolist()
+        return EvalResult(nll / max(tokens, 1.0), bits_per_byte(nll, nbytes), int(tokens), int(nbytes), time_ms)
+
+
+def scored_logits(model, batch: Batch) -> torch.Tensor:
+    logits = model.forward_logits(batch.x)
+    return logits.reshape(-1, logits.size(-1))[batch.sel].float()
+
+
+def batch_targets(batch: Batch) -> torch.Tensor:
+    return batch.y.flatten()[batch.sel]
+
+
+def model_nll(model, batch: Batch) -> torch.Tensor:
+    """Plain scorer: -log p_model(target) from fp32 logits."""
+    logp = F.log_softmax(scored_logits(model, batch), dim=-1)
+    return -logp.gather(1, batch_targets(batch)[:, None]).squeeze(1)
+
+
+def evaluate(model, val: ValData, windows, scorer, h: Hyperparameters, rt: Runtime, chunk_tokens=None,
+             after_chunk=None, progress=None) -> EvalResult:
+    """Chunk -> this rank's batches -> scorer(model, batch) NLL -> totals; after_chunk(start, end) runs on every
+    rank once all ranks scored targets [start, end). Per chunk every rank runs the same collectives."""
+    synchronize(rt)
+    t0 = time.perf_counter()
+    tokens, tables = val.tokens.to(rt.device), val.tables.to(rt.device)
+    chunks = group_by_chunk(windows, chunk_tokens) if chunk_tokens else [(1, val.num_targets + 1, windows)]
+    length, rows = max(w.end - w.start for w in windows), h.eval_batch_windows
+    totals, was_training = EvalTotals(rt.device), model.training
+    model.eval()
+    with torch.inference_mode(), torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.is_cuda):
+        for k, (c0, c1, chunk) in enumerate(chunks):
+            mine = split_for_rank(chunk, rt.rank, rt.world_size)
+            for i in range(0, len(mine), rows):
+                batch = make_batch(tokens, mine[i:i + rows], rt.device, rows, length)
+                nll = scorer(model, batch)
+                totals.add(nll, batch.x.flatten()[batch.sel], batch_targets(batch), tables)
+            if after_chunk is not None:
+                all_reduce_sum(torch.zeros(1, device=rt.device))  # barrier: the chunk is scored everywhere
+                after_chunk(c0, c1)
+            if progress is not None:
+                progress(k, len(chunks), totals)
+    totals.reduce()
+    synchronize(rt)
+    model.train(was_training)
+    return totals.result(1000.0 * (time.perf_counter() - t0))
+
+
+def sliding_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> EvalResult:
+    """Sliding-window score (seq EVAL_SEQ_LEN, stride EVAL_STRIDE), every target exactly once."""
+    return evaluate(model, val, plan_windows(val.num_targets, h.eval_seq_len, h.eval_stride), model_nll, h, rt)
+
+
+LEADERBOARD_ALIAS = "final_int8_zlib_roundtrip_exact"  # kept: leaderboard parsers grep it (format is int6+zstd)
+ROUNDTRIP_EVAL_NAME = "int6_zstd_roundtrip"
+
+
+def final_eval_lines(name: str, r: EvalResult) -> list[str]:
+    """Log `final_<name>` and `final_<name>_exact` (+ the leaderboard alias for the round trip)."""
+    lines = [f"final_{name} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} eval_time:{r.time_ms:.0f}ms",
+             f"final_{name}_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f}"]
+    if name == ROUNDTRIP_EVAL_NAME:
+        lines.append(f"{LEADERBOARD_ALIAS} val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f}")
+    for line in lines:
+        log0(line)
+    return lines
+
+
+def timed_eval(name: str, fn) -> EvalResult:
+    r = fn()
+    final_eval_lines(name, r)
+    return r
+
+
+# N-gram caches. Position p's order-n context is tokens[p-n+1:p]; update() adds targets [start, end) for every
+# order; probs() backs off from the highest order whose context count >= min_count (order 0 = unmatched).
+# Exact: per order a sorted table of 64-bit context keys (ids packed exactly while they fit in 60 bits, then a
+# splitmix64 chain) with counts and append-only dense ids, and a sorted table of pair keys id*V + token with
+# counts, so sum_v pair(c, v) = ctx(c) exactly and p_ngram is a distribution. Lookups are searchsorted; a chunk
+# is merged by inserting its new keys (O(table) copy, no re-sort). Memory, worst case (every context new):
+# 28 B per position per order (ctx 8+4+4, pair 8+4) = 1.7 GB/order at 62 M tokens, < 14 GB for orders 2..9,
+# plus ~2x the largest table transiently while merging; low orders are tiny (order 2: <= V contexts).
+_M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64, 0x9E3779B97F4A7C15 - 2**64
+
+
+def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
+    return (z >> s) & ((1 << (64 - s)) - 1)  # logical shift on int64
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finalizer (a bijection of 64-bit words; int64 products wrap)."""
+    z = (z ^ _srl(z, 30)) * _M1
+    z = (z ^ _srl(z, 27)) * _M2
+    return z ^ _srl(z, 31)
+
+
+def _find(keys: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index clamped into the sorted table, present?) for every query."""
+    if keys.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(q, dtype=torch.bool)
+    i = torch.searchsorted(keys, q).clamp_(max=keys.numel() - 1)
+    return i, keys[i] == q
+
+
+def _insert(keys: torch.Tensor, vals: tuple, new_keys: torch.Tensor, new_vals: tuple) -> list[torch.Tensor]:
+    """Merge sorted unique new_keys (absent from keys) and their values into the sorted table (one O(table) copy)."""
+    dest_new = torch.searchsorted(keys, new_keys) + torch.arange(new_keys.numel(), device=keys.device)
+    is_old = torch.ones(keys.numel() + new_keys.numel(), dtype=torch.bool, device=keys.device)
+    is_old[dest_new] = False
+    out = []
+    for old, new in zip((keys, *vals), (new_keys, *new_vals)):
+        t = old.new_empty(old.numel() + new.numel())
+        t.masked_scatter_(is_old, old)
+        t[dest_new] = new.to(old.dtype)
+        out.append(t)
+    return out
+
+
+class ExactNgramCache:
+    """Exact next-token counts per context (SPEC §10.4 D1); p_ngram(.|c) sums to 1 for every matched context."""
+
+    def __init__(self, vocab_size: int, *, min_order: int, max_order: int, min_count: int, device):
+        self.V, self.min_order, self.max_order, self.min_count = vocab_size, min_order, max_order, min_count
+        self.bits = max(1, (vocab_size - 1).bit_length())
+        e64, e32 = (torch.empty(0, dtype=d, device=device) for d in (torch.int64, torch.int32))
+        n = max_order - min_order + 1
+        self.ctx = [[e64, e32, e32] for _ in range(n)]  # sorted keys, counts, dense ids
+        self.pairs = [[e64, e32] for _ in range(n)]  # sorted id*V + token, counts
+        self.next_id = [0] * n
+
+    def _context_keys(self, tokens: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+        """int64 key of each position's context, per order min..max (garbage where p < n-1)."""
+        out, key = [], torch.zeros_like(pos)
+        for j in range(1, self.max_order):  # context length j = order - 1, adds the older token each step
+            tok = tokens[(pos - j).clamp(min=0)]
+            if j * self.bits <= 60:
+                key = key | (tok << (self.bits * (j - 1)))
+                k = key | ((j + 1) << 60)  # order tag: packed contexts of different orders never coincide
+            else:
+                key = k = _mix64(key ^ ((tok + 1) * _GOLDEN))
+            if j + 1 >= self.min_order:
+                out.append(k)
+        return out
+
+    def update(self, tokens: torch.Tensor, start: int, end: int) -> None:
+        """Count the targets at positions [start, end) under their context of every order."""
+        pos = torch.arange(start, end, device=tokens.device)
+        tgt = tokens[pos]
+        for i, key in enumerate(self._context_keys(tokens, pos)):
+            lo = max(0, self.min_order + i - 1 - start)  # positions p < n-1 have no order-n context
+            if lo >= pos.numel():
+                continue
+            ctx, inv, cnt = torch.unique(key[lo:], return_inverse=True, return_counts=True)
+            ids = self._add(i, ctx, cnt)
+            pk, pcnt = torch.unique(ids[inv] * self.V + tgt[lo:], return_counts=True)
+            keys, counts = self.pairs[i]
+            idx, hit = _find(keys, pk)
+            counts = counts.index_add(0, idx[hit], pcnt[hit].to(counts.dtype))
+            self.pairs[i] = _insert(keys, (counts,), pk[~hit], (pcnt[~hit],))
+
+    def _add(self, i: int, ctx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
+        """Add context counts of order index i; returns the (stable) dense id of every context."""
+        keys, counts, ids = self.ctx[i]
+        idx, hit = _find(keys, ctx)
+        new_ids = self.next_id[i] + torch.cumsum(~hit, 0) - 1
+        out = torch.where(hit, ids[idx].long(), new_ids) if keys.numel() else new_ids
+        counts = counts.index_add(0, idx[hit], cnt[hit].to(counts.dtype))
+        fresh = (~hit).nonzero().squeeze(1)
+        self.next_id[i] += fresh.numel()
+        self.ctx[i] = _insert(keys, (counts, ids), ctx[fresh], (cnt[fresh], new_ids[fresh]))
+        return out
+
+    def lookup(self, tokens: torch.Tensor, pos: torch.Tensor):
+        """(order, ctx_count, ctx_id) of the highest order with ctx_count >= min_count; order 0 = unmatched."""
+        order, cc, cid = torch.zeros_like(pos), torch.zeros_like(pos), torch.zeros_like(pos)
+        for i, key in reversed(list(enumerate(self._context_keys(tokens, pos)))):
+            keys, counts, ids = self.ctx[i]
+            n = self.min_order + i
+            idx, hit = _find(keys, key)
+            if keys.numel() == 0:
+                continue
+            c = torch.where(hit & (pos >= n - 1), counts[idx].long(), 0)
+            take = (order == 0) & (c >= self.min_count)
+            order, cc = torch.where(take, n, order), torch.where(take, c, cc)
+            cid = torch.where(take, ids[idx].long(), cid)
+        return order, cc, cid
+
+    def probs(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor):
+        """(order [n], p_ngram of each candidate [n] or [n, k], fp64; 0 where unmatched)."""
+        order, cc, cid = self.lookup(tokens, pos)
+        shape = (-1,) + (1,) * (cand.dim() - 1)
+        pk, pc = cid.view(shape) * self.V + cand, torch.zeros_like(cand)
+        for i, (keys, counts) in enumerate(self.pairs):
+            idx, hit = _find(keys, pk)
+            if keys.numel():
+                pc = torch.where(hit & (order.view(shape) == self.min_order + i), counts[idx].long(), pc)
+        return order, pc.double() / cc.clamp(min=1).double().view(shape)
+
+
+NGRAM_PRIMES = (36313, 27191, 51647, 81929, 131071, 174763, 233017, 283721, 347237, 409891, 479909, 557927,
+                631553, 716279, 811207)
+
+
+class HashedNgramCache:
+    """The reference rule (SPEC §7.3.3-7.3.4), comparison only: p = min(full, ctx) / max(ctx, 1) is not normalized."""
+
+    def __init__(self, *, min_order: int, max_order: int, min_count: int, num_buckets: int, device):
+        self.min_order, self.max_order, self.min_count, self.mask = min_order, max_order, min_count, num_buckets - 1
+        self.ctx = torch.zeros(max_order - min_order + 1, num_buckets, dtype=torch.int32, device=device)
+        self.full = torch.zeros_like(self.ctx)
+
+    def _hash(self, tokens, pos, n):
+        h = torch.zeros_like(pos)
+        for k in range(n - 1):  # oldest context token first
+            h = h ^ (tokens[(pos - (n - 1) + k).clamp(min=0)] * NGRAM_PRIMES[k % len(NGRAM_PRIMES)])
+        return h
+
+    def _full_key(self, h, tok, n):
+        return (h ^ (tok * NGRAM_PRIMES[(n - 1) % len(NGRAM_PRIMES)])) & self.mask
+
+    def update(self, tokens: torch.Tensor, start: int, end: int) -> None:
+        for i, n in enumerate(range(self.min_order, self.max_order + 1)):
+            pos = torch.arange(max(start, n - 1), end, device=tokens.device)
+            h, one = self._hash(tokens, pos, n), torch.ones_like(pos, dtype=torch.int32)
+            self.ctx[i].index_add_(0, h & self.mask, one)
+            self.full[i].index_add_(0, self._full_key(h, tokens[pos], n), one)
+
+    def lookup(self, tokens: torch.Tensor, pos: torch.Tensor):
+        """(order, ctx_count, context hash) with highest-order-first backoff; order 0 = unmatched."""
+        order, cc, hh = torch.zeros_like(pos), torch.zeros_like(pos), torch.zeros_like(pos)
+        for i in reversed(range(self.ctx.size(0))):
+            n = self.min_order + i
+            h = self._hash(tokens, pos, n)
+            c = torch.where(pos >= n - 1, self.ctx[i][h & self.mask].long(), 0)
+            take = (order == 0) & (c >= self.min_count)
+            order, cc, hh = torch.where(take, n, order), torch.where(take, c, cc), torch.where(take, h, hh)
+        return order, cc, hh
+
+    def probs(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor):
+        order, cc, h = self.lookup(tokens, pos)
+        shape = (-1,) + (1,) * (cand.dim() - 1)
+        order, cc, h, fc = order.view(shape), cc.view(shape), h.view(shape), torch.zeros_like(cand)
+        for i in range(self.ctx.size(0)):
+            n = self.min_order + i
+            fc = torch.where(order == n, self.full[i][self._full_key(h, cand, n)].long(), fc)
+        return order.view(-1), torch.minimum(fc, cc).double() / cc.clamp(min=1).double()
+
+
+def make_ngram_cache(h: Hyperparameters, device):
+    kw = dict(min_order=h.ngram_min_order, max_order=h.ngram_max_order, min_count=h.ngram_min_count, device=device)
+    if h.ngram_mode == "hashed":
+        return HashedNgramCache(num_buckets=h.ngram_buckets, **kw)
+    return ExactNgramCache(h.vocab_size, **kw)
+
+
+class NgramMixer:
+    """Entropy-adaptive alpha (SPEC §7.3.5); alpha = 0 for unmatched positions (order 0)."""
+
+    def __init__(self, h: Hyperparameters, device):
+        mults = [0.0] * h.ngram_min_order + list(h.ngram_order_mults[:h.ngram_max_order - h.ngram_min_order + 1])
+        self.h, self.mults = h, torch.tensor(mults, dtype=torch.float64, device=device)
+
+    def alpha(self, entropy: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        h = self.h
+        center = h.ngram_entropy_center - h.ngram_center_shift * (order - h.ngram_min_order)
+        a = h.ngram_alpha_min + (h.ngram_alpha_max - h.ngram_alpha_min) * torch.sigmoid(
+            h.ngram_entropy_scale * (entropy.double() - center))
+        return (a * self.mults[order]).clamp(0.0, h.ngram_alpha_clip)
+
+    @staticmethod
+    def mix_logprob(lp_model: torch.Tensor, p_ngram: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """log((1-a) p_model + a p_ngram) in log space (no floor: >= log((1-clip) p_model) > -inf)."""
+        mixed = torch.logaddexp(torch.log1p(-alpha) + lp_model, torch.log(alpha) + torch.log(p_ngram))
+        return torch.where(alpha > 0, mixed, lp_model)
+
+
+class NgramScorer:
+    """Scorer + after_chunk hook for evaluate(): mix with tables built from earlier chunks only, then update.
+    Audits sum_v p_final(v) at fixed evenly spread target positions (whichever rank scores them)."""
+
+    def __init__(self, cache, mixer: NgramMixer, tokens: torch.Tensor, audit_positions: np.ndarray):
+        self.cache, self.mixer, self.tokens, self.audit_pos = cache, mixer, tokens, audit_positions
+        self.audit_sums = torch.zeros(len(audit_positions), dtype=torch.float64, device=tokens.device)
+        self.audit_found = torch.zeros_like(self.audit_sums)
+
+    def __call__(self, model, batch: Batch) -> torch.Tensor:
+        logits = scored_logits(model, batch)
+        logp = F.log_softmax(logits, dim=-1)
+        tgt, pos = batch_targets(batch), batch.pos.flatten()[batch.sel]
+        order, p_ng = self.cache.probs(self.tokens, pos, tgt)
+        alpha = self.mixer.alpha(-(logp.exp() * logp).sum(-1), order)
+        self._audit(batch.sel_pos, logits, pos)
+        return -self.mixer.mix_logprob(logp.gather(1, tgt[:, None]).squeeze(1).double(), p_ng, alpha)
+
+    def full_distribution(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """p_final over the whole vocabulary [n, V] (fp64) at positions pos, from their fp32 logits [n, V]."""
+        logp = F.log_softmax(logits.float(), dim=-1)
+        cand = torch.arange(logits.size(-1), device=logits.device).expand(pos.numel(), -1)
+        order, p_ng = self.cache.probs(self.tokens, pos, cand)
+        alpha = self.mixer.alpha(-(logp.exp() * logp).sum(-1), order)[:, None]
+        return (1 - alpha) * torch.softmax(logits.double(), dim=-1) + alpha * p_ng
+
+    def _audit(self, sel_pos: np.ndarray, logits: torch.Tensor, pos: torch.Tensor) -> None:
+        if not len(self.audit_pos):
+            return
+        j = np.minimum(np.searchsorted(self.audit_pos, sel_pos), len(self.audit_pos) - 1)
+        rows = np.nonzero(self.audit_pos[j] == sel_pos)[0]
+        if rows.size:  # host-side test: no device sync for batches without audit positions
+            r, slots = (torch.from_numpy(a).to(pos.device) for a in (rows, j[rows]))
+            self.audit_sums[slots] = self.full_distribution(logits[r], pos[r]).sum(-1)
+            self.audit_found[slots] = 1.0
+
+    def after_chunk(self, start: int, end: int) -> None:
+        if end < self.tokens.numel():  # the last chunk's statistics would never be read
+            self.cache.update(self.tokens, start, end)
+
+    def audit_report(self, exact: bool) -> None:
+        all_reduce_sum(self.audit_sums, self.audit_found)
+        s = self.audit_sums[self.audit_found > 0].cpu().numpy()
+        if not s.size:
+            return
+        log0(f"ngram_audit positions:{s.size} sum_min:{s.min():.9f} sum_median:{np.median(s):.9f} "
+             f"sum_max:{s.max():.9f}")
+        if exact and np.abs(s - 1.0).max() > 1e-6:
+            raise RuntimeError(f"ngram_audit: exact n-gram mixture is not normalized (max |sum-1| = "
+                               f"{np.abs(s - 1.0).max():.3e} > 1e-6); the score would not be a code length")
+
+
+def ngram_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> EvalResult:
+    """Single left-to-right pass: score chunk k with tables of chunks < k, then every rank adds chunk k."""
+    log0(f"Starting N-gram eval: order {h.ngram_min_order}-{h.ngram_max_order} mode={h.ngram_mode} "
+         f"chunk={h.ngram_chunk_tokens}")
+    synchronize(rt)
+    t0 = time.perf_counter()
+    val = ValData(val.tokens.to(rt.device), val.tables.to(rt.device))
+    audit = np.unique(np.linspace(1, val.num_targets, h.ngram_audit_positions).round().astype(np.int64))
+    scorer = NgramScorer(make_ngram_cache(h, rt.device), NgramMixer(h, rt.device), val.tokens, audit)
+
+    def progress(k: int, num: int, totals: EvalTotals) -> None:
+        if h.ngram_log_every > 0 and ((k + 1) % h.ngram_log_every == 0 or k + 1 == num):
+            bpb = totals.running_bpb()
+            log0(f"ngram_chunk [{k + 1}/{num}] running_bpb:{bpb:.6f} elapsed:{time.perf_counter() - t0:.1f}s")
+
+    windows = plan_windows(val.num_targets, h.eval_seq_len, h.eval_stride)
+    r = evaluate(model, val, windows, scorer, h, rt, h.ngram_chunk_tokens, scorer.after_chunk, progress)
+    scorer.audit_report(exact=h.ngram_mode == "exact")
+    r = r._replace(time_ms=1000.0 * (time.perf_counter() - t0))
+    name = "ngram_eval" if h.ngram_mode == "exact" else "ngram_hashed_unnormalized"
+    log0(f"{name} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} eval_time:{r.time_ms:.0f}ms")
+    log0(f"{name}_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f}")
+    return r
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training loop
+# One `train_step` serves the compile warm-up and training. Warm-up runs real steps, then restores model and
+# optimizer state exactly and restarts the data. The clock runs only around training steps (validation stops it);
+# the MAX-reduced stop flag makes every rank stop on the same step; a non-finite loss stops the run.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def autocast(rt: Runtime):
+    """bf16 autocast on CUDA; plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if rt.is_cuda else contextlib.nullcontext()
+
+
+def train_step(model, opt, loader, h: Hyperparameters, rt: Runtime, step: int, scale: float) -> torch.Tensor:
+    """Gradient-accumulated forward/backward over one global batch, clip, optimizer step; returns the mean loss."""
+    accum = h.grad_accum_steps(rt.world_size)
+    opt.zero_grad()
+    total = torch.zeros((), device=rt.device)
+    for _ in range(accum):
+        x, y = loader.next_batch(h.train_micro_batch_tokens, h.train_seq_len)
+        with autocast(rt):
+            loss = model(x, y)
+        (loss / accum).backward()
+        total += loss.detach().float()
+    opt.set_muon_momentum(muon_momentum(step, h))
+    opt.set_lr_scale(scale)
+    clip_gradients(model, h.grad_clip_norm)
+    opt.step()
+    return total / accum
+
+
+def warmup_and_restore(model, base_model, opt, h: Hyperparameters, rt: Runtime) -> None:
+    """Run WARMUP_STEPS real steps (compiling both the plain and, if used, the QAT graph), then undo them exactly."""
+    if h.warmup_steps <= 0:
+        return
+    model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    opt_state = copy.deepcopy(opt.state_dict())
+    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
+    for i in range(h.warmup_steps):
+        base_model.qat_active = h.use_late_qat and i == h.warmup_steps - 1
+        train_step(model, opt, loader, h, rt, i, 1.0)
+        if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
+            log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
+    base_model.qat_active = False
+    base_model.load_state_dict(model_state, strict=True)
+    opt.load_state_dict(opt_state)
+    synchronize(rt)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    raw: dict
+    ema: EMA | None
+    swa: SWA
+
+
+def should_validate(step: int, last: bool, h: Hyperparameters) -> bool:
+    """Periodic validation every VAL_LOSS_EVERY steps (not at step 0) and at the last step; 0 disables both."""
+    return h.val_loss_every > 0 and (last or (step > 0 and step % h.val_loss_every == 0))
+
+
+def validate_during_training(model, val, h, rt, step, train_ms) -> None:
+    res = sliding_eval(model, val, h, rt)
+    log0(f"step:{step}/{h.iterations} val_loss:{res.loss:.4f} val_bpb:{res.bpb:.4f} "
+         f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+
+
+def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime) -> TrainResult:
+    """The timed loop of SPEC §3.5; returns raw weights, the EMA and the SWA of EMA snapshots."""
+    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
+    ema = EMA(base_model, h.ema_decay) if h.use_ema else None
+    swa, cap_ms = SWA(), 1000.0 * h.max_wallclock_seconds
+    step, train_ms, stop_after = 0, 0.0, None
+    synchronize(rt)
+    t0 = time.perf_counter()
+    while True:
+        last = step >= h.iterations or (stop_after is not None and step >= stop_after)
+        if should_validate(step, last, h):
+            synchronize(rt)
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            validate_during_training(model, val, h, rt, step, train_ms)
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        scale = lr_scale(step, elapsed_ms, h)
+        if not base_model.qat_active and qat_should_start(elapsed_ms, h):
+            base_model.qat_active = True
+            log0(f"step:{step} QAT activated (time_frac={elapsed_ms / cap_ms:.3f}, scale={scale:.4f})")
+        loss = float(train_step(model, opt, loader, h, rt, step, scale))
+        if ema is not None:
+            ema.update(base_model)
+        step += 1
+        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        if ema is not None and h.swa_enabled and scale < h.swa_lr_threshold and step % h.swa_every == 0:
+            if swa.count == 0:
+                log0(f"swa:start step:{step}")
+            swa.add(ema.state())
+        reached, diverged = all_ranks_any([cap_ms > 0 and approx_ms >= cap_ms, not math.isfinite(loss)], rt.device)
+        if diverged:
+            log0(f"nonfinite_loss step:{step} train_loss:{loss}")
+            raise SystemExit(f"training diverged: non-finite loss at step {step}; lower the learning rates "
+                             "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+        if step <= 10 or step % h.train_log_every == 0 or reached or step == h.iterations:
+            log0(f"step:{step}/{h.iterations} train_loss:{loss:.4f} train_time:{approx_ms:.0f}ms "
+                 f"step_avg:{approx_ms / step:.2f}ms")
+        if reached and stop_after is None:
+            stop_after = step
+    if stop_after is not None and stop_after < h.iterations:
+        log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+    log_peak_memory(rt)
+    raw = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    return TrainResult(step, train_ms, raw, ema, swa)
+
+
+def log_peak_memory(rt: Runtime) -> None:
+    if rt.is_cuda:
+        log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    else:
+        import resource
+        log0(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+# Orchestration only: config → runtime → header → data → model → warm-up → train → export → rebuild from the
+# artifact bytes → sliding and n-gram evals → timing. An artifact over the limit fails the run after the evals.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def log_header(h: Hyperparameters, rt: Runtime, attention: str, use_compile: bool) -> int:
+    """Settings, code identity and environment; the source text and versions go to the log file only."""
+    text, code_bytes, sha = code_identity()
+    for line in h.log_lines():
+        log0(line)
+    log0(f"code_bytes:{code_bytes} code_sha256:{sha}")
+    log0(f"runtime device:{rt.device.type} world_size:{rt.world_size} "
+         f"grad_accum_steps:{h.grad_accum_steps(rt.world_size)} attention:{attention} "
+         f"compile:{int(use_compile)} torch:{torch.__version__}")
+    log0(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps(rt.world_size)}")
+    log0(f"python:{sys.version.split()[0]} numpy:{np.__version__}", console=False)
+    log0(text + "\n" + "=" * 100, console=False)
+    return code_bytes
+
+
+def compile_model(model: nn.Module, use_compile: bool) -> nn.Module:
+    return torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+
+
+def export_state(result: TrainResult, h: Hyperparameters) -> dict:
+    """The weights chosen by EXPORT_WEIGHTS (never by a validation score), in the model's dtypes."""
+    log0(f"export_weights:{h.export_weights}")
+    if h.export_weights == "raw":
+        return result.raw
+    return cast_like(result.ema.state() if h.export_weights == "ema" else result.swa.state(), result.raw)
+
+
+def diagnostic_evals(base_model, model, val, result: TrainResult, h, rt) -> None:
+    """Opt-in fp scores of every candidate; they are only logged and never change the exported choice."""
+    candidates = {"raw": result.raw}
+    if result.ema is not None:
+        candidates["ema"] = cast_like(result.ema.state(), result.raw)
+    if result.swa.count:
+        candidates["swa"] = cast_like(result.swa.state(), result.raw)
+    for name, state in candidates.items():
+        base_model.load_state_dict(state, strict=True)
+        res = sliding_eval(model, val, h, rt)
+        log0(f"diag_eval_{name} val_loss:{res.loss:.4f} val_bpb:{res.bpb:.4f} eval_time:{res.time_ms:.0f}ms")
+
+
+def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool, float]:
+    """Build, warm up, train, export; returns (artifact over the limit?, wall time when training ended)."""
+    base_model = build_model(h, rt.device, attn_fn)
+    model = compile_model(base_model, use_compile)
+    log0(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
+    opt = build_optimizers(base_model, h, rt)
+    warmup_and_restore(model, base_model, opt, h, rt)
+    result = train(model, base_model, opt, val, h, rt)
+    t_end = time.perf_counter()
+    if h.diag_eval_candidates:
+        diagnostic_evals(base_model, model, val, result, h, rt)
+    over_limit = rt.is_main and export_artifact(export_state(result, h), h, code_bytes).over_limit
+    if rt.distributed:
+        dist.barrier()  # the other ranks read the artifact only once rank 0 has renamed it into place
+    return over_limit, t_end
+
+
+def evaluate_artifact(path: str, h, rt, val, attn_fn, use_compile) -> None:
+    """Rebuild the model from the artifact bytes on disk and run every scored evaluation on it."""
+    model = build_model(h, rt.device, attn_fn)
+    model.load_state_dict(load_artifact_state(path, h), strict=True)
+    model = compile_model(model, use_compile)
+    timed_eval(ROUNDTRIP_EVAL_NAME, lambda: sliding_eval(model, val, h, rt))
+    if h.ngram_enabled:
+        ngram_eval(model, val, h, rt)
+
+
+def main() -> None:
+    h = Hyperparameters.from_env(os.environ)
+    rt = init_runtime(h)
+    h.validate(rt.world_size)
+    setup_logging(h, rt)
+    attention, attn_fn = select_attention(rt.device)
+    use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
+    code_bytes = log_header(h, rt, attention, use_compile)
+    seed_everything(h.seed)
+    val = load_val_data(h, load_tokenizer(h))
+    over_limit, t_end = False, time.perf_counter()
+    if not h.eval_only:
+        over_limit, t_end = train_and_export(h, rt, val, attn_fn, use_compile, code_bytes)
+    evaluate_artifact(h.artifact if h.eval_only else h.artifact_path, h, rt, val, attn_fn, use_compile)
+    log0(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
+    if over_limit:
+        log0(f"run_failed reason:artifact_over_limit limit:{h.artifact_limit_bytes}")
+    shutdown(rt, 1 if over_limit else 0)
+
+
+def shutdown(rt: Runtime, code: int) -> None:
+    """Leave the process group and exit with `code`. On gloo (CPU) the interpreter's C++ teardown in torch 2.13
+    intermittently aborts after all work is done, so those runs end with os._exit once output is flushed."""
+    if rt.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+        if not rt.is_cuda:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    if code:
+        raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
