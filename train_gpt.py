@@ -334,12 +334,22 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def all_ranks_any(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag true on every rank if it is true on any rank (one MAX all-reduce), so all ranks branch alike."""
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+class StepStatus(NamedTuple):
+    elapsed_ms: float  # the largest training time of any rank: every rank schedules LR and QAT from it
+    stop: bool  # some rank asked to stop (wall-clock cap)
+    nonfinite: bool  # some rank's loss is NaN or inf
+
+
+def reduce_step_status(loss: torch.Tensor, elapsed_ms: float, stop: bool) -> StepStatus:
+    """A training step's one blocking host sync: MAX over ranks of (elapsed ms, stop flag, non-finite loss flag).
+    The tensor is filled on the device (no host-to-device copy); only the reduced result is read back."""
+    t = torch.full((3,), float(elapsed_ms), dtype=torch.float64, device=loss.device)
+    t[1] = float(stop)
+    t[2] = (~torch.isfinite(loss.detach())).to(torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    elapsed, stop_flag, nonfinite = t.tolist()
+    return StepStatus(elapsed, stop_flag > 0, nonfinite > 0)
 
 
 def synchronize(rt: Runtime) -> None:
@@ -2047,8 +2057,9 @@ def ngram_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> EvalResu
 # ---------------------------------------------------------------------------------------------------------------
 # Training loop
 # One `train_step` serves the compile warm-up and training. Warm-up runs real steps, then restores model and
-# optimizer state exactly and restarts the data. The clock runs only around training steps (validation stops it);
-# the MAX-reduced stop flag makes every rank stop on the same step; a non-finite loss stops the run.
+# optimizer state exactly and restarts the data. The clock runs only around training steps (validation stops it).
+# One MAX all-reduce per step carries (elapsed time, stop flag, non-finite flag): every rank takes LR, QAT and the
+# stop decision from the same (largest) elapsed time, and a non-finite loss on any rank stops the run.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -2113,48 +2124,56 @@ def validate_during_training(model, val, h, rt, step, train_ms) -> None:
          f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
 
 
-def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime) -> TrainResult:
-    """The timed loop of SPEC §3.5; returns raw weights, the EMA and the SWA of EMA snapshots."""
+def maybe_start_qat(base_model, step: int, elapsed_ms: float, scale: float, h: Hyperparameters) -> None:
+    """Switch late QAT on (once) from the rank-agreed elapsed time, so every replica switches on the same step."""
+    if not base_model.qat_active and qat_should_start(elapsed_ms, h):
+        base_model.qat_active = True
+        log0(f"step:{step} QAT activated (time_frac={elapsed_ms / (1000.0 * h.max_wallclock_seconds):.3f}, "
+             f"scale={scale:.4f})")
+
+
+def stop_on_nonfinite(loss: torch.Tensor, step: int) -> None:
+    log0(f"nonfinite_loss step:{step} train_loss:{float(loss)}")
+    raise SystemExit(f"training diverged: non-finite loss at step {step}; lower the learning rates "
+                     "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+
+
+def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> TrainResult:
+    """The timed loop: returns raw weights, the EMA and the SWA of EMA snapshots. The clock runs only around training
+    steps (periodic validation pauses it); the last validation happens after training, outside the clock. Each step
+    has one blocking sync (reduce_step_status); the loss is read back only on log steps."""
     loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
     ema = EMA(base_model, h.ema_decay) if h.use_ema else None
     swa, cap_ms = SWA(), 1000.0 * h.max_wallclock_seconds
-    step, train_ms, stop_after = 0, 0.0, None
+    step, train_ms, status = 0, 0.0, StepStatus(0.0, False, False)
     synchronize(rt)
-    t0 = time.perf_counter()
-    while True:
-        last = step >= h.iterations or (stop_after is not None and step >= stop_after)
-        if should_validate(step, last, h):
+    t0 = clock()
+    while step < h.iterations and not status.stop:
+        if should_validate(step, False, h):
             synchronize(rt)
-            train_ms += 1000.0 * (time.perf_counter() - t0)
+            train_ms += 1000.0 * (clock() - t0)
             validate_during_training(model, val, h, rt, step, train_ms)
-            t0 = time.perf_counter()
-        if last:
-            break
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        scale = lr_scale(step, elapsed_ms, h)
-        if not base_model.qat_active and qat_should_start(elapsed_ms, h):
-            base_model.qat_active = True
-            log0(f"step:{step} QAT activated (time_frac={elapsed_ms / cap_ms:.3f}, scale={scale:.4f})")
-        loss = float(train_step(model, opt, loader, h, rt, step, scale))
+            t0 = clock()
+        scale = lr_scale(step, status.elapsed_ms, h)
+        maybe_start_qat(base_model, step, status.elapsed_ms, scale, h)
+        loss = train_step(model, opt, loader, h, rt, step, scale)
         if ema is not None:
             ema.update(base_model)
         step += 1
-        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
         if ema is not None and h.swa_enabled and scale < h.swa_lr_threshold and step % h.swa_every == 0:
             if swa.count == 0:
                 log0(f"swa:start step:{step}")
             swa.add(ema.state())
-        reached, diverged = all_ranks_any([cap_ms > 0 and approx_ms >= cap_ms, not math.isfinite(loss)], rt.device)
-        if diverged:
-            log0(f"nonfinite_loss step:{step} train_loss:{loss}")
-            raise SystemExit(f"training diverged: non-finite loss at step {step}; lower the learning rates "
-                             "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
-        if step <= 10 or step % h.train_log_every == 0 or reached or step == h.iterations:
-            log0(f"step:{step}/{h.iterations} train_loss:{loss:.4f} train_time:{approx_ms:.0f}ms "
-                 f"step_avg:{approx_ms / step:.2f}ms")
-        if reached and stop_after is None:
-            stop_after = step
-    if stop_after is not None and stop_after < h.iterations:
+        local_ms = train_ms + 1000.0 * (clock() - t0)
+        status = reduce_step_status(loss, local_ms, cap_ms > 0 and local_ms >= cap_ms)
+        if status.nonfinite:
+            stop_on_nonfinite(loss, step)
+        if step <= 10 or step % h.train_log_every == 0 or status.stop or step == h.iterations:
+            log0(f"step:{step}/{h.iterations} train_loss:{float(loss):.4f} train_time:{status.elapsed_ms:.0f}ms "
+                 f"step_avg:{status.elapsed_ms / step:.2f}ms")
+    synchronize(rt)
+    train_ms += 1000.0 * (clock() - t0)
+    if status.stop and step < h.iterations:
         log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
     log_peak_memory(rt)
     raw = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
@@ -2231,7 +2250,9 @@ def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool
     opt = build_optimizers(base_model, h, rt)
     warmup_and_restore(model, base_model, opt, h, rt)
     result = train(model, base_model, opt, val, h, rt)
-    t_end = time.perf_counter()
+    t_end = time.perf_counter()  # everything from here on counts as post-training time
+    if should_validate(result.steps, True, h):
+        validate_during_training(model, val, h, rt, result.steps, result.train_time_ms)
     if h.diag_eval_candidates:
         diagnostic_evals(base_model, model, val, result, h, rt)
     over_limit = rt.is_main and export_artifact(export_state(result, h), h, code_bytes).over_limit
