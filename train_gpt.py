@@ -606,23 +606,34 @@ def load_val_data(h: Hyperparameters, sp) -> ValData:
 INT6_MAX = 31
 
 
-def _row_quantile(sorted_abs: torch.Tensor, p: float) -> torch.Tensor:
-    """Linear-interpolation quantile (torch.quantile's rule) of each row of an already sorted tensor, keepdim."""
-    pos = p * (sorted_abs.shape[-1] - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, sorted_abs.shape[-1] - 1)
-    frac = pos - lo
-    a, b = sorted_abs[..., lo:lo + 1], sorted_abs[..., hi:hi + 1]
-    return a + (b - a) * frac
+def _quantile_rank(n: int, p: float) -> tuple[int, int, float]:
+    """torch.quantile's linear rule for n sorted values: rank = float32(p)·(n−1) in float32 -> (floor, ceil, weight)."""
+    rank = np.float32(p) * np.float32(n - 1)
+    lo = int(np.floor(rank))
+    return lo, int(np.ceil(rank)), float(rank - np.float32(lo))
+
+
+def top_values_needed(n: int, quantiles) -> int:
+    """How many of a row's largest values determine all the given quantiles of the row."""
+    return n - min(_quantile_rank(n, p)[0] for p in quantiles)
+
+
+def _row_quantile(top: torch.Tensor, n: int, p: float) -> torch.Tensor:
+    """torch.quantile(x, p, dim=-1, keepdim=True), bit for bit (float32 rank, lerp in x's dtype), from
+    top = x.topk(k, dim=-1).values with k >= top_values_needed(n, [p]); ascending index j is top index n−1−j."""
+    lo, hi, weight = _quantile_rank(n, p)
+    return torch.lerp(top[..., n - 1 - lo:n - lo], top[..., n - 1 - hi:n - hi], weight)
 
 
 def quantize_int6_rows(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES):
-    """Per-row (last dim) int6 quantization: (int8 values in [-31, 31], fp16 scales of shape w.shape[:-1])."""
+    """Per-row (last dim) int6 quantization: (int8 values in [-31, 31], fp16 scales of shape w.shape[:-1]).
+    The clip candidates (quantiles of |w|) need only the top few |w| of each row, not a sort of the row."""
     w = w.detach().float()
-    sorted_abs = w.abs().sort(dim=-1).values
+    n = w.shape[-1]
+    top = w.abs().topk(top_values_needed(n, clip_candidates), dim=-1).values
     best_q = best_s = best_err = None
     for p in clip_candidates:
-        clip = _row_quantile(sorted_abs, p)
+        clip = _row_quantile(top, n, p)
         scale = torch.clamp(clip / INT6_MAX, min=1.0 / INT6_MAX)
         q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -INT6_MAX, INT6_MAX)
         err = (w - q * scale).square().sum(dim=-1, keepdim=True)
@@ -1461,7 +1472,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-tensor int6: clip at the 0.9999984 quantile of |w|, one fp32 scale (0-dim)."""
     w = t.detach().float()
-    clip = float(_row_quantile(w.abs().flatten().sort().values, INT6_TENSOR_CLIP_Q))
+    flat = w.abs().flatten()
+    top = flat.topk(top_values_needed(flat.numel(), [INT6_TENSOR_CLIP_Q])).values
+    clip = float(_row_quantile(top, flat.numel(), INT6_TENSOR_CLIP_Q))
     scale = torch.tensor(clip / INT6_MAX if clip > 0 else 1.0, dtype=torch.float32)
     q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -INT6_MAX, INT6_MAX)
     return q.to(torch.int8), scale
@@ -1780,10 +1793,12 @@ def timed_eval(name: str, fn) -> EvalResult:
 # order; probs() backs off from the highest order whose context count >= min_count (order 0 = unmatched).
 # Exact: per order a sorted table of 64-bit context keys (ids packed exactly while they fit in 60 bits, then a
 # splitmix64 chain) with counts and append-only dense ids, and a sorted table of pair keys id*V + token with
-# counts, so sum_v pair(c, v) = ctx(c) exactly and p_ngram is a distribution. Lookups are searchsorted; a chunk
-# is merged by inserting its new keys (O(table) copy, no re-sort). Memory, worst case (every context new):
+# counts, so sum_v pair(c, v) = ctx(c) exactly and p_ngram is a distribution. Each table is a few sorted runs
+# (SortedRuns, a log-structured merge): a chunk's new keys become a new run, merged into the previous run until that
+# one is LSM_GROWTH times larger, so the tables grow without a per-chunk copy of everything; lookups are one
+# searchsorted per run (<= log4 of the growth, ~6 runs at 62 M tokens). Memory, worst case (every context new):
 # 28 B per position per order (ctx 8+4+4, pair 8+4) = 1.7 GB/order at 62 M tokens, < 14 GB for orders 2..9,
-# plus ~2x the largest table transiently while merging; low orders are tiny (order 2: <= V contexts).
+# plus ~2x the largest run transiently while merging; low orders are tiny (order 2: <= V contexts).
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64, 0x9E3779B97F4A7C15 - 2**64
 
 
@@ -1820,16 +1835,61 @@ def _insert(keys: torch.Tensor, vals: tuple, new_keys: torch.Tensor, new_vals: t
     return out
 
 
+LSM_GROWTH = 4  # a new run is merged into the run before it until that one is at least this many times larger
+
+
+class SortedRuns:
+    """Exact map int64 key -> value columns, stored as sorted runs of unique keys; every key lives in one run.
+    Column 0 of a run is its keys, columns 1.. its values."""
+
+    def __init__(self, value_dtypes: tuple[torch.dtype, ...], device):
+        self.dtypes, self.device = value_dtypes, device
+        self.runs: list[list[torch.Tensor]] = []
+
+    @property
+    def size(self) -> int:
+        return sum(run[0].numel() for run in self.runs)
+
+    def find(self, q: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """(per run (index, present?), present in any run?) for every query key."""
+        found = [_find(run[0], q) for run in self.runs]
+        hit = torch.zeros_like(q, dtype=torch.bool)
+        for _, h in found:
+            hit |= h
+        return found, hit
+
+    def gather(self, col: int, found: list) -> torch.Tensor:
+        """Value column `col` (int64) of every query from find(); 0 where absent."""
+        out = None
+        for run, (idx, hit) in zip(self.runs, found):
+            v = torch.where(hit, run[col][idx].long(), 0)
+            out = v if out is None else out + v  # at most one run holds each key
+        return out
+
+    def add(self, col: int, found: list, amount: torch.Tensor) -> None:
+        """Value column `col` += amount for every (unique) query present; in place, no table copy."""
+        for run, (idx, hit) in zip(self.runs, found):
+            run[col].index_add_(0, idx[hit], amount[hit].to(run[col].dtype))
+
+    def insert(self, keys: torch.Tensor, values: tuple) -> None:
+        """Add sorted unique absent keys with their value columns as a new run, then merge runs as needed."""
+        if keys.numel() == 0:
+            return
+        self.runs.append([keys, *(v.to(d) for v, d in zip(values, self.dtypes))])
+        while len(self.runs) >= 2 and self.runs[-2][0].numel() < LSM_GROWTH * self.runs[-1][0].numel():
+            new, old = self.runs.pop(), self.runs.pop()
+            self.runs.append(_insert(old[0], tuple(old[1:]), new[0], tuple(new[1:])))
+
+
 class ExactNgramCache:
     """Exact next-token counts per context (SPEC §10.4 D1); p_ngram(.|c) sums to 1 for every matched context."""
 
     def __init__(self, vocab_size: int, *, min_order: int, max_order: int, min_count: int, device):
         self.V, self.min_order, self.max_order, self.min_count = vocab_size, min_order, max_order, min_count
         self.bits = max(1, (vocab_size - 1).bit_length())
-        e64, e32 = (torch.empty(0, dtype=d, device=device) for d in (torch.int64, torch.int32))
         n = max_order - min_order + 1
-        self.ctx = [[e64, e32, e32] for _ in range(n)]  # sorted keys, counts, dense ids
-        self.pairs = [[e64, e32] for _ in range(n)]  # sorted id*V + token, counts
+        self.ctx = [SortedRuns((torch.int32, torch.int32), device) for _ in range(n)]  # key -> count, dense id
+        self.pairs = [SortedRuns((torch.int32,), device) for _ in range(n)]  # id*V + token -> count
         self.next_id = [0] * n
 
     def _context_keys(self, tokens: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
@@ -1846,6 +1906,7 @@ class ExactNgramCache:
                 out.append(k)
         return out
 
+    @torch.inference_mode()  # the runs are updated in place; inference tensors may only be changed in this mode
     def update(self, tokens: torch.Tensor, start: int, end: int) -> None:
         """Count the targets at positions [start, end) under their context of every order."""
         pos = torch.arange(start, end, device=tokens.device)
@@ -1857,36 +1918,34 @@ class ExactNgramCache:
             ctx, inv, cnt = torch.unique(key[lo:], return_inverse=True, return_counts=True)
             ids = self._add(i, ctx, cnt)
             pk, pcnt = torch.unique(ids[inv] * self.V + tgt[lo:], return_counts=True)
-            keys, counts = self.pairs[i]
-            idx, hit = _find(keys, pk)
-            counts = counts.index_add(0, idx[hit], pcnt[hit].to(counts.dtype))
-            self.pairs[i] = _insert(keys, (counts,), pk[~hit], (pcnt[~hit],))
+            found, hit = self.pairs[i].find(pk)
+            self.pairs[i].add(1, found, pcnt)
+            self.pairs[i].insert(pk[~hit], (pcnt[~hit],))
 
     def _add(self, i: int, ctx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
         """Add context counts of order index i; returns the (stable) dense id of every context."""
-        keys, counts, ids = self.ctx[i]
-        idx, hit = _find(keys, ctx)
+        table = self.ctx[i]
+        found, hit = table.find(ctx)
+        table.add(1, found, cnt)
         new_ids = self.next_id[i] + torch.cumsum(~hit, 0) - 1
-        out = torch.where(hit, ids[idx].long(), new_ids) if keys.numel() else new_ids
-        counts = counts.index_add(0, idx[hit], cnt[hit].to(counts.dtype))
-        fresh = (~hit).nonzero().squeeze(1)
-        self.next_id[i] += fresh.numel()
-        self.ctx[i] = _insert(keys, (counts, ids), ctx[fresh], (cnt[fresh], new_ids[fresh]))
+        out = torch.where(hit, table.gather(2, found), new_ids) if table.runs else new_ids
+        fresh = ~hit
+        self.next_id[i] += int(fresh.sum())
+        table.insert(ctx[fresh], (cnt[fresh], new_ids[fresh]))
         return out
 
     def lookup(self, tokens: torch.Tensor, pos: torch.Tensor):
         """(order, ctx_count, ctx_id) of the highest order with ctx_count >= min_count; order 0 = unmatched."""
         order, cc, cid = torch.zeros_like(pos), torch.zeros_like(pos), torch.zeros_like(pos)
         for i, key in reversed(list(enumerate(self._context_keys(tokens, pos)))):
-            keys, counts, ids = self.ctx[i]
-            n = self.min_order + i
-            idx, hit = _find(keys, key)
-            if keys.numel() == 0:
+            table, n = self.ctx[i], self.min_order + i
+            if not table.runs:
                 continue
-            c = torch.where(hit & (pos >= n - 1), counts[idx].long(), 0)
+            found, _ = table.find(key)
+            c = torch.where(pos >= n - 1, table.gather(1, found), 0)
             take = (order == 0) & (c >= self.min_count)
             order, cc = torch.where(take, n, order), torch.where(take, c, cc)
-            cid = torch.where(take, ids[idx].long(), cid)
+            cid = torch.where(take, table.gather(2, found), cid)
         return order, cc, cid
 
     def probs(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor):
@@ -1894,10 +1953,9 @@ class ExactNgramCache:
         order, cc, cid = self.lookup(tokens, pos)
         shape = (-1,) + (1,) * (cand.dim() - 1)
         pk, pc = cid.view(shape) * self.V + cand, torch.zeros_like(cand)
-        for i, (keys, counts) in enumerate(self.pairs):
-            idx, hit = _find(keys, pk)
-            if keys.numel():
-                pc = torch.where(hit & (order.view(shape) == self.min_order + i), counts[idx].long(), pc)
+        for i, table in enumerate(self.pairs):
+            if table.runs:
+                pc = torch.where(order.view(shape) == self.min_order + i, table.gather(1, table.find(pk)[0]), pc)
         return order, pc.double() / cc.clamp(min=1).double().view(shape)
 
 
