@@ -19,6 +19,7 @@ exactly once, and is computed on the model rebuilt from the artifact bytes. Noth
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -467,16 +468,28 @@ def find_shards(data_path: str, split: str) -> list[str]:
 
 
 class TokenStream:
-    """Cyclic stream over the train shards in name order; identical on every rank."""
+    """Cyclic stream over the train shards in name order; identical on every rank. The next shard is read (and, the
+    first time only, its token ids checked against the vocabulary) in a background thread while the current one is
+    consumed, so neither the read nor the check sits on the training step's critical path."""
 
     def __init__(self, files: list[str], vocab_size: int | None = None):
         self.files, self.vocab_size = files, vocab_size
+        self.checked: set[int] = set()  # indices of shards whose token ids were validated
+        self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
         self.file_index, self.pos = 0, 0
-        self.tokens = read_shard(files[0], vocab_size)
+        self.tokens = self._read(0)
+        self.upcoming = self.reader.submit(self._read, 1 % len(files))
+
+    def _read(self, index: int) -> np.ndarray:
+        check = self.vocab_size if index not in self.checked else None
+        tokens = read_shard(self.files[index], check)
+        self.checked.add(index)
+        return tokens
 
     def _advance(self) -> None:
         self.file_index = (self.file_index + 1) % len(self.files)
-        self.tokens, self.pos = read_shard(self.files[self.file_index], self.vocab_size), 0
+        self.tokens, self.pos = self.upcoming.result(), 0  # re-raises a ShardError from the reader thread
+        self.upcoming = self.reader.submit(self._read, (self.file_index + 1) % len(self.files))
 
     def take(self, n: int) -> np.ndarray:
         parts, left, empty = [], n, 0
