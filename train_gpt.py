@@ -20,12 +20,14 @@ exactly once, and is computed on the model rebuilt from the artifact bytes. Noth
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
 import difflib
 import glob
 import hashlib
+import importlib
 import io
 import math
 import os
@@ -35,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -346,12 +348,22 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def all_ranks_any(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag true on every rank if it is true on any rank (one MAX all-reduce), so all ranks branch alike."""
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+class StepStatus(NamedTuple):
+    elapsed_ms: float  # the largest training time of any rank: every rank schedules LR and QAT from it
+    stop: bool  # some rank asked to stop (wall-clock cap)
+    nonfinite: bool  # some rank's loss is NaN or inf
+
+
+def reduce_step_status(loss: torch.Tensor, elapsed_ms: float, stop: bool) -> StepStatus:
+    """A training step's one blocking host sync: MAX over ranks of (elapsed ms, stop flag, non-finite loss flag).
+    The tensor is filled on the device (no host-to-device copy); only the reduced result is read back."""
+    t = torch.full((3,), float(elapsed_ms), dtype=torch.float64, device=loss.device)
+    t[1] = float(stop)
+    t[2] = (~torch.isfinite(loss.detach())).to(torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    elapsed, stop_flag, nonfinite = t.tolist()
+    return StepStatus(elapsed, stop_flag > 0, nonfinite > 0)
 
 
 def synchronize(rt: Runtime) -> None:
@@ -469,16 +481,28 @@ def find_shards(data_path: str, split: str) -> list[str]:
 
 
 class TokenStream:
-    """Cyclic stream over the train shards in name order; identical on every rank."""
+    """Cyclic stream over the train shards in name order; identical on every rank. The next shard is read (and, the
+    first time only, its token ids checked against the vocabulary) in a background thread while the current one is
+    consumed, so neither the read nor the check sits on the training step's critical path."""
 
     def __init__(self, files: list[str], vocab_size: int | None = None):
         self.files, self.vocab_size = files, vocab_size
+        self.checked: set[int] = set()  # indices of shards whose token ids were validated
+        self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
         self.file_index, self.pos = 0, 0
-        self.tokens = read_shard(files[0], vocab_size)
+        self.tokens = self._read(0)
+        self.upcoming = self.reader.submit(self._read, 1 % len(files))
+
+    def _read(self, index: int) -> np.ndarray:
+        check = self.vocab_size if index not in self.checked else None
+        tokens = read_shard(self.files[index], check)
+        self.checked.add(index)
+        return tokens
 
     def _advance(self) -> None:
         self.file_index = (self.file_index + 1) % len(self.files)
-        self.tokens, self.pos = read_shard(self.files[self.file_index], self.vocab_size), 0
+        self.tokens, self.pos = self.upcoming.result(), 0  # re-raises a ShardError from the reader thread
+        self.upcoming = self.reader.submit(self._read, (self.file_index + 1) % len(self.files))
 
     def take(self, n: int) -> np.ndarray:
         parts, left, empty = [], n, 0
@@ -608,23 +632,34 @@ def load_val_data(h: Hyperparameters, sp) -> ValData:
 INT6_MAX = 31
 
 
-def _row_quantile(sorted_abs: torch.Tensor, p: float) -> torch.Tensor:
-    """Linear-interpolation quantile (torch.quantile's rule) of each row of an already sorted tensor, keepdim."""
-    pos = p * (sorted_abs.shape[-1] - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, sorted_abs.shape[-1] - 1)
-    frac = pos - lo
-    a, b = sorted_abs[..., lo:lo + 1], sorted_abs[..., hi:hi + 1]
-    return a + (b - a) * frac
+def _quantile_rank(n: int, p: float) -> tuple[int, int, float]:
+    """torch.quantile's linear rule for n sorted values: rank = float32(p)·(n−1) in float32 -> (floor, ceil, weight)."""
+    rank = np.float32(p) * np.float32(n - 1)
+    lo = int(np.floor(rank))
+    return lo, int(np.ceil(rank)), float(rank - np.float32(lo))
+
+
+def top_values_needed(n: int, quantiles) -> int:
+    """How many of a row's largest values determine all the given quantiles of the row."""
+    return n - min(_quantile_rank(n, p)[0] for p in quantiles)
+
+
+def _row_quantile(top: torch.Tensor, n: int, p: float) -> torch.Tensor:
+    """torch.quantile(x, p, dim=-1, keepdim=True), bit for bit (float32 rank, lerp in x's dtype), from
+    top = x.topk(k, dim=-1).values with k >= top_values_needed(n, [p]); ascending index j is top index n−1−j."""
+    lo, hi, weight = _quantile_rank(n, p)
+    return torch.lerp(top[..., n - 1 - lo:n - lo], top[..., n - 1 - hi:n - hi], weight)
 
 
 def quantize_int6_rows(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES):
-    """Per-row (last dim) int6 quantization: (int8 values in [-31, 31], fp16 scales of shape w.shape[:-1])."""
+    """Per-row (last dim) int6 quantization: (int8 values in [-31, 31], fp16 scales of shape w.shape[:-1]).
+    The clip candidates (quantiles of |w|) need only the top few |w| of each row, not a sort of the row."""
     w = w.detach().float()
-    sorted_abs = w.abs().sort(dim=-1).values
+    n = w.shape[-1]
+    top = w.abs().topk(top_values_needed(n, clip_candidates), dim=-1).values
     best_q = best_s = best_err = None
     for p in clip_candidates:
-        clip = _row_quantile(sorted_abs, p)
+        clip = _row_quantile(top, n, p)
         scale = torch.clamp(clip / INT6_MAX, min=1.0 / INT6_MAX)
         q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -INT6_MAX, INT6_MAX)
         err = (w - q * scale).square().sum(dim=-1, keepdim=True)
@@ -741,7 +776,9 @@ def mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tens
 
 
 # Attention backends: fn(q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,H,D], causal, GQA (head h reads kv head
-# h // (H/Hkv)). Chosen once by select_attention: FlashAttention-3, then FlashAttention-4 (CUDA only), else SDPA.
+# h // (H/Hkv)). select_attention picks the first candidate that really runs: it must load, run forward and
+# backward on bf16 inputs in the model's head layout (inside torch.compile(fullgraph=True) when compiling) and
+# agree with SDPA. Candidates that fail are skipped with a one-line reason; SDPA is the last resort.
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention with PyTorch SDPA (works on every device)."""
@@ -750,38 +787,87 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return y.transpose(1, 2)
 
 
-def _flash_backend(flash_attn_func):
-    """Wrap a FlashAttention `flash_attn_func` (layout [B,T,H,D]); some versions also return the LSE."""
-    def attend(q, k, v):
-        out = flash_attn_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    return attend
+def _flash_backend(module: str):
+    """Loader of a FlashAttention `flash_attn_func` (layout [B,T,H,D]); some versions also return the LSE."""
+    def load():
+        flash_attn_func = importlib.import_module(module).flash_attn_func
+
+        def attend(q, k, v):
+            out = flash_attn_func(q, k, v, causal=True)
+            return out[0] if isinstance(out, tuple) else out
+        return attend
+    return load
 
 
-FLASH_BACKENDS = (("fa3", "flash_attn_interface"), ("fa4", "flash_attn.cute"))  # (name, module with flash_attn_func)
+class AttentionCandidate(NamedTuple):
+    name: str
+    load: Callable[[], Callable]  # returns the backend fn; raises if it is not available
+    cuda_only: bool = False
 
 
-def _agrees_with_sdpa(fn, device: torch.device) -> bool:
-    """Probe a backend on a small bf16 GQA problem; it must match SDPA, head mapping included."""
+class AttentionChoice(NamedTuple):
+    name: str
+    fn: Callable
+    skipped: tuple[tuple[str, str], ...]  # (candidate name, one-line reason) of every candidate not used
+
+
+ATTENTION_CANDIDATES = (
+    AttentionCandidate("fa3", _flash_backend("flash_attn_interface"), cuda_only=True),
+    AttentionCandidate("fa4", _flash_backend("flash_attn.cute"), cuda_only=True),
+    AttentionCandidate("sdpa", lambda: sdpa_attention),
+)
+
+
+def _probe_attention(fn, device: torch.device, layout: tuple[int, int, int], compile_backend: str | None) -> None:
+    """Forward + backward of fn on bf16 [1, 256, H|Hkv, D] inputs (compiled with fullgraph when a backend is
+    given); raises if anything fails or the output (0.05 abs) or gradients (2% of max) disagree with fp32 SDPA."""
+    heads, kv_heads, head_dim = layout
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 256, n, 64, generator=g).to(device, torch.bfloat16) for n in (4, 2, 2))
-    ref = sdpa_attention(q.float(), k.float(), v.float())
-    out = fn(q, k, v)
-    return out.shape == ref.shape and (out.float() - ref).abs().max().item() < 0.05
+    qkv = [torch.randn(1, 256, n, head_dim, generator=g).to(device, torch.bfloat16).requires_grad_()
+           for n in (heads, kv_heads, kv_heads)]
+    run = fn if compile_backend is None else torch.compile(fn, backend=compile_backend, fullgraph=True, dynamic=False)
+    out = run(*qkv)
+    out.float().square().sum().backward()
+    ref_in = [t.detach().float().requires_grad_() for t in qkv]
+    ref = sdpa_attention(*ref_in)
+    ref.square().sum().backward()
+    if out.shape != ref.shape or (out.float() - ref).abs().max().item() >= 0.05:
+        raise ValueError(f"output differs from SDPA (shape {tuple(out.shape)} vs {tuple(ref.shape)})")
+    for t, r in zip(qkv, ref_in):
+        if t.grad is None or (t.grad.float() - r.grad).abs().max().item() >= 0.02 * r.grad.abs().max().item():
+            raise ValueError("gradient differs from SDPA")
 
 
-def select_attention(device) -> tuple[str, callable]:
-    """(name, fn) of the first backend that imports and agrees with SDPA: fa3, fa4 (CUDA only), else sdpa."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        for name, module in FLASH_BACKENDS:
-            try:
-                fn = _flash_backend(__import__(module, fromlist=["flash_attn_func"]).flash_attn_func)
-                if _agrees_with_sdpa(fn, device):
-                    return name, fn
-            except Exception:  # not installed, wrong GPU or API drift: try the next backend
-                continue
-    return "sdpa", sdpa_attention
+def _one_line(e: BaseException) -> str:
+    """Type and first words of the innermost cause (compiler errors wrap the backend's own exception)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
+def select_attention(device, use_compile: bool, layout: tuple[int, int, int] = (8, 4, 64), *,
+                     candidates=ATTENTION_CANDIDATES, compile_backend: str = "inductor") -> AttentionChoice:
+    """The first candidate that passes _probe_attention for this device, head layout (H, Hkv, D) and compile
+    setting. No candidate passing is an error that names the fix."""
+    device, skipped = torch.device(device), []
+    for c in candidates:
+        if c.cuda_only and device.type != "cuda":
+            skipped.append((c.name, "needs CUDA"))
+            continue
+        try:
+            fn = c.load()
+            _probe_attention(fn, device, layout, compile_backend if use_compile else None)
+            return AttentionChoice(c.name, fn, tuple(skipped))
+        except Exception as e:  # not installed, untraceable, broken backward, wrong numbers: try the next one
+            skipped.append((c.name, _one_line(e)))
+    fix = "; set COMPILE=0 to run without torch.compile" if use_compile else ""
+    raise RuntimeError("no attention backend works here (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")" + fix)
+
+
+def attention_log_line(choice: AttentionChoice) -> str:
+    skipped = " ".join(f"skipped_{n}:[{r}]" for n, r in choice.skipped)
+    return f"attention backend:{choice.name}" + (f" {skipped}" if skipped else "")
 
 
 class Attention(nn.Module):
@@ -973,8 +1059,9 @@ def keeps_fp32(name: str, param: torch.Tensor, patterns) -> bool:
 
 def build_model(h: Hyperparameters, device, attn_fn=None) -> GPT:
     """Init on CPU in fp32, round every parameter through bf16 (as the reference's model-wide cast does), keep bf16
-    at rest only where keeps_fp32 says no, move to device. `model.attention_backend` names the kernel in use."""
-    name, fn = ("custom", attn_fn) if attn_fn is not None else select_attention(device)
+    at rest only where keeps_fp32 says no, move to device. attn_fn comes from select_attention (default SDPA);
+    `model.attention_backend` names the kernel in use."""
+    name, fn = ("custom", attn_fn) if attn_fn is not None else ("sdpa", sdpa_attention)
     model = GPT(h, fn)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -1414,7 +1501,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-tensor int6: clip at the 0.9999984 quantile of |w|, one fp32 scale (0-dim)."""
     w = t.detach().float()
-    clip = float(_row_quantile(w.abs().flatten().sort().values, INT6_TENSOR_CLIP_Q))
+    flat = w.abs().flatten()
+    top = flat.topk(top_values_needed(flat.numel(), [INT6_TENSOR_CLIP_Q])).values
+    clip = float(_row_quantile(top, flat.numel(), INT6_TENSOR_CLIP_Q))
     scale = torch.tensor(clip / INT6_MAX if clip > 0 else 1.0, dtype=torch.float32)
     q = torch.clamp(torch.round(torch.clamp(w, -clip, clip) / scale), -INT6_MAX, INT6_MAX)
     return q.to(torch.int8), scale
@@ -1763,10 +1852,12 @@ def score_lines(name: str, r: EvalResult) -> None:
 # order; probs() backs off from the highest order whose context count >= min_count (order 0 = unmatched).
 # Exact: per order a sorted table of 64-bit context keys (ids packed exactly while they fit in 60 bits, then a
 # splitmix64 chain) with counts and append-only dense ids, and a sorted table of pair keys id*V + token with
-# counts, so sum_v pair(c, v) = ctx(c) exactly and p_ngram is a distribution. Lookups are searchsorted; a chunk
-# is merged by inserting its new keys (O(table) copy, no re-sort). Memory, worst case (every context new):
+# counts, so sum_v pair(c, v) = ctx(c) exactly and p_ngram is a distribution. Each table is a few sorted runs
+# (SortedRuns, a log-structured merge): a chunk's new keys become a new run, merged into the previous run until that
+# one is LSM_GROWTH times larger, so the tables grow without a per-chunk copy of everything; lookups are one
+# searchsorted per run (<= log4 of the growth, ~6 runs at 62 M tokens). Memory, worst case (every context new):
 # 28 B per position per order (ctx 8+4+4, pair 8+4) = 1.7 GB/order at 62 M tokens, < 14 GB for orders 2..9,
-# plus ~2x the largest table transiently while merging; low orders are tiny (order 2: <= V contexts).
+# plus ~2x the largest run transiently while merging; low orders are tiny (order 2: <= V contexts).
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64, 0x9E3779B97F4A7C15 - 2**64
 
 
@@ -1803,16 +1894,61 @@ def _insert(keys: torch.Tensor, vals: tuple, new_keys: torch.Tensor, new_vals: t
     return out
 
 
+LSM_GROWTH = 4  # a new run is merged into the run before it until that one is at least this many times larger
+
+
+class SortedRuns:
+    """Exact map int64 key -> value columns, stored as sorted runs of unique keys; every key lives in one run.
+    Column 0 of a run is its keys, columns 1.. its values."""
+
+    def __init__(self, value_dtypes: tuple[torch.dtype, ...], device):
+        self.dtypes, self.device = value_dtypes, device
+        self.runs: list[list[torch.Tensor]] = []
+
+    @property
+    def size(self) -> int:
+        return sum(run[0].numel() for run in self.runs)
+
+    def find(self, q: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """(per run (index, present?), present in any run?) for every query key."""
+        found = [_find(run[0], q) for run in self.runs]
+        hit = torch.zeros_like(q, dtype=torch.bool)
+        for _, h in found:
+            hit |= h
+        return found, hit
+
+    def gather(self, col: int, found: list) -> torch.Tensor:
+        """Value column `col` (int64) of every query from find(); 0 where absent."""
+        out = None
+        for run, (idx, hit) in zip(self.runs, found):
+            v = torch.where(hit, run[col][idx].long(), 0)
+            out = v if out is None else out + v  # at most one run holds each key
+        return out
+
+    def add(self, col: int, found: list, amount: torch.Tensor) -> None:
+        """Value column `col` += amount for every (unique) query present; in place, no table copy."""
+        for run, (idx, hit) in zip(self.runs, found):
+            run[col].index_add_(0, idx[hit], amount[hit].to(run[col].dtype))
+
+    def insert(self, keys: torch.Tensor, values: tuple) -> None:
+        """Add sorted unique absent keys with their value columns as a new run, then merge runs as needed."""
+        if keys.numel() == 0:
+            return
+        self.runs.append([keys, *(v.to(d) for v, d in zip(values, self.dtypes))])
+        while len(self.runs) >= 2 and self.runs[-2][0].numel() < LSM_GROWTH * self.runs[-1][0].numel():
+            new, old = self.runs.pop(), self.runs.pop()
+            self.runs.append(_insert(old[0], tuple(old[1:]), new[0], tuple(new[1:])))
+
+
 class ExactNgramCache:
     """Exact next-token counts per context (SPEC §10.4 D1); p_ngram(.|c) sums to 1 for every matched context."""
 
     def __init__(self, vocab_size: int, *, min_order: int, max_order: int, min_count: int, device):
         self.V, self.min_order, self.max_order, self.min_count = vocab_size, min_order, max_order, min_count
         self.bits = max(1, (vocab_size - 1).bit_length())
-        e64, e32 = (torch.empty(0, dtype=d, device=device) for d in (torch.int64, torch.int32))
         n = max_order - min_order + 1
-        self.ctx = [[e64, e32, e32] for _ in range(n)]  # sorted keys, counts, dense ids
-        self.pairs = [[e64, e32] for _ in range(n)]  # sorted id*V + token, counts
+        self.ctx = [SortedRuns((torch.int32, torch.int32), device) for _ in range(n)]  # key -> count, dense id
+        self.pairs = [SortedRuns((torch.int32,), device) for _ in range(n)]  # id*V + token -> count
         self.next_id = [0] * n
 
     def _context_keys(self, tokens: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
@@ -1829,6 +1965,7 @@ class ExactNgramCache:
                 out.append(k)
         return out
 
+    @torch.inference_mode()  # the runs are updated in place; inference tensors may only be changed in this mode
     def update(self, tokens: torch.Tensor, start: int, end: int) -> None:
         """Count the targets at positions [start, end) under their context of every order."""
         pos = torch.arange(start, end, device=tokens.device)
@@ -1840,36 +1977,34 @@ class ExactNgramCache:
             ctx, inv, cnt = torch.unique(key[lo:], return_inverse=True, return_counts=True)
             ids = self._add(i, ctx, cnt)
             pk, pcnt = torch.unique(ids[inv] * self.V + tgt[lo:], return_counts=True)
-            keys, counts = self.pairs[i]
-            idx, hit = _find(keys, pk)
-            counts = counts.index_add(0, idx[hit], pcnt[hit].to(counts.dtype))
-            self.pairs[i] = _insert(keys, (counts,), pk[~hit], (pcnt[~hit],))
+            found, hit = self.pairs[i].find(pk)
+            self.pairs[i].add(1, found, pcnt)
+            self.pairs[i].insert(pk[~hit], (pcnt[~hit],))
 
     def _add(self, i: int, ctx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
         """Add context counts of order index i; returns the (stable) dense id of every context."""
-        keys, counts, ids = self.ctx[i]
-        idx, hit = _find(keys, ctx)
+        table = self.ctx[i]
+        found, hit = table.find(ctx)
+        table.add(1, found, cnt)
         new_ids = self.next_id[i] + torch.cumsum(~hit, 0) - 1
-        out = torch.where(hit, ids[idx].long(), new_ids) if keys.numel() else new_ids
-        counts = counts.index_add(0, idx[hit], cnt[hit].to(counts.dtype))
-        fresh = (~hit).nonzero().squeeze(1)
-        self.next_id[i] += fresh.numel()
-        self.ctx[i] = _insert(keys, (counts, ids), ctx[fresh], (cnt[fresh], new_ids[fresh]))
+        out = torch.where(hit, table.gather(2, found), new_ids) if table.runs else new_ids
+        fresh = ~hit
+        self.next_id[i] += int(fresh.sum())
+        table.insert(ctx[fresh], (cnt[fresh], new_ids[fresh]))
         return out
 
     def lookup(self, tokens: torch.Tensor, pos: torch.Tensor):
         """(order, ctx_count, ctx_id) of the highest order with ctx_count >= min_count; order 0 = unmatched."""
         order, cc, cid = torch.zeros_like(pos), torch.zeros_like(pos), torch.zeros_like(pos)
         for i, key in reversed(list(enumerate(self._context_keys(tokens, pos)))):
-            keys, counts, ids = self.ctx[i]
-            n = self.min_order + i
-            idx, hit = _find(keys, key)
-            if keys.numel() == 0:
+            table, n = self.ctx[i], self.min_order + i
+            if not table.runs:
                 continue
-            c = torch.where(hit & (pos >= n - 1), counts[idx].long(), 0)
+            found, _ = table.find(key)
+            c = torch.where(pos >= n - 1, table.gather(1, found), 0)
             take = (order == 0) & (c >= self.min_count)
             order, cc = torch.where(take, n, order), torch.where(take, c, cc)
-            cid = torch.where(take, ids[idx].long(), cid)
+            cid = torch.where(take, table.gather(2, found), cid)
         return order, cc, cid
 
     def probs(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor):
@@ -1877,10 +2012,9 @@ class ExactNgramCache:
         order, cc, cid = self.lookup(tokens, pos)
         shape = (-1,) + (1,) * (cand.dim() - 1)
         pk, pc = cid.view(shape) * self.V + cand, torch.zeros_like(cand)
-        for i, (keys, counts) in enumerate(self.pairs):
-            idx, hit = _find(keys, pk)
-            if keys.numel():
-                pc = torch.where(hit & (order.view(shape) == self.min_order + i), counts[idx].long(), pc)
+        for i, table in enumerate(self.pairs):
+            if table.runs:
+                pc = torch.where(order.view(shape) == self.min_order + i, table.gather(1, table.find(pk)[0]), pc)
         return order, pc.double() / cc.clamp(min=1).double().view(shape)
 
 
@@ -2165,8 +2299,9 @@ def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, co
 # ---------------------------------------------------------------------------------------------------------------
 # Training loop
 # One `train_step` serves the compile warm-up and training. Warm-up runs real steps, then restores model and
-# optimizer state exactly and restarts the data. The clock runs only around training steps (validation stops it);
-# the MAX-reduced stop flag makes every rank stop on the same step; a non-finite loss stops the run.
+# optimizer state exactly and restarts the data. The clock runs only around training steps (validation stops it).
+# One MAX all-reduce per step carries (elapsed time, stop flag, non-finite flag): every rank takes LR, QAT and the
+# stop decision from the same (largest) elapsed time, and a non-finite loss on any rank stops the run.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -2231,48 +2366,56 @@ def validate_during_training(model, val, h, rt, step, train_ms) -> None:
          f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
 
 
-def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime) -> TrainResult:
-    """The timed loop of SPEC §3.5; returns raw weights, the EMA and the SWA of EMA snapshots."""
+def maybe_start_qat(base_model, step: int, elapsed_ms: float, scale: float, h: Hyperparameters) -> None:
+    """Switch late QAT on (once) from the rank-agreed elapsed time, so every replica switches on the same step."""
+    if not base_model.qat_active and qat_should_start(elapsed_ms, h):
+        base_model.qat_active = True
+        log0(f"step:{step} QAT activated (time_frac={elapsed_ms / (1000.0 * h.max_wallclock_seconds):.3f}, "
+             f"scale={scale:.4f})")
+
+
+def stop_on_nonfinite(loss: torch.Tensor, step: int) -> None:
+    log0(f"nonfinite_loss step:{step} train_loss:{float(loss)}")
+    raise SystemExit(f"training diverged: non-finite loss at step {step}; lower the learning rates "
+                     "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+
+
+def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> TrainResult:
+    """The timed loop: returns raw weights, the EMA and the SWA of EMA snapshots. The clock runs only around training
+    steps (periodic validation pauses it); the last validation happens after training, outside the clock. Each step
+    has one blocking sync (reduce_step_status); the loss is read back only on log steps."""
     loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
     ema = EMA(base_model, h.ema_decay) if h.use_ema else None
     swa, cap_ms = SWA(), 1000.0 * h.max_wallclock_seconds
-    step, train_ms, stop_after = 0, 0.0, None
+    step, train_ms, status = 0, 0.0, StepStatus(0.0, False, False)
     synchronize(rt)
-    t0 = time.perf_counter()
-    while True:
-        last = step >= h.iterations or (stop_after is not None and step >= stop_after)
-        if should_validate(step, last, h):
+    t0 = clock()
+    while step < h.iterations and not status.stop:
+        if should_validate(step, False, h):
             synchronize(rt)
-            train_ms += 1000.0 * (time.perf_counter() - t0)
+            train_ms += 1000.0 * (clock() - t0)
             validate_during_training(model, val, h, rt, step, train_ms)
-            t0 = time.perf_counter()
-        if last:
-            break
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        scale = lr_scale(step, elapsed_ms, h)
-        if not base_model.qat_active and qat_should_start(elapsed_ms, h):
-            base_model.qat_active = True
-            log0(f"step:{step} QAT activated (time_frac={elapsed_ms / cap_ms:.3f}, scale={scale:.4f})")
-        loss = float(train_step(model, opt, loader, h, rt, step, scale))
+            t0 = clock()
+        scale = lr_scale(step, status.elapsed_ms, h)
+        maybe_start_qat(base_model, step, status.elapsed_ms, scale, h)
+        loss = train_step(model, opt, loader, h, rt, step, scale)
         if ema is not None:
             ema.update(base_model)
         step += 1
-        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
         if ema is not None and h.swa_enabled and scale < h.swa_lr_threshold and step % h.swa_every == 0:
             if swa.count == 0:
                 log0(f"swa:start step:{step}")
             swa.add(ema.state())
-        reached, diverged = all_ranks_any([cap_ms > 0 and approx_ms >= cap_ms, not math.isfinite(loss)], rt.device)
-        if diverged:
-            log0(f"nonfinite_loss step:{step} train_loss:{loss}")
-            raise SystemExit(f"training diverged: non-finite loss at step {step}; lower the learning rates "
-                             "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
-        if step <= 10 or step % h.train_log_every == 0 or reached or step == h.iterations:
-            log0(f"step:{step}/{h.iterations} train_loss:{loss:.4f} train_time:{approx_ms:.0f}ms "
-                 f"step_avg:{approx_ms / step:.2f}ms")
-        if reached and stop_after is None:
-            stop_after = step
-    if stop_after is not None and stop_after < h.iterations:
+        local_ms = train_ms + 1000.0 * (clock() - t0)
+        status = reduce_step_status(loss, local_ms, cap_ms > 0 and local_ms >= cap_ms)
+        if status.nonfinite:
+            stop_on_nonfinite(loss, step)
+        if step <= 10 or step % h.train_log_every == 0 or status.stop or step == h.iterations:
+            log0(f"step:{step}/{h.iterations} train_loss:{float(loss):.4f} train_time:{status.elapsed_ms:.0f}ms "
+                 f"step_avg:{status.elapsed_ms / step:.2f}ms")
+    synchronize(rt)
+    train_ms += 1000.0 * (clock() - t0)
+    if status.stop and step < h.iterations:
         log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
     log_peak_memory(rt)
     raw = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
@@ -2301,15 +2444,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def log_header(h: Hyperparameters, rt: Runtime, attention: str, use_compile: bool) -> int:
+def log_header(h: Hyperparameters, rt: Runtime, attention: AttentionChoice, use_compile: bool) -> int:
     """Settings, code identity and environment; the source text and versions go to the log file only."""
     text, code_bytes, sha = code_identity()
     for line in h.log_lines():
         log0(line)
     log0(f"code_bytes:{code_bytes} code_sha256:{sha}")
     log0(f"runtime device:{rt.device.type} world_size:{rt.world_size} "
-         f"grad_accum_steps:{h.grad_accum_steps(rt.world_size)} attention:{attention} "
+         f"grad_accum_steps:{h.grad_accum_steps(rt.world_size)} attention:{attention.name} "
          f"compile:{int(use_compile)} torch:{torch.__version__}")
+    log0(attention_log_line(attention))
     log0(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps(rt.world_size)}")
     log0(f"python:{sys.version.split()[0]} numpy:{np.__version__}", console=False)
     log0(text + "\n" + "=" * 100, console=False)
@@ -2349,7 +2493,9 @@ def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool
     opt = build_optimizers(base_model, h, rt)
     warmup_and_restore(model, base_model, opt, h, rt)
     result = train(model, base_model, opt, val, h, rt)
-    t_end = time.perf_counter()
+    t_end = time.perf_counter()  # everything from here on counts as post-training time
+    if should_validate(result.steps, True, h):
+        validate_during_training(model, val, h, rt, result.steps, result.train_time_ms)
     if h.diag_eval_candidates:
         diagnostic_evals(base_model, model, val, result, h, rt)
     over_limit = rt.is_main and export_artifact(export_state(result, h), h, code_bytes).over_limit
@@ -2372,8 +2518,9 @@ def main() -> None:
     rt = init_runtime(h)
     h.validate(rt.world_size)
     setup_logging(h, rt)
-    attention, attn_fn = select_attention(rt.device)
     use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
+    attention = select_attention(rt.device, use_compile, (h.num_heads, h.num_kv_heads, h.head_dim))
+    attn_fn = attention.fn
     code_bytes = log_header(h, rt, attention, use_compile)
     seed_everything(h.seed)
     val = load_val_data(h, load_tokenizer(h))

@@ -163,6 +163,24 @@ def test_stream_skips_empty_shards_and_rejects_all_empty(tmp_path):
         tg.TokenStream(empty).take(1)
 
 
+def test_stream_checks_each_shard_once_however_often_it_is_reread(tmp_path, monkeypatch):
+    files = write_position_shards(tmp_path, "pos", "train", [5, 7, 3])
+    reads, real = [], tg.read_shard
+    monkeypatch.setattr(tg, "read_shard", lambda path, vocab=None: reads.append((path, vocab)) or real(path, vocab))
+    stream = tg.TokenStream(files, vocab_size=16)
+    np.testing.assert_array_equal(np.concatenate([stream.take(5) for _ in range(9)]), np.arange(45) % 15)
+    checked = [path for path, vocab in reads if vocab == 16]
+    assert sorted(checked) == sorted(files)  # three cycles, every shard checked exactly once
+    assert len(reads) >= 9  # ... while every cycle re-reads the shards
+
+
+def test_stream_reports_a_bad_later_shard_by_name(tmp_path):
+    files = write_position_shards(tmp_path, "pos", "train", [4, 4])
+    stream = tg.TokenStream(files, vocab_size=6)  # shard 1 holds ids 4..7
+    with pytest.raises(tg.ShardError, match=r"pos_train_000001\.bin: token id 6 at index 2 >= vocab size 6"):
+        stream.take(6)
+
+
 def test_loader_batch_straddles_wrap(tmp_path):
     files = write_position_shards(tmp_path, "pos", "train", [6, 4])
     loader = tg.DistributedTokenLoader(files, make_runtime(1, 2))

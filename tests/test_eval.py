@@ -208,6 +208,33 @@ def test_exact_cache_matches_dict_reference_and_normalizes(vocab, alphabet):
         assert (order == hi).any()  # the hashed-key orders (8, 9 for a 10-bit vocab) are exercised
 
 
+def test_exact_cache_grows_in_few_geometric_runs_and_stays_exact():
+    """Many small chunks: the tables live in a few sorted runs, each >= LSM_GROWTH x the next, keys unique across
+    runs, and the counts still equal the dict reference."""
+    vocab, n, chunk = 16, 2400, 24
+    tokens = random_stream(n, vocab, 5)
+    cache = tg.ExactNgramCache(vocab, min_order=2, max_order=4, min_count=1, device=CPU)
+    most_runs = 0
+    for a in range(1, n, chunk):
+        cache.update(tokens, a, min(a + chunk, n + 1))
+        for table in cache.ctx + cache.pairs:
+            sizes = [run[0].numel() for run in table.runs]
+            assert all(big >= tg.LSM_GROWTH * small for big, small in zip(sizes, sizes[1:])), sizes
+            keys = torch.cat([run[0] for run in table.runs])
+            assert keys.unique().numel() == keys.numel()
+            most_runs = max(most_runs, len(sizes))
+    assert most_runs >= 3
+    t = tokens.tolist()
+    for i, order in enumerate(range(2, 5)):
+        ctx_ref, pair_ref = reference_counts(t, order, n + 1)
+        assert cache.ctx[i].size == len(ctx_ref) and cache.pairs[i].size == len(pair_ref)
+        pos = torch.arange(order - 1, n + 1)
+        key = cache._context_keys(tokens, pos)[i]
+        found, hit = cache.ctx[i].find(key)
+        want = [ctx_ref[tuple(t[p - order + 1:p])] for p in pos.tolist()]
+        assert bool(hit.all()) and cache.ctx[i].gather(1, found).tolist() == want
+
+
 def hashed_reference(t, lo, hi, min_count, buckets, upto, queries, vocab):
     """Straightforward Python version of SPEC §7.3.3-7.3.4: (order, p for every candidate) per query."""
     P = tg.NGRAM_PRIMES

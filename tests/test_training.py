@@ -1,10 +1,18 @@
 """Training loop pieces: the compile warm-up is undone exactly; one train step lowers the loss.
 Run: python3 -m pytest tests/test_training.py"""
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def setup(tiny, tiny_corpus, **overrides):
@@ -61,3 +69,30 @@ def test_train_steps_lower_the_loss(tiny, tiny_corpus):
     loader = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
     losses = [float(tg.train_step(model, opt, loader, h, rt, i, 1.0)) for i in range(12)]
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.slow
+def test_ranks_with_skewed_clocks_share_lr_qat_and_stop_step(tiny_corpus, tmp_path):
+    """Rank 1's clock runs 3.7x faster: the MAX-reduced elapsed time drives LR, QAT and the stop on both ranks."""
+    data, _, vocab = tiny_corpus
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "train_dist_worker.py"), data, str(vocab), str(tmp_path / "rank")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank.{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    qat_steps = [s["step"] for s in r0["seen"] if s["qat"]]
+    assert 0 < qat_steps[0] < r0["steps"] - 1 and qat_steps == list(range(qat_steps[0], r0["steps"]))
+    assert min(s["scale"] for s in r0["seen"]) < 1.0  # warm-down reached: the scale depends on the shared clock
+    assert r0["steps"] < 60  # stopped by rank 1's (faster) clock, before rank 0 alone would have
+
+
+def test_train_validates_periodically_but_leaves_the_last_validation_to_after_the_clock(tiny, tiny_corpus,
+                                                                                         monkeypatch):
+    h, rt, model, opt = setup(tiny, tiny_corpus, val_loss_every=3, iterations=6)
+    calls = []
+    monkeypatch.setattr(tg, "validate_during_training", lambda *args: calls.append(args[4]))
+    result = tg.train(model, model, opt, None, h, rt)
+    assert result.steps == 6 and calls == [3]
+    assert tg.should_validate(result.steps, True, h)  # train_and_export runs it after taking t_end

@@ -2,10 +2,13 @@
 targets in batches (p_ngram of the target, as the scorer does), then update the tables with the whole chunk.
 
   python3 tools/bench_ngram_cache.py --tokens 2000000 --device cpu
-  python3 tools/bench_ngram_cache.py --device cuda --json          # full 62,021,632-token validation size
+  python3 tools/bench_ngram_cache.py --tokens 16000000 --device cpu --json -   # growth: first vs last chunks
+  python3 tools/bench_ngram_cache.py --device cuda --json out.json             # full 62,021,632-token validation size
 
-Prints tokens/s for lookup, update and both, and peak memory (torch.cuda.max_memory_allocated on GPU, ru_maxrss
-on CPU). --world W looks up 1/W of every chunk (one rank of a W-GPU run; every rank updates the whole chunk).
+Prints tokens/s for lookup, update and both, the mean update time per chunk over the first and the last
+--edge-chunks updated chunks (flat = the tables grow without a per-chunk cost proportional to their size), and peak
+memory (torch.cuda.max_memory_allocated on GPU, ru_maxrss on CPU). --world W looks up 1/W of every chunk (one rank
+of a W-GPU run; every rank updates the whole chunk). --json PATH writes the figures as one JSON object ('-' = stdout).
 """
 import argparse
 import json
@@ -47,7 +50,8 @@ def peak_memory_bytes(device) -> int:
 
 def table_entries(cache) -> dict:
     if isinstance(cache, tg.ExactNgramCache):
-        return {"contexts": [int(c[0].numel()) for c in cache.ctx], "pairs": [int(p[0].numel()) for p in cache.pairs]}
+        return {"contexts": [c.size for c in cache.ctx], "pairs": [p.size for p in cache.pairs],
+                "runs": [len(t.runs) for t in cache.ctx + cache.pairs]}
     return {"buckets": int(cache.ctx.size(1))}
 
 
@@ -59,7 +63,7 @@ def run(args) -> dict:
              else tg.ExactNgramCache(args.vocab, **kw))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    lookup_s = update_s = 0.0
+    lookup_s, update_times = 0.0, []
     chunks = range(1, args.tokens + 1, args.chunk)
     with torch.inference_mode():
         for k, c0 in enumerate(chunks):
@@ -74,11 +78,15 @@ def run(args) -> dict:
             t1 = time.perf_counter()
             if c1 <= args.tokens:  # the last chunk is never read back (as in ngram_eval)
                 cache.update(tokens, c0, c1)
-            sync(device)
-            lookup_s, update_s = lookup_s + t1 - t0, update_s + time.perf_counter() - t1
+                sync(device)
+                update_times.append(time.perf_counter() - t1)
+            lookup_s += t1 - t0
             if args.log_every and (k + 1) % args.log_every == 0:
-                print(f"chunk {k + 1}/{len(chunks)} lookup:{lookup_s:.1f}s update:{update_s:.1f}s", file=sys.stderr)
+                print(f"chunk {k + 1}/{len(chunks)} lookup:{lookup_s:.1f}s update:{sum(update_times):.1f}s "
+                      f"last_update:{1000 * update_times[-1]:.1f}ms", file=sys.stderr)
+    update_s = sum(update_times)
     total = lookup_s + update_s
+    edge = update_times[:args.edge_chunks], update_times[-args.edge_chunks:]
     return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "mode": args.mode, "dist": args.dist, "tokens": args.tokens, "vocab": args.vocab, "chunk": args.chunk,
             "orders": [args.min_order, args.max_order], "world": args.world, "chunks": len(chunks),
@@ -86,10 +94,12 @@ def run(args) -> dict:
             "tokens_per_s": round(args.tokens / max(total, 1e-9)),
             "update_tokens_per_s": round(args.tokens / max(update_s, 1e-9)),
             "lookup_tokens_per_s": round(args.tokens / args.world / max(lookup_s, 1e-9)),
+            "update_ms_per_chunk_first": round(1000 * sum(edge[0]) / max(len(edge[0]), 1), 2),
+            "update_ms_per_chunk_last": round(1000 * sum(edge[1]) / max(len(edge[1]), 1), 2),
             "peak_memory_bytes": peak_memory_bytes(device), "tables": table_entries(cache)}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=62_021_632, help="number of targets (default: the val set)")
     p.add_argument("--vocab", type=int, default=1024)
@@ -105,14 +115,24 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100, help="progress to stderr every N chunks (0: off)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of key:value text")
-    args = p.parse_args()
+    p.add_argument("--edge-chunks", type=int, default=8, help="updated chunks averaged at the start and the end")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
+    args = p.parse_args(argv)
+    if args.tokens < 1 or args.chunk < 1 or args.edge_chunks < 1 or args.world < 1 or args.batch_positions < 1:
+        p.error("--tokens, --chunk, --edge-chunks, --world and --batch-positions must be >= 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     res = run(args)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(" ".join(f"{k}:{v}" for k, v in res.items() if k != "tables"))
-        print(f"tables {json.dumps(res['tables'])}")
+    out = sys.stderr if args.json == "-" else sys.stdout  # with --json -, stdout holds only the JSON
+    print(" ".join(f"{k}:{v}" for k, v in res.items() if k != "tables"), file=out)
+    print(f"tables {json.dumps(res['tables'])}", file=out)
+    if args.json == "-":
+        print(json.dumps(res, indent=2), flush=True)
+    elif args.json:
+        tg.write_file_atomic(args.json, (json.dumps(res, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -116,9 +116,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, h: tg.Hyperparameters, rt: tg.Runtime) -> dict:
     tg.seed_everything(h.seed)
-    attention, attn_fn = tg.select_attention(rt.device)
     use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
-    base_model = tg.build_model(h, rt.device, attn_fn)
+    choice = tg.select_attention(rt.device, use_compile, (h.num_heads, h.num_kv_heads, h.head_dim))
+    attention = choice.name
+    base_model = tg.build_model(h, rt.device, choice.fn)
     base_model.qat_active = args.qat
     model = tg.compile_model(base_model, use_compile)
     opt = tg.build_optimizers(base_model, h, rt)
