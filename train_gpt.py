@@ -10,7 +10,8 @@ Every setting is a field of `Hyperparameters`; override it with the upper-cased 
 Final log lines (grep these):
   final_int6_zstd_roundtrip_exact val_loss:… val_bpb:…   sliding-window score of the model rebuilt from the artifact
   ngram_eval_exact val_loss:… val_bpb:…                   the same model mixed with the exact, normalized n-gram cache
-  legal_ttt_exact / ttt_ngram_eval_exact val_loss:… val_bpb:…   USE_TTT=1: score-first test-time training (+ cache)
+  legal_ttt_exact val_loss:… val_bpb:…                    USE_TTT=1: score-first test-time training on a copy
+  ttt_ngram_eval_exact val_loss:… val_bpb:…               the adapted model mixed with the exact n-gram cache
   Total submission int6+zstd: … bytes                     compressed model + UTF-8 bytes of this file (limit 16,000,000)
 
 Compliance contract: every reported score is the code length of a distribution over the whole vocabulary that sums
@@ -2280,7 +2281,7 @@ def roundtrip_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> dict
     return results
 
 
-def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, compile_fn=None) -> dict[str, EvalResult]:
+def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, compile_fn=None) -> dict:
     """The TTT pass (USE_TTT=1) on a deep copy of `model`, whose own weights never change: 'model' is
     `legal_ttt`, 'ngram' (NGRAM_ENABLED) is `ttt_ngram_eval`, the adapted logits mixed with the same tables."""
     adapted = copy.deepcopy(model)
