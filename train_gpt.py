@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import importlib
 import io
 import math
 import os
@@ -34,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -728,7 +729,9 @@ def mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tens
 
 
 # Attention backends: fn(q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,H,D], causal, GQA (head h reads kv head
-# h // (H/Hkv)). Chosen once by select_attention: FlashAttention-3, then FlashAttention-4 (CUDA only), else SDPA.
+# h // (H/Hkv)). select_attention picks the first candidate that really runs: it must load, run forward and
+# backward on bf16 inputs in the model's head layout (inside torch.compile(fullgraph=True) when compiling) and
+# agree with SDPA. Candidates that fail are skipped with a one-line reason; SDPA is the last resort.
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention with PyTorch SDPA (works on every device)."""
@@ -737,38 +740,87 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return y.transpose(1, 2)
 
 
-def _flash_backend(flash_attn_func):
-    """Wrap a FlashAttention `flash_attn_func` (layout [B,T,H,D]); some versions also return the LSE."""
-    def attend(q, k, v):
-        out = flash_attn_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    return attend
+def _flash_backend(module: str):
+    """Loader of a FlashAttention `flash_attn_func` (layout [B,T,H,D]); some versions also return the LSE."""
+    def load():
+        flash_attn_func = importlib.import_module(module).flash_attn_func
+
+        def attend(q, k, v):
+            out = flash_attn_func(q, k, v, causal=True)
+            return out[0] if isinstance(out, tuple) else out
+        return attend
+    return load
 
 
-FLASH_BACKENDS = (("fa3", "flash_attn_interface"), ("fa4", "flash_attn.cute"))  # (name, module with flash_attn_func)
+class AttentionCandidate(NamedTuple):
+    name: str
+    load: Callable[[], Callable]  # returns the backend fn; raises if it is not available
+    cuda_only: bool = False
 
 
-def _agrees_with_sdpa(fn, device: torch.device) -> bool:
-    """Probe a backend on a small bf16 GQA problem; it must match SDPA, head mapping included."""
+class AttentionChoice(NamedTuple):
+    name: str
+    fn: Callable
+    skipped: tuple[tuple[str, str], ...]  # (candidate name, one-line reason) of every candidate not used
+
+
+ATTENTION_CANDIDATES = (
+    AttentionCandidate("fa3", _flash_backend("flash_attn_interface"), cuda_only=True),
+    AttentionCandidate("fa4", _flash_backend("flash_attn.cute"), cuda_only=True),
+    AttentionCandidate("sdpa", lambda: sdpa_attention),
+)
+
+
+def _probe_attention(fn, device: torch.device, layout: tuple[int, int, int], compile_backend: str | None) -> None:
+    """Forward + backward of fn on bf16 [1, 256, H|Hkv, D] inputs (compiled with fullgraph when a backend is
+    given); raises if anything fails or the output (0.05 abs) or gradients (2% of max) disagree with fp32 SDPA."""
+    heads, kv_heads, head_dim = layout
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 256, n, 64, generator=g).to(device, torch.bfloat16) for n in (4, 2, 2))
-    ref = sdpa_attention(q.float(), k.float(), v.float())
-    out = fn(q, k, v)
-    return out.shape == ref.shape and (out.float() - ref).abs().max().item() < 0.05
+    qkv = [torch.randn(1, 256, n, head_dim, generator=g).to(device, torch.bfloat16).requires_grad_()
+           for n in (heads, kv_heads, kv_heads)]
+    run = fn if compile_backend is None else torch.compile(fn, backend=compile_backend, fullgraph=True, dynamic=False)
+    out = run(*qkv)
+    out.float().square().sum().backward()
+    ref_in = [t.detach().float().requires_grad_() for t in qkv]
+    ref = sdpa_attention(*ref_in)
+    ref.square().sum().backward()
+    if out.shape != ref.shape or (out.float() - ref).abs().max().item() >= 0.05:
+        raise ValueError(f"output differs from SDPA (shape {tuple(out.shape)} vs {tuple(ref.shape)})")
+    for t, r in zip(qkv, ref_in):
+        if t.grad is None or (t.grad.float() - r.grad).abs().max().item() >= 0.02 * r.grad.abs().max().item():
+            raise ValueError("gradient differs from SDPA")
 
 
-def select_attention(device) -> tuple[str, callable]:
-    """(name, fn) of the first backend that imports and agrees with SDPA: fa3, fa4 (CUDA only), else sdpa."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        for name, module in FLASH_BACKENDS:
-            try:
-                fn = _flash_backend(__import__(module, fromlist=["flash_attn_func"]).flash_attn_func)
-                if _agrees_with_sdpa(fn, device):
-                    return name, fn
-            except Exception:  # not installed, wrong GPU or API drift: try the next backend
-                continue
-    return "sdpa", sdpa_attention
+def _one_line(e: BaseException) -> str:
+    """Type and first words of the innermost cause (compiler errors wrap the backend's own exception)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
+def select_attention(device, use_compile: bool, layout: tuple[int, int, int] = (8, 4, 64), *,
+                     candidates=ATTENTION_CANDIDATES, compile_backend: str = "inductor") -> AttentionChoice:
+    """The first candidate that passes _probe_attention for this device, head layout (H, Hkv, D) and compile
+    setting. No candidate passing is an error that names the fix."""
+    device, skipped = torch.device(device), []
+    for c in candidates:
+        if c.cuda_only and device.type != "cuda":
+            skipped.append((c.name, "needs CUDA"))
+            continue
+        try:
+            fn = c.load()
+            _probe_attention(fn, device, layout, compile_backend if use_compile else None)
+            return AttentionChoice(c.name, fn, tuple(skipped))
+        except Exception as e:  # not installed, untraceable, broken backward, wrong numbers: try the next one
+            skipped.append((c.name, _one_line(e)))
+    fix = "; set COMPILE=0 to run without torch.compile" if use_compile else ""
+    raise RuntimeError("no attention backend works here (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")" + fix)
+
+
+def attention_log_line(choice: AttentionChoice) -> str:
+    skipped = " ".join(f"skipped_{n}:[{r}]" for n, r in choice.skipped)
+    return f"attention backend:{choice.name}" + (f" {skipped}" if skipped else "")
 
 
 class Attention(nn.Module):
@@ -957,8 +1009,9 @@ def keeps_fp32(name: str, param: torch.Tensor, patterns) -> bool:
 
 def build_model(h: Hyperparameters, device, attn_fn=None) -> GPT:
     """Init on CPU in fp32, round every parameter through bf16 (as the reference's model-wide cast does), keep bf16
-    at rest only where keeps_fp32 says no, move to device. `model.attention_backend` names the kernel in use."""
-    name, fn = ("custom", attn_fn) if attn_fn is not None else select_attention(device)
+    at rest only where keeps_fp32 says no, move to device. attn_fn comes from select_attention (default SDPA);
+    `model.attention_backend` names the kernel in use."""
+    name, fn = ("custom", attn_fn) if attn_fn is not None else ("sdpa", sdpa_attention)
     model = GPT(h, fn)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -2129,15 +2182,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def log_header(h: Hyperparameters, rt: Runtime, attention: str, use_compile: bool) -> int:
+def log_header(h: Hyperparameters, rt: Runtime, attention: AttentionChoice, use_compile: bool) -> int:
     """Settings, code identity and environment; the source text and versions go to the log file only."""
     text, code_bytes, sha = code_identity()
     for line in h.log_lines():
         log0(line)
     log0(f"code_bytes:{code_bytes} code_sha256:{sha}")
     log0(f"runtime device:{rt.device.type} world_size:{rt.world_size} "
-         f"grad_accum_steps:{h.grad_accum_steps(rt.world_size)} attention:{attention} "
+         f"grad_accum_steps:{h.grad_accum_steps(rt.world_size)} attention:{attention.name} "
          f"compile:{int(use_compile)} torch:{torch.__version__}")
+    log0(attention_log_line(attention))
     log0(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps(rt.world_size)}")
     log0(f"python:{sys.version.split()[0]} numpy:{np.__version__}", console=False)
     log0(text + "\n" + "=" * 100, console=False)
@@ -2201,8 +2255,9 @@ def main() -> None:
     rt = init_runtime(h)
     h.validate(rt.world_size)
     setup_logging(h, rt)
-    attention, attn_fn = select_attention(rt.device)
     use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
+    attention = select_attention(rt.device, use_compile, (h.num_heads, h.num_kv_heads, h.head_dim))
+    attn_fn = attention.fn
     code_bytes = log_header(h, rt, attention, use_compile)
     seed_everything(h.seed)
     val = load_val_data(h, load_tokenizer(h))

@@ -193,8 +193,8 @@ def test_model_is_causal(tiny):
 
 
 def test_sdpa_backend_matches_explicit_gqa_attention():
-    name, fn = tg.select_attention("cpu")
-    assert name == "sdpa"
+    name, fn, skipped = tg.select_attention("cpu", use_compile=False, layout=(4, 2, 8))
+    assert name == "sdpa" and [n for n, _ in skipped] == ["fa3", "fa4"]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 5, n, 8, generator=g) for n in (4, 2, 2))
     kk, vv = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # query head h reads kv head h // 2
@@ -278,3 +278,60 @@ def test_autocast_runs_in_bf16_and_compiles(tiny):
         loss = compiled(x, y)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, model(x, y), atol=0.05, rtol=0.05)
+
+
+class _RaisingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward kernel not built for this GPU")
+
+
+def _breaks_under_compile(q, k, v):
+    torch._dynamo.graph_break()  # fine eagerly, refused by fullgraph=True
+    return tg.sdpa_attention(q, k, v)
+
+
+def _bad_backward(q, k, v):
+    return _RaisingBackward.apply(tg.sdpa_attention(q, k, v))
+
+
+def _wrong_numbers(q, k, v):
+    return tg.sdpa_attention(q, k, v) + 1.0
+
+
+def _candidates(*fns):
+    named = [tg.AttentionCandidate(f.__name__.strip("_"), lambda f=f: f) for f in fns]
+    return (*named, tg.AttentionCandidate("sdpa", lambda: tg.sdpa_attention))
+
+
+def test_select_attention_skips_backends_that_fail_under_compile_or_backward():
+    choice = tg.select_attention("cpu", True, (4, 2, 16), compile_backend="aot_eager",
+                                 candidates=_candidates(_breaks_under_compile, _bad_backward, _wrong_numbers))
+    assert choice.name == "sdpa" and choice.fn is tg.sdpa_attention
+    reasons = dict(choice.skipped)
+    assert list(reasons) == ["breaks_under_compile", "bad_backward", "wrong_numbers"]
+    assert "graph_break" in reasons["breaks_under_compile"]
+    assert "backward kernel not built" in reasons["bad_backward"]
+    assert "differs from SDPA" in reasons["wrong_numbers"]
+    assert all("\n" not in r for r in reasons.values())
+    line = tg.attention_log_line(choice)
+    assert line.startswith("attention backend:sdpa skipped_breaks_under_compile:[") and "\n" not in line
+
+
+def test_select_attention_eager_accepts_a_backend_that_only_breaks_under_compile():
+    choice = tg.select_attention("cpu", False, (4, 2, 16), candidates=_candidates(_breaks_under_compile))
+    assert choice.name == "breaks_under_compile" and choice.skipped == ()
+
+
+def test_select_attention_without_a_working_backend_names_the_fix():
+    only_bad = (tg.AttentionCandidate("broken", lambda: _breaks_under_compile),)
+    with pytest.raises(RuntimeError, match="COMPILE=0"):
+        tg.select_attention("cpu", True, (4, 2, 16), compile_backend="aot_eager", candidates=only_bad)
+    missing = (tg.AttentionCandidate("fa3", tg._flash_backend("no_such_flash_module")),)
+    with pytest.raises(RuntimeError, match="fa3: ModuleNotFoundError") as e:
+        tg.select_attention("cpu", False, (4, 2, 16), candidates=missing)
+    assert "COMPILE=0" not in str(e.value)
