@@ -143,7 +143,8 @@ def driver_version() -> str | None:
 
 def check_environment(pf: Preflight) -> None:
     cuda_ok = torch.cuda.is_available()
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda_ok else "-"
+    nccl = torch.cuda.nccl.version() if cuda_ok else "-"
+    nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
     driver = driver_version()
     versions = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda or "-",
                     nccl=nccl, driver=driver or "-")
