@@ -25,6 +25,9 @@ Elementwise work (norms, RoPE, XSA, gates, softcap, optimizer incl. Newton-Schul
 
 MFU = flops_per_token × tokens/s per device / peak, with peak the dense bf16 FLOP/s of the device (table below, by
 CUDA device name) or --peak-flops. On CPU, or on an unknown GPU without --peak-flops, mfu is null.
+
+The rig (build_rig) and the timed measurement (time_training) are shared with tools/preflight.py, which reports the
+same figures for QAT off and on; compile_s = warm-up time minus the warm-up steps at the measured rate.
 """
 import argparse
 import json
@@ -199,9 +202,8 @@ def report(res: dict, out) -> None:
     mem = " ".join(f"{k}:{v:.0f}" for k, v in res.items() if k.startswith("peak_memory"))
     print(f"device:{res['device']} world_size:{res['world_size']} torch:{res['torch']} "
           f"attention:{res['attention']} compile:{int(res['compile'])} qat:{int(res['qat'])} data:{res['data']}", file=out)
-    print(f"steps:{res['timed_steps']} (warmup {res['warmup_steps']}, {res['warmup_s']:.1f}s, compile ~{res['compile_s']:.1f}s) "
-          f"tokens/step:{res['tokens_per_step']} "
-          f"ms/step:{res['ms_per_step']:.2f} tokens/s:{res['tokens_per_s']:.0f} "
+    print(f"steps:{res['timed_steps']} (warmup {res['warmup_steps']}: {res['warmup_s']:.1f}s, compile "
+          f"~{res['compile_s']:.1f}s) tokens/step:{res['tokens_per_step']} ms/step:{res['ms_per_step']:.2f} tokens/s:{res['tokens_per_s']:.0f} "
           f"tokens/s/device:{res['tokens_per_s_per_device']:.0f}", file=out)
     print(f"flops/token:{res['flops_per_token']:.4g} (6N+6LTd, N={res['matmul_params']}) "
           f"achieved:{res['achieved_flops_per_device'] / 1e12:.3f} TFLOP/s/device mfu:{mfu} {mem} "

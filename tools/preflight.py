@@ -33,6 +33,7 @@ user error (bad setting, bad path), reported in one line.
 """
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -303,7 +304,7 @@ def projected_steps(h: tg.Hyperparameters, ms_plain: float, ms_qat: float) -> in
 
 def _step_reason(fig: dict) -> str:
     mfu = "n/a (no peak for this device)" if fig["mfu"] is None else f"{100 * fig['mfu']:.1f}%"
-    return (f"{fig['ms_per_step']:.1f} ms/step, {fig['tokens_per_s_per_device']:,.0f} tokens/s/device, MFU {mfu}; "
+    return (f"{fig['ms_per_step']:,.1f} ms/step, {fig['tokens_per_s_per_device']:,.0f} tokens/s/device, MFU {mfu}; "
             f"warm-up {fig['warmup_steps']} steps {fig['warmup_s']:.1f} s (compile ≈ {fig['compile_s']:.1f} s)")
 
 
@@ -523,7 +524,6 @@ def _manifest_fields(manifest: dict) -> dict:
 
 
 def _sha256(path: str) -> str | None:
-    import hashlib
     if not os.path.isfile(path):
         return None
     with open(path, "rb") as f:
