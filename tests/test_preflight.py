@@ -35,21 +35,24 @@ def run_tool(tmp_path, tiny_corpus, nproc=1):
     env.update(TINY_ENV, DATA_PATH=data_path, TOKENIZER_PATH=tok)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(launch + [str(TOOL), *TINY_ARGS, "--json", "-"], env=env, cwd=tmp_path,
+    out = "-" if nproc == 1 else str(tmp_path / "preflight.json")  # JSON on stdout (table on stderr) or in a file
+    proc = subprocess.run(launch + [str(TOOL), *TINY_ARGS, "--json", out], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout), proc.stderr
+    if out == "-":
+        return json.loads(proc.stdout), proc.stderr
+    return json.loads(Path(out).read_text()), proc.stdout
 
 
 def by_name(report):
     return {(c["section"], c["name"]): c for c in report["checks"]}
 
 
-def check_every_section(report, stderr, world):
+def check_every_section(report, text, world):
     checks = by_name(report)
     assert {c["section"] for c in report["checks"]} == set(preflight.SECTIONS)
     assert report["verdict"] == "ready" and report["world_size"] == world
-    assert "| section | check | status | detail |" in stderr and "preflight verdict:ready" in stderr
+    assert "| section | check | status | detail |" in text and "preflight verdict:ready" in text
     assert all(c["status"] in ("ok", "warn") for c in report["checks"])
     plain, qat = checks["training", "steps"]["figures"], checks["training", "steps_qat"]["figures"]
     assert plain["qat"] is False and qat["qat"] is True and plain["ms_per_step"] > 0 and qat["timed_steps"] == 2
@@ -64,8 +67,8 @@ def check_every_section(report, stderr, world):
 
 
 def test_one_process_every_section(tmp_path, tiny_corpus):
-    report, stderr = run_tool(tmp_path, tiny_corpus)
-    checks = check_every_section(report, stderr, 1)
+    report, text = run_tool(tmp_path, tiny_corpus)
+    checks = check_every_section(report, text, 1)
     for kind in ("all_reduce", "reduce_scatter", "all_gather"):
         assert checks["collectives", kind]["reason"] == "skipped (1 rank)"
     assert checks["attention", "backend"]["figures"]["backend"] == "sdpa"
@@ -73,8 +76,8 @@ def test_one_process_every_section(tmp_path, tiny_corpus):
 
 @pytest.mark.slow
 def test_two_ranks_gloo_every_section(tmp_path, tiny_corpus):
-    report, stderr = run_tool(tmp_path, tiny_corpus, nproc=2)
-    checks = check_every_section(report, stderr, 2)
+    report, text = run_tool(tmp_path, tiny_corpus, nproc=2)
+    checks = check_every_section(report, text, 2)
     # padded Muon bank buffers of the tiny model (L=2, d=64, kv_dim=32, hidden=192), bf16
     bank_bytes = 2 * (4 * 64 * 64 + 4 * 32 * 64 + 2 * 192 * 64 + 2 * 64 * 192)
     for kind in ("all_reduce", "reduce_scatter", "all_gather"):

@@ -302,10 +302,11 @@ def projected_steps(h: tg.Hyperparameters, ms_plain: float, ms_qat: float) -> in
     return min(h.iterations, int((1.0 - f) * cap_ms / ms_plain + f * cap_ms / ms_qat))
 
 
-def _step_reason(fig: dict) -> str:
+def _step_reason(fig: dict, use_compile: bool) -> str:
     mfu = "n/a (no peak for this device)" if fig["mfu"] is None else f"{100 * fig['mfu']:.1f}%"
+    compiled = f"compile ≈ {fig['compile_s']:.1f} s" if use_compile else "COMPILE off"
     return (f"{fig['ms_per_step']:,.1f} ms/step, {fig['tokens_per_s_per_device']:,.0f} tokens/s/device, MFU {mfu}; "
-            f"warm-up {fig['warmup_steps']} steps {fig['warmup_s']:.1f} s (compile ≈ {fig['compile_s']:.1f} s)")
+            f"warm-up {fig['warmup_steps']} steps {fig['warmup_s']:.1f} s ({compiled})")
 
 
 def check_training(pf: Preflight) -> None:
@@ -319,9 +320,10 @@ def check_training(pf: Preflight) -> None:
         fig = bench_train.time_training(pf.rig, h, rt, args.warmup, args.steps, peak)
         pf.train_figures["qat" if qat else "plain"] = fig
         finite = math.isfinite(fig["final_loss"])
-        pf.add("training", "steps_qat" if qat else "steps", "ok" if finite else "fail",
-               (f"QAT on: " if qat else "QAT off: ") + _step_reason(fig) + ("" if finite else
-               f"; non-finite loss {fig['final_loss']}"), **fig)
+        reason = ("QAT on: " if qat else "QAT off: ") + _step_reason(fig, pf.use_compile)
+        if not finite:
+            reason += f"; non-finite loss {fig['final_loss']}: lower the learning rates or check the data"
+        pf.add("training", "steps_qat" if qat else "steps", "ok" if finite else "fail", reason, **fig)
     pf.rig.base_model.qat_active = False
     _check_projection(pf)
     _check_memory(pf)
