@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, h: tg.Hyperparameters, rt: tg.Runtime) -> dict
     final_loss = float(loss.item())
 
     ms_per_step = 1000.0 * elapsed / args.steps
-    tokens_per_step = h.grad_accum_steps(rt.world_size) * h.train_micro_batch_tokens * rt.world_size
+    tokens_per_step = h.grad_accum_steps(rt.world_size) * h.micro_batch_tokens(rt.world_size) * rt.world_size
     tokens_per_s = tokens_per_step * args.steps / elapsed
     per_device = tokens_per_s / rt.world_size
     fpt = flops_per_token(h)
@@ -204,7 +204,7 @@ def main(argv=None) -> None:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=2)
                 f.write("\n")
-    tg.shutdown(rt, 0)
+    tg.shutdown(0)
 
 
 if __name__ == "__main__":
