@@ -268,3 +268,18 @@ def test_load_missing_or_corrupt_file(small_h, tmp_path):
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(tg.ArtifactError, match="bad.ptz: not a zstd artifact"):
         tg.load_artifact(str(bad))
+
+
+def test_only_the_current_format_is_read(small_h):
+    zstd = pytest.importorskip("zstandard")
+    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
+    obj = torch.load(io.BytesIO(zstd.ZstdDecompressor().decompress(blob)), weights_only=True)
+    old = {k: v for k, v in obj.items() if k != "__model_config__"}
+    old["__quant_format__"] = "int6_per_row_v1"  # the previous format had no model settings
+    buf = io.BytesIO()
+    torch.save(old, buf)
+    with pytest.raises(tg.ArtifactError, match="'int6_per_row_v1' is not 'int6_per_row_v2'; re-export"):
+        tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()))
+    config, state = tg.unpack_artifact(blob)  # the recorded settings rebuild the same model
+    assert config == tg.model_config(small_h)
+    tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config), "cpu").load_state_dict(state, strict=True)

@@ -69,6 +69,8 @@ PATTERNS: dict[str, re.Pattern] = {name: re.compile(rx) for name, rx in {
                      rf"eval_time:{_n('eval_time_ms')}ms"),
     "ngram_hashed_exact": rf"ngram_hashed_unnormalized_exact val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')}",
     "post_training_time": rf"post_training_time:{_i('ms')}ms",
+    "env_ignored": r"env_ignored name:(?P<name>\S+)",
+    "run_failed": r"run_failed reason:(?P<reason>\w+)(?: (?P<detail>.*))?",
 }.items()}
 
 # events kept as lists (all occurrences, in order); every other event keeps its last occurrence only
