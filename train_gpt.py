@@ -1601,7 +1601,7 @@ def require_zstd():
         import zstandard
     except ImportError:
         raise UserError("the int6+zstd artifact needs the `zstandard` package (pip install zstandard); "
-                           "there is deliberately no zlib fallback") from None
+                        "there is deliberately no zlib fallback") from None
     return zstandard
 
 
