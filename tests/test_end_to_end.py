@@ -114,7 +114,8 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
     shape = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ROPE_DIMS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
              "BIGRAM_DIM", "VOCAB_SIZE")
     env2 = {k: v for k, v in env.items() if k not in shape}  # the model is rebuilt from the artifact's record
-    env2.update(EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="again")
+    env2.update(EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="again", USE_TTT="1", TTT_CHUNK_TOKENS="512",
+                TTT_LR="0.01")
     out = run_script(env2)
     assert out.returncode == 0, out.stderr[-3000:]
     again = (tmp_path / "logs" / "again.txt").read_text()
@@ -125,7 +126,10 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
     assert re.search(r"^Total submission int6\+zstd: \d+ bytes$", again, re.M) and "hparam num_layers:2" in again
     pick = lambda log, key: re.search(rf"^{key} val_loss:\S+ val_bpb:\S+$", log, re.M).group(0)
     for key in ("final_int6_zstd_roundtrip_exact", "ngram_eval_exact"):
-        assert pick(first, key) == pick(again, key)
+        assert pick(first, key) == pick(again, key)  # the TTT pass (USE_TTT=1) leaves the plain scores alone
+    for key in ("legal_ttt_exact", "ttt_ngram_eval_exact"):
+        assert pick(again, key) and not re.search(rf"^{key} ", first, re.M)
+    assert re.search(r"^ttt_start chunks:4 chunk_tokens:512 ", again, re.M)
     assert not re.search(r"^step:\d+/\d+ train_loss:", again, re.M)
     assert not re.search(r"^Serialized model", again, re.M)
     conflicting = dict(env, EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="conflict", XSA_LAST_N="0",

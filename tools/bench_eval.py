@@ -1,0 +1,149 @@
+"""Benchmark the one evaluation pass: round trip alone vs round trip + exact n-gram from the same logits.
+
+  python3 tools/bench_eval.py                              # CPU, run.sh's demo model shape, 131,072 targets
+  python3 tools/bench_eval.py --tokens 200000 --json -     # figures as JSON on stdout
+  python3 tools/bench_eval.py --val-shards data/datasets/sample_sp1024 --json bench_eval.json
+
+Builds a randomly initialized model of the given shape (eval cost does not depend on the weights), then times
+scored_pass() of train_gpt.py with NGRAM_ENABLED=0 (the round trip alone: sliding windows, one forward per batch)
+and with NGRAM_ENABLED=1 (the same pass plus the n-gram scorer on the same log-probabilities, chunked, with the
+cache update after every chunk and the audit), --repeats times each, alternating, and reports medians and the
+ratio (target <= 1.15). The n-gram overhead is split into cache lookups (probs), cache updates and the rest
+(entropy, mixing, chunking). Tokens: a Zipf-like i.i.d. stream (many distinct long contexts: a hard case for the
+exact cache) or the first --tokens targets of the val shards under --val-shards. Model compile is off (CPU).
+"""
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_gpt as tg  # noqa: E402
+from bench_ngram_cache import make_stream  # noqa: E402
+from logparse import cli_parser  # noqa: E402
+
+
+def hparams(args) -> tg.Hyperparameters:
+    return tg.Hyperparameters(
+        vocab_size=args.vocab, num_layers=args.layers, model_dim=args.dim, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, xsa_last_n=min(2, args.layers), bigram_dim=32, eval_seq_len=args.seq_len,
+        eval_stride=args.stride, eval_batch_windows=args.batch_windows, ngram_chunk_tokens=args.chunk,
+        ngram_log_every=0, device=args.device, compile="0", run_id="bench_eval")
+
+
+def load_tokens(args) -> torch.Tensor:
+    if not args.val_shards:
+        return make_stream(args.tokens, args.vocab, "zipf", args.seed, torch.device("cpu"))
+    files = tg.find_shards(args.val_shards, "val")
+    tokens = torch.cat([torch.from_numpy(tg.read_shard(f, args.vocab).astype("int64")) for f in files])
+    if tokens.numel() < args.tokens + 1:
+        raise SystemExit(f"--val-shards {args.val_shards}: {tokens.numel() - 1} targets < --tokens {args.tokens}")
+    return tokens[:args.tokens + 1]
+
+
+class CacheTimer:
+    """Wraps a cache's probs/update with synchronized timers."""
+
+    def __init__(self, cache, rt):
+        self.cache, self.rt, self.seconds = cache, rt, {"lookup": 0.0, "update": 0.0}
+        for name, key in (("probs", "lookup"), ("update", "update")):
+            setattr(cache, name, self._timed(getattr(cache, name), key))
+
+    def _timed(self, fn, key):
+        def run(*a):
+            tg.synchronize(self.rt)
+            t0 = time.perf_counter()
+            out = fn(*a)
+            tg.synchronize(self.rt)
+            self.seconds[key] += time.perf_counter() - t0
+            return out
+        return run
+
+
+def timed_pass(model, val, h, rt, ngram: bool) -> dict:
+    timers = []
+    make = tg.make_ngram_cache
+
+    def make_timed(hh, device):
+        cache = make(hh, device)
+        timers.append(CacheTimer(cache, rt))
+        return cache
+
+    tg.make_ngram_cache = make_timed
+    try:
+        t0 = time.perf_counter()
+        res = tg.scored_pass(model, val, tg.dataclasses.replace(h, ngram_enabled=ngram), rt)
+        seconds = time.perf_counter() - t0
+    finally:
+        tg.make_ngram_cache = make
+    out = {"seconds": seconds, "bpb": {k: r.bpb for k, r in res.items()}}
+    if timers:
+        out.update({f"{k}_s": v for k, v in timers[0].seconds.items()})
+    return out
+
+
+def run(args) -> dict:
+    h = hparams(args)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu" if args.device == "auto" else args.device), False)
+    torch.manual_seed(args.seed)
+    model = tg.build_model(h, rt.device)
+    tokens = load_tokens(args)
+    val = tg.ValData(tokens, tg.ByteTables(torch.ones(args.vocab, dtype=torch.int16),
+                                           torch.zeros(args.vocab, dtype=torch.bool),
+                                           torch.zeros(args.vocab, dtype=torch.bool)))
+    warm = tg.ValData(tokens[:min(tokens.numel(), 4 * args.seq_len + 1)], val.tables)
+    timed_pass(model, warm, h, rt, True)  # first-call costs (allocator, lazy imports) outside the clock
+    alone, together = [], []
+    for _ in range(args.repeats):
+        alone.append(timed_pass(model, val, h, rt, False))
+        together.append(timed_pass(model, val, h, rt, True))
+    med = lambda runs, key: statistics.median(r[key] for r in runs)
+    t_alone, t_both = med(alone, "seconds"), med(together, "seconds")
+    lookup, update = med(together, "lookup_s"), med(together, "update_s")
+    return {"device": str(rt.device), "threads": torch.get_num_threads(), "tokens": args.tokens,
+            "model": {"layers": args.layers, "dim": args.dim, "vocab": args.vocab, "seq_len": args.seq_len,
+                      "stride": args.stride, "batch_windows": args.batch_windows,
+                      "params": sum(p.numel() for p in model.parameters())},
+            "chunk": args.chunk, "repeats": args.repeats, "roundtrip_s": round(t_alone, 3),
+            "roundtrip_plus_ngram_s": round(t_both, 3), "ratio": round(t_both / t_alone, 4),
+            "ngram_lookup_s": round(lookup, 3), "ngram_update_s": round(update, 3),
+            "ngram_other_s": round(t_both - t_alone - lookup - update, 3),
+            "roundtrip_tokens_per_s": round(args.tokens / t_alone), "bpb": together[-1]["bpb"],
+            "all_seconds": {"roundtrip": [round(r["seconds"], 3) for r in alone],
+                            "roundtrip_plus_ngram": [round(r["seconds"], 3) for r in together]}}
+
+
+def main(argv=None) -> None:
+    p = cli_parser(__doc__)
+    p.add_argument("--tokens", type=int, default=131_072, help="validation targets (>= 100,000 for the figure)")
+    p.add_argument("--val-shards", default="", help="DATA_PATH-style folder: use its val tokens instead of Zipf")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--stride", type=int, default=64)
+    p.add_argument("--batch-windows", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=8192, help="NGRAM_CHUNK_TOKENS")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
+    args = p.parse_args(argv)
+    res = run(args)
+    text = json.dumps(res, indent=2)
+    if args.json == "-":
+        print(text)
+        return
+    if args.json:
+        tg.write_file_atomic(args.json, text.encode())
+    print(" ".join(f"{k}:{v}" for k, v in res.items() if not isinstance(v, dict)))
+
+
+if __name__ == "__main__":
+    main()
