@@ -4,6 +4,7 @@ reason; the watchdog turns a hang into a message naming NCCL settings. Run: pyth
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -29,10 +30,10 @@ TINY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
 TINY_ARGS = ["--steps", "2", "--warmup", "1", "--eval-tokens", "1024", "--collective-iters", "2"]
 
 
-def run_tool(tmp_path, tiny_corpus, nproc=1):
+def run_tool(tmp_path, tiny_corpus, nproc=1, **extra_env):
     data_path, tok, _ = tiny_corpus
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(TINY_ENV, DATA_PATH=data_path, TOKENIZER_PATH=tok)
+    env.update(TINY_ENV, DATA_PATH=data_path, TOKENIZER_PATH=tok, **extra_env)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     out = "-" if nproc == 1 else str(tmp_path / "preflight.json")  # JSON on stdout (table on stderr) or in a file
@@ -66,9 +67,10 @@ def check_every_section(report, text, world):
     return checks
 
 
-def test_one_process_every_section(tmp_path, tiny_corpus):
-    report, text = run_tool(tmp_path, tiny_corpus)
+def test_one_process_every_section_with_ttt(tmp_path, tiny_corpus):
+    report, text = run_tool(tmp_path, tiny_corpus, USE_TTT="1", TTT_CHUNK_TOKENS="512")
     checks = check_every_section(report, text, 1)
+    assert set(checks["evaluation", "throughput"]["figures"]["seconds"]) == {"one_pass", "ttt"}
     for kind in ("all_reduce", "reduce_scatter", "all_gather"):
         assert checks["collectives", kind]["reason"] == "skipped (1 rank)"
     assert checks["attention", "backend"]["figures"]["backend"] == "sdpa"
@@ -83,6 +85,7 @@ def test_two_ranks_gloo_every_section(tmp_path, tiny_corpus):
     for kind in ("all_reduce", "reduce_scatter", "all_gather"):
         c = checks["collectives", kind]
         assert c["status"] == "ok" and c["figures"]["bytes"] == bank_bytes and c["figures"]["bus_bytes_per_s"] > 0
+    assert set(checks["evaluation", "throughput"]["figures"]["seconds"]) == {"one_pass"}  # TTT off
 
 
 @pytest.fixture
@@ -115,7 +118,7 @@ def test_no_data_fails_with_reason(tmp_path, tiny_corpus, one_thread):
     checks = preflight.run_checks(pf)
     s = statuses(checks)
     assert s["data", "shards"][0] == "fail" and "no train shards match" in s["data", "shards"][1]
-    assert s["data", "tokenizer"][0] == "fail" and "missing.model not found" in s["data", "tokenizer"][1]
+    assert s["data", "tokenizer"][0] == "fail" and "missing.model: cannot read" in s["data", "tokenizer"][1]
     assert s["training", "steps"][0] == "ok"  # timing still runs, on synthetic tokens
     assert "FineWeb" in s["evaluation", "projection"][1]
     assert preflight.verdict_line(checks).startswith("preflight verdict:not_ready")
@@ -144,20 +147,24 @@ def test_manifest_match_and_mismatch(tmp_path, tiny_corpus):
     shutil.copytree(tiny_corpus[0], data)
     pf = in_process(tiny_corpus, tmp_path, data_path=str(data))
     preflight.check_data(pf)
-    counts = statuses(pf.checks)
-    train_tokens = pf.data["train_tokens"]
-    manifest = {"tokenizer_sha256": preflight._sha256(tiny_corpus[1]), "vocab_size": 320,
-                "train": {"tokens": train_tokens}}
-    (data / "manifest.json").write_text(json.dumps(manifest))
-    pf.checks.clear()
-    preflight.check_data(pf)
-    assert statuses(pf.checks)["data", "manifest"][0] == "ok"
-    (data / "manifest.json").write_text(json.dumps(dict(manifest, vocab_size=1024)))
-    pf.checks.clear()
-    preflight.check_data(pf)
-    status, reason = statuses(pf.checks)["data", "manifest"]
-    assert status == "fail" and "vocab_size: manifest 1024 vs 320" in reason
-    assert counts["data", "manifest"][0] == "warn"
+    assert statuses(pf.checks)["data", "manifest"][0] == "warn"  # none yet
+    shards = {split: sorted(p.name for p in data.glob(f"*_{split}_*.bin")) for split in ("train", "val")}
+    counts = {split: sum(len(preflight.tg.read_shard(data / n)) for n in names) for split, names in shards.items()}
+    manifest = {"format": 1, "tokenizer_sha256": hashlib.sha256(Path(tiny_corpus[1]).read_bytes()).hexdigest(),
+                "vocab_size": 320, "splits": {s: {"shards": shards[s], "tokens": counts[s]} for s in shards}}
+
+    def manifest_check(m):
+        (data / "manifest.json").write_text(json.dumps(m))
+        pf.checks.clear()
+        preflight.check_data(pf)
+        return statuses(pf.checks)
+
+    assert manifest_check(manifest)["data", "manifest"][0] == "ok"
+    manifest["splits"]["val"]["tokens"] += 1
+    status, reason = manifest_check(manifest)["data", "manifest"]
+    assert status == "fail" and f"val.tokens: manifest {counts['val'] + 1} vs {counts['val']}" in reason
+    s = manifest_check(dict(manifest, tokenizer_sha256="0" * 64))
+    assert s["data", "tokenizer"][0] == "fail" and "is not the tokenizer the shards" in s["data", "tokenizer"][1]
 
 
 def test_watchdog_turns_a_hang_into_nccl_advice():
@@ -191,4 +198,4 @@ def test_user_error_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         preflight.main(TINY_ARGS)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and len(err.splitlines()) == 1 and "NUM_HEADS=5" in err
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and "NUM_HEADS=5" in err

@@ -33,7 +33,6 @@ user error (bad setting, bad path), reported in one line.
 """
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -57,6 +56,7 @@ import train_gpt as tg  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402
+import logparse  # noqa: E402
 
 SECTIONS = ("environment", "attention", "collectives", "training", "evaluation", "data")
 REFERENCE_STEPS, REFERENCE_MS_PER_STEP = 6772, 88.6  # the reference record on 8×H100 (600 s training cap)
@@ -64,7 +64,6 @@ EVAL_BUDGET_S = 600.0  # post-training evaluation limit of the challenge
 FINEWEB_VAL_TARGETS = 62_021_632  # FineWeb sp1024 validation split; used for projections when no val shards exist
 MIN_FREE_DISK_GIB = 20.0
 MEMORY_WARN_FRACTION = 0.9
-MANIFEST_NAME = "manifest.json"
 NCCL_HINT = ("set NCCL_DEBUG=INFO to see where it stops, then try NCCL_P2P_DISABLE=1, NCCL_IB_DISABLE=1 or "
              "NCCL_SOCKET_IFNAME=<the interface the ranks share>")
 
@@ -378,23 +377,20 @@ def eval_slice(pf: Preflight, targets: int) -> tg.ValData:
     return tg.ValData(tokens, tg.ByteTables(ones, no, no))
 
 
-def eval_model(pf: Preflight):
-    """A fresh model with the trained weights, compiled as the post-training evaluation compiles it."""
-    model = tg.build_model(pf.h, pf.rt.device, pf.attn_fn)
-    model.load_state_dict(pf.rig.base_model.state_dict(), strict=True)
-    return tg.compile_model(model, pf.use_compile)
-
-
-def _timed_evals(pf: Preflight, model, val: tg.ValData) -> dict:
-    """Seconds of each post-training eval on `val` (their log lines are swallowed)."""
-    evals = {"roundtrip": tg.sliding_eval}
-    if pf.h.ngram_enabled:
-        evals["ngram"] = tg.ngram_eval
+def _timed_evals(pf: Preflight, raw_model, val: tg.ValData) -> dict:
+    """Seconds of each post-training pass on `val`, as evaluate_artifact runs them: the one pass (round trip +
+    n-gram from the same logits) on the compiled model, then TTT (USE_TTT=1) on a copy. Their log lines are
+    swallowed."""
+    h, rt = pf.h, pf.rt
+    compiled = tg.compile_model(raw_model, pf.use_compile)
+    passes = {"one_pass": lambda: tg.roundtrip_eval(compiled, val, h, rt)}
+    if h.use_ttt:
+        passes["ttt"] = lambda: tg.ttt_eval(raw_model, val, h, rt, lambda m: tg.compile_model(m, pf.use_compile))
     seconds = {}
     with contextlib.redirect_stdout(io.StringIO()):
-        for name, fn in evals.items():
+        for name, run in passes.items():
             t0 = time.perf_counter()
-            fn(model, val, pf.h, pf.rt)
+            run()
             seconds[name] = time.perf_counter() - t0
     return seconds
 
@@ -404,44 +400,31 @@ def check_evaluation(pf: Preflight) -> None:
         pf.add("evaluation", "throughput", "fail", "not run: the model could not be built (see attention)")
         return
     h = pf.h
-    model = eval_model(pf)
+    model = tg.build_model(h, pf.rt.device, pf.attn_fn)  # a fresh model with the trained weights, as after export
+    model.load_state_dict(pf.rig.base_model.state_dict(), strict=True)
     t0 = time.perf_counter()
-    _timed_evals(pf, model, eval_slice(pf, 2 * h.eval_seq_len))  # compiles the eval graph
+    _timed_evals(pf, model, eval_slice(pf, 2 * (h.ttt_chunk_tokens if h.use_ttt else h.eval_seq_len)))  # compiles
     compile_s = time.perf_counter() - t0
     val = eval_slice(pf, pf.args.eval_tokens)
     seconds = _timed_evals(pf, model, val)
     n = val.num_targets
-    per_token = {k: s / n for k, s in seconds.items()}
+    what = "round trip + n-gram" if h.ngram_enabled else "round trip"
     rates = ", ".join(f"{k} {n / s:,.0f}" for k, s in seconds.items())
-    pf.add("evaluation", "throughput", "ok", f"{n:,} targets on {pf.rt.world_size} device(s): {rates} tokens/s "
-           f"(eval compile + warm-up {compile_s:.1f} s)", targets=n, seconds=seconds, compile_s=compile_s)
-    _check_eval_projection(pf, per_token, compile_s)
-
-
-def _ttt_seconds_per_token(pf: Preflight) -> tuple[float, str]:
-    """TTT cost per validation target: TTT_EPOCHS passes of forward + backward at the measured training rate, plus
-    the adapted scoring pass (counted by the caller); (0, why) when TTT is off or not in this build."""
-    h = pf.h
-    if not hasattr(h, "use_ttt"):
-        return 0.0, "TTT not in this build"
-    if not h.use_ttt:
-        return 0.0, "TTT off"
-    rate = pf.train_figures["plain"]["tokens_per_s"]  # all devices
-    return h.ttt_epochs / rate, f"TTT {h.ttt_epochs} epochs projected from the training forward+backward rate"
+    pf.add("evaluation", "throughput", "ok", f"{n:,} targets on {pf.rt.world_size} device(s), one pass = {what}: "
+           f"{rates} tokens/s (compile + warm-up {compile_s:.1f} s)", targets=n, seconds=seconds, compile_s=compile_s)
+    _check_eval_projection(pf, {k: s / n for k, s in seconds.items()}, compile_s)
 
 
 def _check_eval_projection(pf: Preflight, per_token: dict, compile_s: float) -> None:
     total = pf.data.get("val_targets") or FINEWEB_VAL_TARGETS
     source = "the val shards" if pf.data.get("val_targets") else "FineWeb's split (no val shards here)"
-    ttt, ttt_note = _ttt_seconds_per_token(pf)
-    one_pass = sum(per_token.values())
-    seconds = compile_s + total * (one_pass + (ttt + one_pass if ttt else 0.0))
+    seconds = compile_s + total * sum(per_token.values())
     parts = " + ".join(f"{k} {total * s:.0f} s" for k, s in per_token.items())
+    ttt = "" if pf.h.use_ttt else "; TTT off"
     over = seconds > EVAL_BUDGET_S
     pf.add("evaluation", "projection", "fail" if over else "ok",
-           f"{seconds:,.0f} s for {total:,} targets ({source}): compile {compile_s:.0f} s + {parts}; {ttt_note}; "
-           f"budget {EVAL_BUDGET_S:.0f} s (linear from the slice; export not included)"
-           + (": over budget" if over else ""),
+           f"{seconds:,.0f} s for {total:,} targets ({source}): compile {compile_s:.0f} s + {parts}{ttt}; budget "
+           f"{EVAL_BUDGET_S:.0f} s (linear from the slice; export not included)" + (": over budget" if over else ""),
            projected_s=seconds, val_targets=total, budget_s=EVAL_BUDGET_S)
 
 
@@ -467,7 +450,7 @@ def check_data(pf: Preflight) -> None:
         for f in val + train[:1]:  # full validation (format, vocab) of what evaluation and step 1 read
             tg.read_shard(f, h.vocab_size)
         train_tokens, val_tokens = sum(map(shard_tokens, train)), sum(map(shard_tokens, val))
-    except (FileNotFoundError, tg.ShardError) as e:
+    except tg.UserError as e:  # no shards, or a shard that is not valid
         pf.add("data", "shards", "fail", one_line(e))
         _check_tokenizer(pf)
         return
@@ -478,58 +461,43 @@ def check_data(pf: Preflight) -> None:
            f"({val_tokens:,} tokens) in {h.data_path}", train_shards=len(train), train_tokens=train_tokens,
            val_shards=len(val), val_tokens=val_tokens)
     _check_tokenizer(pf)
-    _check_manifest(pf, train_tokens, val_tokens)
+    _check_manifest(pf, train, val, {"train": train_tokens, "val": val_tokens})
 
 
 def _check_tokenizer(pf: Preflight) -> None:
     try:
         sp = tg.load_tokenizer(pf.h)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except tg.UserError as e:  # missing, not a model, wrong vocab, or not the manifest's tokenizer
         pf.add("data", "tokenizer", "fail", one_line(e))
         return
-    pf.add("data", "tokenizer", "ok", f"{pf.h.tokenizer_path}: {sp.vocab_size()} pieces = VOCAB_SIZE")
+    pf.add("data", "tokenizer", "ok", f"{pf.h.tokenizer_path}: {sp.vocab_size()} pieces = VOCAB_SIZE" + (
+        ", sha256 = the manifest's" if os.path.isfile(os.path.join(pf.h.data_path, tg.DATASET_MANIFEST)) else ""))
 
 
-def _check_manifest(pf: Preflight, train_tokens: int, val_tokens: int) -> None:
-    """Compare the manifest data/make_dataset.py writes beside the shards with what is on disk (fields present)."""
+def _check_manifest(pf: Preflight, train: list[str], val: list[str], counts: dict) -> None:
+    """The manifest data/make_dataset.py writes beside the shards vs what is on disk: vocab size, and per split the
+    shard names and token count (the tokenizer's sha256 is load_tokenizer's check)."""
     h = pf.h
-    path = os.path.join(h.data_path, MANIFEST_NAME)
+    path = os.path.join(h.data_path, tg.DATASET_MANIFEST)
     if not os.path.isfile(path):
-        pf.add("data", "manifest", "warn", f"no {MANIFEST_NAME} beside the shards: the tokenizer and token counts "
-               "cannot be checked against what the shards were made with")
+        pf.add("data", "manifest", "warn", f"no {tg.DATASET_MANIFEST} beside the shards: the tokenizer and token "
+               "counts cannot be checked against what the shards were made with")
         return
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
-    actual = {"tokenizer_sha256": _sha256(h.tokenizer_path), "vocab_size": h.vocab_size,
-              "train_tokens": train_tokens, "val_tokens": val_tokens}
-    expected = _manifest_fields(manifest)
-    bad = [f"{k}: manifest {expected[k]} vs {actual[k]}" for k in actual if k in expected and expected[k] != actual[k]]
-    compared = sorted(k for k in actual if k in expected)
+    actual = {"vocab_size": h.vocab_size}
+    for split, files in (("train", train), ("val", val)):
+        actual[f"{split}.shards"] = [os.path.basename(p) for p in files]
+        actual[f"{split}.tokens"] = counts[split]
+    expected = {"vocab_size": manifest.get("vocab_size")}
+    for split, rec in manifest.get("splits", {}).items():
+        expected.update({f"{split}.shards": rec.get("shards"), f"{split}.tokens": rec.get("tokens")})
+    bad = [f"{k}: manifest {expected.get(k)} vs {v}" for k, v in actual.items() if expected.get(k) != v]
     if bad:
-        pf.add("data", "manifest", "fail", f"{path} does not match: " + "; ".join(bad) + " (rebuild the data or use "
-               "the tokenizer it was made with)")
+        pf.add("data", "manifest", "fail", f"{path} does not match the shards: " + "; ".join(bad)
+               + " (rebuild the dataset or point DATA_PATH at the folder it describes)")
     else:
-        pf.add("data", "manifest", "ok" if compared else "warn",
-               f"{path}: " + (f"{', '.join(compared)} match" if compared else "no field this tool knows"))
-
-
-def _manifest_fields(manifest: dict) -> dict:
-    """Flatten the manifest to the names compared: top-level fields and per-split {split: {tokens}}."""
-    out = {k: manifest[k] for k in ("tokenizer_sha256", "vocab_size") if k in manifest}
-    if "vocab" in manifest and "vocab_size" not in out:
-        out["vocab_size"] = manifest["vocab"]
-    for split in ("train", "val"):
-        entry = manifest.get(split) or manifest.get("splits", {}).get(split)
-        if isinstance(entry, dict) and "tokens" in entry:
-            out[f"{split}_tokens"] = entry["tokens"]
-    return out
-
-
-def _sha256(path: str) -> str | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        pf.add("data", "manifest", "ok", f"{path}: vocab size, shard names and token counts match")
 
 
 def check_data_supply(pf: Preflight) -> None:
@@ -537,7 +505,7 @@ def check_data_supply(pf: Preflight) -> None:
     h, rt, d = pf.h, pf.rt, pf.data
     if "train_tokens" not in d or "projected_steps" not in d:
         return
-    per_step = h.grad_accum_steps(rt.world_size) * rt.world_size * (h.train_micro_batch_tokens + 1)
+    per_step = h.grad_accum_steps(rt.world_size) * rt.world_size * (h.micro_batch_tokens(rt.world_size) + 1)
     need = d["projected_steps"] * per_step
     wraps = need > d["train_tokens"]
     shards = math.ceil(need / (d["train_tokens"] / d["train_shards"]))
@@ -595,25 +563,14 @@ def report_json(pf: Preflight, checks: list[Check]) -> dict:
             "checks": [c._asdict() for c in checks]}
 
 
-def emit(pf: Preflight, checks: list[Check]) -> None:
-    out = sys.stderr if pf.args.json == "-" else sys.stdout
-    print(markdown_table(checks), file=out)
-    print(verdict_line(checks), file=out, flush=True)
-    if pf.args.json == "-":
-        print(json.dumps(report_json(pf, checks), indent=2, default=str), flush=True)
-    elif pf.args.json:
-        text = json.dumps(report_json(pf, checks), indent=2, default=str) + "\n"
-        tg.write_file_atomic(pf.args.json, text.encode("utf-8"))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = logparse.cli_parser(__doc__)
     p.add_argument("--steps", type=int, default=20, help="timed training steps per QAT state (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing, compile included (3)")
     p.add_argument("--eval-tokens", type=int, default=524_288, help="validation targets timed for the eval projection")
     p.add_argument("--collective-iters", type=int, default=5, help="timed calls per collective (default 5)")
-    p.add_argument("--collective-timeout", type=float, default=120.0, help="seconds before the collectives "
-                   "section counts as hung (default 120)")
+    p.add_argument("--collective-timeout", type=float, default=120.0, help="seconds before process-group start-up "
+                   "or the collectives section counts as hung (default 120)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the whole tool counts as hung")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per device for MFU (overrides table)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the checks as JSON to PATH ('-' = stdout)")
@@ -623,46 +580,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def user_error(message: str) -> None:
-    print("preflight: " + " ".join(message.split()), file=sys.stderr, flush=True)
-    raise SystemExit(1)
-
-
 def start(args: argparse.Namespace) -> Preflight:
-    """Settings, runtime and the JSON destination; a problem the user controls is one line and exit 1."""
-    try:
-        h = tg.Hyperparameters.from_env(os.environ)
-    except ValueError as e:
-        user_error(str(e))
+    """Settings, runtime and the JSON destination, checked before minutes of measurements."""
     if args.json not in (None, "-") and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
-        user_error(f"--json {args.json}: the folder does not exist or is not writable")
-    try:
-        rt = tg.init_runtime(h)
-        h.validate(rt.world_size)
-    except (RuntimeError, ValueError) as e:
-        user_error(str(e))
+        raise logparse.ToolError(f"--json {args.json}: the folder does not exist or is not writable")
+    h = tg.Hyperparameters.from_env(os.environ)
+    rt = tg.init_runtime(h)
+    h.validate(rt.world_size)
     use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
     return Preflight(args, h, rt, use_compile)
 
 
-def main(argv=None) -> None:
+def finish(pf: Preflight, checks: list[Check]) -> bool:
+    """Agree on failure across ranks, print (rank 0) or report this rank's failures; True when a check failed."""
+    mine = any(c.status == "fail" for c in checks)
+    failed = tg.all_ranks_any([mine], pf.rt.device)[0]
+    if failed and not mine:
+        checks.append(Check("environment", "other_ranks", "fail", "a check failed on another rank (its reason is "
+                            "on that rank's stderr)", {}))
+    if pf.rt.is_main:
+        logparse.emit(markdown_table(checks) + "\n" + verdict_line(checks), report_json(pf, checks), pf.args.json)
+    elif mine:
+        for c in checks:
+            if c.status == "fail":
+                print(f"rank {pf.rt.rank}: {c.section} {c.name}: {c.reason}", file=sys.stderr, flush=True)
+    return failed
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
-    with watchdog(args.timeout, "preflight"):
-        with watchdog(args.collective_timeout, "process-group start-up"):
-            pf = start(args)
-        checks = run_checks(pf)
-        failed = tg.all_ranks_any([any(c.status == "fail" for c in checks)], pf.rt.device)[0]
-        if failed and not any(c.status == "fail" for c in checks):
-            checks.append(Check("environment", "other_ranks", "fail", "a check failed on another rank (its "
-                                "reason is on that rank's stderr)", {}))
-        if pf.rt.is_main:
-            emit(pf, checks)
-        elif failed:
-            for c in checks:
-                if c.status == "fail":
-                    print(f"rank {pf.rt.rank}: {c.section} {c.name}: {c.reason}", file=sys.stderr, flush=True)
-    tg.shutdown(pf.rt, 1 if failed else 0)
+    try:
+        with watchdog(args.timeout, "preflight"):
+            with watchdog(args.collective_timeout, "process-group start-up"):
+                pf = start(args)
+            failed = finish(pf, run_checks(pf))
+    except (tg.UserError, logparse.ToolError) as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        tg.shutdown(1)
+    tg.shutdown(1 if failed else 0)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
