@@ -366,7 +366,7 @@ def eval_slice(pf: Preflight, targets: int) -> tg.ValData:
     """The first `targets` validation targets with real byte tables, or uniform random tokens with one byte each
     when the data is missing (the timing does not depend on the token values much)."""
     h = pf.h
-    with contextlib.suppress(FileNotFoundError, ValueError, tg.ShardError):
+    with contextlib.suppress(ValueError):  # tg.UserError (no shards, no tokenizer) or a split too short
         files = tg.find_shards(h.data_path, "val")
         tokens = tg.load_validation_tokens(files, h.eval_seq_len, h.vocab_size, targets)
         return tg.ValData(tokens, tg.build_byte_luts(tg.load_tokenizer(h), h.vocab_size))
@@ -405,7 +405,7 @@ def check_evaluation(pf: Preflight) -> None:
     t0 = time.perf_counter()
     _timed_evals(pf, model, eval_slice(pf, 2 * (h.ttt_chunk_tokens if h.use_ttt else h.eval_seq_len)))  # compiles
     compile_s = time.perf_counter() - t0
-    val = eval_slice(pf, pf.args.eval_tokens)
+    val = eval_slice(pf, min(pf.args.eval_tokens, pf.data.get("val_targets") or pf.args.eval_tokens))
     seconds = _timed_evals(pf, model, val)
     n = val.num_targets
     what = "round trip + n-gram" if h.ngram_enabled else "round trip"
