@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import logparse  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
@@ -116,24 +118,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100, help="progress to stderr every N chunks (0: off)")
     p.add_argument("--edge-chunks", type=int, default=8, help="updated chunks averaged at the start and the end")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-': JSON on stdout, "
+                                                   "text on stderr)")
     args = p.parse_args(argv)
     if args.tokens < 1 or args.chunk < 1 or args.edge_chunks < 1 or args.world < 1 or args.batch_positions < 1:
         p.error("--tokens, --chunk, --edge-chunks, --world and --batch-positions must be >= 1")
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
     res = run(args)
-    out = sys.stderr if args.json == "-" else sys.stdout  # with --json -, stdout holds only the JSON
-    print(" ".join(f"{k}:{v}" for k, v in res.items() if k != "tables"), file=out)
-    print(f"tables {json.dumps(res['tables'])}", file=out)
-    if args.json == "-":
-        print(json.dumps(res, indent=2), flush=True)
-    elif args.json:
-        tg.write_file_atomic(args.json, (json.dumps(res, indent=2) + "\n").encode())
+    text = " ".join(f"{k}:{v}" for k, v in res.items() if k != "tables") + f"\ntables {json.dumps(res['tables'])}"
+    try:
+        logparse.emit(text, res, args.json)
+    except logparse.ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,18 +25,23 @@ Elementwise work (norms, RoPE, XSA, gates, softcap, optimizer incl. Newton-Schul
 
 MFU = flops_per_token × tokens/s per device / peak, with peak the dense bf16 FLOP/s of the device (table below, by
 CUDA device name) or --peak-flops. On CPU, or on an unknown GPU without --peak-flops, mfu is null.
+
+The rig (build_rig) and the timed measurement (time_training) are shared with tools/preflight.py, which reports the
+same figures for QAT off and on; compile_s = warm-up time minus the warm-up steps at the measured rate.
 """
 import argparse
-import json
 import os
 import resource
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import logparse  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 # Dense bf16 tensor-core peak FLOP/s by (substring of) CUDA device name; first match wins.
@@ -114,99 +119,114 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, h: tg.Hyperparameters, rt: tg.Runtime) -> dict:
+class TrainingRig(NamedTuple):
+    """What a timed training measurement drives: the model (raw and as run), its optimizers and a token loader."""
+    base_model: torch.nn.Module
+    model: torch.nn.Module
+    opt: tg.Optimizers
+    loader: object
+
+
+def build_rig(h: tg.Hyperparameters, rt: tg.Runtime, attn_fn, use_compile: bool, synthetic: bool) -> TrainingRig:
+    """The training script's own model, compile wrapper, optimizers and loader (or synthetic tokens)."""
     tg.seed_everything(h.seed)
-    use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
-    choice = tg.select_attention(rt.device, use_compile, (h.num_heads, h.num_kv_heads, h.head_dim))
-    attention = choice.name
-    base_model = tg.build_model(h, rt.device, choice.fn)
-    base_model.qat_active = args.qat
+    base_model = tg.build_model(h, rt.device, attn_fn)
     model = tg.compile_model(base_model, use_compile)
     opt = tg.build_optimizers(base_model, h, rt)
-    if args.synthetic:
+    if synthetic:
         loader = SyntheticTokenLoader(rt, h.vocab_size, h.seed)
     else:
         loader = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
+    return TrainingRig(base_model, model, opt, loader)
 
-    for i in range(args.warmup):
-        tg.train_step(model, opt, loader, h, rt, i, 1.0)
-    tg.synchronize(rt)
-    reset_peak_memory(rt)
+
+def _timed_steps(rig: TrainingRig, h: tg.Hyperparameters, rt: tg.Runtime, first: int, count: int):
+    """(seconds, last loss) of `count` train_step calls between synchronize()s (a barrier first on many ranks)."""
     if rt.distributed:
         torch.distributed.barrier()
     tg.synchronize(rt)
     t0 = time.perf_counter()
-    for i in range(args.steps):
-        loss = tg.train_step(model, opt, loader, h, rt, args.warmup + i, 1.0)
+    loss = None
+    for i in range(count):
+        loss = tg.train_step(rig.model, rig.opt, rig.loader, h, rt, first + i, 1.0)
     tg.synchronize(rt)
-    elapsed = time.perf_counter() - t0
-    final_loss = float(loss.item())
+    return time.perf_counter() - t0, loss
 
-    ms_per_step = 1000.0 * elapsed / args.steps
-    tokens_per_step = h.grad_accum_steps(rt.world_size) * h.train_micro_batch_tokens * rt.world_size
-    tokens_per_s = tokens_per_step * args.steps / elapsed
-    per_device = tokens_per_s / rt.world_size
-    fpt = flops_per_token(h)
-    peak = peak_flops_for(rt.device, args.peak_flops)
-    achieved = fpt * per_device
+
+def time_training(rig: TrainingRig, h: tg.Hyperparameters, rt: tg.Runtime, warmup: int, steps: int,
+                  peak: float | None) -> dict:
+    """Throughput of the rig in its current QAT state: `warmup` untimed steps (compilation happens there), then
+    `steps` timed ones. compile_s = warm-up time minus what those steps cost at the measured rate."""
+    warmup_s, _ = _timed_steps(rig, h, rt, 0, warmup)
+    reset_peak_memory(rt)
+    elapsed, loss = _timed_steps(rig, h, rt, warmup, steps)
+    ms_per_step = 1000.0 * elapsed / steps
+    tokens_per_step = h.grad_accum_steps(rt.world_size) * h.micro_batch_tokens(rt.world_size) * rt.world_size
+    per_device = tokens_per_step * steps / elapsed / rt.world_size
+    achieved = flops_per_token(h) * per_device
+    return {
+        "qat": bool(rig.base_model.qat_active), "warmup_steps": warmup, "timed_steps": steps,
+        "warmup_s": warmup_s, "compile_s": max(0.0, warmup_s - warmup * ms_per_step / 1000.0),
+        "tokens_per_step": tokens_per_step, "ms_per_step": ms_per_step,
+        "tokens_per_s": per_device * rt.world_size, "tokens_per_s_per_device": per_device,
+        "achieved_flops_per_device": achieved, "peak_flops": peak, "mfu": achieved / peak if peak else None,
+        "final_loss": float(loss.item()), **peak_memory_mib(rt),
+    }
+
+
+def run(args: argparse.Namespace, h: tg.Hyperparameters, rt: tg.Runtime) -> dict:
+    use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
+    choice = tg.select_attention(rt.device, use_compile, (h.num_heads, h.num_kv_heads, h.head_dim))
+    rig = build_rig(h, rt, choice.fn, use_compile, args.synthetic)
+    rig.base_model.qat_active = args.qat
+    figures = time_training(rig, h, rt, args.warmup, args.steps, peak_flops_for(rt.device, args.peak_flops))
     return {
         "device": torch.cuda.get_device_name(rt.device) if rt.is_cuda else "cpu",
         "device_type": rt.device.type,
         "world_size": rt.world_size,
         "torch": torch.__version__,
-        "attention": attention,
+        "attention": choice.name,
         "compile": use_compile,
-        "qat": args.qat,
         "data": "synthetic" if args.synthetic else h.data_path,
-        "warmup_steps": args.warmup,
-        "timed_steps": args.steps,
-        "tokens_per_step": tokens_per_step,
         "grad_accum_steps": h.grad_accum_steps(rt.world_size),
         "seq_len": h.train_seq_len,
-        "model_params": sum(p.numel() for p in base_model.parameters()),
+        "model_params": sum(p.numel() for p in rig.base_model.parameters()),
         "matmul_params": matmul_params(h),
-        "ms_per_step": ms_per_step,
-        "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_device": per_device,
-        "flops_per_token": fpt,
+        "flops_per_token": flops_per_token(h),
         "flops_formula": "6*N + 6*L*T*d",
-        "achieved_flops_per_device": achieved,
-        "peak_flops": peak,
-        "mfu": achieved / peak if peak else None,
-        "final_loss": final_loss,
-        **peak_memory_mib(rt),
+        **figures,
     }
 
 
-def report(res: dict, out) -> None:
+def report(res: dict) -> str:
     mfu = "null" if res["mfu"] is None else f"{100 * res['mfu']:.2f}%"
     mem = " ".join(f"{k}:{v:.0f}" for k, v in res.items() if k.startswith("peak_memory"))
-    print(f"device:{res['device']} world_size:{res['world_size']} torch:{res['torch']} "
-          f"attention:{res['attention']} compile:{int(res['compile'])} qat:{int(res['qat'])} data:{res['data']}", file=out)
-    print(f"steps:{res['timed_steps']} (warmup {res['warmup_steps']}) tokens/step:{res['tokens_per_step']} "
-          f"ms/step:{res['ms_per_step']:.2f} tokens/s:{res['tokens_per_s']:.0f} "
-          f"tokens/s/device:{res['tokens_per_s_per_device']:.0f}", file=out)
-    print(f"flops/token:{res['flops_per_token']:.4g} (6N+6LTd, N={res['matmul_params']}) "
-          f"achieved:{res['achieved_flops_per_device'] / 1e12:.3f} TFLOP/s/device mfu:{mfu} {mem} "
-          f"final_loss:{res['final_loss']:.4f}", file=out, flush=True)
+    return (f"device:{res['device']} world_size:{res['world_size']} torch:{res['torch']} "
+            f"attention:{res['attention']} compile:{int(res['compile'])} qat:{int(res['qat'])} data:{res['data']}\n"
+            f"steps:{res['timed_steps']} (warmup {res['warmup_steps']}: {res['warmup_s']:.1f}s, compile "
+            f"~{res['compile_s']:.1f}s) tokens/step:{res['tokens_per_step']} ms/step:{res['ms_per_step']:.2f} "
+            f"tokens/s:{res['tokens_per_s']:.0f} tokens/s/device:{res['tokens_per_s_per_device']:.0f}\n"
+            f"flops/token:{res['flops_per_token']:.4g} (6N+6LTd, N={res['matmul_params']}) "
+            f"achieved:{res['achieved_flops_per_device'] / 1e12:.3f} TFLOP/s/device mfu:{mfu} {mem} "
+            f"final_loss:{res['final_loss']:.4f}")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
-    h = tg.Hyperparameters.from_env(os.environ)
-    rt = tg.init_runtime(h)
-    h.validate(rt.world_size)
-    res = run(args, h, rt)
-    if rt.is_main:
-        report(res, sys.stderr if args.json == "-" else sys.stdout)
-        if args.json == "-":
-            print(json.dumps(res, indent=2), flush=True)
-        elif args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
-                f.write("\n")
-    tg.shutdown(rt, 0)
+    try:
+        h = tg.Hyperparameters.from_env(os.environ)
+        rt = tg.init_runtime(h)
+        h.validate(rt.world_size)
+        res = run(args, h, rt)
+        if rt.is_main:
+            logparse.emit(report(res), res, args.json)
+    except (tg.UserError, logparse.ToolError) as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        tg.shutdown(1)
+    tg.shutdown(0)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

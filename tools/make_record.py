@@ -30,7 +30,7 @@ import summarize_logs  # noqa: E402
 SIZE_LIMIT = 16_000_000
 TIME_LIMIT_S = 600.0
 AUDIT_TOL = 1e-6
-PER_RUN_KEYS = ("seed", "run_id")  # settings allowed to differ between the seeds of one record
+PER_RUN_KEYS = ("seed", "run_id", "artifact_path")  # settings allowed to differ between the seeds of one record
 NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 # Prints {field: logged text of its default} for the script's Hyperparameters, using its own formatter.
@@ -256,7 +256,7 @@ def build(args) -> Path:
     """All checks first, then write the folder; raises RecordError or LogError to refuse."""
     if not NAME_RX.fullmatch(args.name):
         raise RecordError(f"--name {args.name!r}: use letters, digits, '_', '.', '-'")
-    runs = logparse.load_runs(args.logs)
+    runs = logparse.load_runs(args.logs, complete=not args.allow_incomplete)
     script = Path(args.script)
     sha = check_code(runs, script)
     check_seeds_and_settings(runs)
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="records/track_10min_16mb", help="parent folder (default records/track_10min_16mb)")
     p.add_argument("--force", action="store_true", help="replace an existing record folder")
     p.add_argument("--strict", action="store_true", help="refuse when any compliance check fails")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="accept logs of failed or unfinished runs (refused by default: they lack final scores)")
     return p
 
 

@@ -1,0 +1,201 @@
+"""tools/preflight.py on CPU with tiny settings: every section and a verdict on 1 process and on 2 under gloo;
+failing checks (no data, an attention backend that cannot compile, a wrong manifest) give `fail` with their
+reason; the watchdog turns a hang into a message naming NCCL settings. Run: python3 -m pytest tests/test_preflight.py
+"""
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_hparams
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "preflight.py"
+sys.path.insert(0, str(ROOT / "tools"))
+
+import preflight  # noqa: E402
+
+TINY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="1",
+                BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VOCAB_SIZE="320", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
+                EVAL_STRIDE="32", EVAL_BATCH_WINDOWS="8", NGRAM_CHUNK_TOKENS="512", TRAIN_BATCH_TOKENS="1024",
+                TRAIN_MICRO_BATCH_TOKENS="512", DEVICE="cpu", COMPILE="0", OMP_NUM_THREADS="1")
+TINY_ARGS = ["--steps", "2", "--warmup", "1", "--eval-tokens", "1024", "--collective-iters", "2"]
+
+
+def run_tool(tmp_path, tiny_corpus, nproc=1, **extra_env):
+    data_path, tok, _ = tiny_corpus
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(TINY_ENV, DATA_PATH=data_path, TOKENIZER_PATH=tok, **extra_env)
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    out = "-" if nproc == 1 else str(tmp_path / "preflight.json")  # JSON on stdout (table on stderr) or in a file
+    proc = subprocess.run(launch + [str(TOOL), *TINY_ARGS, "--json", out], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if out == "-":
+        return json.loads(proc.stdout), proc.stderr
+    return json.loads(Path(out).read_text()), proc.stdout
+
+
+def by_name(report):
+    return {(c["section"], c["name"]): c for c in report["checks"]}
+
+
+def check_every_section(report, text, world):
+    checks = by_name(report)
+    assert {c["section"] for c in report["checks"]} == set(preflight.SECTIONS)
+    assert report["verdict"] == "ready" and report["world_size"] == world
+    assert "| section | check | status | detail |" in text and "preflight verdict:ready" in text
+    assert all(c["status"] in ("ok", "warn") for c in report["checks"])
+    plain, qat = checks["training", "steps"]["figures"], checks["training", "steps_qat"]["figures"]
+    assert plain["qat"] is False and qat["qat"] is True and plain["ms_per_step"] > 0 and qat["timed_steps"] == 2
+    steps = checks["training", "projection"]["figures"]["projected_steps"]  # defaults: QAT last 15% of 600 s
+    assert steps == min(20000, int(0.85 * 600_000 / plain["ms_per_step"] + 0.15 * 600_000 / qat["ms_per_step"]))
+    assert checks["data", "shards"]["figures"]["train_shards"] == 2
+    assert checks["data", "manifest"]["status"] == "warn"  # the fixture writes none
+    supply = checks["data", "supply"]["figures"]
+    assert supply["tokens_needed"] == steps * (1024 // (world * 512)) * world * 513
+    assert checks["evaluation", "throughput"]["figures"]["targets"] == 1024
+    return checks
+
+
+def test_one_process_every_section_with_ttt(tmp_path, tiny_corpus):
+    report, text = run_tool(tmp_path, tiny_corpus, USE_TTT="1", TTT_CHUNK_TOKENS="512")
+    checks = check_every_section(report, text, 1)
+    assert set(checks["evaluation", "throughput"]["figures"]["seconds"]) == {"one_pass", "ttt"}
+    for kind in ("all_reduce", "reduce_scatter", "all_gather"):
+        assert checks["collectives", kind]["reason"] == "skipped (1 rank)"
+    assert checks["attention", "backend"]["figures"]["backend"] == "sdpa"
+
+
+@pytest.mark.slow
+def test_two_ranks_gloo_every_section(tmp_path, tiny_corpus):
+    report, text = run_tool(tmp_path, tiny_corpus, nproc=2)
+    checks = check_every_section(report, text, 2)
+    # padded Muon bank buffers of the tiny model (L=2, d=64, kv_dim=32, hidden=192), bf16
+    bank_bytes = 2 * (4 * 64 * 64 + 4 * 32 * 64 + 2 * 192 * 64 + 2 * 64 * 192)
+    for kind in ("all_reduce", "reduce_scatter", "all_gather"):
+        c = checks["collectives", kind]
+        assert c["status"] == "ok" and c["figures"]["bytes"] == bank_bytes and c["figures"]["bus_bytes_per_s"] > 0
+    assert set(checks["evaluation", "throughput"]["figures"]["seconds"]) == {"one_pass"}  # TTT off
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs use one intra-op thread, like the subprocess runs (OMP_NUM_THREADS=1): far less contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def in_process(tiny_corpus, tmp_path, use_compile=False, **overrides):
+    """A Preflight on one CPU process with the tiny test configuration."""
+    data_path, tok, vocab = tiny_corpus
+    fields = dict(vocab_size=vocab, data_path=data_path, tokenizer_path=tok, train_seq_len=64, eval_seq_len=64,
+                  train_micro_batch_tokens=512, train_batch_tokens=1024, eval_stride=32, ngram_chunk_tokens=512)
+    fields.update(overrides)
+    h = tiny_hparams(**fields)
+    rt = preflight.tg.Runtime(0, 1, 0, torch.device("cpu"), False)
+    return preflight.Preflight(preflight.parse_args(TINY_ARGS), h, rt, use_compile)
+
+
+def statuses(checks):
+    return {(c.section, c.name): (c.status, c.reason) for c in checks}
+
+
+def test_no_data_fails_with_reason(tmp_path, tiny_corpus, one_thread):
+    pf = in_process(tiny_corpus, tmp_path, data_path=str(tmp_path / "missing"),
+                    tokenizer_path=str(tmp_path / "missing.model"))
+    checks = preflight.run_checks(pf)
+    s = statuses(checks)
+    assert s["data", "shards"][0] == "fail" and "no train shards match" in s["data", "shards"][1]
+    assert s["data", "tokenizer"][0] == "fail" and "missing.model: cannot read" in s["data", "tokenizer"][1]
+    assert s["training", "steps"][0] == "ok"  # timing still runs, on synthetic tokens
+    assert "FineWeb" in s["evaluation", "projection"][1]
+    assert preflight.verdict_line(checks).startswith("preflight verdict:not_ready")
+
+
+def _cannot_compile(q, k, v):
+    torch._dynamo.graph_break()  # fullgraph compilation refuses this
+    return preflight.tg.sdpa_attention(q, k, v)
+
+
+def test_attention_backend_that_cannot_compile_fails(tmp_path, tiny_corpus, monkeypatch, one_thread):
+    broken = preflight.tg.AttentionCandidate("broken", lambda: _cannot_compile)
+    monkeypatch.setattr(preflight.tg, "select_attention",
+                        functools.partial(preflight.tg.select_attention, candidates=(broken,)))
+    pf = in_process(tiny_corpus, tmp_path, use_compile=True)
+    checks = preflight.run_checks(pf)
+    s = statuses(checks)
+    assert s["attention", "backend"][0] == "fail" and "broken" in s["attention", "backend"][1]
+    assert s["training", "steps"] == ("fail", "not run: the model could not be built (see attention)")
+    assert s["evaluation", "throughput"][0] == "fail"
+    assert "fail:" in preflight.verdict_line(checks) and "verdict:not_ready" in preflight.verdict_line(checks)
+
+
+def test_manifest_match_and_mismatch(tmp_path, tiny_corpus):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_corpus[0], data)
+    pf = in_process(tiny_corpus, tmp_path, data_path=str(data))
+    preflight.check_data(pf)
+    assert statuses(pf.checks)["data", "manifest"][0] == "warn"  # none yet
+    shards = {split: sorted(p.name for p in data.glob(f"*_{split}_*.bin")) for split in ("train", "val")}
+    counts = {split: sum(len(preflight.tg.read_shard(data / n)) for n in names) for split, names in shards.items()}
+    manifest = {"format": 1, "tokenizer_sha256": hashlib.sha256(Path(tiny_corpus[1]).read_bytes()).hexdigest(),
+                "vocab_size": 320, "splits": {s: {"shards": shards[s], "tokens": counts[s]} for s in shards}}
+
+    def manifest_check(m):
+        (data / "manifest.json").write_text(json.dumps(m))
+        pf.checks.clear()
+        preflight.check_data(pf)
+        return statuses(pf.checks)
+
+    assert manifest_check(manifest)["data", "manifest"][0] == "ok"
+    manifest["splits"]["val"]["tokens"] += 1
+    status, reason = manifest_check(manifest)["data", "manifest"]
+    assert status == "fail" and f"val.tokens: manifest {counts['val'] + 1} vs {counts['val']}" in reason
+    s = manifest_check(dict(manifest, tokenizer_sha256="0" * 64))
+    assert s["data", "tokenizer"][0] == "fail" and "is not the tokenizer the shards" in s["data", "tokenizer"][1]
+
+
+def test_watchdog_turns_a_hang_into_nccl_advice():
+    import time
+    fired = []
+    with preflight.watchdog(0.05, "test collective", on_timeout=fired.append):
+        time.sleep(0.3)
+    assert len(fired) == 1 and "test collective" in fired[0]
+    for name in ("NCCL_P2P_DISABLE", "NCCL_IB_DISABLE", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG=INFO"):
+        assert name in fired[0]
+    with preflight.watchdog(5.0, "fast", on_timeout=fired.append):
+        pass
+    time.sleep(0.05)
+    assert len(fired) == 1
+
+
+def test_formulas():
+    assert preflight.bus_bandwidth("all_reduce", 8e9, 1.0, 8) == pytest.approx(14e9)
+    assert preflight.bus_bandwidth("all_gather", 8e9, 1.0, 8) == pytest.approx(7e9)
+    h = tiny_hparams(max_wallclock_seconds=600.0, iterations=20000, qat_time_frac=0.15, use_late_qat=True)
+    # the reference's 88.6 ms/step everywhere gives its 6,772 steps
+    assert preflight.projected_steps(h, 88.6, 88.6) == 6772
+    assert preflight.projected_steps(h, 100.0, 200.0) == int(0.85 * 6000 + 0.15 * 3000)
+    assert preflight.projected_steps(dataclasses.replace(h, iterations=10), 1.0, 1.0) == 10
+    assert preflight.projected_steps(dataclasses.replace(h, use_late_qat=False), 100.0, 1.0) == 6000
+
+
+def test_user_error_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("NUM_HEADS", "5")
+    monkeypatch.setenv("DEVICE", "cpu")
+    with pytest.raises(SystemExit) as e:
+        preflight.main(TINY_ARGS)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and "NUM_HEADS=5" in err
