@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_eval.py: sliding and n-gram eval totals on this world size -> JSON (rank 0)."""
+"""torchrun worker for tests/test_eval.py: sliding, one-pass, n-gram and TTT totals on this world size -> JSON (rank 0)."""
 import dataclasses
 import json
 import sys
@@ -20,9 +20,13 @@ def main(out_path: str) -> None:
     rt = tg.init_runtime(h)
     val = tg.ValData(random_stream(1500, vocab, 21), random_tables(vocab, 1))
     model = TinyCausalLM(vocab)
-    runs = {"sliding": (tg.sliding_eval, h), "ngram_exact": (tg.ngram_eval, h),
-            "ngram_hashed": (tg.ngram_eval, dataclasses.replace(h, ngram_mode="hashed", ngram_buckets=512))}
-    out = {name: fn(model, val, hh, rt)._asdict() for name, (fn, hh) in runs.items()}
+    hashed = dataclasses.replace(h, ngram_mode="hashed", ngram_buckets=512)
+    ttt = dataclasses.replace(h, use_ttt=True, ttt_chunk_tokens=200, ttt_batch_seqs=3, ttt_epochs=2, ttt_lr=0.05)
+    plain, hashed_pass = tg.roundtrip_eval(model, val, h, rt), tg.roundtrip_eval(model, val, hashed, rt)
+    adapted = tg.ttt_eval(model, val, ttt, rt)
+    runs = {"sliding": tg.sliding_eval(model, val, h, rt), "roundtrip": plain["model"], "ngram_exact": plain["ngram"],
+            "ngram_hashed": hashed_pass["ngram"], "ttt": adapted["model"], "ttt_ngram": adapted["ngram"]}
+    out = {name: r._asdict() for name, r in runs.items()}
     if rt.rank == 0:
         Path(out_path).write_text(json.dumps(out))
     if rt.distributed:

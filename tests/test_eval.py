@@ -35,9 +35,13 @@ class TinyCausalLM(nn.Module):
         self.cur, self.prev = nn.Embedding(vocab, dim), nn.Embedding(vocab, dim)
         self.head = nn.Linear(dim, vocab)
 
-    def forward_logits(self, x):
+    def forward(self, x, targets=None, reduction="mean"):
         prev = F.pad(x[:, :-1], (1, 0))
-        return self.head(torch.tanh(self.cur(x) + self.prev(prev)))
+        logits = self.head(torch.tanh(self.cur(x) + self.prev(prev)))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss.view_as(targets) if reduction == "none" else loss
 
 
 class UniformLM(nn.Module):
@@ -45,7 +49,7 @@ class UniformLM(nn.Module):
         super().__init__()
         self.vocab, self.dummy = vocab, nn.Parameter(torch.zeros(()))
 
-    def forward_logits(self, x):
+    def forward(self, x):
         return torch.zeros(*x.shape, self.vocab) + 0 * self.dummy
 
 
@@ -62,6 +66,11 @@ def random_tables(vocab, seed=0):
 
 def random_stream(n_targets, vocab, seed=0):
     return torch.randint(0, vocab, (n_targets + 1,), generator=torch.Generator().manual_seed(seed))
+
+
+def ngram_eval(model, val, h, rt=RT1):
+    """The n-gram score of the one plain pass."""
+    return tg.roundtrip_eval(model, val, h, rt)["ngram"]
 
 
 def scored_targets(w):
@@ -113,15 +122,19 @@ def test_group_by_chunk_monotone_no_straddle_same_context(chunk):
     assert seen == list(range(1, n + 1))
 
 
-def test_make_batch_shapes_shift_and_mask():
-    tokens = torch.arange(101)
+def test_make_batch_shapes_shift_and_selection():
+    tokens = torch.arange(101) * 7 % 101  # token at position p differs from p
     ws = [tg.Window(0, 10, 1), tg.Window(5, 15, 12)]
-    b = tg.make_batch(tokens, ws, CPU, rows=4, length=12)
-    assert b.x.shape == b.y.shape == b.scored.shape == (4, 12)
-    assert torch.equal(b.x[1, :10], torch.arange(5, 15)) and torch.equal(b.y[1, :10], torch.arange(6, 16))
-    assert b.scored.sum() == 10 + 4 and not b.scored[2:].any()
+    table, offsets = tg.window_table([ws[:1], ws[1:]], rows=4, device=CPU)
+    assert offsets == [0, 4, 8] and table.host[1:4].tolist() == [[0, 0, 1]] * 3  # padded with empty windows
+    b = tg.make_batch(tokens, table, 0, 8, length=12)
+    assert b.x.shape == (8, 12)
+    assert torch.equal(b.x[4, :10], tokens[5:15]) and torch.equal(b.x[0, :10], tokens[:10])
     assert b.sel_pos.tolist() == list(range(1, 11)) + [12, 13, 14, 15]
-    assert torch.equal(b.y.flatten()[b.sel], torch.tensor(b.sel_pos))
+    assert b.pos.tolist() == b.sel_pos.tolist()
+    assert torch.equal(b.tgt, tokens[b.pos]) and torch.equal(b.prev, tokens[b.pos - 1])
+    assert torch.equal(b.x.flatten()[b.sel], b.prev)  # the scored entry's input is the token before its target
+    assert sorted(set((b.sel // 12).tolist())) == [0, 4]
 
 
 # ------------------------------------------------------------------------------------------ driver equivalences
@@ -133,7 +146,7 @@ def test_sliding_with_stride_equal_seq_len_is_plain_eval(tiny):
     r = tg.sliding_eval(model, tg.ValData(tokens, tables), h, RT1)
     with torch.no_grad():  # independent plain evaluation
         x, y = tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
-        nll = F.cross_entropy(model.forward_logits(x).reshape(-1, vocab), y.reshape(-1), reduction="sum").double()
+        nll = F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1), reduction="sum").double()
     nbytes = int((tables.base_bytes[y].long() + (tables.has_leading_space[y] & ~tables.is_boundary[x]).long()).sum())
     assert (r.tokens, r.bytes) == (n, nbytes)
     assert r.loss == pytest.approx(float(nll) / n, rel=1e-6)
@@ -145,7 +158,7 @@ def test_ngram_with_alpha_zero_equals_sliding(tiny, chunk):
     vocab, n = 16, 1000
     h = tiny(vocab_size=vocab, ngram_alpha_min=0.0, ngram_alpha_max=0.0, ngram_chunk_tokens=chunk)
     val, model = tg.ValData(random_stream(n, vocab, 1), random_tables(vocab)), TinyCausalLM(vocab)
-    s, g = tg.sliding_eval(model, val, h, RT1), tg.ngram_eval(model, val, h, RT1)
+    s, g = tg.sliding_eval(model, val, h, RT1), ngram_eval(model, val, h, RT1)
     assert (g.tokens, g.bytes) == (s.tokens, s.bytes) == (n, g.bytes)
     assert g.loss == pytest.approx(s.loss, rel=1e-12) and g.bpb == pytest.approx(s.bpb, rel=1e-12)
 
@@ -249,7 +262,7 @@ def null_eval(tiny, mode):
     h = tiny(vocab_size=vocab, eval_seq_len=64, eval_stride=64, eval_batch_windows=64, ngram_chunk_tokens=8192,
              ngram_mode=mode, ngram_buckets=4096, ngram_audit_positions=16, ngram_log_every=0)
     val = tg.ValData(random_stream(200_000, vocab, 7), unit_tables(vocab))
-    return tg.ngram_eval(UniformLM(vocab), val, h, RT1)
+    return ngram_eval(UniformLM(vocab), val, h, RT1)
 
 
 def test_null_uniform_stream_exact_cannot_compress_but_hashed_does(tiny):
@@ -265,12 +278,12 @@ def recorded_ngram_run(model, tokens, h):
     scorer = tg.NgramScorer(tg.make_ngram_cache(h, CPU), tg.NgramMixer(h, CPU), tokens, np.zeros(0, np.int64))
     nll_at, dist_at = {}, {}
 
-    def scorer_with_record(m, batch):
-        nll = scorer(m, batch)
-        pos = batch.pos.flatten()[batch.sel]
-        dist = scorer.full_distribution(tg.scored_logits(m, batch), pos)
+    def scorer_with_record(logp, batch):
+        nll = scorer(logp, batch)
+        pos = batch.pos
+        dist = scorer.full_distribution(logp, pos)
         torch.testing.assert_close(dist.sum(1), torch.ones(len(pos), dtype=torch.float64), rtol=0, atol=1e-9)
-        read = -torch.log(dist.gather(1, tg.batch_targets(batch)[:, None]).squeeze(1))
+        read = -torch.log(dist.gather(1, batch.tgt[:, None]).squeeze(1))
         torch.testing.assert_close(read, nll.double(), rtol=1e-6, atol=1e-6)
         for i, p in enumerate(batch.sel_pos.tolist()):
             assert p not in nll_at
@@ -278,7 +291,7 @@ def recorded_ngram_run(model, tokens, h):
         return nll
 
     windows = tg.plan_windows(val.num_targets, h.eval_seq_len, h.eval_stride)
-    tg.evaluate(model, val, windows, scorer_with_record, h, RT1, h.ngram_chunk_tokens, scorer.after_chunk)
+    tg.evaluate(model, val, windows, {"ngram": scorer_with_record}, h, RT1, h.ngram_chunk_tokens, scorer.after_chunk)
     return nll_at, dist_at
 
 
@@ -315,7 +328,7 @@ def test_exact_order_does_not_depend_on_target():
 def test_ngram_eval_logs_and_audit_exact(tiny, capsys):
     vocab = 16
     h = tiny(vocab_size=vocab, ngram_log_every=5, ngram_audit_positions=64)
-    r = tg.ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
+    r = ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
     out = capsys.readouterr().out
     assert "Starting N-gram eval: order 2-9 mode=exact chunk=64" in out
     assert re.search(r"^ngram_chunk \[5/19\] running_bpb:\d+\.\d{6} elapsed:\d+\.\ds$", out, re.M)
@@ -330,7 +343,7 @@ def test_ngram_eval_logs_and_audit_exact(tiny, capsys):
 def test_ngram_eval_hashed_mode_uses_its_own_prefix(tiny, capsys):
     vocab = 16
     h = tiny(vocab_size=vocab, ngram_mode="hashed", ngram_buckets=256, ngram_audit_positions=32)
-    tg.ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
+    ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
     out = capsys.readouterr().out
     assert re.search(r"^ngram_hashed_unnormalized val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$", out, re.M)
     assert re.search(r"^ngram_hashed_unnormalized_exact val_loss:\S+ val_bpb:\S+$", out, re.M)
@@ -349,7 +362,7 @@ def test_audit_fails_an_unnormalized_exact_run(tiny, monkeypatch):
     vocab = 8
     h = tiny(vocab_size=vocab, ngram_audit_positions=64)
     with pytest.raises(RuntimeError, match="not normalized"):
-        tg.ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 4), unit_tables(vocab)), h, RT1)
+        ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 4), unit_tables(vocab)), h, RT1)
 
 
 def test_final_eval_lines_and_leaderboard_alias(capsys):
@@ -376,8 +389,11 @@ def test_two_ranks_match_one_rank(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         results.append(json.loads(out.read_text()))
     one, two = results
-    assert one.keys() == two.keys() == {"sliding", "ngram_exact", "ngram_hashed"}
+    assert one.keys() == two.keys() == {"sliding", "roundtrip", "ngram_exact", "ngram_hashed", "ttt", "ttt_ngram"}
     for name in one:
+        rel = 1e-5 if name.startswith("ttt") else 1e-9  # TTT: gradients summed in another order
         assert (one[name]["tokens"], one[name]["bytes"]) == (two[name]["tokens"], two[name]["bytes"])
-        assert one[name]["loss"] == pytest.approx(two[name]["loss"], rel=1e-9)
-        assert one[name]["bpb"] == pytest.approx(two[name]["bpb"], rel=1e-9)
+        assert one[name]["loss"] == pytest.approx(two[name]["loss"], rel=rel)
+        assert one[name]["bpb"] == pytest.approx(two[name]["bpb"], rel=rel)
+    assert one["roundtrip"]["loss"] == pytest.approx(one["sliding"]["loss"], rel=1e-9)
+    assert one["ttt"]["loss"] < one["roundtrip"]["loss"] - 1e-4  # the adapted weights really moved

@@ -1,0 +1,84 @@
+"""Every evaluation runs through the compiled module (`model(x)`): dynamo traces the eval batches (one graph,
+fixed shapes), the TTT pass traces its scoring and training steps, and inductor compiles the eval forward on CPU.
+
+Run: python3 -m pytest tests/test_eval_compile.py -q
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import train_gpt as tg  # noqa: E402
+from test_eval import RT1, random_stream, random_tables  # noqa: E402
+from torch._dynamo.backends.registry import lookup_backend  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+class Recorder:
+    """A dynamo backend that records every graph it is given and counts the calls into compiled code."""
+
+    def __init__(self, inner="eager"):
+        self.graphs, self.calls, self.inner = [], 0, inner
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        compiled = gm.forward if self.inner == "eager" else lookup_backend(self.inner)(gm, example_inputs)
+
+        def run(*args):
+            self.calls += 1
+            return compiled(*args)
+        return run
+
+
+def gpt_and_val(tiny, n=600, **overrides):
+    h = tiny(vocab_size=64, eval_seq_len=32, eval_stride=8, eval_batch_windows=4, ngram_chunk_tokens=128,
+             ngram_audit_positions=16, ngram_log_every=0, ttt_chunk_tokens=128, ttt_batch_seqs=3, ttt_epochs=1,
+             ttt_lr=0.05, ttt_log_every=0, **overrides)
+    torch.manual_seed(0)
+    return h, tg.build_model(h, CPU), tg.ValData(random_stream(n, 64, 2), random_tables(64))
+
+
+def num_batches(h, n):
+    windows = tg.plan_windows(n, h.eval_seq_len, h.eval_stride)
+    return sum(-(-len(c) // h.eval_batch_windows) for _, _, c in tg.group_by_chunk(windows, h.ngram_chunk_tokens))
+
+
+def test_eval_batches_are_traced_by_dynamo_in_one_graph(tiny):
+    h, model, val = gpt_and_val(tiny)
+    torch._dynamo.reset()
+    rec = Recorder()
+    compiled = torch.compile(model, backend=rec, fullgraph=True, dynamic=False)
+    got = tg.roundtrip_eval(compiled, val, h, RT1)  # round trip + n-gram: one pass
+    assert len(rec.graphs) == 1 and rec.calls == num_batches(h, val.num_targets)
+    assert (h.eval_batch_windows, h.eval_seq_len) in rec.graphs[0]
+    tg.sliding_eval(compiled, val, h, RT1)  # in-loop validation: same graph, no recompile
+    assert len(rec.graphs) == 1 and rec.calls > num_batches(h, val.num_targets)
+    eager = tg.roundtrip_eval(model, val, h, RT1)
+    for name in ("model", "ngram"):
+        assert got[name].loss == pytest.approx(eager[name].loss, rel=1e-6)
+
+
+def test_ttt_pass_scores_and_trains_through_the_compiled_module(tiny):
+    h, model, val = gpt_and_val(tiny, n=500, ngram_enabled=False)
+    torch._dynamo.reset()
+    rec = Recorder("aot_eager")  # AOT autograd: training must not touch tensors made under inference_mode
+    got = tg.ttt_eval(model, val, h, RT1, lambda m: torch.compile(m, backend=rec, fullgraph=True, dynamic=False))
+    assert len(rec.graphs) == 2  # the scoring graph and the training graph, each with one fixed shape
+    assert rec.calls > num_batches(h, val.num_targets) + 3
+    eager = tg.ttt_eval(model, val, h, RT1)
+    assert got["model"].loss == pytest.approx(eager["model"].loss, rel=1e-5)
+    assert got["model"].loss < tg.sliding_eval(model, val, h, RT1).loss
+
+
+def test_eval_forward_compiles_fullgraph_with_inductor_on_cpu(tiny):
+    h, model, val = gpt_and_val(tiny, n=200)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    got = tg.sliding_eval(compiled, val, h, RT1)
+    want = tg.sliding_eval(model, val, h, RT1)
+    assert (got.tokens, got.bytes) == (want.tokens, want.bytes)
+    assert got.loss == pytest.approx(want.loss, rel=1e-4)
