@@ -1,43 +1,54 @@
 """Check a score by compression: range-code validation tokens with exactly the distributions the evaluator scores,
 decode them back, and compare the file's size with the score.
 
-  python3 tools/compress.py encode --artifact final_model.int6.ptz [--tokens K | --text FILE] [--ngram] -o val.pgc
-  python3 tools/compress.py decode --artifact final_model.int6.ptz val.pgc -o val.txt
+  python3 tools/compress.py encode --artifact A [--tokens K | --text FILE] [--ngram] [--ttt] -o OUT
+  python3 tools/compress.py decode --artifact A IN -o TEXT
 
 Settings come from the environment exactly as for train_gpt.py (DATA_PATH, TOKENIZER_PATH, the model shape,
-EVAL_SEQ_LEN, EVAL_STRIDE, NGRAM_*, ...). encode stores every non-default setting in the file's header and decode
-uses the header's (TOKENIZER_PATH may be overridden), so decoding needs only the file, the artifact and the
-tokenizer. encode also decodes the file it wrote and reports, for the same K targets: the evaluator's score in bits
-(train_gpt's own sliding_eval / ngram_eval on those targets: the sum that val_bpb divides by the bytes), the coded
-size in bits, the overhead per token, bits per byte of both, and whether the decoded text is byte-identical.
+EVAL_SEQ_LEN, EVAL_STRIDE, NGRAM_*, TTT_*, ...). encode stores every non-default setting that can change a
+distribution in the file's header and decode uses the header's, so decoding needs only the file, the artifact
+(sha256 checked) and the tokenizer (sha256 checked; --tokenizer or TOKENIZER_PATH if it moved). encode decodes the
+file it wrote and reports, for the same K targets: the evaluator's score in bits (train_gpt's own pass on those
+targets, roundtrip_eval or ttt_eval: the sum that val_bpb divides by the bytes), the coded size in bits (payload,
+and the whole file with its header), the overhead per token, bits per byte of each, and whether the decoded text is
+byte-identical. --json PATH|- also writes the report as JSON.
 
 Distributions. Target p (1..K) is predicted as evaluate() predicts it: by the window that scores it in
 plan_windows(K, EVAL_SEQ_LEN, EVAL_STRIDE), split at chunk boundaries by group_by_chunk (pieces keep their start, so
-every target keeps its context); fp32 soft-capped logits, then an fp64 softmax, or with --ngram the exact n-gram
-mixture NgramScorer.full_distribution with tables of earlier chunks only (NGRAM_CHUNK_TOKENS), updated after each
-chunk by the scorer's own after_chunk. The fp64 distribution becomes integer frequencies with total 2^24, every
-token >= 1 (floor(p * (2^24 - V)) + 1, the rest to the most probable token), coded by an exact integer arithmetic
-coder (64-bit low/high, carry handled by bit-plus-follow). A token of probability p costs -log2 p + O(V / 2^24).
+every target keeps its context); the model's fp32 soft-capped logits, then an fp64 softmax, or with --ngram the
+exact n-gram mixture NgramScorer.full_distribution with the tables of earlier chunks only. After each chunk the
+evaluator's own hooks run: the n-gram table update, then (--ttt) ScoreFirstTTT's training step on a copy of the
+model. Chunks are NGRAM_CHUNK_TOKENS, or TTT_CHUNK_TOKENS with --ttt, as in the script's passes. The fp64
+distribution becomes integer frequencies with total 2^24 and every token >= 1 (floor(p (2^24 - V)) + 1, the rest to
+the first most probable token), coded by an exact integer arithmetic coder (64-bit low/high; a carry never reaches
+emitted bits: an interval straddling the middle is narrowed and its bit deferred, "bit-plus-follow"). A token of
+probability p costs -log2 p + O(V / 2^24) bits; the file adds a few bits to end the code, and the header.
 
-Determinism (why decoding reproduces every frequency bit for bit). The decoder knows only the tokens before p, so
-it forwards p's window with the unknown positions filled with 0. Encoder and decoder forward exactly one window of
+Determinism (why decoding rebuilds every frequency bit for bit). The decoder knows only the tokens before p, so it
+forwards p's window with the unknown positions filled with 0. Encoder and decoder forward exactly one window of
 shape [1, L] (L = the longest window, the length evaluate() pads to) through the same eager CPU kernels. Every op of
 the model is causal and acts row by row (linear layers, norms, rotary, causal attention whose masked scores add
-exact zeros, SmearGate and BigramHash read only the previous token), and a CPU kernel given the same shape,
-thread count and instruction set runs the same reduction order, so the logits at position p - 1 do not depend on
-the padding after it. The distribution is then computed from that one row ([1, V]) with the same ops on both
-sides. This fails on CUDA (atomics, algorithms picked by shape and free memory), under torch.compile (different
-fusions between the encoder's and the decoder's graphs) and across torch versions, instruction sets or thread
-counts. So the tool runs eager on the CPU only, with torch.use_deterministic_algorithms; the header records the
-thread count (--threads, default 1; the decoder uses it), the torch version and CPU capability (the decoder refuses others); and both
-sides first check on the artifact that changing positions >= m leaves the logits before m bit-identical.
+exact zeros, SmearGate and BigramHash read only the previous token), and a CPU kernel given the same shape, thread
+count and instruction set runs the same reduction order, so the logits at position p - 1 do not depend on what
+follows. The distribution is then computed from that one row ([1, V]) with the same ops on both sides, and TTT
+steps see the same tokens and weights on both sides. This fails on CUDA (atomics, algorithms picked by shape and
+free memory), under torch.compile (the encoder's and decoder's graphs may fuse differently) and across torch
+versions, instruction sets or thread counts. So the tool runs eager on the CPU only (it refuses DEVICE=cuda and
+COMPILE=1), with torch.use_deterministic_algorithms; the header records the thread count (--threads, default 1;
+the decoder uses it), the torch version and CPU capability (the decoder refuses others); and both sides first check
+on the artifact that a repeated forward is bit-identical and that changing positions >= m leaves the logits before
+m bit-identical. The decoder finally checks the sha256 of the decoded tokens against the header's.
 
-Cost. Encoding forwards each window once ([1, L] per window, ~K / EVAL_STRIDE forwards); decoding is sequential,
-one [1, L] forward per token: K forwards. encode prints the measured forward time and the decode estimate.
-The default K is small (1000). A corrupted file, a wrong artifact or tokenizer: one line on stderr, exit status 1.
+Cost. Encoding forwards each window once (~K / EVAL_STRIDE forwards of [1, L]); decoding is sequential, one [1, L]
+forward per token (K forwards; with --ngram also one lookup of V candidates per token). encode prints the measured
+time of one forward and the resulting decode estimate; the default K is small (1000). One thread is the default:
+these small forwards run fastest without thread hand-offs.
+
+Errors (a corrupted file, a wrong artifact or tokenizer, settings that cannot code): one line on stderr, exit 1.
 """
 import argparse
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -224,8 +235,9 @@ def unpack_file(blob: bytes, name: str) -> tuple[Header, bytes, int]:
     at = _FIXED.size
     settings = json.loads(zlib.decompress(body[at:at + n_set]))
     platform = body[at + n_set:at + n_set + n_plat].decode()
-    header_bytes = at + n_set + n_plat + 4
-    return Header(flags, k, first, threads, a_sha, t_sha, k_sha, settings, platform), body[header_bytes - 4:], header_bytes
+    payload = body[at + n_set + n_plat:]
+    header = Header(flags, k, first, threads, a_sha, t_sha, k_sha, settings, platform)
+    return header, payload, len(blob) - len(payload)
 
 
 def sha256_file(path: str, what: str) -> bytes:
@@ -296,10 +308,10 @@ def check_causal(model: tg.GPT, length: int, vocab: int) -> float:
     y[:, m:] = PAD_TOKEN
     with torch.inference_mode():
         t0 = time.perf_counter()
-        a = model.forward_logits(x)
+        a = model(x)
         seconds = time.perf_counter() - t0
-        same = torch.equal(a, model.forward_logits(x))
-        causal = torch.equal(a[:, :m], model.forward_logits(y)[:, :m])
+        same = torch.equal(a, model(x))
+        causal = torch.equal(a[:, :m], model(y)[:, :m])
     if not (same and causal):
         raise CompressError(f"logits are not reproducible bit for bit on this machine (repeat:{int(same)} "
                             f"causal:{int(causal)}); decoding could not follow the encoder")
@@ -353,24 +365,29 @@ def text_of(tokens: torch.Tensor, sp) -> str:
 
 class Distributions:
     """Chunks of windows as evaluate() plans them, the logits of one window [1, L], the full fp64 distribution of
-    one target, and the after-chunk step (n-gram table update). `tokens` is read in place: the decoder fills it."""
+    one target, and the after-chunk hooks of the evaluator's pass: the n-gram table update, then the TTT step.
+    `tokens` is read in place (the decoder fills it); the TTT step adapts a copy of the model."""
 
     def __init__(self, model: tg.GPT, h: tg.Hyperparameters, tokens: torch.Tensor, flags: int):
-        k = tokens.numel() - 1
-        self.model, self.tokens, self.scorer = model, tokens, None
+        k, rt = tokens.numel() - 1, tg.Runtime(0, 1, 0, tokens.device, False)
+        self.model, self.tokens, self.scorer, self.hooks = model, tokens, None, []
         windows = tg.plan_windows(k, h.eval_seq_len, h.eval_stride)
         self.length = max(w.end - w.start for w in windows)
-        chunk = h.ngram_chunk_tokens if flags & FLAG_NGRAM else 0
-        self.chunks = tg.group_by_chunk(windows, chunk) if chunk else [(1, k + 1, windows)]
         if flags & FLAG_NGRAM:
             cache, mixer = tg.make_ngram_cache(h, tokens.device), tg.NgramMixer(h, tokens.device)
             self.scorer = tg.NgramScorer(cache, mixer, tokens, np.zeros(0, dtype=np.int64))
+            self.hooks.append(self.scorer.after_chunk)
+        if flags & FLAG_TTT:
+            self.model = copy.deepcopy(model)
+            self.hooks.append(tg.ScoreFirstTTT(self.model, self.model, tokens, h, rt).after_chunk)
+        chunk = h.ttt_chunk_tokens if flags & FLAG_TTT else h.ngram_chunk_tokens if flags & FLAG_NGRAM else 0
+        self.chunks = tg.group_by_chunk(windows, chunk) if chunk else [(1, k + 1, windows)]
 
     def logits(self, w: tg.Window) -> torch.Tensor:
         """fp32 logits [L, V] of the window (row i predicts target w.start + 1 + i), from one [1, L] forward."""
-        batch = tg.make_batch(self.tokens, [w], self.tokens.device, rows=1, length=self.length)
+        table, _ = tg.window_table([[w]], 1, self.tokens.device)
         with torch.inference_mode():
-            return self.model.forward_logits(batch.x)[0]
+            return self.model(tg.make_batch(self.tokens, table, 0, 1, self.length).x)[0]
 
     def distribution(self, logits: torch.Tensor, w: tg.Window, p: int) -> np.ndarray:
         """Cumulative frequencies of target p from its window's logits (computed on a [1, V] row)."""
@@ -383,9 +400,8 @@ class Distributions:
         return frequencies(dist[0])
 
     def after_chunk(self, start: int, end: int) -> None:
-        if self.scorer is not None:
-            with torch.inference_mode():
-                self.scorer.after_chunk(start, end)
+        for hook in self.hooks:
+            hook(start, end)
 
 
 def encode_tokens(dists: Distributions) -> bytes:
@@ -411,12 +427,14 @@ def decode_tokens(dists: Distributions, payload: bytes) -> None:
 
 
 def evaluator_bits(model: tg.GPT, h: tg.Hyperparameters, tokens: torch.Tensor, tables, flags: int) -> tg.EvalResult:
-    """The script's own score of the same targets (sliding_eval, or ngram_eval with --ngram); its log lines are
-    kept off the console."""
+    """The script's own score of the same targets: its round-trip pass (or its TTT pass with --ttt), 'model' or
+    with --ngram 'ngram'; its log lines are kept off the console."""
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
+    h = tg.dataclasses.replace(h, ngram_enabled=bool(flags & FLAG_NGRAM))
     val = tg.ValData(tokens.clone(), tables)
     with contextlib.redirect_stdout(io.StringIO()):
-        return tg.ngram_eval(model, val, h, rt) if flags & FLAG_NGRAM else tg.sliding_eval(model, val, h, rt)
+        results = (tg.ttt_eval if flags & FLAG_TTT else tg.roundtrip_eval)(model, val, h, rt)
+    return results["ngram" if flags & FLAG_NGRAM else "model"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,8 +459,6 @@ def code_flags(args, h: tg.Hyperparameters) -> int:
     if args.ngram and h.ngram_mode != "exact":
         raise CompressError(f"--ngram with NGRAM_MODE={h.ngram_mode}: that rule's 'probabilities' do not sum to 1, "
                             "so they cannot code anything; use NGRAM_MODE=exact")
-    if args.ttt:
-        raise CompressError("--ttt: this train_gpt.py has no test-time training plug-in (USE_TTT) to reproduce")
     return (FLAG_NGRAM if args.ngram else 0) | (FLAG_TTT if args.ttt else 0)
 
 
@@ -497,9 +513,9 @@ def encode_command(args, env) -> dict:
     t0 = time.perf_counter()
     payload = encode_tokens(dists)
     encode_s = time.perf_counter() - t0
-    hd = Header(flags, source.tokens.numel() - 1, int(source.tokens[0]), threads, sha256_file(args.artifact, "artifact"),
-                sha256_file(h.tokenizer_path, "tokenizer"), tokens_sha256(source.tokens), coded_settings(h),
-                platform_id())
+    hd = Header(flags, source.tokens.numel() - 1, int(source.tokens[0]), threads,
+                sha256_file(args.artifact, "artifact"), sha256_file(h.tokenizer_path, "tokenizer"),
+                tokens_sha256(source.tokens), coded_settings(h), platform_id())
     blob = pack_file(hd, payload)
     tg.write_file_atomic(args.output, blob)
     times = dict(encode_s=encode_s, forward_s=forward_s, decode_estimate_s=forward_s * hd.num_targets)
@@ -525,7 +541,9 @@ def decode_command(args, env) -> dict:
 
 def format_report(event: str, r: dict) -> str:
     def fmt(v):
-        return "na" if v is None else str(int(v)) if isinstance(v, bool) else f"{v:.6f}" if isinstance(v, float) else str(v)
+        if v is None or isinstance(v, bool):
+            return "na" if v is None else str(int(v))
+        return f"{v:.6f}" if isinstance(v, float) else str(v)
     return f"{event} " + " ".join(f"{k}:{fmt(v)}" for k, v in r.items())
 
 
@@ -535,10 +553,11 @@ def parse_args(argv):
     enc = sub.add_parser("encode", help="code K validation targets (or a text file) into OUT")
     enc.add_argument("--artifact", required=True)
     src = enc.add_mutually_exclusive_group()
-    src.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"targets of the val split (default {DEFAULT_TOKENS})")
+    src.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                     help=f"the first K targets of the val split (default {DEFAULT_TOKENS})")
     src.add_argument("--text", help="a UTF-8 text file (one document per line) instead of the val split")
     enc.add_argument("--ngram", action="store_true", help="the exact n-gram mixture (as ngram_eval)")
-    enc.add_argument("--ttt", action="store_true", help="legal score-first test-time training (not available yet)")
+    enc.add_argument("--ttt", action="store_true", help="legal score-first TTT (as the USE_TTT=1 pass, TTT_* settings)")
     enc.add_argument("--threads", type=int, default=1, help="CPU threads for encode and decode (default 1: "
                      "decoding runs many small forwards, fastest on one thread)")
     enc.add_argument("--no-verify", dest="verify", action="store_false", help="skip decoding the file back")
