@@ -27,9 +27,12 @@ import difflib
 import glob
 import hashlib
 import io
+import json
 import math
 import os
 import random
+import re
+import signal
 import sys
 import time
 import uuid
@@ -50,6 +53,10 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------------------------
 
 INT6_CLIP_CANDIDATES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite per-row clip quantiles
+class UserError(ValueError):
+    """A problem the user controls (a setting, path, permission or data): main reports it in one line, exit 2."""
+
+
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_weights", "smear",
                     "bigram_scale", "vr_lambda", "attn_gate", "ve_layer_scales", "ve_shared.scale")
 
@@ -68,8 +75,8 @@ class Hyperparameters:
     iterations: int = 20000
     warmdown_iters: int = 3500
     warmup_steps: int = 20
-    train_batch_tokens: int = 786_432
-    train_micro_batch_tokens: int = 98_304  # per device per micro-step; grad accumulation = batch/(world*micro)
+    train_batch_tokens: int = 786_432  # global tokens per optimizer step
+    train_micro_batch_tokens: int = 0  # per device per micro-step; 0 = derived (8 micro-steps over the world)
     train_seq_len: int = 2048
     max_wallclock_seconds: float = 600.0
     val_loss_every: int = 4000
@@ -172,8 +179,19 @@ class Hyperparameters:
     def mlp_hidden(self) -> int:
         return int(self.mlp_mult * self.model_dim)
 
+    def micro_batch_tokens(self, world_size: int) -> int:
+        """Tokens per device per micro-step: TRAIN_MICRO_BATCH_TOKENS, or the upstream convention of 8 micro-steps
+        spread over the world (fewer when the batch holds fewer sequences) so that batch = world x accum x micro."""
+        if self.train_micro_batch_tokens:
+            return self.train_micro_batch_tokens
+        for accum in range(max(DEFAULT_MICRO_STEPS // world_size, 1), 0, -1):
+            micro, left = divmod(self.train_batch_tokens, world_size * accum)
+            if left == 0 and micro % self.train_seq_len == 0 and micro > 0:
+                return micro
+        return self.train_batch_tokens // world_size
+
     def grad_accum_steps(self, world_size: int) -> int:
-        return self.train_batch_tokens // (world_size * self.train_micro_batch_tokens)
+        return self.train_batch_tokens // (world_size * self.micro_batch_tokens(world_size))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Hyperparameters":
@@ -190,9 +208,19 @@ class Hyperparameters:
         return h
 
     def validate(self, world_size: int | None = None) -> None:
-        problems = [msg for ok, msg in self._checks(world_size) if not ok]
-        if problems:
-            raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
+        for checks in (self._range_checks(), self._checks(world_size)):  # ranges first: sizes below divide
+            problems = [msg for ok, msg in checks if not ok]
+            if problems:
+                raise UserError("invalid settings: " + "; ".join(problems))
+
+    def _range_checks(self):
+        for name in POSITIVE_FIELDS:
+            yield getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be > 0"
+        for name in NON_NEGATIVE_FIELDS:
+            yield getattr(self, name) >= 0, f"{name.upper()}={getattr(self, name)} must be >= 0"
+        yield not self.run_id or SAFE_RUN_ID.fullmatch(self.run_id) is not None, (
+            f"RUN_ID={self.run_id!r} must be a plain file name (letters, digits, '.', '_', '-'; at most 100 "
+            "characters, not starting with '.')")
 
     def _checks(self, world_size):
         yield self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}"
@@ -204,7 +232,7 @@ class Hyperparameters:
         yield self.logit_softcap > 0, f"LOGIT_SOFTCAP={self.logit_softcap} must be > 0"
         yield self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"
         yield self.train_seq_len >= 2 and self.eval_seq_len >= 2, "TRAIN_SEQ_LEN and EVAL_SEQ_LEN must be >= 2"
-        yield self.train_micro_batch_tokens % self.train_seq_len == 0, f"TRAIN_MICRO_BATCH_TOKENS={self.train_micro_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}"
+        yield self.train_micro_batch_tokens % self.train_seq_len == 0, f"TRAIN_MICRO_BATCH_TOKENS={self.train_micro_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len} (0 = derived)"
         yield 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]"
         yield self.eval_batch_windows >= 1, "EVAL_BATCH_WINDOWS must be >= 1"
         yield 2 <= self.ngram_min_order <= self.ngram_max_order, f"NGRAM_MIN_ORDER={self.ngram_min_order} must be >= 2 and <= NGRAM_MAX_ORDER={self.ngram_max_order}"
@@ -227,14 +255,44 @@ class Hyperparameters:
         yield 0.0 <= self.qat_time_frac <= 1.0, f"QAT_TIME_FRAC={self.qat_time_frac} must be in [0, 1]"
         yield all(0.0 < p <= 1.0 for p in self.int6_clip_candidates), "INT6_CLIP_CANDIDATES must be quantiles in (0, 1]"
         if world_size is not None:
-            unit = world_size * self.train_micro_batch_tokens
-            yield self.train_batch_tokens % unit == 0 and self.train_batch_tokens >= unit, (
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a positive multiple of WORLD_SIZE={world_size} x "
-                f"TRAIN_MICRO_BATCH_TOKENS={self.train_micro_batch_tokens} = {unit}")
+            yield batch_fits(self, world_size), batch_problem(self, world_size)
 
     def log_lines(self) -> list[str]:
         return [f"hparam {f.name}:{format_setting(getattr(self, f.name))}"
                 for f in sorted(dataclasses.fields(self), key=lambda f: f.name)]
+
+
+DEFAULT_MICRO_STEPS = 8  # upstream convention: grad accumulation = 8 / WORLD_SIZE unless the batch is too small
+POSITIVE_FIELDS = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
+                   "num_heads", "num_kv_heads", "mlp_mult", "rope_base", "rope_train_len", "eval_seq_len",
+                   "eval_batch_windows", "artifact_limit_bytes", "muon_backend_steps", "zstd_level")
+NON_NEGATIVE_FIELDS = ("val_max_tokens", "warmdown_iters", "warmup_steps", "train_micro_batch_tokens",
+                       "max_wallclock_seconds", "val_loss_every", "train_log_every", "bigram_dim", "xsa_last_n",
+                       "keep_float_max_numel", "ngram_audit_positions", "ngram_log_every", "grad_clip_norm",
+                       "muon_momentum_warmup_steps")
+SAFE_RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def batch_fits(h: Hyperparameters, world_size: int) -> bool:
+    """Every rank gets a whole number of sequences per micro-step and the micro-steps add up to the batch."""
+    micro = h.micro_batch_tokens(world_size)
+    accum = h.train_batch_tokens // (world_size * micro) if micro > 0 else 0
+    return micro > 0 and micro % h.train_seq_len == 0 and accum >= 1 and world_size * accum * micro == h.train_batch_tokens
+
+
+def batch_problem(h: Hyperparameters, world_size: int) -> str:
+    """What is wrong with the batch settings on this world size, and values that would work."""
+    unit = world_size * h.train_seq_len
+    lower = max(h.train_batch_tokens // unit, 1) * unit
+    have = f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} on WORLD_SIZE={world_size} with TRAIN_SEQ_LEN={h.train_seq_len}"
+    if h.train_micro_batch_tokens:
+        per_step = world_size * h.train_micro_batch_tokens
+        good = max(h.train_batch_tokens // per_step, 1) * per_step
+        return (f"{have} and TRAIN_MICRO_BATCH_TOKENS={h.train_micro_batch_tokens}: the batch must be a multiple of "
+                f"WORLD_SIZE x TRAIN_MICRO_BATCH_TOKENS = {per_step}; use TRAIN_BATCH_TOKENS={good} or leave "
+                "TRAIN_MICRO_BATCH_TOKENS unset (derived)")
+    return (f"{have}: the batch must split into whole sequences on every rank (a multiple of WORLD_SIZE x "
+            f"TRAIN_SEQ_LEN = {unit}); use TRAIN_BATCH_TOKENS={lower} or {lower + unit}")
 
 
 # Settings of the reference script that this one does not have. A value equal to what we always do is accepted
@@ -250,24 +308,28 @@ REFERENCE_ONLY_SETTINGS = {
 }
 CHECKED_PREFIXES = ("NGRAM_", "EMA_", "SWA_", "QAT_", "MUON_", "BIGRAM_", "XSA_", "ROPE_", "EVAL_", "TRAIN_",
                     "USE_", "ADAM_", "EXPORT_", "ARTIFACT_", "INT6_", "TIED_", "VAL_", "TTT_", "VE_")
+NEAR_MISS_RATIO = 0.85  # difflib similarity above which an unknown name is taken for a typo of a real setting
 
 
-def check_unknown_settings(env: Mapping[str, str]) -> None:
-    """Reject typo'd or unsupported settings that look like ours instead of silently ignoring them."""
+def check_unknown_settings(env: Mapping[str, str]) -> list[str]:
+    """Refuse near-misses of a real setting and unsupported reference settings; return the other unknown names
+    that merely share one of our prefixes (containers and CI set many such variables): they are only logged."""
     known = {f.name.upper() for f in dataclasses.fields(Hyperparameters)}
-    errors = []
+    errors, ignored = [], []
     for name, value in sorted(env.items()):
         if name in known or not name.startswith(CHECKED_PREFIXES):
             continue
         accepted, why = REFERENCE_ONLY_SETTINGS.get(name, (None, None))
-        if why is not None:
-            if accepted is None or value.strip() != accepted:
-                errors.append(f"{name}={value}: {why}")
-            continue
-        close = difflib.get_close_matches(name, known, n=1)
-        errors.append(f"{name} is not a setting" + (f"; did you mean {close[0]}?" if close else ""))
+        close = difflib.get_close_matches(name, known, n=1, cutoff=NEAR_MISS_RATIO)
+        if why is not None and (accepted is None or value.strip() != accepted):
+            errors.append(f"{name}={value}: {why}")
+        elif why is None and close:
+            errors.append(f"{name} is not a setting; did you mean {close[0]}?")
+        elif why is None:
+            ignored.append(name)
     if errors:
-        raise ValueError("unknown or unsupported settings in the environment:\n  " + "\n  ".join(errors))
+        raise UserError("unknown or unsupported settings in the environment: " + "; ".join(errors))
+    return ignored
 
 
 def parse_setting(name: str, type_name, raw: str):
@@ -288,7 +350,7 @@ def parse_setting(name: str, type_name, raw: str):
             return tuple(x.strip() for x in raw.split(",") if x.strip())
         return raw
     except ValueError as e:
-        raise ValueError(f"{name.upper()}={raw!r}: cannot parse as {t} ({e})") from None
+        raise UserError(f"{name.upper()}={raw!r}: cannot parse as {t} ({e})") from None
 
 
 def format_setting(value) -> str:
@@ -328,7 +390,7 @@ def init_runtime(h: Hyperparameters) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("DEVICE=cuda but no CUDA device is visible; use DEVICE=cpu or fix the driver")
+        raise UserError("DEVICE=cuda but no CUDA device is visible; use DEVICE=cpu or fix the driver")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -362,11 +424,53 @@ def synchronize(rt: Runtime) -> None:
 _LOG_FILE: list = []  # [path] once setup_logging ran on rank 0
 
 
+def check_writable_folder(folder: str, setting: str) -> None:
+    """Create `folder` and write and remove a probe file in it, so an unusable location fails before training."""
+    probe = os.path.join(folder, f".probe.{os.getpid()}.tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+    except OSError as e:
+        raise UserError(f"{setting}: cannot write in {folder} ({e.strerror}); choose a writable location") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+
+
+def check_output_paths(h: Hyperparameters) -> None:
+    """The log folder and (when training) the artifact's folder are writable and the artifact path is a file."""
+    check_writable_folder(h.log_dir, f"LOG_DIR={h.log_dir}")
+    if not h.eval_only:
+        if os.path.isdir(h.artifact_path):
+            raise UserError(f"ARTIFACT_PATH={h.artifact_path} is a folder; give a file path")
+        check_writable_folder(os.path.dirname(os.path.abspath(h.artifact_path)), f"ARTIFACT_PATH={h.artifact_path}")
+
+
+def create_log_file(h: Hyperparameters) -> None:
+    """Create logs/<run_id>.txt as a new file: a reused RUN_ID is refused, never appended to an old log."""
+    path = os.path.join(h.log_dir, f"{h.run_id}.txt")
+    try:
+        with open(path, "x", encoding="utf-8"):
+            pass
+    except FileExistsError:
+        raise UserError(f"log {path} already exists: RUN_ID={h.run_id} was used before; choose a new RUN_ID "
+                        "(or move the old log away)") from None
+    _LOG_FILE[:] = [path]
+    print(path, flush=True)
+
+
 def setup_logging(h: Hyperparameters, rt: Runtime) -> None:
+    """Rank 0 checks the output locations and creates the log; every rank stops if rank 0 found a problem."""
+    problem = None
     if rt.is_main:
-        os.makedirs(h.log_dir, exist_ok=True)
-        _LOG_FILE[:] = [os.path.join(h.log_dir, f"{h.run_id}.txt")]
-        print(_LOG_FILE[0], flush=True)
+        try:
+            check_output_paths(h)
+            create_log_file(h)
+        except UserError as e:
+            problem = e
+    if all_ranks_any([problem is not None], rt.device)[0]:
+        raise problem or UserError("rank 0 refused to start (its message says why)")
 
 
 def log0(msg: str, console: bool = True) -> None:
@@ -385,6 +489,18 @@ def code_identity() -> tuple[str, int, str]:
     text = Path(__file__).read_text(encoding="utf-8")
     data = text.encode("utf-8")
     return text, len(data), hashlib.sha256(data).hexdigest()
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; main ends the run with exit code 128 + signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+def raise_interrupted(signum, frame) -> None:
+    raise RunInterrupted(signum)
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
@@ -418,7 +534,7 @@ MAKE_DATA_HINT = ("make shards with `python3 data/cached_challenge_fineweb.py --
                   "`python3 data/make_dataset.py --input sample --name sample` (offline corpus)")
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     pass
 
 
@@ -464,7 +580,7 @@ def find_shards(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"*_{split}_*.bin")
     files = sorted(glob.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no {split} shards match {pattern}; {MAKE_DATA_HINT}")
+        raise UserError(f"no {split} shards match {pattern}; {MAKE_DATA_HINT}")
     return files
 
 
@@ -519,7 +635,8 @@ def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int | Non
     if max_targets > 0:
         usable = min(usable, max(max_targets // seq_len, 1) * seq_len)
     if usable <= 0:
-        raise ValueError(f"validation split has {tokens.size} tokens, fewer than one sequence of {seq_len} + 1")
+        raise ShardError(f"{files[0]}: the validation split has {tokens.size} tokens, fewer than one sequence of "
+                         f"EVAL_SEQ_LEN={seq_len} + 1; lower EVAL_SEQ_LEN or add validation documents")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
@@ -569,14 +686,39 @@ def bits_per_byte(nll_sum_nats: float, num_bytes: float) -> float:
     return nll_sum_nats / math.log(2.0) / max(num_bytes, 1.0)
 
 
+DATASET_MANIFEST = "manifest.json"  # written by data/make_dataset.py beside the shards
+
+
+def check_dataset_manifest(h: Hyperparameters, tokenizer_bytes: bytes) -> None:
+    """When DATA_PATH holds a manifest, the tokenizer must be the one the shards were made with (same sha256)."""
+    path = os.path.join(h.data_path, DATASET_MANIFEST)
+    if not os.path.isfile(path):
+        return
+    try:
+        expected = json.loads(Path(path).read_text(encoding="utf-8"))["tokenizer_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: unreadable dataset manifest ({type(e).__name__}); rebuild the dataset") from None
+    actual = hashlib.sha256(tokenizer_bytes).hexdigest()
+    if actual != expected:
+        raise UserError(f"TOKENIZER_PATH={h.tokenizer_path} (sha256 {actual[:12]}…) is not the tokenizer the shards in "
+                        f"{h.data_path} were made with (sha256 {expected[:12]}… in {path}); use that tokenizer")
+
+
 def load_tokenizer(h: Hyperparameters):
+    """SentencePiece model at TOKENIZER_PATH, checked against VOCAB_SIZE and the dataset manifest."""
     import sentencepiece as spm  # imported here so tests of other sections need no tokenizer
-    if not os.path.isfile(h.tokenizer_path):
-        raise FileNotFoundError(f"tokenizer {h.tokenizer_path} not found; {MAKE_DATA_HINT}")
-    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    try:
+        data = Path(h.tokenizer_path).read_bytes()
+    except OSError as e:
+        raise UserError(f"tokenizer {h.tokenizer_path}: cannot read ({e.strerror}); {MAKE_DATA_HINT}") from None
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=data)
+    except Exception as e:  # sentencepiece raises plain RuntimeError/OSError on a bad model
+        raise UserError(f"tokenizer {h.tokenizer_path} is not a SentencePiece model ({type(e).__name__})") from None
     if int(sp.vocab_size()) != h.vocab_size:
-        raise ValueError(f"tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}; "
-                         "use the tokenizer the shards were made with or set VOCAB_SIZE")
+        raise UserError(f"tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}; "
+                        "use the tokenizer the shards were made with or set VOCAB_SIZE")
+    check_dataset_manifest(h, data)
     return sp
 
 
@@ -1337,7 +1479,7 @@ class SWA:
 # zstandard is required (no zlib fallback); every eval after training runs on the model loaded from these bytes.
 # ---------------------------------------------------------------------------------------------------------------
 
-QUANT_FORMAT = "int6_per_row_v1"
+QUANT_FORMAT = "int6_per_row_v2"  # v2: the object also records the model settings under "__model_config__"
 QUANT_OBJECT_KEYS = ("quantized", "scales", "dtypes", "passthrough", "qmeta", "passthrough_orig_dtypes")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 INT6_TENSOR_CLIP_Q = 0.9999984  # clip quantile of |w| for int6 tensors that are not 2-D (one scale per tensor)
@@ -1349,8 +1491,18 @@ BANK_LAYOUT = {  # bank -> per-layer names; slice k * num_layers + i of the bank
 }
 
 
-class ArtifactError(ValueError):
+MODEL_CONFIG_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
+                       "rope_dims", "rope_train_len", "logit_softcap", "use_smeargate", "bigram_vocab_size",
+                       "bigram_dim", "use_value_residual", "use_gated_attention", "xsa_last_n", "ln_scale")
+# ^ every setting that changes the function the weights compute (init-only settings are not needed to rebuild it)
+
+
+class ArtifactError(UserError):
     pass
+
+
+def model_config(h: Hyperparameters) -> dict:
+    return {name: getattr(h, name) for name in MODEL_CONFIG_FIELDS}
 
 
 def bank_slice_names(bank: str, num_layers: int) -> list[str]:
@@ -1464,8 +1616,8 @@ def require_zstd():
     try:
         import zstandard
     except ImportError:
-        raise RuntimeError("the int6+zstd artifact needs the `zstandard` package (pip install zstandard); "
-                           "there is deliberately no zlib fallback") from None
+        raise UserError("the int6+zstd artifact needs the `zstandard` package (pip install zstandard); "
+                        "there is deliberately no zlib fallback") from None
     return zstandard
 
 
@@ -1481,6 +1633,7 @@ def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters) -> tupl
     zstd = require_zstd()
     flat = unbank_state({k: v.detach().cpu() for k, v in state.items()}, h.num_layers)
     obj, payload = quantize_state(flat, h)
+    obj["__model_config__"] = model_config(h)
     buf = io.BytesIO()
     torch.save(obj, buf)
     raw = buf.getvalue()
@@ -1488,8 +1641,8 @@ def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters) -> tupl
     return blob, PackStats(payload, len(raw), len(blob), sum(tensor_bytes(t) for t in flat.values()))
 
 
-def unpack_artifact(blob: bytes, num_layers: int) -> dict[str, torch.Tensor]:
-    """Banked CPU state dict from artifact bytes; anything that is not our format raises ArtifactError."""
+def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(model settings, banked CPU state dict) from artifact bytes; anything not our format raises ArtifactError."""
     zstd = require_zstd()
     if bytes(blob[:4]) != ZSTD_MAGIC:
         raise ArtifactError(f"not a zstd artifact: starts with {bytes(blob[:4]).hex()}, expected {ZSTD_MAGIC.hex()}")
@@ -1504,11 +1657,14 @@ def unpack_artifact(blob: bytes, num_layers: int) -> dict[str, torch.Tensor]:
                             f"({type(e).__name__}: {e})") from None
     fmt = obj.get("__quant_format__") if isinstance(obj, dict) else None
     if fmt != QUANT_FORMAT:
-        raise ArtifactError(f"artifact format {fmt!r} is not {QUANT_FORMAT!r}; written by another exporter")
-    missing = [k for k in QUANT_OBJECT_KEYS if not isinstance(obj.get(k), dict)]
+        raise ArtifactError(f"artifact format {fmt!r} is not {QUANT_FORMAT!r}; re-export it with this script")
+    missing = [k for k in (*QUANT_OBJECT_KEYS, "__model_config__") if not isinstance(obj.get(k), dict)]
     if missing:
         raise ArtifactError(f"artifact object lacks {missing}")
-    return rebank_state(dequantize_state(obj), num_layers)
+    config = obj["__model_config__"]
+    if sorted(config) != sorted(MODEL_CONFIG_FIELDS):
+        raise ArtifactError(f"artifact records model settings {sorted(config)}, expected {sorted(MODEL_CONFIG_FIELDS)}")
+    return config, rebank_state(dequantize_state(obj), config["num_layers"])
 
 
 class ArtifactReport(NamedTuple):
@@ -1521,34 +1677,59 @@ class ArtifactReport(NamedTuple):
     stats: PackStats
 
 
+def report_artifact_size(path: str, blob: bytes, code_bytes: int, h: Hyperparameters,
+                         st: PackStats | None = None) -> ArtifactReport:
+    """Log the artifact's size, sha256 and the limit check (code bytes counted); used by training and EVAL_ONLY."""
+    model_bytes, digest = len(blob), hashlib.sha256(blob).hexdigest()
+    total, limit = model_bytes + code_bytes, h.artifact_limit_bytes
+    if st is not None:
+        ratio = st.baseline_bytes / max(st.payload_bytes, 1)
+        log0(f"Serialized model int6+zstd: {model_bytes} bytes (payload:{st.payload_bytes} "
+             f"raw_torch:{st.raw_torch_bytes} payload_ratio:{ratio:.2f}x)")
+    log0(f"Total submission int6+zstd: {total} bytes")
+    log0(f"artifact path:{path} sha256:{digest} model_bytes:{model_bytes} code_bytes:{code_bytes} "
+         f"total_bytes:{total} limit:{limit}")
+    if total > limit:
+        log0(f"artifact_over_limit total_bytes:{total} limit:{limit} excess:{total - limit}")
+    return ArtifactReport(path, digest, model_bytes, code_bytes, total, total > limit, st)
+
+
 def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code_bytes: int) -> ArtifactReport:
     """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; others load the file)."""
     blob, st = pack_artifact(state, h)
     write_file_atomic(h.artifact_path, blob)
-    model_bytes = os.path.getsize(h.artifact_path)
-    digest = hashlib.sha256(Path(h.artifact_path).read_bytes()).hexdigest()
-    total, limit = model_bytes + code_bytes, h.artifact_limit_bytes
-    ratio = st.baseline_bytes / max(st.payload_bytes, 1)
-    log0(f"Serialized model int6+zstd: {model_bytes} bytes (payload:{st.payload_bytes} "
-         f"raw_torch:{st.raw_torch_bytes} payload_ratio:{ratio:.2f}x)")
-    log0(f"Total submission int6+zstd: {total} bytes")
-    log0(f"artifact path:{h.artifact_path} sha256:{digest} model_bytes:{model_bytes} code_bytes:{code_bytes} "
-         f"total_bytes:{total} limit:{limit}")
-    if total > limit:
-        log0(f"artifact_over_limit total_bytes:{total} limit:{limit} excess:{total - limit}")
-    return ArtifactReport(h.artifact_path, digest, model_bytes, code_bytes, total, total > limit, st)
+    return report_artifact_size(h.artifact_path, Path(h.artifact_path).read_bytes(), code_bytes, h, st)
 
 
-def load_artifact_state(path: str, h: Hyperparameters) -> dict[str, torch.Tensor]:
-    """State dict read back from the artifact file, ready for load_state_dict(strict=True) on a fresh model."""
+class LoadedArtifact(NamedTuple):
+    path: str
+    blob: bytes
+    config: dict  # the model settings the weights were trained with (MODEL_CONFIG_FIELDS)
+    state: dict  # banked CPU state dict, ready for load_state_dict(strict=True) on a model built from config
+
+
+def load_artifact(path: str) -> LoadedArtifact:
+    """Artifact file read back; an unreadable or foreign file raises ArtifactError naming it."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
-        raise ArtifactError(f"{path}: cannot read artifact ({e.strerror})") from None
+        raise ArtifactError(f"{path}: cannot read artifact ({e.strerror}); check ARTIFACT") from None
     try:
-        return unpack_artifact(blob, h.num_layers)
+        return LoadedArtifact(path, blob, *unpack_artifact(blob))
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
+
+
+def adopt_artifact_config(h: Hyperparameters, config: dict, env: Mapping[str, str]) -> Hyperparameters:
+    """h with the artifact's model settings; a setting given explicitly with another value is refused."""
+    conflicts = [f"{k.upper()}={format_setting(getattr(h, k))} (artifact: {format_setting(v)})"
+                 for k, v in sorted(config.items()) if k.upper() in env and getattr(h, k) != v]
+    if conflicts:
+        raise UserError(f"EVAL_ONLY: {', '.join(conflicts)} conflict with the model recorded in {h.artifact}; "
+                        "unset these settings (the artifact's are used)")
+    adopted = dataclasses.replace(h, **config)
+    adopted.validate()
+    return adopted
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation engine
@@ -2181,7 +2362,7 @@ def train_step(model, opt, loader, h: Hyperparameters, rt: Runtime, step: int, s
     opt.zero_grad()
     total = torch.zeros((), device=rt.device)
     for _ in range(accum):
-        x, y = loader.next_batch(h.train_micro_batch_tokens, h.train_seq_len)
+        x, y = loader.next_batch(h.micro_batch_tokens(rt.world_size), h.train_seq_len)
         with autocast(rt):
             loss = model(x, y)
         (loss / accum).backward()
@@ -2358,42 +2539,77 @@ def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool
     return over_limit, t_end
 
 
-def evaluate_artifact(path: str, h, rt, val, attn_fn, use_compile) -> None:
-    """Rebuild the model from the artifact bytes on disk and run every scored evaluation on it."""
+def evaluate_artifact(art: LoadedArtifact, h, rt, val, attn_fn, use_compile) -> None:
+    """Rebuild the model from the artifact bytes read from disk and run every scored evaluation on it."""
     model = build_model(h, rt.device, attn_fn)
-    model.load_state_dict(load_artifact_state(path, h), strict=True)
+    model.load_state_dict(art.state, strict=True)
     roundtrip_eval(compile_model(model, use_compile), val, h, rt)
     if h.use_ttt:
         ttt_eval(model, val, h, rt, lambda m: compile_model(m, use_compile))
 
 
-def main() -> None:
+def run() -> int:
+    """One run; returns the exit code (1 when the artifact is over the limit)."""
     h = Hyperparameters.from_env(os.environ)
     rt = init_runtime(h)
     h.validate(rt.world_size)
+    art = load_artifact(h.artifact) if h.eval_only else None
+    if art is not None:
+        h = adopt_artifact_config(h, art.config, os.environ)
     setup_logging(h, rt)
+    for name in check_unknown_settings(os.environ):
+        log0(f"env_ignored name:{name}")
     attention, attn_fn = select_attention(rt.device)
     use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
     code_bytes = log_header(h, rt, attention, use_compile)
     seed_everything(h.seed)
     val = load_val_data(h, load_tokenizer(h))
     over_limit, t_end = False, time.perf_counter()
-    if not h.eval_only:
+    if art is not None:
+        over_limit = report_artifact_size(art.path, art.blob, code_bytes, h).over_limit
+    else:
         over_limit, t_end = train_and_export(h, rt, val, attn_fn, use_compile, code_bytes)
-    evaluate_artifact(h.artifact if h.eval_only else h.artifact_path, h, rt, val, attn_fn, use_compile)
+        art = load_artifact(h.artifact_path)
+    evaluate_artifact(art, h, rt, val, attn_fn, use_compile)
     log0(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
     if over_limit:
         log0(f"run_failed reason:artifact_over_limit limit:{h.artifact_limit_bytes}")
-    shutdown(rt, 1 if over_limit else 0)
+    return 1 if over_limit else 0
 
 
-def shutdown(rt: Runtime, code: int) -> None:
+def fail_run(reason: str, message: str, code: int) -> int:
+    """Rank 0 prints the one-line message and ends the log with `run_failed`; returns the exit code."""
+    message = " ".join(message.split())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        log0(f"run_failed reason:{reason} detail:{message}", console=False)
+    return code
+
+
+def main() -> None:
+    """A user error (setting, path, data) or SIGINT/SIGTERM ends the run with one line and exit code 2 or
+    128 + signal; anything else is a bug and keeps its traceback."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, raise_interrupted)
+    try:
+        code = run()
+    except UserError as e:
+        code = fail_run("user_error", str(e), 2)
+    except RunInterrupted as e:
+        code = fail_run("interrupted", str(e), e.exit_code)
+    shutdown(code)
+
+
+def shutdown(code: int) -> None:
     """Leave the process group and exit with `code`. On gloo (CPU) the interpreter's C++ teardown in torch 2.13
-    intermittently aborts after all work is done, so those runs end with os._exit once output is flushed."""
-    if rt.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-        if not rt.is_cuda:
+    intermittently aborts after all work is done, so those runs end with os._exit once output is flushed; a failed
+    run skips the barrier (the other ranks may be gone)."""
+    if dist.is_available() and dist.is_initialized():
+        cuda = dist.get_backend() == "nccl"
+        if code == 0 or code == 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        if not cuda or code not in (0, 1):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)

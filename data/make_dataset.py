@@ -14,6 +14,9 @@ Inputs (one document = one training example, prefixed with BOS, no EOS):
 Outputs (under --out-dir, default: the folder of this script):
   tokenizers/NAME_{V}_bpe.model                     (trained on the train split only, or copied from --tokenizer)
   datasets/NAME_sp{V}/NAME_{train,val}_000000.bin   (the first --val-docs documents form the val split)
+  datasets/NAME_sp{V}/manifest.json                 (tokenizer sha256, vocab, documents/tokens/bytes per split;
+                                                     train_gpt.py refuses a tokenizer whose sha256 differs)
+A rebuild is all-or-nothing: the dataset is built in a temporary folder that replaces the old one at the end.
 
 Set DATA_PATH=<out-dir>/datasets/NAME_sp{V} and TOKENIZER_PATH=<out-dir>/tokenizers/NAME_{V}_bpe.model for train_gpt.py.
 """
@@ -28,6 +31,8 @@ import io
 import json
 import lzma
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -130,7 +135,17 @@ def open_text(path: Path) -> io.TextIOBase:
 
 
 def read_file_documents(path: Path, text_field: str) -> Iterator[str]:
-    """Documents of one input file: one per line for .txt, the `text_field` of each JSON line for .jsonl(.xz)."""
+    """Documents of one input file; undecodable text (not UTF-8, broken .xz) is an error naming the file."""
+    try:
+        yield from _file_documents(path, text_field)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start} of a line: {e.reason}); convert it to UTF-8") from None
+    except lzma.LZMAError as e:
+        raise DatasetError(f"{path}: not a valid .xz file ({e})") from None
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    """One document per line for .txt, the `text_field` of each JSON line for .jsonl(.xz)."""
     is_json = path.name.endswith((".jsonl", ".jsonl.xz"))
     with open_text(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -236,15 +251,6 @@ def read_tokenizer_file(path: str, vocab_size: int) -> bytes:
     return data
 
 
-def prepare_tokenizer(args: argparse.Namespace, given: bytes | None, train_docs: list[str], out_path: Path):
-    """The given model bytes, or a model trained on train_docs; validated, written atomically to out_path."""
-    data = given if given is not None else train_tokenizer(train_docs, args.vocab_size, args.threads)
-    sp = load_tokenizer_bytes(data, args.vocab_size, args.tokenizer or "trained tokenizer")
-    if not (out_path.exists() and out_path.read_bytes() == data):
-        train_gpt.write_file_atomic(str(out_path), data)
-    return sp
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Shards
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,6 +297,9 @@ class SplitStats:
     def __init__(self):
         self.docs = self.tokens = self.bytes = 0
 
+    def record(self, shards: list[Path]) -> dict:
+        return {"docs": self.docs, "tokens": self.tokens, "bytes": self.bytes, "shards": [p.name for p in shards]}
+
     def line(self, split: str) -> str:
         per_token = self.bytes / max(self.tokens, 1)
         return f"{split}: docs:{self.docs} tokens:{self.tokens} bytes:{self.bytes} bytes_per_token:{per_token:.4f}"
@@ -329,24 +338,58 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
             out / "datasets" / f"{args.name}_sp{args.vocab_size}")
 
 
-def build(args: argparse.Namespace) -> dict[str, SplitStats]:
-    """Read, split, tokenize and shard the corpus; print a summary; return per-split statistics."""
+def write_manifest(folder: Path, tokenizer: bytes, vocab_size: int, splits: dict[str, dict]) -> None:
+    """manifest.json beside the shards: what belongs together (train_gpt.py checks the tokenizer against it)."""
+    manifest = {"format": 1, "tokenizer_sha256": hashlib.sha256(tokenizer).hexdigest(), "vocab_size": vocab_size,
+                "splits": splits}
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    train_gpt.write_file_atomic(str(folder / train_gpt.DATASET_MANIFEST), text.encode("utf-8"))
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the finished folder `new` in place of `final` (two renames; the old folder is deleted afterwards)."""
+    old = final.with_name(f".{final.name}.old.{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_shards(args, sp, splits: dict[str, list[str]], folder: Path) -> dict[str, dict]:
+    """Every split's shards in `folder`; returns the manifest's per-split records."""
+    tables = train_gpt.build_byte_luts(sp, args.vocab_size)
+    records = {}
+    for split, split_docs in splits.items():
+        writer = ShardWriter(folder, args.name, split, args.shard_tokens)
+        stats = write_split(sp, split_docs, writer, tables, args.threads)
+        records[split] = stats.record(writer.written)
+        print(f"make_dataset: {stats.line(split)} shards:{len(writer.written)}", flush=True)
+    return records
+
+
+def build(args: argparse.Namespace) -> dict[str, dict]:
+    """Read, split, tokenize and shard the corpus in a temporary folder, then swap it in; return the split records."""
     t0 = time.perf_counter()
     tok_path, data_dir = output_paths(args)
     given = read_tokenizer_file(args.tokenizer, args.vocab_size) if args.tokenizer else None
     docs = read_documents(args.input, args.text_field)
     val, train = split_documents(docs, args.val_docs)
     print(f"make_dataset: {len(docs)} documents from {args.input} (val {len(val)}, train {len(train)})", flush=True)
-    sp = prepare_tokenizer(args, given, train, tok_path)
-    tables = train_gpt.build_byte_luts(sp, args.vocab_size)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    stats = {}
-    for split, split_docs in (("val", val), ("train", train)):
-        writer = ShardWriter(data_dir, args.name, split, args.shard_tokens)
-        stats[split] = write_split(sp, split_docs, writer, tables, args.threads)
-        print(f"make_dataset: {stats[split].line(split)} shards:{len(writer.written)}", flush=True)
+    data = given if given is not None else train_tokenizer(train, args.vocab_size, args.threads)
+    sp = load_tokenizer_bytes(data, args.vocab_size, args.tokenizer or "trained tokenizer")
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir.with_name(f".{data_dir.name}.tmp.{os.getpid()}")
+    try:
+        tmp.mkdir()
+        records = build_shards(args, sp, {"val": val, "train": train}, tmp)
+        write_manifest(tmp, data, args.vocab_size, records)
+        replace_folder(tmp, data_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (tok_path.exists() and tok_path.read_bytes() == data):  # last: a stale tokenizer fails the manifest check
+        train_gpt.write_file_atomic(str(tok_path), data)
     print(f"make_dataset: done in {time.perf_counter() - t0:.1f}s\n  DATA_PATH={data_dir}\n  TOKENIZER_PATH={tok_path}")
-    return stats
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,11 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         build(args)
-    except DatasetError as e:
+    except (DatasetError, train_gpt.UserError) as e:
         print(f"make_dataset: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("make_dataset: interrupted; the existing dataset is unchanged", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwinds: temporary folder removed
     sys.exit(main())

@@ -1,5 +1,6 @@
 """Hyperparameters: env parsing, unknown settings, validation messages, logging. Run: python3 -m pytest tests/test_config.py"""
 import dataclasses
+import re
 
 import pytest
 
@@ -39,12 +40,45 @@ def test_unparseable_values_name_the_variable(env, words):
 
 
 def test_typos_and_reference_only_settings_are_reported():
-    with pytest.raises(ValueError) as e:
-        tg.Hyperparameters.from_env({"NGRAM_MAXORDER": "5", "NGRAM_TWO_PASS": "1", "USE_TTT": "1"})
+    with pytest.raises(tg.UserError) as e:
+        tg.Hyperparameters.from_env({"NGRAM_MAXORDER": "5", "NGRAM_TWO_PASS": "1", "VE_ENABLED": "1"})
     msg = str(e.value)
-    assert "did you mean NGRAM_MAX_ORDER" in msg and "NGRAM_TWO_PASS" in msg and "USE_TTT" in msg
+    assert "did you mean NGRAM_MAX_ORDER" in msg and "NGRAM_TWO_PASS" in msg and "VE_ENABLED" in msg
+    assert "\n" not in msg  # one line
     # a reference setting whose value matches what this script always does is accepted
     tg.Hyperparameters.from_env({"NGRAM_TWO_PASS": "0", "TIE_EMBEDDINGS": "1", "PATH": "/bin", "RANK": "0"})
+
+
+@pytest.mark.parametrize("name, suggestion", [("NGRAM_MAX_ORDR", "NGRAM_MAX_ORDER"), ("EVAL_STRIDES", "EVAL_STRIDE"),
+                                              ("TRAIN_SEQLEN", "TRAIN_SEQ_LEN"), ("USE_EMAS", "USE_EMA")])
+def test_near_misses_of_real_settings_stay_errors(name, suggestion):
+    with pytest.raises(tg.UserError, match=f"{name} is not a setting; did you mean {suggestion}"):
+        tg.Hyperparameters.from_env({name: "1"})
+
+
+def test_unrelated_names_with_our_prefixes_are_only_reported():
+    env = {"USE_EXPERIMENTAL_CUDNN_V8_API": "1", "TRAIN_DIR": "/tmp", "EVAL_MODE": "x", "VAL_SOMETHING": "1",
+           "TTT_SOMETHING_ELSE": "3", "SEED": "7"}
+    h = tg.Hyperparameters.from_env(env)  # containers and CI set such names: they never stop a run
+    assert h.seed == 7
+    assert tg.check_unknown_settings(env) == ["EVAL_MODE", "TRAIN_DIR", "TTT_SOMETHING_ELSE",
+                                              "USE_EXPERIMENTAL_CUDNN_V8_API", "VAL_SOMETHING"]
+
+
+@pytest.mark.parametrize("env, field", [
+    ({"NUM_HEADS": "0"}, "NUM_HEADS=0 must be > 0"),
+    ({"MODEL_DIM": "-512"}, "MODEL_DIM=-512 must be > 0"),
+    ({"ITERATIONS": "0"}, "ITERATIONS=0 must be > 0"),
+    ({"MAX_WALLCLOCK_SECONDS": "-1"}, "MAX_WALLCLOCK_SECONDS=-1.0 must be >= 0"),
+    ({"VAL_MAX_TOKENS": "-5"}, "VAL_MAX_TOKENS=-5 must be >= 0"),
+    ({"TRAIN_SEQ_LEN": "0"}, "TRAIN_SEQ_LEN=0 must be > 0"),
+    ({"RUN_ID": "../escape"}, "RUN_ID='../escape' must be a plain file name"),
+    ({"RUN_ID": "a b"}, "RUN_ID='a b'"),
+])
+def test_zero_negative_and_unsafe_values_name_the_field(env, field):
+    with pytest.raises(tg.UserError) as e:  # not a bare ZeroDivisionError
+        tg.Hyperparameters.from_env(env)
+    assert field in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -60,19 +94,60 @@ def test_typos_and_reference_only_settings_are_reported():
     ({"train_micro_batch_tokens": 1000}, "TRAIN_MICRO_BATCH_TOKENS"),
 ])
 def test_validation_errors_name_the_fields(overrides, field):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(tg.UserError) as e:
         dataclasses.replace(tg.Hyperparameters(), **overrides).validate()
     assert field in str(e.value)
 
 
-def test_world_size_must_divide_the_batch():
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_record_batch_is_eight_micro_steps_over_the_world(world):
     h = tg.Hyperparameters()
-    for world in (1, 2, 4, 8):
+    h.validate(world)
+    assert h.micro_batch_tokens(world) == 98_304 and h.grad_accum_steps(world) == 8 // world
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_train_batch_tokens_alone_works_as_upstream(world):
+    h = tg.Hyperparameters.from_env({"TRAIN_BATCH_TOKENS": "65536", "RUN_ID": "x"})
+    h.validate(world)
+    micro, accum = h.micro_batch_tokens(world), h.grad_accum_steps(world)
+    assert accum == 8 // world and world * accum * micro == 65536 and micro % h.train_seq_len == 0
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_small_batches_use_fewer_micro_steps(world):
+    h = tg.Hyperparameters.from_env({"TRAIN_BATCH_TOKENS": "8192", "TRAIN_SEQ_LEN": "256", "RUN_ID": "x"})
+    h.validate(world)
+    micro, accum = h.micro_batch_tokens(world), h.grad_accum_steps(world)
+    assert world * accum * micro == 8192 and micro % 256 == 0 and accum <= max(8 // world, 1)
+    small = tg.Hyperparameters.from_env({"TRAIN_BATCH_TOKENS": "8192", "RUN_ID": "x"})  # 4 sequences of 2048
+    if world <= 4:
+        small.validate(world)
+        assert world * small.grad_accum_steps(world) * small.micro_batch_tokens(world) == 8192
+
+
+def test_micro_batch_override():
+    h = tg.Hyperparameters.from_env({"TRAIN_BATCH_TOKENS": "16384", "TRAIN_MICRO_BATCH_TOKENS": "4096", "RUN_ID": "x"})
+    h.validate(2)
+    assert h.micro_batch_tokens(2) == 4096 and h.grad_accum_steps(2) == 2
+
+
+@pytest.mark.parametrize("env, world", [
+    ({"TRAIN_BATCH_TOKENS": "8192"}, 8),  # 4 sequences of 2048 cannot cover 8 ranks
+    ({"TRAIN_BATCH_TOKENS": "10000", "TRAIN_SEQ_LEN": "256"}, 2),
+    ({"TRAIN_BATCH_TOKENS": "786432"}, 5),
+    ({"TRAIN_BATCH_TOKENS": "12288", "TRAIN_MICRO_BATCH_TOKENS": "4096"}, 2),
+])
+def test_impossible_batch_proposes_values_that_work(env, world):
+    h = tg.Hyperparameters.from_env(dict(env, RUN_ID="x"))
+    with pytest.raises(tg.UserError) as e:
         h.validate(world)
-    with pytest.raises(ValueError, match="WORLD_SIZE=3"):
-        h.validate(3)
-    with pytest.raises(ValueError, match="WORLD_SIZE=16"):
-        h.validate(16)
+    msg = str(e.value)
+    assert f"WORLD_SIZE={world}" in msg and "TRAIN_BATCH_TOKENS=" in msg
+    proposals = [int(v) for v in re.findall(r"use TRAIN_BATCH_TOKENS=(\d+)", msg) + re.findall(r" or (\d+)", msg)]
+    assert proposals
+    for value in proposals:  # every proposed batch validates on the same world size
+        dataclasses.replace(h, train_batch_tokens=value).validate(world)
 
 
 def test_every_field_is_logged_once_sorted():

@@ -113,7 +113,7 @@ def test_find_shards_official_and_local_names_sorted(tmp_path):
 
 
 def test_find_shards_none_gives_make_data_hint(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(tg.UserError) as err:
         tg.find_shards(str(tmp_path), "val")
     msg = str(err.value)
     assert "cached_challenge_fineweb.py" in msg and "make_dataset.py --input sample" in msg and str(tmp_path) in msg

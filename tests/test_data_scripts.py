@@ -2,6 +2,8 @@
 
 Run: python3 -m pytest tests/test_data_scripts.py
 """
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import lzma
@@ -158,6 +160,60 @@ def test_small_shards_concatenate_to_the_same_stream_and_stale_shards_go(built):
     np.testing.assert_array_equal(tokens, read_split(built.data, "tiny", "train")[1])
     assert run_builder(*common) == 0  # default shard size: one shard, the older extra shards are deleted
     assert len(read_split(out / "datasets" / f"tiny_sp{VOCAB}", "tiny", "train")[0]) == 1
+
+
+def test_manifest_records_what_belongs_together(built):
+    manifest = json.loads((built.data / tg.DATASET_MANIFEST).read_text())
+    assert manifest["tokenizer_sha256"] == hashlib.sha256(built.tok.read_bytes()).hexdigest()
+    assert manifest["vocab_size"] == VOCAB and manifest["splits"]["val"]["docs"] == 10
+    assert manifest["splits"]["train"]["docs"] == 50
+    for split in ("val", "train"):
+        files, tokens = read_split(built.data, "tiny", split)
+        record = manifest["splits"][split]
+        assert record["tokens"] == tokens.size and record["shards"] == [f.name for f in files]
+    val_bytes = sum(len(d.encode("utf-8")) for d in built.docs[:10])
+    assert manifest["splits"]["val"]["bytes"] == val_bytes
+
+
+def test_train_gpt_refuses_a_tokenizer_the_shards_were_not_made_with(built, tmp_path):
+    other_src = tmp_path / "other.txt"
+    other_src.write_text("\n".join(make_docs(60, seed=1)[::-1]) + "\n", encoding="utf-8")
+    assert run_builder("--input", other_src, "--name", "other", "--val-docs", 10, "--vocab-size", VOCAB,
+                       "--out-dir", tmp_path) == 0
+    other_tok = tmp_path / "tokenizers" / f"other_{VOCAB}_bpe.model"
+    assert other_tok.read_bytes() != built.tok.read_bytes()
+    h = tg.Hyperparameters(data_path=str(built.data), tokenizer_path=str(other_tok), vocab_size=VOCAB)
+    with pytest.raises(tg.UserError, match=r"is not the tokenizer the shards in .* were made with"):
+        tg.load_tokenizer(h)  # same vocabulary size, so only the manifest tells them apart
+    assert tg.load_tokenizer(dataclasses.replace(h, tokenizer_path=str(built.tok))).vocab_size() == VOCAB
+
+
+def test_interrupted_rebuild_keeps_the_old_dataset(built, tmp_path, monkeypatch, capsys):
+    common = ["--input", built.src, "--name", "tiny", "--vocab-size", VOCAB, "--tokenizer", built.tok,
+              "--out-dir", tmp_path]
+    assert run_builder(*common, "--val-docs", 10) == 0
+    data = tmp_path / "datasets" / f"tiny_sp{VOCAB}"
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    write_split = md.write_split
+
+    def killed_during_train(sp, docs, writer, tables, threads):
+        if writer.prefix.endswith("_train_"):
+            raise KeyboardInterrupt
+        return write_split(sp, docs, writer, tables, threads)
+
+    monkeypatch.setattr(md, "write_split", killed_during_train)
+    assert run_builder(*common, "--val-docs", 20) == 130  # the val split with 20 documents was already written
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == [data.name]  # no temporary folder left
+    assert "existing dataset is unchanged" in capsys.readouterr().err
+
+
+def test_non_utf8_input_names_the_file(tmp_path, capsys):
+    src = tmp_path / "latin1.txt"
+    src.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 20)
+    assert run_builder("--input", src, "--name", "l", "--vocab-size", VOCAB, "--out-dir", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: not UTF-8 text" in err and "Traceback" not in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("content,message", [("", "no documents"), ("\n  \n\n", "no documents")])

@@ -1,5 +1,6 @@
 """Whole runs of train_gpt.py on a tiny synthetic corpus, single process and torchrun x2 (gloo).
 Run: python3 -m pytest tests/test_end_to_end.py"""
+import hashlib
 import os
 import re
 import subprocess
@@ -76,12 +77,15 @@ def test_single_process_run(tiny_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tiny_corpus, tmp_path):
-    env = tiny_run_env(tiny_corpus, tmp_path)
+    env = tiny_run_env(tiny_corpus, tmp_path, USE_EXPERIMENTAL_CUDNN_V8_API="1", TRAIN_DIR="/tmp", EVAL_MODE="x")
+    del env["TRAIN_MICRO_BATCH_TOKENS"]  # TRAIN_BATCH_TOKENS alone: 8 micro-steps over the world, as upstream
     out = run_script(env, nproc=2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = (tmp_path / "logs" / "e2e.txt").read_text()
     check_log(log, env)
-    assert "world_size:2 grad_accum_steps:1" in log
+    assert "world_size:2 grad_accum_steps:4" in log and "hparam train_micro_batch_tokens:0" in log
+    for name in ("EVAL_MODE", "TRAIN_DIR", "USE_EXPERIMENTAL_CUDNN_V8_API"):  # reported, never fatal
+        assert re.search(rf"^env_ignored name:{name}$", log, re.M)
 
 
 @pytest.mark.slow
@@ -107,15 +111,29 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
     env = tiny_run_env(tiny_corpus, tmp_path, ITERATIONS="4", VAL_LOSS_EVERY="0")
     assert run_script(env).returncode == 0
     first = (tmp_path / "logs" / "e2e.txt").read_text()
-    env2 = dict(env, EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="again")
+    shape = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ROPE_DIMS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
+             "BIGRAM_DIM", "VOCAB_SIZE")
+    env2 = {k: v for k, v in env.items() if k not in shape}  # the model is rebuilt from the artifact's record
+    env2.update(EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="again")
     out = run_script(env2)
     assert out.returncode == 0, out.stderr[-3000:]
     again = (tmp_path / "logs" / "again.txt").read_text()
+    sha = hashlib.sha256(Path(env["ARTIFACT_PATH"]).read_bytes()).hexdigest()
+    size = os.path.getsize(env["ARTIFACT_PATH"])
+    assert re.search(rf"^artifact path:\S+ sha256:{sha} model_bytes:{size} code_bytes:\d+ total_bytes:\d+ "
+                     r"limit:16000000$", again, re.M)
+    assert re.search(r"^Total submission int6\+zstd: \d+ bytes$", again, re.M) and "hparam num_layers:2" in again
     pick = lambda log, key: re.search(rf"^{key} val_loss:\S+ val_bpb:\S+$", log, re.M).group(0)
     for key in ("final_int6_zstd_roundtrip_exact", "ngram_eval_exact"):
         assert pick(first, key) == pick(again, key)
     assert not re.search(r"^step:\d+/\d+ train_loss:", again, re.M)
     assert not re.search(r"^Serialized model", again, re.M)
+    conflicting = dict(env, EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="conflict", XSA_LAST_N="0",
+                       NUM_LAYERS="3")
+    out = run_script(conflicting)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert re.search(r"^error: EVAL_ONLY: NUM_LAYERS=3 \(artifact: 2\), XSA_LAST_N=0 \(artifact: 1\) conflict",
+                     out.stderr, re.M), out.stderr[-2000:]
 
 
 @pytest.mark.slow

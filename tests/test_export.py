@@ -1,5 +1,6 @@
 """Export: int6 row quantizer, bank layout, quantization policy, artifact pack/unpack, size report."""
 import dataclasses
+import hashlib
 import io
 import os
 import sys
@@ -151,7 +152,8 @@ def test_pack_unpack_error_bounds(small_h):
     state["extra.cube"] = torch.randn(4, 8, 16)  # non-2-D, above the keep-float threshold: per-tensor int6
     state["extra.steps"] = torch.arange(5)  # non-float: passthrough unchanged
     blob, stats = tg.pack_artifact(state, small_h)
-    out = tg.unpack_artifact(blob, small_h.num_layers)
+    config, out = tg.unpack_artifact(blob)
+    assert config == tg.model_config(small_h)
     assert set(out) == set(state)
     assert all(out[k].dtype == v.dtype and out[k].shape == v.shape for k, v in state.items())
     flat_in = tg.unbank_state(state, small_h.num_layers)
@@ -187,7 +189,8 @@ def test_blob_is_zstd_and_object_is_truthful(small_h):
     assert len(raw) == stats.raw_torch_bytes
     obj = torch.load(io.BytesIO(raw), weights_only=True)
     assert obj["__quant_format__"] == tg.QUANT_FORMAT and "int6" in tg.QUANT_FORMAT
-    assert set(obj) == {"__quant_format__", *tg.QUANT_OBJECT_KEYS}
+    assert set(obj) == {"__quant_format__", "__model_config__", *tg.QUANT_OBJECT_KEYS}
+    assert obj["__model_config__"]["num_layers"] == small_h.num_layers
     assert obj["qmeta"]["blocks.0.attn.c_q.weight"] == {"scheme": "per_row", "axis": 0}
     assert obj["passthrough_orig_dtypes"]["tok_emb.weight"] == "bfloat16"
 
@@ -195,30 +198,29 @@ def test_blob_is_zstd_and_object_is_truthful(small_h):
 def test_missing_zstandard_is_an_error(small_h, monkeypatch):
     blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
     monkeypatch.setitem(sys.modules, "zstandard", None)  # import now raises ImportError
-    with pytest.raises(RuntimeError, match="zstandard"):
+    with pytest.raises(tg.UserError, match="zstandard"):
         tg.pack_artifact(contract_state(small_h), small_h)
-    with pytest.raises(RuntimeError, match="no zlib fallback"):
-        tg.unpack_artifact(blob, small_h.num_layers)
+    with pytest.raises(tg.UserError, match="no zlib fallback"):
+        tg.unpack_artifact(blob)
 
 
 def test_corrupt_and_foreign_blobs(small_h):
     zstd = pytest.importorskip("zstandard")
     blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
-    L = small_h.num_layers
     with pytest.raises(tg.ArtifactError, match="not a zstd artifact"):
-        tg.unpack_artifact(b"PK\x03\x04" + blob[4:], L)
+        tg.unpack_artifact(b"PK\x03\x04" + blob[4:])
     with pytest.raises(tg.ArtifactError, match="corrupt or truncated"):
-        tg.unpack_artifact(blob[: len(blob) // 2], L)
+        tg.unpack_artifact(blob[: len(blob) // 2])
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0xFF
     with pytest.raises(tg.ArtifactError):
-        tg.unpack_artifact(bytes(flipped), L)
+        tg.unpack_artifact(bytes(flipped))
     with pytest.raises(tg.ArtifactError, match="not a readable torch.save"):
-        tg.unpack_artifact(zstd.ZstdCompressor().compress(b"hello world"), L)
+        tg.unpack_artifact(zstd.ZstdCompressor().compress(b"hello world"))
     buf = io.BytesIO()
     torch.save({"__quant_format__": "int8_clean_per_row_v1"}, buf)
     with pytest.raises(tg.ArtifactError, match="int8_clean_per_row_v1"):
-        tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()), L)
+        tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()))
 
 
 # ---- export to disk -------------------------------------------------------------------------------------------
@@ -234,8 +236,10 @@ def test_export_and_load_roundtrip(small_h, capsys, monkeypatch):
     assert f"Total submission int6+zstd: {rep.model_bytes + 1234} bytes" in out
     assert f"sha256:{rep.sha256} model_bytes:{rep.model_bytes} code_bytes:1234" in out
     assert "artifact_over_limit" not in out
-    loaded = tg.load_artifact_state(small_h.artifact_path, small_h)
+    art = tg.load_artifact(small_h.artifact_path)
+    loaded = art.state
     assert set(loaded) == set(state) and all(loaded[k].dtype == v.dtype for k, v in state.items())
+    assert art.config == tg.model_config(small_h) and hashlib.sha256(art.blob).hexdigest() == rep.sha256
 
 
 def test_over_limit_is_reported(small_h, capsys, monkeypatch):
@@ -259,8 +263,23 @@ def test_failed_write_leaves_no_file(small_h, monkeypatch, tmp_path):
 
 def test_load_missing_or_corrupt_file(small_h, tmp_path):
     with pytest.raises(tg.ArtifactError, match="cannot read artifact"):
-        tg.load_artifact_state(str(tmp_path / "absent.ptz"), small_h)
+        tg.load_artifact(str(tmp_path / "absent.ptz"))
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(tg.ArtifactError, match="bad.ptz: not a zstd artifact"):
-        tg.load_artifact_state(str(bad), small_h)
+        tg.load_artifact(str(bad))
+
+
+def test_only_the_current_format_is_read(small_h):
+    zstd = pytest.importorskip("zstandard")
+    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
+    obj = torch.load(io.BytesIO(zstd.ZstdDecompressor().decompress(blob)), weights_only=True)
+    old = {k: v for k, v in obj.items() if k != "__model_config__"}
+    old["__quant_format__"] = "int6_per_row_v1"  # the previous format had no model settings
+    buf = io.BytesIO()
+    torch.save(old, buf)
+    with pytest.raises(tg.ArtifactError, match="'int6_per_row_v1' is not 'int6_per_row_v2'; re-export"):
+        tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()))
+    config, state = tg.unpack_artifact(blob)  # the recorded settings rebuild the same model
+    assert config == tg.model_config(small_h)
+    tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config), "cpu").load_state_dict(state, strict=True)

@@ -181,15 +181,63 @@ def test_summarize_text_table_single_log(tmp_path, capsys):
     assert "run42" in out and "1.127610" in out and "mean" not in out
 
 
-@pytest.mark.parametrize("kind", ["truncated", "foreign"])
-def test_summarize_rejects_truncated_and_foreign(tmp_path, capsys, kind):
-    good = write_logs(tmp_path, seeds=(1337,))
+@pytest.mark.parametrize("kind", ["truncated", "killed_in_ngram", "failed", "foreign"])
+def test_summarize_skips_unusable_logs_with_a_warning(tmp_path, capsys, kind):
+    good = write_logs(tmp_path, seeds=(1337, 2024))
     bad = tmp_path / f"{kind}.txt"
-    bad.write_text(log_text(42, truncate_at="final_int6_zstd_roundtrip") if kind == "truncated"
-                   else "import torch\nprint('hello')\nstep:1/10 train_loss:1.0 train_time:1ms step_avg:1.00ms\n")
-    assert summarize_logs.main([*map(str, good), str(bad)]) == 1
+    bad.write_text({"truncated": log_text(42, truncate_at="final_int6_zstd_roundtrip"),
+                    "killed_in_ngram": log_text(42, truncate_at="ngram_audit"),
+                    "failed": log_text(42) + "run_failed reason:artifact_over_limit limit:16000000\n",
+                    "foreign": "import torch\nprint('hello')\nstep:1/10 train_loss:1.0 train_time:1ms step_avg:1.00ms\n"}[kind])
+    assert summarize_logs.main([str(good[0]), str(bad), str(good[1]), "--json", "-"]) == 0  # not stopped by it
+    captured = capsys.readouterr()
+    assert [row["seed"] for row in json.loads(captured.out)["rows"]] == [1337, 2024]
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warning) == 1 and str(bad) in warning[0]
+    assert {"truncated": "truncated", "killed_in_ngram": "n-gram", "failed": "run failed",
+            "foreign": "no 'hparam"}[kind] in warning[0]
+    assert summarize_logs.main([str(bad)]) == 1 and "error: none of the 1 log(s)" in capsys.readouterr().err
+
+
+def test_json_option_means_the_same_in_every_tool(tmp_path, capsys):
+    paths = list(map(str, write_logs(tmp_path)))
+    commands = {"summarize": (summarize_logs.main, paths), "significance": (significance.main, [
+        "--baseline", "1.92", "--logs", *paths])}
+    for name, (main, args) in commands.items():
+        assert main([*args, "--json", "-"]) == 0, name
+        captured = capsys.readouterr()
+        data = json.loads(captured.out)  # '-': only JSON on stdout, the text on stderr
+        assert captured.err.strip(), name
+        out = tmp_path / f"{name}.json"
+        assert main([*args, "--json", str(out)]) == 0
+        assert json.loads(out.read_text()) == data and capsys.readouterr().out.strip() == captured.err.strip()
+        assert main([*args, "--json", str(tmp_path / "missing" / "x.json")]) == 1  # user error: exit 1, one line
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: --json") and not list((tmp_path / "missing").glob("*")) if (
+            tmp_path / "missing").exists() else err[-1].startswith("error: --json")
+    bench = subprocess.run([sys.executable, str(TOOLS / "bench_ngram_cache.py"), "--tokens", "3000", "--chunk", "1000",
+                            "--device", "cpu", "--json", "-"], capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads(bench.stdout)["tokens"] == 3000 and "tokens_per_s:" in bench.stderr
+
+
+def test_bench_train_user_error_exits_1_in_one_line():
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("NUM_", "MODEL_"))}
+    out = subprocess.run([sys.executable, str(TOOLS / "bench_train.py"), "--synthetic"], capture_output=True,
+                         text=True, timeout=120, env=dict(env, NUM_HEADS="0", DEVICE="cpu"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "error: invalid settings: NUM_HEADS=0" in out.stderr
+
+
+def test_make_record_refuses_incomplete_logs_unless_allowed(tmp_path, capsys):
+    script, sha, size = script_with_sha(tmp_path)
+    logs = write_logs(tmp_path, sha=sha, code_bytes=size, seeds=(1337, 42))
+    killed = tmp_path / "logs" / "run2024.txt"
+    killed.write_text(log_text(2024, sha=sha, code_bytes=size, truncate_at="ngram_audit"))  # killed during the n-gram eval
+    assert make_record.main(record_args(tmp_path, script, [*logs, killed])) == 1
     err = capsys.readouterr().err
-    assert str(bad) in err and ("truncated" if kind == "truncated" else "no 'hparam") in err
+    assert str(killed) in err and "n-gram" in err and not (tmp_path / "records").exists()
+    assert make_record.main(record_args(tmp_path, script, [*logs, killed], "--allow-incomplete")) == 0
 
 
 def test_summarize_allow_incomplete_and_hashed(tmp_path, capsys):
@@ -326,7 +374,8 @@ def test_make_record_roundtrip_score_without_ngram_and_unknown_defaults(tmp_path
     for seed in (1337, 42):
         p = tmp_path / f"s{seed}.txt"
         text = log_text(seed, sha=sha, code_bytes=size)
-        p.write_text("\n".join(ln for ln in text.splitlines() if "gram" not in ln.lower()) + "\n")
+        kept = [ln for ln in text.splitlines() if "gram" not in ln.lower()]
+        p.write_text("\n".join(kept + ["hparam ngram_enabled:0"]) + "\n")  # a run with the n-gram eval off
         logs.append(p)
     assert make_record.main(record_args(tmp_path, script, logs)) == 0
     folder = tmp_path / "records" / "2026-03-30_ExactNgram"

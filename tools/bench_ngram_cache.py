@@ -2,7 +2,7 @@
 targets in batches (p_ngram of the target, as the scorer does), then update the tables with the whole chunk.
 
   python3 tools/bench_ngram_cache.py --tokens 2000000 --device cpu
-  python3 tools/bench_ngram_cache.py --device cuda --json          # full 62,021,632-token validation size
+  python3 tools/bench_ngram_cache.py --device cuda --json -        # full 62,021,632-token validation size
 
 Prints tokens/s for lookup, update and both, and peak memory (torch.cuda.max_memory_allocated on GPU, ru_maxrss
 on CPU). --world W looks up 1/W of every chunk (one rank of a W-GPU run; every rank updates the whole chunk).
@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import logparse  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
@@ -89,7 +91,7 @@ def run(args) -> dict:
             "peak_memory_bytes": peak_memory_bytes(device), "tables": table_entries(cache)}
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=62_021_632, help="number of targets (default: the val set)")
     p.add_argument("--vocab", type=int, default=1024)
@@ -105,15 +107,18 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100, help="progress to stderr every N chunks (0: off)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of key:value text")
-    args = p.parse_args()
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-': JSON on stdout, "
+                                                   "text on stderr)")
+    args = p.parse_args(argv)
     res = run(args)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(" ".join(f"{k}:{v}" for k, v in res.items() if k != "tables"))
-        print(f"tables {json.dumps(res['tables'])}")
+    text = " ".join(f"{k}:{v}" for k, v in res.items() if k != "tables") + f"\ntables {json.dumps(res['tables'])}"
+    try:
+        logparse.emit(text, res, args.json)
+    except logparse.ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,7 +27,6 @@ MFU = flops_per_token × tokens/s per device / peak, with peak the dense bf16 FL
 CUDA device name) or --peak-flops. On CPU, or on an unknown GPU without --peak-flops, mfu is null.
 """
 import argparse
-import json
 import os
 import resource
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import logparse  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 # Dense bf16 tensor-core peak FLOP/s by (substring of) CUDA device name; first match wins.
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace, h: tg.Hyperparameters, rt: tg.Runtime) -> dict
     final_loss = float(loss.item())
 
     ms_per_step = 1000.0 * elapsed / args.steps
-    tokens_per_step = h.grad_accum_steps(rt.world_size) * h.train_micro_batch_tokens * rt.world_size
+    tokens_per_step = h.grad_accum_steps(rt.world_size) * h.micro_batch_tokens(rt.world_size) * rt.world_size
     tokens_per_s = tokens_per_step * args.steps / elapsed
     per_device = tokens_per_s / rt.world_size
     fpt = flops_per_token(h)
@@ -177,35 +178,35 @@ def run(args: argparse.Namespace, h: tg.Hyperparameters, rt: tg.Runtime) -> dict
     }
 
 
-def report(res: dict, out) -> None:
+def report(res: dict) -> str:
     mfu = "null" if res["mfu"] is None else f"{100 * res['mfu']:.2f}%"
     mem = " ".join(f"{k}:{v:.0f}" for k, v in res.items() if k.startswith("peak_memory"))
-    print(f"device:{res['device']} world_size:{res['world_size']} torch:{res['torch']} "
-          f"attention:{res['attention']} compile:{int(res['compile'])} qat:{int(res['qat'])} data:{res['data']}", file=out)
-    print(f"steps:{res['timed_steps']} (warmup {res['warmup_steps']}) tokens/step:{res['tokens_per_step']} "
-          f"ms/step:{res['ms_per_step']:.2f} tokens/s:{res['tokens_per_s']:.0f} "
-          f"tokens/s/device:{res['tokens_per_s_per_device']:.0f}", file=out)
-    print(f"flops/token:{res['flops_per_token']:.4g} (6N+6LTd, N={res['matmul_params']}) "
-          f"achieved:{res['achieved_flops_per_device'] / 1e12:.3f} TFLOP/s/device mfu:{mfu} {mem} "
-          f"final_loss:{res['final_loss']:.4f}", file=out, flush=True)
+    return (f"device:{res['device']} world_size:{res['world_size']} torch:{res['torch']} "
+            f"attention:{res['attention']} compile:{int(res['compile'])} qat:{int(res['qat'])} data:{res['data']}\n"
+            f"steps:{res['timed_steps']} (warmup {res['warmup_steps']}) tokens/step:{res['tokens_per_step']} "
+            f"ms/step:{res['ms_per_step']:.2f} tokens/s:{res['tokens_per_s']:.0f} "
+            f"tokens/s/device:{res['tokens_per_s_per_device']:.0f}\n"
+            f"flops/token:{res['flops_per_token']:.4g} (6N+6LTd, N={res['matmul_params']}) "
+            f"achieved:{res['achieved_flops_per_device'] / 1e12:.3f} TFLOP/s/device mfu:{mfu} {mem} "
+            f"final_loss:{res['final_loss']:.4f}")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
-    h = tg.Hyperparameters.from_env(os.environ)
-    rt = tg.init_runtime(h)
-    h.validate(rt.world_size)
-    res = run(args, h, rt)
-    if rt.is_main:
-        report(res, sys.stderr if args.json == "-" else sys.stdout)
-        if args.json == "-":
-            print(json.dumps(res, indent=2), flush=True)
-        elif args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
-                f.write("\n")
-    tg.shutdown(rt, 0)
+    try:
+        h = tg.Hyperparameters.from_env(os.environ)
+        rt = tg.init_runtime(h)
+        h.validate(rt.world_size)
+        res = run(args, h, rt)
+        if rt.is_main:
+            logparse.emit(report(res), res, args.json)
+    except (tg.UserError, logparse.ToolError) as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        tg.shutdown(1)
+    tg.shutdown(0)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

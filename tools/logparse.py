@@ -5,13 +5,21 @@ Every event has one regular expression in `PATTERNS`; a line is an event only if
 line (after stripping the line ending and trailing blanks), so source-code lines that merely mention a prefix
 (e.g. `log0(f"step:{step}/...`) are skipped. When a single-valued event appears twice, the last one wins.
 
-Public API: `parse_log(path) -> RunLog`, `require_complete(run)`, `LogError`, `load_runs(paths, complete=True)`.
+Public API: `parse_log(path) -> RunLog`, `require_complete(run)`, `LogError`, `load_runs(paths, complete=True)`,
+`emit(text, result, json_dest)`.
+
+Conventions shared by every tool: a user error (a file, a log, an option value) prints one `error: ...` line and
+exits 1; `--json PATH` writes the JSON result to PATH (temporary file + rename) and prints the usual text, while
+`--json -` prints only the JSON on stdout and sends the text to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,14 +77,20 @@ PATTERNS: dict[str, re.Pattern] = {name: re.compile(rx) for name, rx in {
                      rf"eval_time:{_n('eval_time_ms')}ms"),
     "ngram_hashed_exact": rf"ngram_hashed_unnormalized_exact val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')}",
     "post_training_time": rf"post_training_time:{_i('ms')}ms",
+    "env_ignored": r"env_ignored name:(?P<name>\S+)",
+    "run_failed": r"run_failed reason:(?P<reason>\w+)(?: (?P<detail>.*))?",
 }.items()}
 
 # events kept as lists (all occurrences, in order); every other event keeps its last occurrence only
 LIST_EVENTS = ("hparam", "warmup_step", "val_step", "train_step", "ngram_chunk", "diag_eval")
 
 
-class LogError(ValueError):
-    """A log that the tools cannot use (foreign file, truncated run); the message names the file."""
+class ToolError(ValueError):
+    """A user error in a tool (file, option value); the tool prints `error: <message>` and exits 1."""
+
+
+class LogError(ToolError):
+    """A log that the tools cannot use (foreign file, truncated or failed run); the message names the file."""
 
 
 @dataclass
@@ -263,11 +277,27 @@ def parse_log(path: Path | str) -> RunLog:
     return run
 
 
-def require_complete(run: RunLog) -> RunLog:
-    """Raise LogError unless the run reached its final round-trip score (the log was not truncated)."""
+def incomplete_reason(run: RunLog) -> str | None:
+    """Why the log is not a finished, successful run (None when it is): a `run_failed` line, or a missing final line
+    (round trip; the n-gram score when NGRAM_ENABLED; post_training_time, the last line of every finished run)."""
+    failed = run.event("run_failed")
+    if failed:
+        return f"the run failed ({run.lines['run_failed']})"
     if not run.roundtrip_exact:
-        raise LogError(f"{run.path}: truncated log (no 'final_int6_zstd_roundtrip_exact' line); "
-                       f"last event: {_last_event(run)}")
+        return f"truncated log (no 'final_int6_zstd_roundtrip_exact' line); last event: {_last_event(run)}"
+    wants_ngram = run.hparams.get("ngram_enabled", "1") == "1"
+    if wants_ngram and not (run.ngram_exact or run.event("ngram_hashed_exact")):
+        return "truncated log (no n-gram score: stopped during the n-gram eval)"
+    if run.post_training_ms is None:
+        return "truncated log (no 'post_training_time' line)"
+    return None
+
+
+def require_complete(run: RunLog) -> RunLog:
+    """Raise LogError unless the log is a finished, successful run."""
+    reason = incomplete_reason(run)
+    if reason:
+        raise LogError(f"{run.path}: {reason}")
     return run
 
 
@@ -285,6 +315,25 @@ def load_runs(paths, complete: bool = True) -> list[RunLog]:
         for run in runs:
             require_complete(run)
     return runs
+
+
+def emit(text: str, result, json_dest: str | None) -> None:
+    """Print `text` and the JSON `result` as `--json PATH|-` says (see the module docstring)."""
+    if json_dest == "-":
+        print(text, file=sys.stderr, flush=True)
+        print(json.dumps(result, indent=2), flush=True)
+        return
+    print(text, flush=True)
+    if json_dest:
+        path = Path(json_dest)
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ToolError(f"--json {json_dest}: cannot write ({exc.strerror or exc})") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def cli_parser(doc: str) -> argparse.ArgumentParser:

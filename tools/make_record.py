@@ -256,7 +256,7 @@ def build(args) -> Path:
     """All checks first, then write the folder; raises RecordError or LogError to refuse."""
     if not NAME_RX.fullmatch(args.name):
         raise RecordError(f"--name {args.name!r}: use letters, digits, '_', '.', '-'")
-    runs = logparse.load_runs(args.logs)
+    runs = logparse.load_runs(args.logs, complete=not args.allow_incomplete)
     script = Path(args.script)
     sha = check_code(runs, script)
     check_seeds_and_settings(runs)
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="records/track_10min_16mb", help="parent folder (default records/track_10min_16mb)")
     p.add_argument("--force", action="store_true", help="replace an existing record folder")
     p.add_argument("--strict", action="store_true", help="refuse when any compliance check fails")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="accept logs of failed or unfinished runs (refused by default: they lack final scores)")
     return p
 
 

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="required margin below the baseline (default 0.005, nats for loss metrics)")
     p.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the verdict is FAIL (for scripts and CI)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-': JSON on stdout, "
+                                                   "text on stderr)")
     return p
 
 
@@ -160,7 +162,13 @@ def main(argv=None) -> int:
     if len(values) < RECORD_MIN_SEEDS:
         print(f"warning: records need >= {RECORD_MIN_SEEDS} seeds; this test uses {len(values)}", file=sys.stderr)
     result = one_sided_ttest(values, args.baseline, args.min_improvement)
-    print(report(result, args, values))
+    figures = dict(result, metric=args.metric, values=values, baseline=args.baseline, alpha=args.alpha,
+                   verdict="PASS" if result["p"] < args.alpha else "FAIL")
+    try:
+        logparse.emit(report(result, args, values), figures, args.json)
+    except logparse.ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 1 if args.strict and not result["p"] < args.alpha else 0
 
 

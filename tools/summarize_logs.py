@@ -3,17 +3,17 @@
 
     python3 tools/summarize_logs.py logs/*.txt                 # aligned text table
     python3 tools/summarize_logs.py logs/*.txt --markdown      # GitHub Markdown table
-    python3 tools/summarize_logs.py logs/*.txt --json out.json # also write JSON ('-' = stdout, table then omitted)
+    python3 tools/summarize_logs.py logs/*.txt --json out.json # also write JSON ('-': JSON on stdout, table on stderr)
 
-Exit status: 0 on success; 1 when a log is truncated (no final_int6_zstd_roundtrip_exact line) or foreign
-(no hparam lines) -- the message names the file; 2 for usage errors. `--allow-incomplete` keeps truncated logs
-(their missing scores are left blank and excluded from mean/std).
+Logs of failed or unfinished runs (a `run_failed` line, or a missing final line) and files that are not
+train_gpt.py logs are skipped with a warning naming the file. `--allow-incomplete` keeps unfinished logs
+(their missing scores are left blank and excluded from mean/std). Exit status: 0 on success; 1 when no usable
+log is left or the JSON cannot be written; 2 for usage errors.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -123,21 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def usable_runs(paths, allow_incomplete: bool) -> list:
+    """Parsed logs, skipping (with a warning) foreign files and, unless allowed, failed or unfinished runs."""
+    runs = []
+    for path in paths:
+        try:
+            run = logparse.parse_log(path)
+            runs.append(run if allow_incomplete else logparse.require_complete(run))
+        except logparse.LogError as exc:
+            print(f"warning: skipped {exc}", file=sys.stderr)
+    return runs
+
+
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        runs = logparse.load_runs(args.logs, complete=not args.allow_incomplete)
-    except logparse.LogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    runs = usable_runs(args.logs, args.allow_incomplete)
+    if not runs:
+        print(f"error: none of the {len(args.logs)} log(s) is a finished run (see the warnings)", file=sys.stderr)
         return 1
     summary = summarize(runs)
-    if args.json == "-":
-        print(json.dumps(summary, indent=2))
-        return 0
-    print(render_markdown(summary) if args.markdown else render_text(summary))
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        logparse.emit(render_markdown(summary) if args.markdown else render_text(summary), summary, args.json)
+    except logparse.ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
