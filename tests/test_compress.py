@@ -95,7 +95,7 @@ def test_ngram_and_ttt_change_the_code(setup):
     """The mixture and the adapted weights are really used: each mode codes the same targets differently."""
     root, env, artifact, _ = setup
     h = compress.settings_from(env)
-    model, tokens = compress.load_model(artifact, h), compress.validation_tokens(h, TARGETS)
+    model, tokens = compress.load_model(artifact, h, env)[0], compress.validation_tokens(h, TARGETS)
     flags = (0, compress.FLAG_NGRAM, compress.FLAG_TTT)
     payloads = {compress.encode_tokens(compress.Distributions(model, h, tokens.clone(), f)) for f in flags}
     assert len(payloads) == 3
@@ -130,7 +130,7 @@ def test_refuses_settings_that_cannot_code(setup, capsys):
     argv = ["encode", "--artifact", artifact, "--tokens", "10", "-o", str(root / "z.pgc")]
     for extra_env, extra_arg, needle in (({"COMPILE": "1"}, [], "eager CPU"),
                                          ({"NGRAM_MODE": "hashed"}, ["--ngram"], "do not sum to 1"),
-                                         ({"MODEL_DIM": "32"}, [], "does not fit the model settings")):
+                                         ({"MODEL_DIM": "32"}, [], "MODEL_DIM=32 (artifact: 64) conflict")):
         code, _, err = run(argv + extra_arg, dict(env, **extra_env), capsys)
         assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (root / "z.pgc").exists()

@@ -284,19 +284,17 @@ def set_deterministic(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def load_model(path: str, h: tg.Hyperparameters) -> tg.GPT:
-    """The model rebuilt from the artifact bytes, eager on the CPU, in eval mode."""
-    model = tg.build_model(h, torch.device("cpu"), tg.sdpa_attention)
+def load_model(path: str, h: tg.Hyperparameters, env) -> tuple[tg.GPT, tg.Hyperparameters]:
+    """(model rebuilt from the artifact bytes, eager on the CPU, in eval mode; h with the artifact's recorded model
+    settings, as EVAL_ONLY adopts them: an explicit conflicting setting in env is refused)."""
     try:
-        state = tg.load_artifact_state(path, h)
-        model.load_state_dict(state, strict=True)
-    except tg.ArtifactError as e:
-        raise CompressError(str(e)) from None
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CompressError(f"{path}: does not fit the model settings ({first}); set the shape it was trained "
-                            "with (NUM_LAYERS, MODEL_DIM, ...)") from None
-    return model.eval()
+        art = tg.load_artifact(path)
+        h = tg.adopt_artifact_config(tg.dataclasses.replace(h, artifact=path), art.config, env)
+    except tg.UserError as e:
+        raise CompressError(" ".join(str(e).split())) from None
+    model = tg.build_model(h, torch.device("cpu"), tg.sdpa_attention)
+    model.load_state_dict(art.state, strict=True)
+    return model.eval(), h
 
 
 def check_causal(model: tg.GPT, length: int, vocab: int) -> float:
@@ -319,6 +317,7 @@ def check_causal(model: tg.GPT, length: int, vocab: int) -> float:
 
 
 def load_sp(path: str):
+    """The decoder's tokenizer: identified by the header's sha256, whatever dataset sits at DATA_PATH."""
     try:
         import sentencepiece as spm
         return spm.SentencePieceProcessor(model_file=path)
@@ -462,22 +461,27 @@ def code_flags(args, h: tg.Hyperparameters) -> int:
     return (FLAG_NGRAM if args.ngram else 0) | (FLAG_TTT if args.ttt else 0)
 
 
-def decode_file(blob: bytes, name: str, artifact: str, tokenizer: str | None) -> tuple[torch.Tensor, str, Header]:
-    """(decoded tokens, their text, header) from a file's bytes; refuses a different artifact or tokenizer."""
-    hd, payload, _ = unpack_file(blob, name)
+def decoder_setup(hd: Header, name: str, artifact: str, tokenizer: str | None) -> tuple[tg.GPT, tg.Hyperparameters]:
+    """(model, settings) exactly as the encoder had them; refuses another platform, artifact or tokenizer."""
     if platform_id() != hd.platform:
         raise CompressError(f"{name} was encoded with {hd.platform}, this is {platform_id()}: the logits would not "
                             "be bit-identical; decode on the same platform")
     if sha256_file(artifact, "artifact") != hd.artifact_sha256:
         raise CompressError(f"{artifact}: sha256 differs from the one {name} was encoded with "
                             f"({hd.artifact_sha256.hex()[:16]}...); pass that artifact")
+    set_deterministic(hd.threads)
     env = dict(hd.settings, **({"TOKENIZER_PATH": tokenizer} if tokenizer else {}))
-    h = settings_from(env)
-    if sha256_file(h.tokenizer_path, "tokenizer") != hd.tokenizer_sha256:
+    model, h = load_model(artifact, settings_from(env), env)
+    if sha256_file(h.tokenizer_path, "tokenizer; pass it with --tokenizer") != hd.tokenizer_sha256:
         raise CompressError(f"{h.tokenizer_path}: sha256 differs from the tokenizer {name} was encoded with; "
                             "pass that one with --tokenizer")
-    set_deterministic(hd.threads)
-    model = load_model(artifact, h)
+    return model, h
+
+
+def decode_file(blob: bytes, name: str, artifact: str, tokenizer: str | None) -> tuple[torch.Tensor, str]:
+    """(decoded tokens, their text) from a file's bytes."""
+    hd, payload, _ = unpack_file(blob, name)
+    model, h = decoder_setup(hd, name, artifact, tokenizer)
     tokens = torch.full((hd.num_targets + 1,), PAD_TOKEN, dtype=torch.int64)
     tokens[0] = hd.first_token
     dists = Distributions(model, h, tokens, hd.flags)
@@ -486,7 +490,7 @@ def decode_file(blob: bytes, name: str, artifact: str, tokenizer: str | None) ->
     if tokens_sha256(tokens) != hd.tokens_sha256:
         raise CompressError(f"{name}: decoded tokens differ from the encoded ones (sha256): the distributions were "
                             "not reproduced bit for bit")
-    return tokens, text_of(tokens, load_sp(h.tokenizer_path)), hd
+    return tokens, text_of(tokens, load_sp(h.tokenizer_path))
 
 
 def report(claimed: tg.EvalResult, payload_bytes: int, header_bytes: int, identical: bool, times: dict) -> dict:
@@ -505,9 +509,12 @@ def encode_command(args, env) -> dict:
     flags = code_flags(args, h)
     threads = args.threads
     set_deterministic(threads)
-    sp = load_sp(h.tokenizer_path)
+    model, h = load_model(args.artifact, h, env)
+    try:
+        sp = tg.load_tokenizer(h)  # also checked against the dataset's manifest
+    except tg.UserError as e:
+        raise CompressError(" ".join(str(e).split())) from None
     source = read_source(args, h, sp)
-    model = load_model(args.artifact, h)
     dists = Distributions(model, h, source.tokens.clone(), flags)
     forward_s = check_causal(model, dists.length, h.vocab_size)
     t0 = time.perf_counter()
@@ -534,7 +541,7 @@ def decode_command(args, env) -> dict:
     except OSError as e:
         raise CompressError(f"{args.input}: cannot read ({e.strerror})") from None
     t0 = time.perf_counter()
-    tokens, text, _ = decode_file(blob, args.input, args.artifact, args.tokenizer or env.get("TOKENIZER_PATH"))
+    tokens, text = decode_file(blob, args.input, args.artifact, args.tokenizer or env.get("TOKENIZER_PATH"))
     tg.write_file_atomic(args.output, text.encode("utf-8"))
     return dict(targets=tokens.numel() - 1, text_bytes=len(text.encode("utf-8")), decode_s=time.perf_counter() - t0)
 
