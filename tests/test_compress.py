@@ -113,7 +113,8 @@ def test_text_file_round_trip(setup, capsys):
 
 def test_corrupted_file_and_wrong_artifact_fail_in_one_line(setup, capsys):
     root, env, artifact, other = setup
-    good = root / "x0.pgc"
+    good = root / "small.pgc"
+    assert run(["encode", "--artifact", artifact, "--tokens", "40", "--no-verify", "-o", str(good)], env, capsys)[0] == 0
     blob = bytearray(good.read_bytes())
     blob[len(blob) // 2] ^= 0x10
     bad = root / "bad.pgc"

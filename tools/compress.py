@@ -44,7 +44,8 @@ forward per token (K forwards; with --ngram also one lookup of V candidates per 
 time of one forward and the resulting decode estimate; the default K is small (1000). One thread is the default:
 these small forwards run fastest without thread hand-offs.
 
-Errors (a corrupted file, a wrong artifact or tokenizer, settings that cannot code): one line on stderr, exit 1.
+Errors (a corrupted file, a wrong artifact or tokenizer, settings that cannot code): one `error:` line on stderr,
+exit 1. `--json PATH|-` as in every tool (with `-` only the JSON goes to stdout).
 """
 import argparse
 import contextlib
@@ -66,6 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
+from logparse import ToolError, emit  # noqa: E402
 
 MAGIC = b"PGAC"
 FORMAT_VERSION = 1
@@ -79,8 +81,8 @@ PAD_TOKEN = 0  # what the decoder feeds at positions it has not decoded yet (nev
 UNCODED_SETTINGS = {"run_id", "log_dir", "data_path", "artifact", "artifact_path", "eval_only", "val_max_tokens"}
 
 
-class CompressError(Exception):
-    """A problem the user can fix (file, artifact, tokenizer, settings): one line on stderr, exit status 1."""
+class CompressError(ToolError):
+    """A problem the user can fix (file, artifact, tokenizer, settings): one `error:` line on stderr, exit 1."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,23 +223,21 @@ def pack_file(hd: Header, payload: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def unpack_file(blob: bytes, name: str) -> tuple[Header, bytes, int]:
-    """(header, coded bits, header bytes incl. the CRC); CompressError on anything malformed or corrupted."""
+def unpack_file(blob: bytes, name: str) -> tuple[Header, bytes]:
+    """(header, coded bits); CompressError on anything malformed or corrupted."""
     if len(blob) < _FIXED.size + 4 or blob[:4] != MAGIC:
         raise CompressError(f"{name}: not a compress.py file (bad magic or shorter than its header)")
     body, (crc,) = blob[:-4], struct.unpack("<I", blob[-4:])
     if zlib.crc32(body) != crc:
         raise CompressError(f"{name}: corrupted (CRC-32 mismatch); re-create it with `compress.py encode`")
-    magic, version, flags, freq_bits, k, first, threads, a_sha, t_sha, k_sha, n_set, n_plat = _FIXED.unpack_from(body)
+    _, version, flags, freq_bits, k, first, threads, a_sha, t_sha, k_sha, n_set, n_plat = _FIXED.unpack_from(body)
     if version != FORMAT_VERSION or freq_bits != FREQ_BITS:
         raise CompressError(f"{name}: format version {version}/{freq_bits} bits, this tool reads "
                             f"{FORMAT_VERSION}/{FREQ_BITS}")
     at = _FIXED.size
     settings = json.loads(zlib.decompress(body[at:at + n_set]))
     platform = body[at + n_set:at + n_set + n_plat].decode()
-    payload = body[at + n_set + n_plat:]
-    header = Header(flags, k, first, threads, a_sha, t_sha, k_sha, settings, platform)
-    return header, payload, len(blob) - len(payload)
+    return Header(flags, k, first, threads, a_sha, t_sha, k_sha, settings, platform), body[at + n_set + n_plat:]
 
 
 def sha256_file(path: str, what: str) -> bytes:
@@ -245,6 +245,13 @@ def sha256_file(path: str, what: str) -> bytes:
         return hashlib.sha256(Path(path).read_bytes()).digest()
     except OSError as e:
         raise CompressError(f"{path}: cannot read {what} ({e.strerror})") from None
+
+
+def write_output(path: str, data: bytes) -> None:
+    try:
+        tg.write_file_atomic(path, data)
+    except OSError as e:
+        raise CompressError(f"-o {path}: cannot write ({e.strerror})") from None
 
 
 def tokens_sha256(tokens: torch.Tensor) -> bytes:
@@ -480,7 +487,7 @@ def decoder_setup(hd: Header, name: str, artifact: str, tokenizer: str | None) -
 
 def decode_file(blob: bytes, name: str, artifact: str, tokenizer: str | None) -> tuple[torch.Tensor, str]:
     """(decoded tokens, their text) from a file's bytes."""
-    hd, payload, _ = unpack_file(blob, name)
+    hd, payload = unpack_file(blob, name)
     model, h = decoder_setup(hd, name, artifact, tokenizer)
     tokens = torch.full((hd.num_targets + 1,), PAD_TOKEN, dtype=torch.int64)
     tokens[0] = hd.first_token
@@ -508,6 +515,8 @@ def encode_command(args, env) -> dict:
     h = settings_from(env)
     flags = code_flags(args, h)
     threads = args.threads
+    if threads < 1:
+        raise CompressError(f"--threads {threads}: give at least 1")
     set_deterministic(threads)
     model, h = load_model(args.artifact, h, env)
     try:
@@ -524,7 +533,7 @@ def encode_command(args, env) -> dict:
                 sha256_file(args.artifact, "artifact"), sha256_file(h.tokenizer_path, "tokenizer"),
                 tokens_sha256(source.tokens), coded_settings(h), platform_id())
     blob = pack_file(hd, payload)
-    tg.write_file_atomic(args.output, blob)
+    write_output(args.output, blob)
     times = dict(encode_s=encode_s, forward_s=forward_s, decode_estimate_s=forward_s * hd.num_targets)
     identical = None
     if args.verify:
@@ -542,7 +551,7 @@ def decode_command(args, env) -> dict:
         raise CompressError(f"{args.input}: cannot read ({e.strerror})") from None
     t0 = time.perf_counter()
     tokens, text = decode_file(blob, args.input, args.artifact, args.tokenizer or env.get("TOKENIZER_PATH"))
-    tg.write_file_atomic(args.output, text.encode("utf-8"))
+    write_output(args.output, text.encode("utf-8"))
     return dict(targets=tokens.numel() - 1, text_bytes=len(text.encode("utf-8")), decode_s=time.perf_counter() - t0)
 
 
@@ -584,13 +593,10 @@ def main(argv=None, env=None) -> int:
     env = os.environ if env is None else env
     try:
         r = encode_command(args, env) if args.command == "encode" else decode_command(args, env)
-    except CompressError as e:
-        print(f"compress: error: {e}", file=sys.stderr)
+        emit(format_report(f"compress_{args.command}", r), r, args.json)
+    except ToolError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    print(format_report(f"compress_{args.command}", r))
-    if args.json:
-        text = json.dumps(r, indent=1)
-        print(text) if args.json == "-" else tg.write_file_atomic(args.json, (text + "\n").encode())
     return 0
 
 
