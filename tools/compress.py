@@ -343,15 +343,18 @@ def validation_tokens(h: tg.Hyperparameters, k: int) -> torch.Tensor:
     return torch.from_numpy(tokens[:k + 1].astype(np.int64))
 
 
-def text_tokens(path: str, sp) -> torch.Tensor:
-    """A text file as the validation split is tokenized: one document per line, each after a BOS token."""
+def read_text(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CompressError(f"{path}: cannot read UTF-8 text ({e})") from None
+
+
+def text_tokens(text: str, sp) -> torch.Tensor:
+    """Text tokenized as the validation split is: one document per line, each after a BOS token."""
     ids = [t for line in text.split("\n") for t in [sp.bos_id()] + sp.encode(line)]
     if len(ids) < 2:
-        raise CompressError(f"{path}: no text to code")
+        raise CompressError("--text: no text to code")
     return torch.tensor(ids, dtype=torch.int64)
 
 
@@ -455,8 +458,8 @@ class Source(NamedTuple):
 
 def read_source(args, h: tg.Hyperparameters, sp) -> Source:
     if args.text:
-        tokens = text_tokens(args.text, sp)
-        return Source(tokens, Path(args.text).read_text(encoding="utf-8"))
+        text = read_text(args.text)
+        return Source(text_tokens(text, sp), text)
     tokens = validation_tokens(h, args.tokens)
     return Source(tokens, text_of(tokens, sp))
 
