@@ -30,7 +30,7 @@ import summarize_logs  # noqa: E402
 SIZE_LIMIT = 16_000_000
 TIME_LIMIT_S = 600.0
 AUDIT_TOL = 1e-6
-PER_RUN_KEYS = ("seed", "run_id")  # settings allowed to differ between the seeds of one record
+PER_RUN_KEYS = ("seed", "run_id", "artifact_path")  # settings allowed to differ between the seeds of one record
 NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 # Prints {field: logged text of its default} for the script's Hyperparameters, using its own formatter.
