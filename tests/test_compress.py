@@ -1,0 +1,137 @@
+"""tools/compress.py: the arithmetic coder is exact, decode(encode(x)) == x with the evaluator's distributions
+(plain, n-gram mixture, TTT), the coded size matches the evaluator's bits, and bad input fails in one line."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import compress  # noqa: E402
+from conftest import tiny_hparams  # noqa: E402
+
+import train_gpt as tg  # noqa: E402
+
+TARGETS = 160
+
+
+def test_coder_round_trips_and_costs_the_code_length():
+    """Random sharp and flat distributions over 300 symbols: exact round trip; size = sum -log2 q + < 16 bits."""
+    g = torch.Generator().manual_seed(0)
+    enc, cums, symbols, ideal = compress.ArithmeticEncoder(), [], [], 0.0
+    for i in range(400):
+        p = torch.softmax(torch.randn(300, generator=g, dtype=torch.float64) * (8.0 if i % 2 else 0.5), dim=-1)
+        cum = compress.frequencies(p)
+        s = int(torch.multinomial(p, 1, generator=g))
+        enc.encode(int(cum[s]), int(cum[s + 1]), compress.FREQ_TOTAL)
+        ideal -= np.log2((cum[s + 1] - cum[s]) / compress.FREQ_TOTAL)
+        cums.append(cum)
+        symbols.append(s)
+    data = enc.finish()
+    dec = compress.ArithmeticDecoder(data)
+    assert [dec.decode(c) for c in cums] == symbols
+    assert ideal <= 8 * len(data) <= ideal + 16
+
+
+def test_frequencies_total_and_floor():
+    p = torch.tensor([1.0 - 1e-12, 1e-12, 0.0, 0.0], dtype=torch.float64)
+    f = np.diff(compress.frequencies(p))
+    assert f.sum() == compress.FREQ_TOTAL and f.min() >= 1 and f[0] == compress.FREQ_TOTAL - 3
+    with pytest.raises(RuntimeError):
+        compress.frequencies(torch.tensor([0.5, float("nan")], dtype=torch.float64))
+
+
+def write_artifact(h, path, seed):
+    """Random weights (the zero-initialized output projections perturbed too), packed as train_gpt exports."""
+    torch.manual_seed(seed)
+    model = tg.build_model(h, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.add_(torch.randn_like(p) * 0.05)
+    path.write_bytes(tg.pack_artifact(model.state_dict(), h)[0])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_corpus, tmp_path_factory):
+    data, tok, vocab = tiny_corpus
+    root = tmp_path_factory.mktemp("compress")
+    h = tiny_hparams(data_path=data, tokenizer_path=tok, vocab_size=vocab, ngram_chunk_tokens=48,
+                     ttt_chunk_tokens=64, ttt_epochs=1, ttt_lr=0.05)
+    env = dict(compress.coded_settings(h), DATA_PATH=data)
+    return root, env, write_artifact(h, root / "a.ptz", 0), write_artifact(h, root / "b.ptz", 1)
+
+
+def run(argv, env, capsys):
+    code = compress.main(argv, env)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("mode", [[], ["--ngram"], ["--ttt"]], ids=["plain", "ngram", "ttt"])
+def test_encode_decode_round_trip(setup, mode, capsys):
+    root, env, artifact, _ = setup
+    out, report = root / f"x{len(mode)}{''.join(mode)}.pgc", root / "r.json"
+    code, stdout, err = run(["encode", "--artifact", artifact, "--tokens", str(TARGETS), "-o", str(out),
+                             "--json", str(report)] + mode, env, capsys)
+    assert code == 0, err
+    r = json.loads(report.read_text())
+    assert r["decoded_identical"] is True and r["targets"] == TARGETS
+    payload_bytes = r["payload_bits"] / 8
+    assert abs(payload_bytes - r["claimed_bits"] / 8) <= 0.01 * r["claimed_bits"] / 8 + 64
+    assert out.stat().st_size == payload_bytes + r["header_bytes"]
+    code, _, err = run(["decode", "--artifact", artifact, str(out), "-o", str(root / "x.txt")], {}, capsys)
+    assert code == 0, err
+    tokens = compress.validation_tokens(compress.settings_from(env), TARGETS)
+    sp = compress.load_sp(env["TOKENIZER_PATH"])
+    assert (root / "x.txt").read_text(encoding="utf-8") == compress.text_of(tokens, sp)
+
+
+def test_ngram_and_ttt_change_the_code(setup):
+    """The mixture and the adapted weights are really used: each mode codes the same targets differently."""
+    root, env, artifact, _ = setup
+    h = compress.settings_from(env)
+    model, tokens = compress.load_model(artifact, h, env)[0], compress.validation_tokens(h, TARGETS)
+    flags = (0, compress.FLAG_NGRAM, compress.FLAG_TTT)
+    payloads = {compress.encode_tokens(compress.Distributions(model, h, tokens.clone(), f)) for f in flags}
+    assert len(payloads) == 3
+
+
+def test_text_file_round_trip(setup, capsys):
+    root, env, artifact, _ = setup
+    text = root / "t.txt"
+    text.write_text("The river and the city were named in 1850.\nA new school!\n", encoding="utf-8")
+    code, stdout, err = run(["encode", "--artifact", artifact, "--text", str(text), "-o", str(root / "t.pgc"),
+                             "--json", "-"], env, capsys)
+    assert code == 0, err
+    assert json.loads(stdout[stdout.index("{"):])["decoded_identical"] is True
+
+
+def test_corrupted_file_and_wrong_artifact_fail_in_one_line(setup, capsys):
+    root, env, artifact, other = setup
+    good = root / "small.pgc"
+    assert run(["encode", "--artifact", artifact, "--tokens", "40", "--no-verify", "-o", str(good)], env, capsys)[0] == 0
+    blob = bytearray(good.read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    bad = root / "bad.pgc"
+    bad.write_bytes(bytes(blob))
+    for path, art, needle in ((bad, artifact, "corrupted"), (good, other, "sha256 differs"),
+                              (root / "missing.pgc", artifact, "cannot read")):
+        code, _, err = run(["decode", "--artifact", art, str(path), "-o", str(root / "y.txt")], {}, capsys)
+        assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (root / "y.txt").exists()
+
+
+def test_refuses_settings_that_cannot_code(setup, capsys):
+    root, env, artifact, _ = setup
+    argv = ["encode", "--artifact", artifact, "--tokens", "10", "-o", str(root / "z.pgc")]
+    for extra_env, extra_arg, needle in (({"COMPILE": "1"}, [], "eager CPU"),
+                                         ({"NGRAM_MODE": "hashed"}, ["--ngram"], "do not sum to 1"),
+                                         ({"MODEL_DIM": "32"}, [], "MODEL_DIM=32 (artifact: 64) conflict")):
+        code, _, err = run(argv + extra_arg, dict(env, **extra_env), capsys)
+        assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (root / "z.pgc").exists()
