@@ -794,6 +794,13 @@ def _row_quantile(top: torch.Tensor, n: int, p: float) -> torch.Tensor:
     return torch.lerp(top[..., n - 1 - lo:n - lo], top[..., n - 1 - hi:n - hi], weight)
 
 
+def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest fp16 value (ties to even), kept in fp32, by integer ops on the bits (fp16 normal range).
+    Unlike .half().float(), a compiler cannot drop it: inductor keeps fp32 through a fused fp16 round trip."""
+    bits = x.view(torch.int32)
+    return ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+
+
 def quantize_int6_rows(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES):
     """Per-row (last dim) int6 quantization: (int8 values in [-31, 31], fp16 scales of shape w.shape[:-1]).
     The clip candidates (quantiles of |w|) need only the top few |w| of each row, not a sort of the row."""
@@ -813,7 +820,7 @@ def quantize_int6_rows(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES):
             best_q = torch.where(better, q, best_q)
             best_s = torch.where(better, scale, best_s)
             best_err = torch.where(better, err, best_err)
-    return best_q.to(torch.int8), best_s.squeeze(-1).to(torch.float16)
+    return best_q.to(torch.int8), round_to_fp16(best_s.squeeze(-1)).to(torch.float16)
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
