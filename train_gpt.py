@@ -22,7 +22,6 @@ exactly once, and is computed on the model rebuilt from the artifact bytes. Noth
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import copy
 import dataclasses
 import difflib
@@ -411,6 +410,14 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if flag is true on any rank (one MAX all-reduce), so all ranks branch alike."""
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class StepStatus(NamedTuple):
     elapsed_ms: float  # the largest training time of any rank: every rank schedules LR and QAT from it
     stop: bool  # some rank asked to stop (wall-clock cap)
@@ -432,6 +439,11 @@ def reduce_step_status(loss: torch.Tensor, elapsed_ms: float, stop: bool) -> Ste
 def synchronize(rt: Runtime) -> None:
     if rt.is_cuda:
         torch.cuda.synchronize(rt.device)
+
+
+def autocast(rt: Runtime):
+    """bf16 autocast on CUDA (training, evaluation, TTT); plain fp32 on CPU."""
+    return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.is_cuda)
 
 
 _LOG_FILE: list = []  # [path] once setup_logging ran on rank 0
@@ -482,7 +494,7 @@ def setup_logging(h: Hyperparameters, rt: Runtime) -> None:
             create_log_file(h)
         except UserError as e:
             problem = e
-    if all_ranks_any([problem is not None], rt.device)[0]:
+    if any_rank(problem is not None, rt.device):
         raise problem or UserError("rank 0 refused to start (its message says why)")
 
 
@@ -1012,7 +1024,7 @@ def select_attention(device, use_compile: bool, layout: tuple[int, int, int] = (
         except Exception as e:  # not installed, untraceable, broken backward, wrong numbers: try the next one
             skipped.append((c.name, _one_line(e)))
     fix = "; set COMPILE=0 to run without torch.compile" if use_compile else ""
-    raise RuntimeError("no attention backend works here (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")" + fix)
+    raise UserError("no attention backend works here (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")" + fix)
 
 
 def attention_log_line(choice: AttentionChoice) -> str:
@@ -1493,7 +1505,7 @@ def clip_gradients(model: nn.Module, max_norm: float):
 # Training extras: schedules, EMA, SWA, late QAT
 # Pure schedules (wall-clock warm-down of the LR multiplier, Muon momentum warm-up) and the weight averagers.
 # EMA keeps an fp32 copy of every parameter; SWA averages EMA snapshots late in the warm-down. QAT is a switch on
-# the model (`qat_active`) flipped once, at 1 - QAT_TIME_FRAC of the wall-clock budget.
+# the model (`qat_active`) flipped once, at 1 - QAT_TIME_FRAC of the wall-clock budget (of ITERATIONS without one).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -1515,11 +1527,16 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
 
 
-def qat_should_start(elapsed_ms: float, h: Hyperparameters) -> bool:
-    """Late QAT begins once the elapsed share of the wall-clock budget reaches 1 - QAT_TIME_FRAC."""
-    if not h.use_late_qat or h.max_wallclock_seconds <= 0:
-        return False
-    return elapsed_ms / (1000.0 * h.max_wallclock_seconds) >= 1.0 - h.qat_time_frac
+def training_progress(step: int, elapsed_ms: float, h: Hyperparameters) -> float:
+    """Share of the run done: of the wall-clock budget when there is one, else of ITERATIONS (step-based runs)."""
+    if h.max_wallclock_seconds > 0:
+        return elapsed_ms / (1000.0 * h.max_wallclock_seconds)
+    return step / max(h.iterations, 1)
+
+
+def qat_should_start(step: int, elapsed_ms: float, h: Hyperparameters) -> bool:
+    """Late QAT begins once the share of the run done reaches 1 - QAT_TIME_FRAC."""
+    return h.use_late_qat and training_progress(step, elapsed_ms, h) >= 1.0 - h.qat_time_frac
 
 
 def cast_like(state: dict, reference: dict) -> dict:
@@ -1961,11 +1978,6 @@ class EvalTotals:
         return EvalResult(nll / max(tokens, 1.0), bits_per_byte(nll, nbytes), int(tokens), int(nbytes), time_ms)
 
 
-def bf16_autocast(rt: Runtime):
-    """bf16 autocast on CUDA, fp32 on CPU (evaluation and TTT steps)."""
-    return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.is_cuda)
-
-
 def scored_logprobs(model, batch: Batch) -> torch.Tensor:
     """fp32 log-softmax [S, V] of the model at the batch's scored entries (one forward of the whole batch)."""
     logits = model(batch.x)
@@ -1990,7 +2002,7 @@ def evaluate(model, val: ValData, windows, scorers: dict, h: Hyperparameters, rt
     totals, was_training = {name: EvalTotals(rt.device) for name in scorers}, model.training
     model.eval()
     for k, (c0, c1, _) in enumerate(chunks):
-        with torch.inference_mode(), bf16_autocast(rt):
+        with torch.inference_mode(), autocast(rt):
             for i in range(offsets[k], offsets[k + 1], rows):
                 batch = make_batch(tokens, table, i, i + rows, length)
                 logp = scored_logprobs(model, batch)
@@ -2404,7 +2416,7 @@ class ScoreFirstTTT:
         r = torch.arange(self.rows, device=dev)
         idx = (starts[0] if starts else 0) + r[:, None] * T + torch.arange(T + 1, device=dev)
         seq = self.tokens[idx.clamp(max=end - 1)]
-        with bf16_autocast(self.rt):
+        with autocast(self.rt):
             nll = self.model(seq[:, :-1], seq[:, 1:], reduction="none")
         weight = (r < len(starts)).float()[:, None] * (self.rt.world_size / (num_seqs * T))
         self.opt.zero_grad(set_to_none=True)
@@ -2494,11 +2506,6 @@ def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, co
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def autocast(rt: Runtime):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if rt.is_cuda else contextlib.nullcontext()
-
-
 def train_step(model, opt, loader, h: Hyperparameters, rt: Runtime, step: int, scale: float) -> torch.Tensor:
     """Gradient-accumulated forward/backward over one global batch, clip, optimizer step; returns the mean loss."""
     accum = h.grad_accum_steps(rt.world_size)
@@ -2557,9 +2564,9 @@ def validate_during_training(model, val, h, rt, step, train_ms) -> None:
 
 def maybe_start_qat(base_model, step: int, elapsed_ms: float, scale: float, h: Hyperparameters) -> None:
     """Switch late QAT on (once) from the rank-agreed elapsed time, so every replica switches on the same step."""
-    if not base_model.qat_active and qat_should_start(elapsed_ms, h):
+    if not base_model.qat_active and qat_should_start(step, elapsed_ms, h):
         base_model.qat_active = True
-        log0(f"step:{step} QAT activated (time_frac={elapsed_ms / (1000.0 * h.max_wallclock_seconds):.3f}, "
+        log0(f"step:{step} QAT activated (time_frac={training_progress(step, elapsed_ms, h):.3f}, "
              f"scale={scale:.4f})")
 
 

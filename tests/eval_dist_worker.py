@@ -4,8 +4,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
@@ -29,8 +27,7 @@ def main(out_path: str) -> None:
     out = {name: r._asdict() for name, r in runs.items()}
     if rt.rank == 0:
         Path(out_path).write_text(json.dumps(out))
-    if rt.distributed:
-        dist.destroy_process_group()
+    tg.shutdown(0)  # the script's own end: barrier, leave the group, skip gloo's C++ teardown
 
 
 if __name__ == "__main__":

@@ -329,9 +329,9 @@ def test_select_attention_eager_accepts_a_backend_that_only_breaks_under_compile
 
 def test_select_attention_without_a_working_backend_names_the_fix():
     only_bad = (tg.AttentionCandidate("broken", lambda: _breaks_under_compile),)
-    with pytest.raises(RuntimeError, match="COMPILE=0"):
+    with pytest.raises(tg.UserError, match="COMPILE=0"):
         tg.select_attention("cpu", True, (4, 2, 16), compile_backend="aot_eager", candidates=only_bad)
     missing = (tg.AttentionCandidate("fa3", tg._flash_backend("no_such_flash_module")),)
-    with pytest.raises(RuntimeError, match="fa3: ModuleNotFoundError") as e:
+    with pytest.raises(tg.UserError, match="fa3: ModuleNotFoundError") as e:
         tg.select_attention("cpu", False, (4, 2, 16), candidates=missing)
     assert "COMPILE=0" not in str(e.value)

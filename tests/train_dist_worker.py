@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,8 +40,7 @@ def main(data_path: str, vocab: int, out_prefix: str) -> None:
     tg.train_step = recording_step
     result = tg.train(model, model, opt, None, h, rt, clock=FakeClock(0.010 if rt.rank == 0 else 0.037))
     Path(f"{out_prefix}.{rt.rank}.json").write_text(json.dumps({"steps": result.steps, "seen": seen}))
-    if rt.distributed:
-        dist.destroy_process_group()
+    tg.shutdown(0)  # the script's own end: barrier, leave the group, skip gloo's C++ teardown
 
 
 if __name__ == "__main__":

@@ -594,7 +594,7 @@ def start(args: argparse.Namespace) -> Preflight:
 def finish(pf: Preflight, checks: list[Check]) -> bool:
     """Agree on failure across ranks, print (rank 0) or report this rank's failures; True when a check failed."""
     mine = any(c.status == "fail" for c in checks)
-    failed = tg.all_ranks_any([mine], pf.rt.device)[0]
+    failed = tg.any_rank(mine, pf.rt.device)
     if failed and not mine:
         checks.append(Check("environment", "other_ranks", "fail", "a check failed on another rank (its reason is "
                             "on that rank's stderr)", {}))
