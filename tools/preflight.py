@@ -183,7 +183,7 @@ def check_attention(pf: Preflight, candidates=None) -> None:
     extra = {} if candidates is None else {"candidates": candidates}
     try:
         choice = tg.select_attention(rt.device, pf.use_compile, (h.num_heads, h.num_kv_heads, h.head_dim), **extra)
-    except RuntimeError as e:
+    except tg.UserError as e:  # no candidate works: the message names each reason and the fix
         pf.add("attention", "backend", "fail", one_line(e))
         return
     pf.attn_fn = choice.fn
