@@ -1,5 +1,6 @@
 """Full-Hessian GPTQ export (EXPORT_QUANTIZER=gptq): the quantizer on a random correlated layer, the artifact it
 writes, and calibration that reads no shard. Run: python3 -m pytest tests/test_gptq.py"""
+import json
 import re
 import shutil
 import subprocess
@@ -133,3 +134,22 @@ def test_gptq_run_exports_after_the_shards_are_gone(tiny_corpus, tmp_path):
     assert m and int(m.group(2)) <= int(m.group(1)), log[-3000:]
     assert re.search(r"^export quantizer:gptq payload_bytes:\d+ model_bytes:\d+$", log, re.M)
     assert re.search(r"^final_int6_zstd_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
+
+
+@pytest.mark.slow
+def test_bench_gptq_reports_both_quantizers_on_the_same_weights(tiny_corpus, tmp_path):
+    env = tiny_run_env(tiny_corpus, tmp_path, ITERATIONS="4", VAL_LOSS_EVERY="0", GPTQ_CALIB_SEQS="2",
+                       GPTQ_CALIB_LEN="16", TRAIN_LOG_EVERY="100", VAL_MAX_TOKENS="1024", KEEP_FLOAT_MAX_NUMEL="1000")
+    (tmp_path / "logs").mkdir()
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_gptq.py"), "--json", "-"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["iterations"] == 4 and res["gptq"]["matrices"] == 12 and "fallback_rows" in res["gptq"]
+    for name in ("gptq_lite", "gptq"):
+        assert abs(res[name]["gap"] - (res[name]["bpb"] - res["fp_bpb"])) < 2e-5
+        assert res[name]["model_bytes"] > 0 and f"bench_gptq quantizer:{name} " in out.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_gptq.py")], capture_output=True, text=True,
+                         env=dict(env, DATA_PATH=str(tmp_path / "missing")), timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
