@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -134,6 +135,13 @@ class Hyperparameters:
     zstd_level: int = 22
     keep_float_max_numel: int = 65_536
     int6_clip_candidates: tuple[float, ...] = INT6_CLIP_CANDIDATES
+    export_quantizer: str = "gptq_lite"  # gptq_lite (per-row clip search) | gptq (full-Hessian, self-generated calib)
+    gptq_calib_seqs: int = 32  # sequences the export weights generate after training (no data is read)
+    gptq_calib_len: int = 512  # tokens per calibration sequence
+    gptq_calib_temperature: float = 0.8
+    gptq_calib_seed: int = 1234  # rank r samples with seed + r
+    gptq_damp: float = 0.01  # H += damp * mean(diag H) * I
+    gptq_block_size: int = 128  # columns per block of lazy error propagation
     eval_only: bool = False  # EVAL_ONLY=1 ARTIFACT=path: evaluate an existing artifact, no training
     artifact: str = ""
     # evaluation
@@ -256,6 +264,9 @@ class Hyperparameters:
         yield 0.0 < self.ema_decay < 1.0 and self.swa_every >= 1, "EMA_DECAY must be in (0, 1) and SWA_EVERY >= 1"
         yield 0.0 <= self.qat_time_frac <= 1.0, f"QAT_TIME_FRAC={self.qat_time_frac} must be in [0, 1]"
         yield all(0.0 < p <= 1.0 for p in self.int6_clip_candidates), "INT6_CLIP_CANDIDATES must be quantiles in (0, 1]"
+        yield self.export_quantizer in ("gptq_lite", "gptq"), f"EXPORT_QUANTIZER={self.export_quantizer!r} must be gptq_lite or gptq"
+        yield self.gptq_calib_len >= 2 and self.gptq_calib_temperature > 0, "GPTQ_CALIB_LEN must be >= 2 and GPTQ_CALIB_TEMPERATURE > 0"
+        yield self.gptq_damp > 0, f"GPTQ_DAMP={self.gptq_damp} must be > 0 (it keeps H invertible)"
         if world_size is not None:
             yield batch_fits(self, world_size), batch_problem(self, world_size)
 
@@ -267,7 +278,8 @@ class Hyperparameters:
 DEFAULT_MICRO_STEPS = 8  # upstream convention: grad accumulation = 8 / WORLD_SIZE unless the batch is too small
 POSITIVE_FIELDS = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
                    "num_heads", "num_kv_heads", "mlp_mult", "rope_base", "rope_train_len", "eval_seq_len",
-                   "eval_batch_windows", "artifact_limit_bytes", "muon_backend_steps", "zstd_level")
+                   "eval_batch_windows", "artifact_limit_bytes", "muon_backend_steps", "zstd_level",
+                   "gptq_calib_seqs", "gptq_block_size")
 NON_NEGATIVE_FIELDS = ("val_max_tokens", "warmdown_iters", "warmup_steps", "train_micro_batch_tokens",
                        "max_wallclock_seconds", "val_loss_every", "train_log_every", "bigram_dim", "xsa_last_n",
                        "keep_float_max_numel", "ngram_audit_positions", "ngram_log_every", "grad_clip_norm",
@@ -1686,14 +1698,150 @@ def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), scale
 
 
-def quantize_state(flat: Mapping[str, torch.Tensor], h: Hyperparameters) -> tuple[dict, int]:
-    """SPEC §6.4 object of an unbanked CPU state dict, and its payload bytes (values + scales + passthrough)."""
+# Full-Hessian GPTQ (EXPORT_QUANTIZER=gptq). After training, the export weights generate GPTQ_CALIB_SEQS sequences of
+# GPTQ_CALIB_LEN tokens (no shard is read, so this is legal after the training clock stops); one fp32 forward over
+# them records H = XᵀX of the input of every bank slice (SUM over ranks). Each matrix keeps the clip search's per-row
+# fp16 scales (the quantile with the least squared weight error) and GPTQ picks the integer values on that grid:
+# columns in descending diag(H) order, each rounded with its error spread over the columns not yet rounded through
+# the upper Cholesky factor of H⁻¹ (H dampened by GPTQ_DAMP · mean diag). A row keeps the clip search's values when
+# those have the lower output error diag((W−Ŵ)H(W−Ŵ)ᵀ). The bigram table stays with the clip search: its inputs are
+# one-hot bucket rows, so H is diagonal over its rows and GPTQ reduces to rounding. The artifact format is unchanged.
+
+@torch.no_grad()
+def generate_calibration(model: GPT, h: Hyperparameters, rt: Runtime) -> torch.Tensor:
+    """This rank's share of the GPTQ_CALIB_SEQS sequences [n, GPTQ_CALIB_LEN], sampled at GPTQ_CALIB_TEMPERATURE by
+    re-running the model on the whole prefix (no KV cache); first tokens uniform over the vocabulary."""
+    n = len(range(rt.rank, h.gptq_calib_seqs, rt.world_size))
+    g = torch.Generator(device=rt.device).manual_seed(h.gptq_calib_seed + rt.rank)
+    ids = torch.randint(0, h.vocab_size, (n, 1), generator=g, device=rt.device)
+    for _ in range(h.gptq_calib_len - 1 if n else 0):
+        with autocast(rt):
+            logits = model.forward_logits(ids)[:, -1].float()
+        probs = torch.softmax(logits / h.gptq_calib_temperature, dim=-1)
+        ids = torch.cat((ids, torch.multinomial(probs, 1, generator=g)), dim=1)
+    return ids
+
+
+class HessianRecorder(TorchFunctionMode):
+    """While active, adds xᵀx (fp32) of the input of every F.linear whose weight is a watched bank slice; slices are
+    known by data pointer, so the forward must run without autocast (fp32 banks reach F.linear as views)."""
+
+    def __init__(self, model: GPT, num_layers: int):
+        super().__init__()
+        self.names, self.hessians = {}, {}
+        for bank in BANK_LAYOUT:
+            param = getattr(model, bank)
+            for j, name in enumerate(bank_slice_names(bank, num_layers)):
+                self.names[param[j].data_ptr()] = name
+                self.hessians[name] = torch.zeros(param.shape[-1], param.shape[-1], device=param.device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = self.names.get(args[1].data_ptr()) if func is F.linear else None
+        if name is not None:
+            x = args[0].reshape(-1, args[0].size(-1)).float()
+            self.hessians[name].addmm_(x.T, x)
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, tokens: torch.Tensor, h: Hyperparameters, batch_seqs: int = 8) -> dict:
+    """Flat slice name -> H = XᵀX of its input over all ranks' calibration tokens (fp32, SUM all-reduce)."""
+    recorder = HessianRecorder(model, h.num_layers)
+    with recorder:
+        for lo in range(0, tokens.size(0), batch_seqs):
+            model.forward_logits(tokens[lo:lo + batch_seqs])
+    all_reduce_sum(*recorder.hessians.values())
+    return recorder.hessians
+
+
+def _gptq_block(w: torch.Tensor, q: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round the block's columns in order (fills q, updates w in place); returns the scaled errors [rows, block]."""
+    err = torch.zeros_like(w)
+    for j in range(w.shape[1]):
+        q[:, j] = torch.clamp(torch.round(w[:, j] / scale), -INT6_MAX, INT6_MAX)
+        err[:, j] = (w[:, j] - q[:, j] * scale) / hinv[j, j]
+        w[:, j + 1:] -= err[:, j:j + 1] * hinv[j:j + 1, j + 1:]
+    return err
+
+
+def gptq_quantize_matrix(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, damp: float,
+                         block_size: int) -> torch.Tensor:
+    """GPTQ's int6 values (fp32 in [-31, 31]) of w [rows, cols] on the row grid scale [rows]. Columns whose input
+    is always zero get diag 1 (no error propagates through them)."""
+    w, hessian = w.float().clone(), hessian.clone()
+    diag = hessian.diagonal()
+    diag[diag == 0] = 1.0
+    diag += damp * diag.mean()
+    perm = torch.argsort(diag, descending=True)
+    w, hessian = w[:, perm], hessian[perm][:, perm]
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    q = torch.zeros_like(w)
+    for lo in range(0, w.shape[1], block_size):
+        hi = min(lo + block_size, w.shape[1])
+        err = _gptq_block(w[:, lo:hi], q[:, lo:hi], hinv[lo:hi, lo:hi], scale)
+        w[:, hi:] -= err @ hinv[lo:hi, hi:]
+    return q[:, torch.argsort(perm)]
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per-row calibration loss proxy diag((W−Ŵ) H (W−Ŵ)ᵀ) = ‖X(w−ŵ)ᵀ‖² per row [rows]."""
+    d = w - w_hat
+    return ((d @ hessian) * d).sum(dim=1)
+
+
+class GPTQQuantizer:
+    """Row quantizer for quantize_state: GPTQ where a Hessian was recorded, the clip search elsewhere and on every
+    row where GPTQ's output error is higher. Counts rows, fallback rows and its own time."""
+
+    def __init__(self, hessians: dict, h: Hyperparameters, calib_ms: float):
+        self.hessians, self.h, self.calib_ms = hessians, h, calib_ms
+        self.matrices = self.rows = self.fallback_rows = 0
+        self.quant_ms = 0.0
+
+    def __call__(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = quantize_int6_rows(w, self.h.int6_clip_candidates)
+        hessian = self.hessians.get(name)
+        if hessian is None:
+            return q, scale
+        t0 = time.perf_counter()
+        w, s = w.detach().float().to(hessian.device), scale.float().to(hessian.device)
+        q_clip = q.to(hessian.device).float()
+        q_gptq = gptq_quantize_matrix(w, hessian, s, self.h.gptq_damp, self.h.gptq_block_size)
+        worse = output_error(w, q_gptq * s[:, None], hessian) > output_error(w, q_clip * s[:, None], hessian)
+        best = torch.where(worse[:, None], q_clip, q_gptq).to(torch.int8).cpu()
+        self.matrices, self.rows = self.matrices + 1, self.rows + w.shape[0]
+        self.fallback_rows += int(worse.sum())
+        self.quant_ms += 1000.0 * (time.perf_counter() - t0)
+        return best, scale
+
+    def log_line(self) -> str:
+        h = self.h
+        return (f"gptq calib_seqs:{h.gptq_calib_seqs} calib_tokens:{h.gptq_calib_seqs * h.gptq_calib_len} "
+                f"matrices:{self.matrices} rows:{self.rows} fallback_rows:{self.fallback_rows} "
+                f"calib_time:{self.calib_ms:.0f}ms quant_time:{self.quant_ms:.0f}ms "
+                f"gptq_time:{self.calib_ms + self.quant_ms:.0f}ms")
+
+
+def calibrate_gptq(model: GPT, state: Mapping[str, torch.Tensor], h: Hyperparameters, rt: Runtime) -> GPTQQuantizer:
+    """Every rank: load the export weights into the (uncompiled) model, generate, record Hessians."""
+    t0 = time.perf_counter()
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    hessians = collect_hessians(model, generate_calibration(model, h, rt), h)
+    synchronize(rt)
+    return GPTQQuantizer(hessians, h, 1000.0 * (time.perf_counter() - t0))
+
+
+def quantize_state(flat: Mapping[str, torch.Tensor], h: Hyperparameters, row_quantizer=None) -> tuple[dict, int]:
+    """SPEC §6.4 object of an unbanked CPU state dict, and its payload bytes (values + scales + passthrough).
+    row_quantizer(name, t) -> (values, scales) replaces the clip search on 2-D int6 tensors (GPTQQuantizer)."""
+    quantize_rows = row_quantizer or (lambda name, t: quantize_int6_rows(t, h.int6_clip_candidates))
     obj = {"__quant_format__": QUANT_FORMAT, **{k: {} for k in QUANT_OBJECT_KEYS}}
     for name, t in flat.items():
         kind, dtype = export_kind(name, t, h), str(t.dtype).removeprefix("torch.")
         if kind.startswith("int6"):
             rows = kind == "int6_rows"
-            q, s = quantize_int6_rows(t, h.int6_clip_candidates) if rows else quantize_int6_tensor(t)
+            q, s = quantize_rows(name, t) if rows else quantize_int6_tensor(t)
             obj["quantized"][name], obj["scales"][name], obj["dtypes"][name] = q, s, dtype
             obj["qmeta"][name] = {"scheme": "per_row", "axis": 0} if rows else {"scheme": "per_tensor"}
             continue
@@ -1742,11 +1890,11 @@ class PackStats(NamedTuple):
     baseline_bytes: int  # unbanked state dict at its own dtypes (numerator of payload_ratio)
 
 
-def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters) -> tuple[bytes, PackStats]:
-    """Unbank, quantize, torch.save into memory, zstd (with a frame checksum) at ZSTD_LEVEL."""
+def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, row_quantizer=None) -> tuple[bytes, PackStats]:
+    """Unbank, quantize (row_quantizer: see quantize_state), torch.save into memory, zstd (with a frame checksum)."""
     zstd = require_zstd()
     flat = unbank_state({k: v.detach().cpu() for k, v in state.items()}, h.num_layers)
-    obj, payload = quantize_state(flat, h)
+    obj, payload = quantize_state(flat, h, row_quantizer)
     obj["__model_config__"] = model_config(h)
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -1808,10 +1956,14 @@ def report_artifact_size(path: str, blob: bytes, code_bytes: int, h: Hyperparame
     return ArtifactReport(path, digest, model_bytes, code_bytes, total, total > limit, st)
 
 
-def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code_bytes: int) -> ArtifactReport:
+def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code_bytes: int,
+                    row_quantizer=None) -> ArtifactReport:
     """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; others load the file)."""
-    blob, st = pack_artifact(state, h)
+    blob, st = pack_artifact(state, h, row_quantizer)
     write_file_atomic(h.artifact_path, blob)
+    log0(f"export quantizer:{h.export_quantizer} payload_bytes:{st.payload_bytes} model_bytes:{len(blob)}")
+    if row_quantizer is not None:
+        log0(row_quantizer.log_line())
     return report_artifact_size(h.artifact_path, Path(h.artifact_path).read_bytes(), code_bytes, h, st)
 
 
@@ -2694,7 +2846,9 @@ def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool
         validate_during_training(model, val, h, rt, result.steps, result.train_time_ms)
     if h.diag_eval_candidates:
         diagnostic_evals(base_model, model, val, result, h, rt)
-    over_limit = rt.is_main and export_artifact(export_state(result, h), h, code_bytes).over_limit
+    state = export_state(result, h)
+    quantizer = calibrate_gptq(base_model, state, h, rt) if h.export_quantizer == "gptq" else None
+    over_limit = rt.is_main and export_artifact(state, h, code_bytes, quantizer).over_limit
     if rt.distributed:
         dist.barrier()  # the other ranks read the artifact only once rank 0 has renamed it into place
     return over_limit, t_end

@@ -1,0 +1,155 @@
+"""Full-Hessian GPTQ export (EXPORT_QUANTIZER=gptq): the quantizer on a random correlated layer, the artifact it
+writes, and calibration that reads no shard. Run: python3 -m pytest tests/test_gptq.py"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_hparams
+from test_end_to_end import tiny_run_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def correlated_layer(rows=48, cols=64, n=4096, seed=0):
+    """(x [n, cols], w [rows, cols]): inputs mostly in an 8-dim subspace, so their columns are strongly correlated."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g) @ torch.randn(8, cols, generator=g) + 0.1 * torch.randn(n, cols, generator=g)
+    return x, 0.05 * torch.randn(rows, cols, generator=g)
+
+
+def row_output_error(x, w, q, scale):
+    return (x @ w.T - x @ (q.float() * scale.float()[:, None]).T).square().sum(dim=0)
+
+
+def test_gptq_output_error_is_below_the_clip_search(tg):
+    x, w = correlated_layer()
+    q_clip, scale = tg.quantize_int6_rows(w)
+    q = tg.gptq_quantize_matrix(w, x.T @ x, scale.float(), damp=0.01, block_size=16)
+    assert torch.equal(q, q.round()) and q.abs().max() <= tg.INT6_MAX  # the same int6 grid
+    gptq_err, clip_err = row_output_error(x, w, q, scale).sum(), row_output_error(x, w, q_clip, scale).sum()
+    assert gptq_err < 0.5 * clip_err, (gptq_err, clip_err)
+
+
+def test_blocks_only_batch_the_updates(tg):
+    x, w = correlated_layer(rows=16, cols=40)
+    _, scale = tg.quantize_int6_rows(w)
+    one, many = (tg.gptq_quantize_matrix(w, x.T @ x, scale.float(), 0.01, b) for b in (1, 16))
+    assert (one == many).float().mean() > 0.99  # equal up to float rounding at a few .5 ties
+
+
+def test_quantizer_falls_back_per_row_and_keeps_the_clip_scales(tg, monkeypatch):
+    x, w = correlated_layer()
+    q_clip, scale = tg.quantize_int6_rows(w)
+    real = tg.gptq_quantize_matrix
+    spoiled = lambda *args: torch.cat((torch.clamp(real(*args)[:10] + 3, max=tg.INT6_MAX), real(*args)[10:]))
+    monkeypatch.setattr(tg, "gptq_quantize_matrix", spoiled)  # rows 0-9 made worse than the clip search
+    quantizer = tg.GPTQQuantizer({"m": x.T @ x}, tiny_hparams(), calib_ms=0.0)
+    q, s = quantizer("m", w)
+    assert torch.equal(s, scale) and q.dtype == torch.int8
+    kept = real(w, x.T @ x, scale.float(), 0.01, 128)[10:].to(torch.int8)
+    assert torch.equal(q[:10], q_clip[:10]) and torch.equal(q[10:], kept)
+    assert (quantizer.rows, quantizer.fallback_rows, quantizer.matrices) == (48, 10, 1)
+    assert torch.equal(quantizer("other", w)[0], q_clip) and quantizer.matrices == 1  # no Hessian: clip search
+
+
+def calibrated(tg, h):
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
+    torch.manual_seed(0)
+    model = tg.build_model(h, "cpu")
+    with torch.no_grad():  # zero-initialised W_o and W_down would leave nothing for GPTQ to do
+        model.qo_bank[h.num_layers:].normal_(0, 0.05)
+        model.mlp_down_bank.normal_(0, 0.05)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, tg.calibrate_gptq(model, state, h, rt)
+
+
+def test_gptq_artifact_loads_with_the_unchanged_loader(tg):
+    h = tiny_hparams(export_quantizer="gptq", gptq_calib_seqs=3, gptq_calib_len=12, keep_float_max_numel=1000)
+    state, quantizer = calibrated(tg, h)
+    blob, _ = tg.pack_artifact(state, h, quantizer)
+    config, loaded = tg.unpack_artifact(blob)
+    model = tg.build_model(tg.Hyperparameters(**{**vars(h), **config}), "cpu")
+    model.load_state_dict(loaded, strict=True)
+    assert quantizer.matrices == 6 * h.num_layers and quantizer.rows > 0
+    _, lite = tg.unpack_artifact(tg.pack_artifact(state, h)[0])
+    for bank in tg.BANK_LAYOUT:
+        assert (loaded[bank] - state[bank]).abs().max() < 0.1
+    assert any(not torch.equal(loaded[b], lite[b]) for b in tg.BANK_LAYOUT)  # GPTQ changed some values
+    assert torch.equal(loaded["bigram.embed.weight"], lite["bigram.embed.weight"])  # one-hot inputs: clip search
+
+
+def test_calibration_reads_no_shard_and_is_reproducible(tg, monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration touched the data")
+    monkeypatch.setattr(tg, "read_shard", refuse)
+    monkeypatch.setattr(tg, "find_shards", refuse)
+    h = tiny_hparams(gptq_calib_seqs=2, gptq_calib_len=8, data_path=str(tmp_path / "gone"))
+    first, second = calibrated(tg, h)[1], calibrated(tg, h)[1]
+    assert set(first.hessians) == {n for b in tg.BANK_LAYOUT for n in tg.bank_slice_names(b, h.num_layers)}
+    assert all(torch.equal(first.hessians[k], second.hessians[k]) for k in first.hessians)
+    q_in = first.hessians["blocks.0.attn.c_q.weight"]  # normalized inputs: mean diag = number of tokens
+    assert abs(q_in.diagonal().mean().item() - 2 * 8) < 1e-3
+
+
+def test_bad_quantizer_setting_is_a_user_error(tg):
+    with pytest.raises(tg.UserError, match="EXPORT_QUANTIZER"):
+        tg.Hyperparameters.from_env({"EXPORT_QUANTIZER": "gptq2"})
+
+
+WRAPPER = """import shutil, sys
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+real_train = tg.train
+def train_then_remove_shards(*args, **kwargs):
+    result = real_train(*args, **kwargs)
+    shutil.rmtree({data!r})
+    return result
+tg.train = train_then_remove_shards
+tg.main()
+"""
+
+
+@pytest.mark.slow
+def test_gptq_run_exports_after_the_shards_are_gone(tiny_corpus, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_corpus[0], data)
+    env = tiny_run_env(tiny_corpus, tmp_path, DATA_PATH=str(data), EXPORT_QUANTIZER="gptq", GPTQ_CALIB_SEQS="4",
+                       GPTQ_CALIB_LEN="32", KEEP_FLOAT_MAX_NUMEL="1000", ITERATIONS="8", VAL_LOSS_EVERY="0")
+    (tmp_path / "logs").mkdir()
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(root=str(ROOT), data=str(data)))
+    proc = subprocess.run([sys.executable, str(wrapper)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not data.exists()
+    log = proc.stdout
+    m = re.search(r"^gptq calib_seqs:4 calib_tokens:128 matrices:12 rows:(\d+) fallback_rows:(\d+) "
+                  r"calib_time:\d+ms quant_time:\d+ms gptq_time:\d+ms$", log, re.M)
+    assert m and int(m.group(2)) <= int(m.group(1)), log[-3000:]
+    assert re.search(r"^export quantizer:gptq payload_bytes:\d+ model_bytes:\d+$", log, re.M)
+    assert re.search(r"^final_int6_zstd_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
+
+
+@pytest.mark.slow
+def test_bench_gptq_reports_both_quantizers_on_the_same_weights(tiny_corpus, tmp_path):
+    env = tiny_run_env(tiny_corpus, tmp_path, ITERATIONS="4", VAL_LOSS_EVERY="0", GPTQ_CALIB_SEQS="2",
+                       GPTQ_CALIB_LEN="16", TRAIN_LOG_EVERY="100", VAL_MAX_TOKENS="1024", KEEP_FLOAT_MAX_NUMEL="1000")
+    (tmp_path / "logs").mkdir()
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_gptq.py"), "--json", "-"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["iterations"] == 4 and res["gptq"]["matrices"] == 12 and "fallback_rows" in res["gptq"]
+    for name in ("gptq_lite", "gptq"):
+        assert abs(res[name]["gap"] - (res[name]["bpb"] - res["fp_bpb"])) < 2e-5
+        assert res[name]["model_bytes"] > 0 and f"bench_gptq quantizer:{name} " in out.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_gptq.py")], capture_output=True, text=True,
+                         env=dict(env, DATA_PATH=str(tmp_path / "missing")), timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
