@@ -3,13 +3,11 @@ Run: python3 -m pytest tests/test_end_to_end.py"""
 import hashlib
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_script, tiny_run_env
+from conftest import run_script, tiny_run_env
 
 
 def check_log(log: str, env) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import flat_params, make_batches, muon_model, rel_diffs, tiny_hparams, tiny_model, train_steps
+from conftest import flat_params, make_batches, muon_model, tiny_hparams, tiny_model, train_steps
 
 CPU = torch.device("cpu")
 
