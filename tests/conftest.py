@@ -77,8 +77,8 @@ def tiny_run_env(tiny_corpus, tmp_path, **extra):
     """tiny_env for a 30-step run of train_gpt.py on the tiny corpus, logs and artifact under tmp_path."""
     data, tok, vocab = tiny_corpus
     env = tiny_env(DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), EVAL_STRIDE="16", ITERATIONS="30",
-                   WARMUP_STEPS="2", WARMDOWN_ITERS="10", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="15", TRAIN_LOG_EVERY="5", VAL_MAX_TOKENS="2048",
-                   NGRAM_AUDIT_POSITIONS="32", MATRIX_LR="0.02", SWA_EVERY="2", RUN_ID="e2e",
+                   WARMUP_STEPS="2", WARMDOWN_ITERS="10", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="15",
+                   TRAIN_LOG_EVERY="5", VAL_MAX_TOKENS="2048", NGRAM_AUDIT_POSITIONS="32", MATRIX_LR="0.02", SWA_EVERY="2", RUN_ID="e2e",
                    LOG_DIR=str(tmp_path / "logs"), ARTIFACT_PATH=str(tmp_path / "model.int6.ptz"))
     env.update(extra)
     return env
@@ -103,7 +103,7 @@ def tiny_model(h, seed=0):
 
 
 def muon_model(seed=0):
-    """The real GPT with 3 layers (odd bank row counts: 6 and 3, sharded unevenly over 2 ranks), dim 32, vocab 64."""
+    """The real GPT at the optimizer tests' shapes: 3 layers (bank rows 6 and 3), dim 32, vocab 64, bigram 32x8."""
     h = tiny_hparams(num_layers=3, model_dim=32, vocab_size=64, bigram_vocab_size=32, bigram_dim=8)
     return tiny_model(h, seed)
 
