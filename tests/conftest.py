@@ -78,7 +78,8 @@ def tiny_run_env(tiny_corpus, tmp_path, **extra):
     data, tok, vocab = tiny_corpus
     env = tiny_env(DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), EVAL_STRIDE="16", ITERATIONS="30",
                    WARMUP_STEPS="2", WARMDOWN_ITERS="10", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="15",
-                   TRAIN_LOG_EVERY="5", VAL_MAX_TOKENS="2048", NGRAM_AUDIT_POSITIONS="32", MATRIX_LR="0.02", SWA_EVERY="2", RUN_ID="e2e",
+                   TRAIN_LOG_EVERY="5", VAL_MAX_TOKENS="2048", NGRAM_AUDIT_POSITIONS="32", MATRIX_LR="0.02",
+                   SWA_EVERY="2", RUN_ID="e2e",
                    LOG_DIR=str(tmp_path / "logs"), ARTIFACT_PATH=str(tmp_path / "model.int6.ptz"))
     env.update(extra)
     return env
