@@ -1,14 +1,57 @@
-"""Shared fixtures. Run the suite with: python3 -m pytest"""
+"""The one test toolkit: the tiny configurations, a tiny real model, a tokenizer trained by data/make_dataset.py,
+synthetic streams and byte tables, and the subprocess helpers for whole runs. Test modules and workers import
+helpers from here only, never from each other. Run the suite with: python3 -m pytest"""
+import functools
+import importlib.util
 import os
+import random
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train_gpt  # noqa: E402
+
+CPU = torch.device("cpu")
+RT1 = train_gpt.Runtime(0, 1, 0, CPU, False)  # one process on the CPU
+
+# ------------------------------------------------------------------------------------------- configurations
+
+# The tiny configuration (Hyperparameters fields): 2 layers, dim 64, 4 heads / 2 KV heads, vocab 128, seq 32.
+TINY_SHAPE = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=128, rope_dims=8, xsa_last_n=1,
+                  bigram_vocab_size=64, bigram_dim=16, train_seq_len=32, eval_seq_len=32, eval_stride=8,
+                  eval_batch_windows=4, train_batch_tokens=256, train_micro_batch_tokens=128, ngram_chunk_tokens=64,
+                  device="cpu", compile="0")
+# In-process tests also fix the run: 6 steps, no wall clock, no periodic validation.
+TINY = dict(TINY_SHAPE, warmup_steps=2, iterations=6, max_wallclock_seconds=0.0, val_loss_every=0, run_id="test")
+# On top of TINY_SHAPE for whole runs and the tools (script, torchrun, preflight, benchmarks): sequences of 64.
+TINY_RUN = dict(train_seq_len=64, eval_seq_len=64, eval_stride=32, eval_batch_windows=8, train_batch_tokens=1024,
+                train_micro_batch_tokens=512, ngram_chunk_tokens=512)
+# run.sh's CPU branch exports exactly these (tests/test_config.py checks): the offline demo, 200 steps.
+CPU_DEMO_ENV = dict(
+    DATA_PATH="./data/datasets/sample_sp1024", TOKENIZER_PATH="./data/tokenizers/sample_1024_bpe.model",
+    DEVICE="cpu", COMPILE="0", NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", XSA_LAST_N="2",
+    BIGRAM_DIM="32", TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", EVAL_STRIDE="64", TRAIN_BATCH_TOKENS="8192",
+    TRAIN_MICRO_BATCH_TOKENS="4096", ITERATIONS="200", WARMUP_STEPS="2", WARMDOWN_ITERS="80",
+    MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="100", TRAIN_LOG_EVERY="50", SWA_EVERY="10", EMA_DECAY="0.98",
+    VAL_MAX_TOKENS="131072", NGRAM_CHUNK_TOKENS="8192", ARTIFACT_PATH="final_model.int6.ptz")
+
+
+def tiny_hparams(**overrides):
+    """A few-second CPU configuration: TINY with `overrides`."""
+    return train_gpt.Hyperparameters(**{**TINY, **overrides})
+
+
+@pytest.fixture
+def tiny():
+    return tiny_hparams
 
 
 @pytest.fixture
@@ -16,20 +59,136 @@ def tg():
     return train_gpt
 
 
-def tiny_hparams(**overrides):
-    """A few-second CPU configuration: 2 layers, dim 64, 4 heads / 2 KV heads, vocab 128, seq 32."""
-    base = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=128, rope_dims=8,
-                xsa_last_n=1, bigram_vocab_size=64, bigram_dim=16, train_seq_len=32, eval_seq_len=32,
-                eval_stride=8, eval_batch_windows=4, train_batch_tokens=256, train_micro_batch_tokens=128,
-                warmup_steps=2, iterations=6, max_wallclock_seconds=0.0, val_loss_every=0, device="cpu",
-                compile="0", ngram_chunk_tokens=64, run_id="test")
-    base.update(overrides)
-    return train_gpt.Hyperparameters(**base)
+def settings_env(fields: dict) -> dict:
+    """Hyperparameters fields as the environment variables the script reads."""
+    return {name.upper(): str(value) for name, value in fields.items()}
 
 
-@pytest.fixture
-def tiny():
-    return tiny_hparams
+def tiny_env(**extra) -> dict:
+    """Environment for a subprocess (script or tool) with TINY_SHAPE + TINY_RUN: no inherited rank or run settings."""
+    drop = ("NGRAM_", "TRAIN_", "EVAL_", "USE_", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(settings_env({**TINY_SHAPE, **TINY_RUN}), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def tiny_run_env(tiny_corpus, tmp_path, **extra):
+    """tiny_env for a 30-step run of train_gpt.py on the tiny corpus, logs and artifact under tmp_path."""
+    data, tok, vocab = tiny_corpus
+    env = tiny_env(DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), EVAL_STRIDE="16", ITERATIONS="30",
+                   WARMUP_STEPS="2", WARMDOWN_ITERS="10", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="15",
+                   TRAIN_LOG_EVERY="5", VAL_MAX_TOKENS="2048", NGRAM_AUDIT_POSITIONS="32", MATRIX_LR="0.02",
+                   SWA_EVERY="2", RUN_ID="e2e",
+                   LOG_DIR=str(tmp_path / "logs"), ARTIFACT_PATH=str(tmp_path / "model.int6.ptz"))
+    env.update(extra)
+    return env
+
+
+def run_script(env, nproc=1, timeout=600):
+    """train_gpt.py in a subprocess (torchrun when nproc > 1), started in LOG_DIR's parent folder."""
+    cmd = [sys.executable, str(ROOT / "train_gpt.py")]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train_gpt.py")]
+    return subprocess.run(cmd, env=env, cwd=env["LOG_DIR"].rsplit("/", 1)[0], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+def tiny_model(h, seed=0):
+    """The real GPT of train_gpt.build_model at h's (tiny) dimensions, on the CPU, seeded."""
+    torch.manual_seed(seed)
+    return train_gpt.build_model(h, CPU)
+
+
+def muon_model(seed=0):
+    """The real GPT at the optimizer tests' shapes: 3 layers (bank rows 6 and 3), dim 32, vocab 64, bigram 32x8."""
+    h = tiny_hparams(num_layers=3, model_dim=32, vocab_size=64, bigram_vocab_size=32, bigram_dim=8)
+    return tiny_model(h, seed)
+
+
+class UniformLM(nn.Module):
+    """Known distribution: uniform logits over the vocabulary, whatever the input (for the null n-gram tests)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.dummy = vocab, nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return torch.zeros(*x.shape, self.vocab) + 0 * self.dummy
+
+
+def make_batches(steps=2, batch=8, seq=16, vocab=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (batch, seq), generator=g), torch.randint(0, vocab, (batch, seq), generator=g))
+            for _ in range(steps)]
+
+
+def train_steps(model, opt, batches, mus=(0.9, 0.95), scales=(1.0, 0.5)):
+    """The training loop's order: zero_grad, forward/backward, momentum + lr scale, (no clipping), step."""
+    for (x, y), mu, s in zip(batches, mus, scales):
+        opt.zero_grad()
+        model(x, y).backward()
+        opt.set_muon_momentum(mu)
+        opt.set_lr_scale(s)
+        opt.step()
+
+
+def flat_params(model):
+    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
+def rel_diffs(a: nn.Module, b: nn.Module, init: dict) -> dict:
+    """Per parameter: max |a - b| / max |b - init| (difference relative to the size of the update)."""
+    pa = dict(a.named_parameters())
+    out = {}
+    for n, p in b.named_parameters():
+        moved = (p.detach().float() - init[n].float()).abs().max().item()
+        out[n] = (pa[n].detach().float() - p.detach().float()).abs().max().item() / max(moved, 1e-12)
+    return out
+
+
+# ------------------------------------------------------------------------------------- streams and byte tables
+
+def unit_tables(vocab):
+    """Every token is one byte, nothing is a boundary: bpb = loss / ln 2."""
+    return train_gpt.ByteTables(torch.ones(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
+                                torch.zeros(vocab, dtype=torch.bool))
+
+
+def random_tables(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return train_gpt.ByteTables(torch.randint(0, 4, (vocab,), generator=g).to(torch.int16),
+                                torch.rand(vocab, generator=g) < 0.5, torch.rand(vocab, generator=g) < 0.1)
+
+
+def random_stream(n_targets, vocab, seed=0):
+    return torch.randint(0, vocab, (n_targets + 1,), generator=torch.Generator().manual_seed(seed))
+
+
+def repeating_stream(n_targets, vocab, period=17, seed=0):
+    """A stream the tiny model can learn within a few steps: one random phrase of `period` tokens, repeated."""
+    return random_stream(period - 1, vocab, seed).repeat(n_targets // period + 1)[:n_targets + 1]
+
+
+# ----------------------------------------------------------------------------------- tokenizer and corpus
+
+@functools.cache
+def load_data_script(name):
+    """data/<name>.py as a module (data/ is not a package), loaded once."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_tokenizer(docs, vocab_size):
+    """A SentencePiece processor trained by data/make_dataset.py's own function (the sp1024 trainer options)."""
+    import sentencepiece as spm
+    model = load_data_script("make_dataset").train_tokenizer(docs, vocab_size, threads=1)
+    return spm.SentencePieceProcessor(model_proto=model), model
 
 
 WORDS = ("the of and to in is was for on that with as by at from his her are were it an be this which or had "
@@ -40,7 +199,6 @@ WORDS = ("the of and to in is was for on that with as by at from his her are wer
 
 def synthetic_documents(num_docs: int, seed: int = 0):
     """Deterministic English-like documents (word salad with some repetition) for tokenizer and shard tests."""
-    import random
     rng = random.Random(seed)
     docs = []
     for _ in range(num_docs):
@@ -55,20 +213,12 @@ def synthetic_documents(num_docs: int, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """(data_path, tokenizer_path, vocab): a vocab-320 SentencePiece BPE + train/val shards with BOS per document."""
-    import numpy as np
-    import sentencepiece as spm
     root = tmp_path_factory.mktemp("corpus")
     docs = synthetic_documents(1200)
-    text_file = root / "text.txt"
-    text_file.write_text("\n".join(docs), encoding="utf-8")
     vocab = 320
-    spm.SentencePieceTrainer.train(
-        input=str(text_file), model_prefix=str(root / "tok"), model_type="bpe", vocab_size=vocab,
-        byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
-        character_coverage=0.999, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        num_threads=1, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(root / "tok.model"))
+    sp, model = train_tokenizer(docs, vocab)
     assert sp.vocab_size() == vocab
+    (root / "tok.model").write_bytes(model)
     data = root / "tiny_sp"
     data.mkdir()
     encode = lambda ds: np.concatenate([np.array([1] + sp.encode(d), dtype=np.uint16) for d in ds])

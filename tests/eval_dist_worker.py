@@ -6,18 +6,18 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
-from test_eval import TinyCausalLM, random_stream, random_tables  # noqa: E402
+from conftest import random_tables, repeating_stream, tiny_hparams, tiny_model  # noqa: E402
 
 
 def main(out_path: str) -> None:
     vocab = 32
-    h = tg.Hyperparameters(vocab_size=vocab, eval_seq_len=32, eval_stride=8, eval_batch_windows=4,
-                           ngram_chunk_tokens=100, ngram_audit_positions=32, ngram_log_every=3, device="cpu",
-                           compile="0", run_id="dist")
+    h = tiny_hparams(vocab_size=vocab, eval_seq_len=32, eval_stride=8, eval_batch_windows=4, ngram_chunk_tokens=100,
+                     ngram_audit_positions=32, ngram_log_every=3, run_id="dist")
     rt = tg.init_runtime(h)
-    val = tg.ValData(random_stream(1500, vocab, 21), random_tables(vocab, 1))
-    model = TinyCausalLM(vocab)
+    val = tg.ValData(repeating_stream(1500, vocab, seed=21), random_tables(vocab, 1))
+    model = tiny_model(h)
     hashed = dataclasses.replace(h, ngram_mode="hashed", ngram_buckets=512)
     ttt = dataclasses.replace(h, use_ttt=True, ttt_chunk_tokens=200, ttt_batch_seqs=3, ttt_epochs=2, ttt_lr=0.05)
     plain, hashed_pass = tg.roundtrip_eval(model, val, h, rt), tg.roundtrip_eval(model, val, hashed, rt)

@@ -1,30 +1,27 @@
 """tools/bench_train.py on CPU: a tiny configuration, synthetic tokens and real shards, JSON figures checked."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import TINY_RUN, TINY_SHAPE, tiny_env
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "bench_train.py"
-
-TINY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="1",
-                BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VOCAB_SIZE="320", TRAIN_SEQ_LEN="64",
-                TRAIN_BATCH_TOKENS="1024", TRAIN_MICRO_BATCH_TOKENS="512", DEVICE="cpu", COMPILE="0",
-                OMP_NUM_THREADS="1")
+VOCAB = 320  # the tiny corpus's
 
 
 def expected_flops_per_token():
-    """6·N + 6·L·T·d written out for TINY_ENV (gated attention and bigram on by default)."""
-    L, d, H, kv_heads, V, T, bigram_dim = 2, 64, 4, 2, 320, 64, 16
+    """6·N + 6·L·T·d written out for the tiny configuration (gated attention and bigram on by default)."""
+    L, d, H, kv_heads = (TINY_SHAPE[k] for k in ("num_layers", "model_dim", "num_heads", "num_kv_heads"))
+    V, T, bigram_dim = VOCAB, TINY_RUN["train_seq_len"], TINY_SHAPE["bigram_dim"]
     kv_dim, hidden = kv_heads * (d // H), 3 * d
     n = L * (2 * d * d + 2 * d * kv_dim + 2 * d * hidden + d * H) + bigram_dim * d + V * d
     return 6 * n + 6 * L * T * d
 
 
 def run_bench(tmp_path, *args, **env_extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(TINY_ENV, TOKENIZER_PATH=str(tmp_path / "unused.model"), **env_extra)
+    env = tiny_env(VOCAB_SIZE=str(VOCAB), TOKENIZER_PATH=str(tmp_path / "unused.model"), **env_extra)
     proc = subprocess.run([sys.executable, str(TOOL), "--steps", "3", "--warmup", "1", "--json", "-", *args],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -2,7 +2,6 @@
 
 Run: python3 -m pytest tests/test_bytes_bpb.py
 """
-import io
 import math
 import os
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import train_tokenizer
 
 SP = "\u2581"
 CORPUS = ["The quick brown fox jumps over the lazy dog near the river bank.",
@@ -22,14 +22,8 @@ DOCS = ["The fox and the dog sat by the river.", "A caf\u00e9 sold 7 cakes.", "G
 
 @pytest.fixture(scope="module")
 def sp():
-    """A BPE model with the sp1024 trainer options, vocab 330 (4 specials + 256 byte pieces + chars + merges)."""
-    import sentencepiece as spm
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=model, model_type="bpe", vocab_size=330, byte_fallback=True,
-        split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, character_coverage=0.999,
-        hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2)
-    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+    """A BPE model trained by make_dataset.py, vocab 330 (4 specials + 256 byte pieces + chars + merges)."""
+    return train_tokenizer(CORPUS, 330)[0]
 
 
 @pytest.fixture(scope="module")

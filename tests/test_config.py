@@ -5,6 +5,7 @@ import re
 import pytest
 
 import train_gpt as tg
+from conftest import CPU_DEMO_ENV, ROOT
 
 
 def test_defaults_are_the_record_configuration():
@@ -166,3 +167,23 @@ def test_import_has_no_side_effects(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tg.Path(tg.__file__).parent)], cwd=tmp_path,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]" and not out.stderr
+
+
+def run_sh_cpu_exports() -> dict:
+    """run.sh's CPU branch (after the GPU branch's `fi`): every `export NAME=${NAME:-default}` or NAME=value."""
+    cpu_branch = (ROOT / "run.sh").read_text(encoding="utf-8").split("\nfi\n")[-1]
+    exports = " ".join(line.split("#")[0] for line in cpu_branch.splitlines() if line.startswith("export "))
+    pairs = re.findall(r"(\w+)=(?:\$\{\1:-([^}]*)\}|([^\s$]\S*))", exports)
+    return {name: default or value for name, default, value in pairs}
+
+
+def test_run_sh_cpu_branch_exports_the_toolkit_demo_config():
+    exported = run_sh_cpu_exports()
+    assert len(exported) >= 20 and exported["DEVICE"] == "cpu"  # the parser sees the whole branch
+    assert exported == CPU_DEMO_ENV
+
+
+def test_cpu_demo_config_is_a_valid_configuration():
+    h = tg.Hyperparameters.from_env(dict(CPU_DEMO_ENV, RUN_ID="demo"))
+    assert (h.num_layers, h.model_dim, h.iterations, h.max_wallclock_seconds) == (4, 128, 200, 0.0)
+    assert h.train_batch_tokens // h.train_micro_batch_tokens == 2  # 2 micro-steps on one process

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import train_gpt as tg
+from conftest import load_data_script
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 330  # tiny corpora: 4 specials + 256 byte pieces + ~45 characters + a few merges
@@ -24,16 +25,8 @@ WORDS = ("the river bank town owner cake pie monday fox dog lazy quick brown jum
          "numbers digits split into by and of a in on").split()
 
 
-def load_script(name):
-    """Import data/<name>.py as a module (data/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-md = load_script("make_dataset")
-cc = load_script("cached_challenge_fineweb")
+md = load_data_script("make_dataset")
+cc = load_data_script("cached_challenge_fineweb")
 
 
 def make_docs(n, seed=0):
@@ -257,6 +250,7 @@ def test_long_document_contributes_to_tokenizer(built):
 
 def test_long_document_would_be_dropped_at_default_limit(built):
     """Control for the test above: SentencePiece's default max_sentence_length really drops the long line."""
+    # The trainer is called directly on purpose: the control needs the default that make_dataset overrides.
     import io
     import sentencepiece as spm
     model = io.BytesIO()

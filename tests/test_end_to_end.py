@@ -3,38 +3,11 @@ Run: python3 -m pytest tests/test_end_to_end.py"""
 import hashlib
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_run_env(tiny_corpus, tmp_path, **extra):
-    data, tok, vocab = tiny_corpus
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NGRAM_", "TRAIN_", "EVAL_", "USE_"))}
-    env.update(DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), DEVICE="cpu", COMPILE="0",
-               NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="1",
-               BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="16",
-               EVAL_BATCH_WINDOWS="8", TRAIN_BATCH_TOKENS="1024", TRAIN_MICRO_BATCH_TOKENS="512",
-               ITERATIONS="30", WARMUP_STEPS="2", WARMDOWN_ITERS="10", MAX_WALLCLOCK_SECONDS="0",
-               VAL_LOSS_EVERY="15", TRAIN_LOG_EVERY="5", VAL_MAX_TOKENS="2048", NGRAM_CHUNK_TOKENS="512",
-               NGRAM_AUDIT_POSITIONS="32", MATRIX_LR="0.02", SWA_EVERY="2", RUN_ID="e2e",
-               LOG_DIR=str(tmp_path / "logs"), ARTIFACT_PATH=str(tmp_path / "model.int6.ptz"),
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def run_script(env, nproc=1, timeout=600):
-    cmd = [sys.executable, str(ROOT / "train_gpt.py")]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train_gpt.py")]
-    return subprocess.run(cmd, env=env, cwd=env["LOG_DIR"].rsplit("/", 1)[0], capture_output=True, text=True,
-                          timeout=timeout)
+from conftest import run_script, tiny_run_env
 
 
 def check_log(log: str, env) -> dict:

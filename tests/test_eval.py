@@ -14,59 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-
-CPU = torch.device("cpu")
-RT1 = tg.Runtime(0, 1, 0, CPU, False)
-
-
-class TinyCausalLM(nn.Module):
-    """Causal stand-in: logits from embeddings of the current and previous input token (previous = 0 at row start)."""
-
-    def __init__(self, vocab: int, dim: int = 16, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.cur, self.prev = nn.Embedding(vocab, dim), nn.Embedding(vocab, dim)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, x, targets=None, reduction="mean"):
-        prev = F.pad(x[:, :-1], (1, 0))
-        logits = self.head(torch.tanh(self.cur(x) + self.prev(prev)))
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
-        return loss.view_as(targets) if reduction == "none" else loss
-
-
-class UniformLM(nn.Module):
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.vocab, self.dummy = vocab, nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        return torch.zeros(*x.shape, self.vocab) + 0 * self.dummy
-
-
-def unit_tables(vocab):
-    return tg.ByteTables(torch.ones(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
-                         torch.zeros(vocab, dtype=torch.bool))
-
-
-def random_tables(vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tg.ByteTables(torch.randint(0, 4, (vocab,), generator=g).to(torch.int16),
-                         torch.rand(vocab, generator=g) < 0.5, torch.rand(vocab, generator=g) < 0.1)
-
-
-def random_stream(n_targets, vocab, seed=0):
-    return torch.randint(0, vocab, (n_targets + 1,), generator=torch.Generator().manual_seed(seed))
-
+from conftest import CPU, RT1, UniformLM, random_stream, random_tables, tiny_model, unit_tables  # noqa: E402
 
 def ngram_eval(model, val, h, rt=RT1):
     """The n-gram score of the one plain pass."""
@@ -142,7 +96,7 @@ def test_make_batch_shapes_shift_and_selection():
 def test_sliding_with_stride_equal_seq_len_is_plain_eval(tiny):
     vocab, seq_len, n = 64, 32, 32 * 7
     h = tiny(vocab_size=vocab, eval_seq_len=seq_len, eval_stride=seq_len, eval_batch_windows=3)
-    tokens, tables, model = random_stream(n, vocab), random_tables(vocab), TinyCausalLM(vocab)
+    tokens, tables, model = random_stream(n, vocab), random_tables(vocab), tiny_model(h)
     r = tg.sliding_eval(model, tg.ValData(tokens, tables), h, RT1)
     with torch.no_grad():  # independent plain evaluation
         x, y = tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
@@ -157,7 +111,7 @@ def test_sliding_with_stride_equal_seq_len_is_plain_eval(tiny):
 def test_ngram_with_alpha_zero_equals_sliding(tiny, chunk):
     vocab, n = 16, 1000
     h = tiny(vocab_size=vocab, ngram_alpha_min=0.0, ngram_alpha_max=0.0, ngram_chunk_tokens=chunk)
-    val, model = tg.ValData(random_stream(n, vocab, 1), random_tables(vocab)), TinyCausalLM(vocab)
+    val, model = tg.ValData(random_stream(n, vocab, 1), random_tables(vocab)), tiny_model(h)
     s, g = tg.sliding_eval(model, val, h, RT1), ngram_eval(model, val, h, RT1)
     assert (g.tokens, g.bytes) == (s.tokens, s.bytes) == (n, g.bytes)
     assert g.loss == pytest.approx(s.loss, rel=1e-12) and g.bpb == pytest.approx(s.bpb, rel=1e-12)
@@ -325,7 +279,7 @@ def recorded_ngram_run(model, tokens, h):
 def test_prefix_only_scores_and_target_independent_distribution(tiny):
     vocab, n = 12, 700
     h = tiny(vocab_size=vocab, ngram_chunk_tokens=64, ngram_alpha_min=0.3)
-    model, tokens = TinyCausalLM(vocab), random_stream(n, vocab, 9)
+    model, tokens = tiny_model(h), random_stream(n, vocab, 9)
     base_nll, base_dist = recorded_ngram_run(model, tokens, h)
     assert sorted(base_nll) == list(range(1, n + 1))
     for t in [5, 200, 451, 699]:
@@ -355,7 +309,7 @@ def test_exact_order_does_not_depend_on_target():
 def test_ngram_eval_logs_and_audit_exact(tiny, capsys):
     vocab = 16
     h = tiny(vocab_size=vocab, ngram_log_every=5, ngram_audit_positions=64)
-    r = ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
+    r = ngram_eval(tiny_model(h), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
     out = capsys.readouterr().out
     assert "Starting N-gram eval: order 2-9 mode=exact chunk=64" in out
     assert re.search(r"^ngram_chunk \[5/19\] running_bpb:\d+\.\d{6} elapsed:\d+\.\ds$", out, re.M)
@@ -370,7 +324,7 @@ def test_ngram_eval_logs_and_audit_exact(tiny, capsys):
 def test_ngram_eval_hashed_mode_uses_its_own_prefix(tiny, capsys):
     vocab = 16
     h = tiny(vocab_size=vocab, ngram_mode="hashed", ngram_buckets=256, ngram_audit_positions=32)
-    ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
+    ngram_eval(tiny_model(h), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
     out = capsys.readouterr().out
     assert re.search(r"^ngram_hashed_unnormalized val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$", out, re.M)
     assert re.search(r"^ngram_hashed_unnormalized_exact val_loss:\S+ val_bpb:\S+$", out, re.M)
@@ -389,7 +343,7 @@ def test_audit_fails_an_unnormalized_exact_run(tiny, monkeypatch):
     vocab = 8
     h = tiny(vocab_size=vocab, ngram_audit_positions=64)
     with pytest.raises(RuntimeError, match="not normalized"):
-        ngram_eval(TinyCausalLM(vocab), tg.ValData(random_stream(1200, vocab, 4), unit_tables(vocab)), h, RT1)
+        ngram_eval(tiny_model(h), tg.ValData(random_stream(1200, vocab, 4), unit_tables(vocab)), h, RT1)
 
 
 def test_final_eval_lines_and_leaderboard_alias(capsys):
@@ -418,7 +372,8 @@ def test_two_ranks_match_one_rank(tmp_path):
     one, two = results
     assert one.keys() == two.keys() == {"sliding", "roundtrip", "ngram_exact", "ngram_hashed", "ttt", "ttt_ngram"}
     for name in one:
-        rel = 1e-5 if name.startswith("ttt") else 1e-9  # TTT: gradients summed in another order
+        # TTT: gradients summed in another order, applied to bf16 weights (the embedding): an ulp apart per step
+        rel = 1e-3 if name.startswith("ttt") else 1e-9
         assert (one[name]["tokens"], one[name]["bytes"]) == (two[name]["tokens"], two[name]["bytes"])
         assert one[name]["loss"] == pytest.approx(two[name]["loss"], rel=rel)
         assert one[name]["bpb"] == pytest.approx(two[name]["bpb"], rel=rel)

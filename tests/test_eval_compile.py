@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import train_gpt as tg  # noqa: E402
-from test_eval import RT1, random_stream, random_tables  # noqa: E402
+from conftest import RT1, random_stream, random_tables  # noqa: E402
 from torch._dynamo.backends.registry import lookup_backend  # noqa: E402
 
 CPU = torch.device("cpu")

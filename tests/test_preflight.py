@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_hparams
+from conftest import RT1, TINY_RUN, tiny_env, tiny_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "preflight.py"
@@ -23,17 +22,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import preflight  # noqa: E402
 
-TINY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="1",
-                BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VOCAB_SIZE="320", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
-                EVAL_STRIDE="32", EVAL_BATCH_WINDOWS="8", NGRAM_CHUNK_TOKENS="512", TRAIN_BATCH_TOKENS="1024",
-                TRAIN_MICRO_BATCH_TOKENS="512", DEVICE="cpu", COMPILE="0", OMP_NUM_THREADS="1")
 TINY_ARGS = ["--steps", "2", "--warmup", "1", "--eval-tokens", "1024", "--collective-iters", "2"]
 
 
 def run_tool(tmp_path, tiny_corpus, nproc=1, **extra_env):
-    data_path, tok, _ = tiny_corpus
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(TINY_ENV, DATA_PATH=data_path, TOKENIZER_PATH=tok, **extra_env)
+    data_path, tok, vocab = tiny_corpus
+    env = tiny_env(VOCAB_SIZE=str(vocab), DATA_PATH=data_path, TOKENIZER_PATH=tok, **extra_env)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     out = "-" if nproc == 1 else str(tmp_path / "preflight.json")  # JSON on stdout (table on stderr) or in a file
@@ -100,12 +94,9 @@ def one_thread():
 def in_process(tiny_corpus, tmp_path, use_compile=False, **overrides):
     """A Preflight on one CPU process with the tiny test configuration."""
     data_path, tok, vocab = tiny_corpus
-    fields = dict(vocab_size=vocab, data_path=data_path, tokenizer_path=tok, train_seq_len=64, eval_seq_len=64,
-                  train_micro_batch_tokens=512, train_batch_tokens=1024, eval_stride=32, ngram_chunk_tokens=512)
-    fields.update(overrides)
-    h = tiny_hparams(**fields)
-    rt = preflight.tg.Runtime(0, 1, 0, torch.device("cpu"), False)
-    return preflight.Preflight(preflight.parse_args(TINY_ARGS), h, rt, use_compile)
+    fields = dict(TINY_RUN, vocab_size=vocab, data_path=data_path, tokenizer_path=tok)
+    h = tiny_hparams(**{**fields, **overrides})
+    return preflight.Preflight(preflight.parse_args(TINY_ARGS), h, RT1, use_compile)
 
 
 def statuses(checks):

@@ -10,13 +10,11 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from test_end_to_end import tiny_run_env
+from conftest import ROOT, tiny_run_env
 
-ROOT = Path(__file__).resolve().parents[1]
 SKIP = {  # substring of a command -> why it cannot run here
     "cached_challenge_fineweb.py": "downloads FineWeb from the Hugging Face hub (network)",
     "pytest": "runs this test suite itself",

@@ -52,6 +52,8 @@ def test_qat_trigger_follows_iterations_in_step_based_runs():
 
 
 class Tiny(torch.nn.Module):
+    """Known values, not a language model: one fp32 and one bf16 parameter for the averaging closed forms."""
+
     def __init__(self):
         super().__init__()
         self.a = torch.nn.Parameter(torch.zeros(3))

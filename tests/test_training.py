@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import RT1, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,10 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def setup(tiny, tiny_corpus, **overrides):
     data, tok, vocab = tiny_corpus
     h = tiny(data_path=data, tokenizer_path=tok, vocab_size=vocab, **overrides)
-    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
-    torch.manual_seed(0)
-    model = tg.build_model(h, rt.device)
-    return h, rt, model, tg.build_optimizers(model, h, rt)
+    model = tiny_model(h)
+    return h, RT1, model, tg.build_optimizers(model, h, RT1)
 
 
 def flat_state(opt_state):

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import train_gpt as tg  # noqa: E402
-from test_eval import RT1, TinyCausalLM, random_stream, random_tables, unit_tables  # noqa: E402
+from conftest import RT1, random_stream, random_tables, repeating_stream, tiny_model, unit_tables  # noqa: E402
 
 CPU = torch.device("cpu")
 PLAIN_NLL, NGRAM_CALL = tg.model_nll, tg.NgramScorer.__call__
@@ -48,13 +48,13 @@ def test_ttt_scores_chunk_k_before_training_on_it(tiny, monkeypatch):
     h = ttt_hparams(tiny)
     n, c = 700, h.ttt_chunk_tokens
     tokens = random_stream(n, h.vocab_size, 3)
-    base, _ = recorded_passes(monkeypatch, TinyCausalLM(h.vocab_size), tokens, h)
+    base, _ = recorded_passes(monkeypatch, tiny_model(h), tokens, h)
     assert sorted(base["model"]) == sorted(base["ngram"]) == list(range(1, n + 1))
     for k in (0, 2, 4):
         changed = tokens.clone()
         first = 1 + (k + 1) * c  # first target of chunk k+1
         changed[first:] = random_stream(n - first, h.vocab_size, 50 + k)
-        got, _ = recorded_passes(monkeypatch, TinyCausalLM(h.vocab_size), changed, h)
+        got, _ = recorded_passes(monkeypatch, tiny_model(h), changed, h)
         for name in ("model", "ngram"):
             assert all(got[name][p] == base[name][p] for p in range(1, first)), (name, k)
             assert any(got[name][p] != base[name][p] for p in range(first, n + 1)), (name, k)
@@ -63,7 +63,7 @@ def test_ttt_scores_chunk_k_before_training_on_it(tiny, monkeypatch):
 def test_ttt_with_zero_lr_equals_the_plain_pass(tiny):
     h = ttt_hparams(tiny, ttt_lr=0.0)
     val = tg.ValData(random_stream(900, h.vocab_size, 4), random_tables(h.vocab_size))
-    model = TinyCausalLM(h.vocab_size)
+    model = tiny_model(h)
     plain, ttt = tg.roundtrip_eval(model, val, h, RT1), tg.ttt_eval(model, val, h, RT1)
     for name in ("model", "ngram"):
         assert ttt[name][:4] == plain[name][:4], name  # loss, bpb, tokens, bytes: bit-identical
@@ -71,8 +71,8 @@ def test_ttt_with_zero_lr_equals_the_plain_pass(tiny):
 
 def test_ttt_leaves_the_artifact_weights_alone_and_adapts_a_copy(tiny, capsys):
     h = ttt_hparams(tiny, ngram_audit_positions=64)
-    val = tg.ValData(random_stream(900, h.vocab_size, 5), random_tables(h.vocab_size))
-    model = TinyCausalLM(h.vocab_size)
+    val = tg.ValData(repeating_stream(900, h.vocab_size, seed=5), random_tables(h.vocab_size))
+    model = tiny_model(h)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plain = tg.roundtrip_eval(model, val, h, RT1)
     ttt = tg.ttt_eval(model, val, h, RT1)
@@ -105,16 +105,17 @@ def test_ttt_batch_shape_is_fixed_and_reads_only_scored_tokens(tiny):
     tokens = random_stream(700, h.vocab_size, 6)
     shapes, reads = [], []
 
-    class Spy(TinyCausalLM):
-        def forward(self, x, targets=None, reduction="mean"):
-            if targets is not None:
-                shapes.append(tuple(x.shape))
-                reads.append(int(torch.cat([x, targets], 1).max()))
-            return super().forward(x, targets, reduction)
+    def spy(module, args, kwargs):
+        x, targets = args[0], args[1] if len(args) > 1 else kwargs.get("targets")
+        if targets is not None:
+            shapes.append(tuple(x.shape))
+            reads.append(int(torch.cat([x, targets], 1).max()))
 
     positions = torch.arange(701)  # token value = its position: what a step reads shows where it read
-    model = Spy(701)
-    trainer = tg.ScoreFirstTTT(model, model, positions, dataclasses.replace(h, vocab_size=701), RT1)
+    h = dataclasses.replace(h, vocab_size=701)
+    model = tiny_model(h)
+    model.register_forward_pre_hook(spy, with_kwargs=True)
+    trainer = tg.ScoreFirstTTT(model, model, positions, h, RT1)
     for start, end in [(1, 161), (161, 321), (321, 481)]:
         before = len(reads)
         trainer.after_chunk(start, end)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import train_gpt as tg
-from test_end_to_end import ROOT, run_script, tiny_run_env
+from conftest import ROOT, run_script, tiny_run_env
 
 
 def assert_one_line_error(out, *words):
