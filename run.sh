@@ -32,5 +32,7 @@ export ITERATIONS=${ITERATIONS:-200} WARMUP_STEPS=${WARMUP_STEPS:-2} WARMDOWN_IT
 export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-0} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-100}
 export TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-50} SWA_EVERY=${SWA_EVERY:-10} EMA_DECAY=${EMA_DECAY:-0.98}  # 200 steps: a 0.997 EMA would still be mostly the initial weights
 export VAL_MAX_TOKENS=${VAL_MAX_TOKENS:-131072} NGRAM_CHUNK_TOKENS=${NGRAM_CHUNK_TOKENS:-8192}
+export KEEP_FLOAT_MAX_NUMEL=${KEEP_FLOAT_MAX_NUMEL:-4096}  # 128-wide matrices hold <= 65,536 weights: the record's threshold would keep
+                                                          # every one in fp16, so neither int6 export nor late QAT would be exercised
 export ARTIFACT_PATH=${ARTIFACT_PATH:-final_model.int6.ptz}
 exec python3 train_gpt.py

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_hparams
-from test_end_to_end import tiny_run_env
+from conftest import tiny_hparams, tiny_run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
