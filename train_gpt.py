@@ -509,6 +509,29 @@ def log0(msg: str, console: bool = True) -> None:
             print(msg, file=f)
 
 
+# Upstream prefixes that existing grep tooling matches byte for byte; every other machine-read line is
+# `event key:value key:value ...` written by log_event.
+TOTAL_SUBMISSION = "Total submission int6+zstd:"
+STOPPING_EARLY = "stopping_early:"
+LEADERBOARD_ALIAS = "final_int8_zlib_roundtrip_exact"  # kept: leaderboard parsers grep it (format is int6+zstd)
+
+
+def log_value(value) -> str:
+    """One spelling per type: booleans 0/1, floats with 8 significant digits, everything else as str()."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.8g}"
+    return str(value)
+
+
+def log_event(event: str, console: bool = True, **fields) -> str:
+    """Log `event key:value ...`; values hold no blanks, except a last field named `detail` (free text)."""
+    line = " ".join([event, *(f"{key}:{log_value(value)}" for key, value in fields.items())])
+    log0(line, console)
+    return line
+
+
 def code_identity() -> tuple[str, int, str]:
     """(source text, UTF-8 byte count, sha256) of this file; the byte count is what the artifact limit counts."""
     text = Path(__file__).read_text(encoding="utf-8")
@@ -774,7 +797,7 @@ def load_val_data(h: Hyperparameters, sp) -> ValData:
     tokens = load_validation_tokens(files, h.eval_seq_len, h.vocab_size, h.val_max_tokens)
     tables = build_byte_luts(sp, h.vocab_size)
     total = int(count_bytes(tokens[:-1], tokens[1:], tables).sum())
-    log0(f"val_loader:shards pattern={os.path.join(h.data_path, '*_val_*.bin')} tokens:{tokens.numel() - 1} bytes:{total}")
+    log_event("val_loader", pattern=os.path.join(h.data_path, '*_val_*.bin'), tokens=tokens.numel() - 1, bytes=total)
     return ValData(tokens, tables)
 
 
@@ -1027,9 +1050,10 @@ def select_attention(device, use_compile: bool, layout: tuple[int, int, int] = (
     raise UserError("no attention backend works here (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")" + fix)
 
 
-def attention_log_line(choice: AttentionChoice) -> str:
-    skipped = " ".join(f"skipped_{n}:[{r}]" for n, r in choice.skipped)
-    return f"attention backend:{choice.name}" + (f" {skipped}" if skipped else "")
+def log_attention(choice: AttentionChoice) -> str:
+    """`attention backend:<name>`, plus the backends tried first and why they were skipped (free text)."""
+    skipped = {"detail": "; ".join(f"{n} skipped: {r}" for n, r in choice.skipped)} if choice.skipped else {}
+    return log_event("attention", backend=choice.name, **skipped)
 
 
 class Attention(nn.Module):
@@ -1798,13 +1822,13 @@ def report_artifact_size(path: str, blob: bytes, code_bytes: int, h: Hyperparame
     total, limit = model_bytes + code_bytes, h.artifact_limit_bytes
     if st is not None:
         ratio = st.baseline_bytes / max(st.payload_bytes, 1)
-        log0(f"Serialized model int6+zstd: {model_bytes} bytes (payload:{st.payload_bytes} "
-             f"raw_torch:{st.raw_torch_bytes} payload_ratio:{ratio:.2f}x)")
-    log0(f"Total submission int6+zstd: {total} bytes")
-    log0(f"artifact path:{path} sha256:{digest} model_bytes:{model_bytes} code_bytes:{code_bytes} "
-         f"total_bytes:{total} limit:{limit}")
+        log_event("serialized", model_bytes=model_bytes, payload_bytes=st.payload_bytes,
+                  raw_torch_bytes=st.raw_torch_bytes, payload_ratio=f"{ratio:.2f}")
+    log0(f"{TOTAL_SUBMISSION} {total} bytes")
+    log_event("artifact", path=path, sha256=digest, model_bytes=model_bytes, code_bytes=code_bytes,
+              total_bytes=total, limit=limit)
     if total > limit:
-        log0(f"artifact_over_limit total_bytes:{total} limit:{limit} excess:{total - limit}")
+        log_event("artifact_over_limit", total_bytes=total, limit=limit, excess=total - limit)
     return ArtifactReport(path, digest, model_bytes, code_bytes, total, total > limit, st)
 
 
@@ -2028,25 +2052,16 @@ def sliding_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> EvalRe
     return evaluate(model, val, windows, {"model": model_nll}, h, rt)["model"]
 
 
-LEADERBOARD_ALIAS = "final_int8_zlib_roundtrip_exact"  # kept: leaderboard parsers grep it (format is int6+zstd)
-ROUNDTRIP_EVAL_NAME = "int6_zstd_roundtrip"
+ROUNDTRIP_EVAL_NAME = "final_int6_zstd_roundtrip"
 
 
-def final_eval_lines(name: str, r: EvalResult) -> list[str]:
-    """Log `final_<name>` and `final_<name>_exact` (+ the leaderboard alias for the round trip)."""
-    lines = [f"final_{name} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} eval_time:{r.time_ms:.0f}ms",
-             f"final_{name}_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f}"]
-    if name == ROUNDTRIP_EVAL_NAME:
-        lines.append(f"{LEADERBOARD_ALIAS} val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f}")
-    for line in lines:
-        log0(line)
+def report_eval(name: str, r: EvalResult) -> list[str]:
+    """The one report of an eval result: `<name> val_loss val_bpb eval_time` and `<name>_exact` with 8 decimals
+    (+ the leaderboard alias after the round trip). The time is the one the eval measured itself."""
+    lines = [log_event(name, val_loss=f"{r.loss:.4f}", val_bpb=f"{r.bpb:.4f}", eval_time=f"{r.time_ms:.0f}ms")]
+    names = [f"{name}_exact"] + ([LEADERBOARD_ALIAS] if name == ROUNDTRIP_EVAL_NAME else [])
+    lines += [log_event(n, val_loss=f"{r.loss:.8f}", val_bpb=f"{r.bpb:.8f}") for n in names]
     return lines
-
-
-def score_lines(name: str, r: EvalResult) -> None:
-    """`<name> val_loss val_bpb eval_time` and `<name>_exact` (the n-gram and TTT scores)."""
-    log0(f"{name} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} eval_time:{r.time_ms:.0f}ms")
-    log0(f"{name}_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f}")
 
 
 # N-gram caches. Position p's order-n context is tokens[p-n+1:p]; update() adds targets [start, end) for every
@@ -2339,8 +2354,8 @@ class NgramScorer:
         s = self.audit_sums[self.audit_found > 0].cpu().numpy()
         if not s.size:
             return
-        log0(f"ngram_audit positions:{s.size} sum_min:{s.min():.9f} sum_median:{np.median(s):.9f} "
-             f"sum_max:{s.max():.9f}")
+        log_event("ngram_audit", positions=s.size, sum_min=f"{s.min():.9f}", sum_median=f"{np.median(s):.9f}",
+                  sum_max=f"{s.max():.9f}")
         if exact and np.abs(s - 1.0).max() > 1e-6:
             raise RuntimeError(f"ngram_audit: exact n-gram mixture is not normalized (max |sum-1| = "
                                f"{np.abs(s - 1.0).max():.3e} > 1e-6); the score would not be a code length")
@@ -2438,7 +2453,8 @@ def chunk_progress(event: str, score: str, every: int):
     def progress(k: int, num: int, totals: dict) -> None:
         if every > 0 and ((k + 1) % every == 0 or k + 1 == num):
             bpb = totals[score].running_bpb()
-            log0(f"{event} [{k + 1}/{num}] running_bpb:{bpb:.6f} elapsed:{time.perf_counter() - t0:.1f}s")
+            log_event(event, chunk=f"{k + 1}/{num}", running_bpb=f"{bpb:.6f}",
+                      elapsed=f"{time.perf_counter() - t0:.1f}s")
     return progress
 
 
@@ -2472,12 +2488,12 @@ def scored_pass(model, val: ValData, h: Hyperparameters, rt: Runtime, trainer=No
 def roundtrip_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> dict[str, EvalResult]:
     """The plain pass on the artifact's weights: the round-trip score and (NGRAM_ENABLED) the n-gram mixture."""
     if h.ngram_enabled:
-        log0(f"Starting N-gram eval: order {h.ngram_min_order}-{h.ngram_max_order} mode={h.ngram_mode} "
-             f"chunk={h.ngram_chunk_tokens}")
+        log_event("ngram_start", min_order=h.ngram_min_order, max_order=h.ngram_max_order, mode=h.ngram_mode,
+                  chunk_tokens=h.ngram_chunk_tokens)
     results = scored_pass(model, val, h, rt)
-    final_eval_lines(ROUNDTRIP_EVAL_NAME, results["model"])
+    report_eval(ROUNDTRIP_EVAL_NAME, results["model"])
     if "ngram" in results:
-        score_lines(NGRAM_SCORE_NAMES[h.ngram_mode], results["ngram"])
+        report_eval(NGRAM_SCORE_NAMES[h.ngram_mode], results["ngram"])
     return results
 
 
@@ -2487,14 +2503,15 @@ def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, co
     adapted = copy.deepcopy(model)
     runner = compile_fn(adapted) if compile_fn is not None else adapted
     trainer = ScoreFirstTTT(runner, adapted, val.tokens.to(rt.device), h, rt)
-    log0(f"ttt_start chunks:{trainer.num_chunks} chunk_tokens:{h.ttt_chunk_tokens} lr:{h.ttt_lr} "
-         f"epochs:{h.ttt_epochs} batch_seqs:{h.ttt_batch_seqs} momentum:{h.ttt_momentum} "
-         f"grad_clip:{h.ttt_grad_clip} freeze_blocks:{h.ttt_freeze_blocks}")
-    log0("ttt_params unfrozen:{} frozen:{}".format(*trainer.counts()))
+    log_event("ttt_start", chunks=trainer.num_chunks, chunk_tokens=h.ttt_chunk_tokens, lr=h.ttt_lr,
+              epochs=h.ttt_epochs, batch_seqs=h.ttt_batch_seqs, momentum=h.ttt_momentum,
+              grad_clip=h.ttt_grad_clip, freeze_blocks=h.ttt_freeze_blocks)
+    unfrozen, frozen = trainer.counts()
+    log_event("ttt_params", unfrozen=unfrozen, frozen=frozen)
     results = scored_pass(runner, val, h, rt, trainer)
-    score_lines("legal_ttt", results["model"])
+    report_eval("legal_ttt", results["model"])
     if "ngram" in results:
-        score_lines("ttt_" + NGRAM_SCORE_NAMES[h.ngram_mode], results["ngram"])
+        report_eval("ttt_" + NGRAM_SCORE_NAMES[h.ngram_mode], results["ngram"])
     return results
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2535,7 +2552,7 @@ def warmup_and_restore(model, base_model, opt, h: Hyperparameters, rt: Runtime) 
         base_model.qat_active = h.use_late_qat and i == h.warmup_steps - 1
         train_step(model, opt, loader, h, rt, i, 1.0)
         if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
-            log0(f"warmup_step:{i + 1}/{h.warmup_steps}")
+            log_event(f"warmup_step:{i + 1}/{h.warmup_steps}")
     base_model.qat_active = False
     base_model.load_state_dict(model_state, strict=True)
     opt.load_state_dict(opt_state)
@@ -2558,20 +2575,20 @@ def should_validate(step: int, last: bool, h: Hyperparameters) -> bool:
 
 def validate_during_training(model, val, h, rt, step, train_ms) -> None:
     res = sliding_eval(model, val, h, rt)
-    log0(f"step:{step}/{h.iterations} val_loss:{res.loss:.4f} val_bpb:{res.bpb:.4f} "
-         f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+    log_event(f"step:{step}/{h.iterations}", val_loss=f"{res.loss:.4f}", val_bpb=f"{res.bpb:.4f}",
+              train_time=f"{train_ms:.0f}ms", step_avg=f"{train_ms / max(step, 1):.2f}ms")
 
 
 def maybe_start_qat(base_model, step: int, elapsed_ms: float, scale: float, h: Hyperparameters) -> None:
     """Switch late QAT on (once) from the rank-agreed elapsed time, so every replica switches on the same step."""
     if not base_model.qat_active and qat_should_start(step, elapsed_ms, h):
         base_model.qat_active = True
-        log0(f"step:{step} QAT activated (time_frac={training_progress(step, elapsed_ms, h):.3f}, "
-             f"scale={scale:.4f})")
+        log_event("qat_start", step=step, progress=f"{training_progress(step, elapsed_ms, h):.3f}",
+                  lr_scale=f"{scale:.4f}")
 
 
 def stop_on_nonfinite(loss: torch.Tensor, step: int) -> None:
-    log0(f"nonfinite_loss step:{step} train_loss:{float(loss)}")
+    log_event("nonfinite_loss", step=step, train_loss=float(loss))
     raise SystemExit(f"training diverged: non-finite loss at step {step}; lower the learning rates "
                      "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
 
@@ -2600,19 +2617,19 @@ def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime,
         step += 1
         if ema is not None and h.swa_enabled and scale < h.swa_lr_threshold and step % h.swa_every == 0:
             if swa.count == 0:
-                log0(f"swa:start step:{step}")
+                log_event("swa_start", step=step)
             swa.add(ema.state())
         local_ms = train_ms + 1000.0 * (clock() - t0)
         status = reduce_step_status(loss, local_ms, cap_ms > 0 and local_ms >= cap_ms)
         if status.nonfinite:
             stop_on_nonfinite(loss, step)
         if step <= 10 or step % h.train_log_every == 0 or status.stop or step == h.iterations:
-            log0(f"step:{step}/{h.iterations} train_loss:{float(loss):.4f} train_time:{status.elapsed_ms:.0f}ms "
-                 f"step_avg:{status.elapsed_ms / step:.2f}ms")
+            log_event(f"step:{step}/{h.iterations}", train_loss=f"{float(loss):.4f}",
+                      train_time=f"{status.elapsed_ms:.0f}ms", step_avg=f"{status.elapsed_ms / step:.2f}ms")
     synchronize(rt)
     train_ms += 1000.0 * (clock() - t0)
     if status.stop and step < h.iterations:
-        log0(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+        log_event(f"{STOPPING_EARLY} wallclock_cap", train_time=f"{train_ms:.0f}ms", step=f"{step}/{h.iterations}")
     log_peak_memory(rt)
     raw = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     return TrainResult(step, train_ms, raw, ema, swa)
@@ -2620,11 +2637,11 @@ def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime,
 
 def log_peak_memory(rt: Runtime) -> None:
     if rt.is_cuda:
-        log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        log_event("peak_memory", allocated_mib=torch.cuda.max_memory_allocated() // 2**20,
+                  reserved_mib=torch.cuda.max_memory_reserved() // 2**20)
     else:
         import resource
-        log0(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+        log_event("peak_memory", rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 # ---------------------------------------------------------------------------------------------------------------
 # main
@@ -2645,13 +2662,13 @@ def log_header(h: Hyperparameters, rt: Runtime, attention: AttentionChoice, use_
     text, code_bytes, sha = code_identity()
     for line in h.log_lines():
         log0(line)
-    log0(f"code_bytes:{code_bytes} code_sha256:{sha}")
-    log0(f"runtime device:{rt.device.type} world_size:{rt.world_size} "
-         f"grad_accum_steps:{h.grad_accum_steps(rt.world_size)} attention:{attention.name} "
-         f"compile:{int(use_compile)} torch:{torch.__version__}")
-    log0(attention_log_line(attention))
-    log0(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps(rt.world_size)}")
-    log0(f"python:{sys.version.split()[0]} numpy:{np.__version__}", console=False)
+    log_event(f"code_bytes:{code_bytes}", code_sha256=sha)
+    log_event("runtime", device=rt.device.type, world_size=rt.world_size,
+              grad_accum_steps=h.grad_accum_steps(rt.world_size), attention=attention.name, compile=use_compile,
+              torch=torch.__version__)
+    log_attention(attention)
+    log_event(f"world_size:{rt.world_size}", grad_accum_steps=h.grad_accum_steps(rt.world_size))
+    log_event("versions", python=sys.version.split()[0], numpy=np.__version__, console=False)
     log0(text + "\n" + "=" * 100, console=False)
     return code_bytes
 
@@ -2662,7 +2679,7 @@ def compile_model(model: nn.Module, use_compile: bool) -> nn.Module:
 
 def export_state(result: TrainResult, h: Hyperparameters) -> dict:
     """The weights chosen by EXPORT_WEIGHTS (never by a validation score), in the model's dtypes."""
-    log0(f"export_weights:{h.export_weights}")
+    log_event(f"export_weights:{h.export_weights}")
     if h.export_weights == "raw":
         return result.raw
     return cast_like(result.ema.state() if h.export_weights == "ema" else result.swa.state(), result.raw)
@@ -2678,14 +2695,14 @@ def diagnostic_evals(base_model, model, val, result: TrainResult, h, rt) -> None
     for name, state in candidates.items():
         base_model.load_state_dict(state, strict=True)
         res = sliding_eval(model, val, h, rt)
-        log0(f"diag_eval_{name} val_loss:{res.loss:.4f} val_bpb:{res.bpb:.4f} eval_time:{res.time_ms:.0f}ms")
+        report_eval(f"diag_eval_{name}", res)
 
 
 def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool, float]:
     """Build, warm up, train, export; returns (artifact over the limit?, wall time when training ended)."""
     base_model = build_model(h, rt.device, attn_fn)
     model = compile_model(base_model, use_compile)
-    log0(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
+    log_event(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     opt = build_optimizers(base_model, h, rt)
     warmup_and_restore(model, base_model, opt, h, rt)
     result = train(model, base_model, opt, val, h, rt)
@@ -2719,7 +2736,7 @@ def run() -> int:
         h = adopt_artifact_config(h, art.config, os.environ)
     setup_logging(h, rt)
     for name in check_unknown_settings(os.environ):
-        log0(f"env_ignored name:{name}")
+        log_event("env_ignored", name=name)
     use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
     attention = select_attention(rt.device, use_compile, (h.num_heads, h.num_kv_heads, h.head_dim))
     attn_fn = attention.fn
@@ -2733,9 +2750,9 @@ def run() -> int:
         over_limit, t_end = train_and_export(h, rt, val, attn_fn, use_compile, code_bytes)
         art = load_artifact(h.artifact_path)
     evaluate_artifact(art, h, rt, val, attn_fn, use_compile)
-    log0(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
+    log_event(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
     if over_limit:
-        log0(f"run_failed reason:artifact_over_limit limit:{h.artifact_limit_bytes}")
+        log_event("run_failed", reason="artifact_over_limit", limit=h.artifact_limit_bytes)
     return 1 if over_limit else 0
 
 
@@ -2744,7 +2761,7 @@ def fail_run(reason: str, message: str, code: int) -> int:
     message = " ".join(message.split())
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
-        log0(f"run_failed reason:{reason} detail:{message}", console=False)
+        log_event("run_failed", console=False, reason=reason, detail=message)
     return code
 
 

@@ -318,8 +318,8 @@ def test_select_attention_skips_backends_that_fail_under_compile_or_backward():
     assert "backward kernel not built" in reasons["bad_backward"]
     assert "differs from SDPA" in reasons["wrong_numbers"]
     assert all("\n" not in r for r in reasons.values())
-    line = tg.attention_log_line(choice)
-    assert line.startswith("attention backend:sdpa skipped_breaks_under_compile:[") and "\n" not in line
+    line = tg.log_attention(choice)
+    assert line.startswith("attention backend:sdpa detail:breaks_under_compile skipped: ") and "\n" not in line
 
 
 def test_select_attention_eager_accepts_a_backend_that_only_breaks_under_compile():

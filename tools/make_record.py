@@ -91,7 +91,7 @@ def check_seeds_and_settings(runs) -> None:
 def compliance(runs) -> list[dict]:
     """One item per rule: {'rule', 'ok' (True/False/None = not applicable), 'evidence': [lines]}."""
     items = [_check_size(runs), _check_train_time(runs), _check_post_time(runs), _check_full_val(runs)]
-    if any(r.event("ngram_start") or r.ngram_exact or r.event("ngram_hashed_exact") for r in runs):
+    if any(r.event("ngram_start") or r.ngram_exact or r.event("ngram_hashed_unnormalized_exact") for r in runs):
         items += [_check_single_pass(runs), _check_normalization(runs)]
     return items
 
