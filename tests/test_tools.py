@@ -454,3 +454,16 @@ def test_compliance_training_time_falls_back_to_last_step_line(real_log):
     run = logparse.parse_text(real_log.replace(last, slow), "x.txt")
     item = make_record._check_train_time([run])
     assert item["ok"] is False and item["evidence"] == [f"seed 1337: `{slow}`"]
+
+
+def test_make_record_limits_are_the_scripts_and_compared_its_way(real_log, tg):
+    run = logparse.parse_text(real_log, "x.txt")
+    limit = tg.Hyperparameters.artifact_limit_bytes
+    for total, ok in ((limit, True), (limit + 1, False)):  # the script fails only total > limit
+        run.events["total_submission"] = [{"total_bytes": total}]
+        assert make_record._check_size([run])["ok"] is ok is (not tg.over_size_limit(total, limit))
+    tol = tg.NGRAM_AUDIT_TOLERANCE
+    for worst, ok in ((1 + tol / 2, True), (1 + 2 * tol, False)):
+        run.events["ngram_audit"] = [{"sum_min": 1.0, "sum_median": 1.0, "sum_max": worst}]
+        assert make_record._check_normalization([run])["ok"] is ok
+    assert make_record.TRAIN_TIME_LIMIT_S == tg.Hyperparameters.max_wallclock_seconds
