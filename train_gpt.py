@@ -377,6 +377,8 @@ class Runtime:
     local_rank: int
     device: torch.device
     distributed: bool
+    use_compile: bool = False  # torch.compile the model: COMPILE=1, or COMPILE=auto on CUDA
+    attention: AttentionChoice | None = None  # chosen once per run by with_attention; None = SDPA
 
     @property
     def is_main(self) -> bool:
@@ -400,7 +402,14 @@ def init_runtime(h: Hyperparameters) -> Runtime:
         device = torch.device("cpu")
     if world > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Runtime(rank, world, local_rank, device, world > 1)
+    _LOG_RANK[0] = rank
+    use_compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
+    return Runtime(rank, world, local_rank, device, world > 1, use_compile)
+
+
+def single_process_runtime(device: str | torch.device = "cpu") -> Runtime:
+    """The runtime of one process without a process group (tools and tests)."""
+    return Runtime(0, 1, 0, torch.device(device), False)
 
 
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
@@ -447,6 +456,7 @@ def autocast(rt: Runtime):
 
 
 _LOG_FILE: list = []  # [path] once setup_logging ran on rank 0
+_LOG_RANK: list = [0]  # this process's rank, recorded by init_runtime; only rank 0 logs
 
 
 def check_writable_folder(folder: str, setting: str) -> None:
@@ -500,7 +510,7 @@ def setup_logging(h: Hyperparameters, rt: Runtime) -> None:
 
 def log0(msg: str, console: bool = True) -> None:
     """Rank-0 log line: console (unless console=False) and the run's log file."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if _LOG_RANK[0] != 0:
         return
     if console:
         print(msg, flush=True)
@@ -1050,6 +1060,12 @@ def select_attention(device, use_compile: bool, layout: tuple[int, int, int] = (
     raise UserError("no attention backend works here (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")" + fix)
 
 
+def with_attention(rt: Runtime, h: Hyperparameters, **probe_options) -> Runtime:
+    """The runtime with its attention backend decided (once per run) for this device, compile mode and layout."""
+    layout = (h.num_heads, h.num_kv_heads, h.head_dim)
+    return dataclasses.replace(rt, attention=select_attention(rt.device, rt.use_compile, layout, **probe_options))
+
+
 def log_attention(choice: AttentionChoice) -> str:
     """`attention backend:<name>`, plus the backends tried first and why they were skipped (free text)."""
     skipped = {"detail": "; ".join(f"{n} skipped: {r}" for n, r in choice.skipped)} if choice.skipped else {}
@@ -1243,19 +1259,20 @@ def keeps_fp32(name: str, param: torch.Tensor, patterns) -> bool:
             or any(p in name for p in patterns))
 
 
-def build_model(h: Hyperparameters, device, attn_fn=None) -> GPT:
+def build_model(h: Hyperparameters, rt: Runtime | None = None) -> GPT:
     """Init on CPU in fp32, round every parameter through bf16 (as the reference's model-wide cast does), keep bf16
-    at rest only where keeps_fp32 says no, move to device. attn_fn comes from select_attention (default SDPA);
-    `model.attention_backend` names the kernel in use."""
-    name, fn = ("custom", attn_fn) if attn_fn is not None else ("sdpa", sdpa_attention)
-    model = GPT(h, fn)
+    at rest only where keeps_fp32 says no, move to the runtime's device (default: CPU) with its attention backend
+    (default: SDPA); `model.attention_backend` names the kernel in use."""
+    rt = rt or single_process_runtime()
+    choice = rt.attention or AttentionChoice("sdpa", sdpa_attention, ())
+    model = GPT(h, choice.fn)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.data = p.data.to(torch.bfloat16)
             if keeps_fp32(pname, p, h.control_tensor_name_patterns):
                 p.data = p.data.float()
-    model.attention_backend = name
-    return model.to(device)
+    model.attention_backend = choice.name
+    return model.to(rt.device)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizers
@@ -2673,16 +2690,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def log_header(h: Hyperparameters, rt: Runtime, attention: AttentionChoice, use_compile: bool) -> int:
+def log_header(h: Hyperparameters, rt: Runtime) -> int:
     """Settings, code identity and environment; the source text and versions go to the log file only."""
     text, code_bytes, sha = code_identity()
     for line in h.log_lines():
         log0(line)
     log_event(f"code_bytes:{code_bytes}", code_sha256=sha)
     log_event("runtime", device=rt.device.type, world_size=rt.world_size,
-              grad_accum_steps=h.grad_accum_steps(rt.world_size), attention=attention.name, compile=use_compile,
+              grad_accum_steps=h.grad_accum_steps(rt.world_size), attention=rt.attention.name, compile=rt.use_compile,
               torch=torch.__version__)
-    log_attention(attention)
+    log_attention(rt.attention)
     log_event(f"world_size:{rt.world_size}", grad_accum_steps=h.grad_accum_steps(rt.world_size))
     log_event("versions", python=sys.version.split()[0], numpy=np.__version__, console=False)
     log0(text + "\n" + "=" * 100, console=False)
@@ -2714,10 +2731,10 @@ def diagnostic_evals(base_model, model, val, result: TrainResult, h, rt) -> None
         report_eval(f"diag_eval_{name}", res)
 
 
-def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool, float]:
+def train_and_export(h, rt, val, code_bytes) -> tuple[bool, float]:
     """Build, warm up, train, export; returns (artifact over the limit?, wall time when training ended)."""
-    base_model = build_model(h, rt.device, attn_fn)
-    model = compile_model(base_model, use_compile)
+    base_model = build_model(h, rt)
+    model = compile_model(base_model, rt.use_compile)
     log_event(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     opt = build_optimizers(base_model, h, rt)
     warmup_and_restore(model, base_model, opt, h, rt)
@@ -2733,13 +2750,13 @@ def train_and_export(h, rt, val, attn_fn, use_compile, code_bytes) -> tuple[bool
     return over_limit, t_end
 
 
-def evaluate_artifact(art: LoadedArtifact, h, rt, val, attn_fn, use_compile) -> None:
+def evaluate_artifact(art: LoadedArtifact, h, rt, val) -> None:
     """Rebuild the model from the artifact bytes read from disk and run every scored evaluation on it."""
-    model = build_model(h, rt.device, attn_fn)
+    model = build_model(h, rt)
     model.load_state_dict(art.state, strict=True)
-    roundtrip_eval(compile_model(model, use_compile), val, h, rt)
+    roundtrip_eval(compile_model(model, rt.use_compile), val, h, rt)
     if h.use_ttt:
-        ttt_eval(model, val, h, rt, lambda m: compile_model(m, use_compile))
+        ttt_eval(model, val, h, rt, lambda m: compile_model(m, rt.use_compile))
 
 
 def run() -> int:
@@ -2753,19 +2770,17 @@ def run() -> int:
     setup_logging(h, rt)
     for name in check_unknown_settings(os.environ):
         log_event("env_ignored", name=name)
-    use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
-    attention = select_attention(rt.device, use_compile, (h.num_heads, h.num_kv_heads, h.head_dim))
-    attn_fn = attention.fn
-    code_bytes = log_header(h, rt, attention, use_compile)
+    rt = with_attention(rt, h)
+    code_bytes = log_header(h, rt)
     seed_everything(h.seed)
     val = load_val_data(h, load_tokenizer(h))
     over_limit, t_end = False, time.perf_counter()
     if art is not None:
         over_limit = report_artifact_size(art.path, art.blob, code_bytes, h).over_limit
     else:
-        over_limit, t_end = train_and_export(h, rt, val, attn_fn, use_compile, code_bytes)
+        over_limit, t_end = train_and_export(h, rt, val, code_bytes)
         art = load_artifact(h.artifact_path)
-    evaluate_artifact(art, h, rt, val, attn_fn, use_compile)
+    evaluate_artifact(art, h, rt, val)
     log_event(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
     if over_limit:
         log_event("run_failed", reason="artifact_over_limit", limit=h.artifact_limit_bytes)

@@ -313,4 +313,4 @@ def test_only_the_current_format_is_read(small_h):
         tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()))
     config, state = tg.unpack_artifact(blob)  # the recorded settings rebuild the same model
     assert config == tg.model_config(small_h)
-    tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config), "cpu").load_state_dict(state, strict=True)
+    tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config)).load_state_dict(state, strict=True)

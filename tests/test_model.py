@@ -255,7 +255,7 @@ def test_qat_switch_retraces_under_compile(tiny):
 
 def test_build_model_dtypes_and_cpu_forward(tiny):
     h = tiny()
-    model = tg.build_model(h, "cpu")
+    model = tg.build_model(h)
     assert model.attention_backend == "sdpa"
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert dtypes.pop("tok_emb.weight") == torch.bfloat16 and dtypes.pop("bigram.embed.weight") == torch.bfloat16
@@ -270,7 +270,7 @@ def test_build_model_dtypes_and_cpu_forward(tiny):
 
 def test_autocast_runs_in_bf16_and_compiles(tiny):
     h = tiny()
-    model = tg.build_model(h, "cpu")
+    model = tg.build_model(h)
     x, y = ids(h), ids(h, seed=5)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -104,8 +104,8 @@ def in_process(tiny_corpus, tmp_path, use_compile=False, **overrides):
                   train_micro_batch_tokens=512, train_batch_tokens=1024, eval_stride=32, ngram_chunk_tokens=512)
     fields.update(overrides)
     h = tiny_hparams(**fields)
-    rt = preflight.tg.Runtime(0, 1, 0, torch.device("cpu"), False)
-    return preflight.Preflight(preflight.parse_args(TINY_ARGS), h, rt, use_compile)
+    rt = preflight.tg.Runtime(0, 1, 0, torch.device("cpu"), False, use_compile)
+    return preflight.Preflight(preflight.parse_args(TINY_ARGS), h, rt)
 
 
 def statuses(checks):

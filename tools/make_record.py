@@ -110,7 +110,7 @@ def _ev(run, name: str) -> str:
 
 
 def _check_size(runs) -> dict:
-    """Total submission bytes below the limit and no artifact_over_limit line."""
+    """Total submission bytes within the limit (the script's rule) and no artifact_over_limit line."""
     results = []
     for r in runs:
         ok = (r.total_bytes is not None and not tg.over_size_limit(r.total_bytes, SIZE_LIMIT)
