@@ -134,8 +134,7 @@ class Hyperparameters:
     zstd_level: int = 22
     keep_float_max_numel: int = 65_536
     int6_clip_candidates: tuple[float, ...] = INT6_CLIP_CANDIDATES
-    eval_only: bool = False  # EVAL_ONLY=1 ARTIFACT=path: evaluate an existing artifact, no training
-    artifact: str = ""
+    eval_only: bool = False  # EVAL_ONLY=1: evaluate the artifact at ARTIFACT_PATH, no training
     # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
@@ -250,7 +249,7 @@ class Hyperparameters:
         yield self.export_weights in ("ema", "swa", "raw"), f"EXPORT_WEIGHTS={self.export_weights!r} must be ema, swa or raw"
         yield self.export_weights != "ema" or self.use_ema, "EXPORT_WEIGHTS=ema needs USE_EMA=1"
         yield self.export_weights != "swa" or (self.swa_enabled and self.use_ema), "EXPORT_WEIGHTS=swa needs SWA_ENABLED=1 and USE_EMA=1 (SWA averages EMA snapshots)"
-        yield not self.eval_only or bool(self.artifact), "EVAL_ONLY=1 needs ARTIFACT=<path of an existing artifact>"
+        yield not self.eval_only or bool(self.artifact_path), "EVAL_ONLY=1 needs ARTIFACT_PATH=<path of an existing artifact>"
         yield self.device in ("auto", "cuda", "cpu") and self.compile in ("auto", "0", "1"), "DEVICE must be auto|cuda|cpu and COMPILE auto|0|1"
         yield self.tokenizer_path.endswith(".model"), f"TOKENIZER_PATH={self.tokenizer_path} must be a SentencePiece .model file"
         yield 0.0 < self.ema_decay < 1.0 and self.swa_every >= 1, "EMA_DECAY must be in (0, 1) and SWA_EVERY >= 1"
@@ -297,7 +296,7 @@ def batch_problem(h: Hyperparameters, world_size: int) -> str:
             f"TRAIN_SEQ_LEN = {unit}); use TRAIN_BATCH_TOKENS={lower} or {lower + unit}")
 
 
-# Settings of the reference script that this one does not have. A value equal to what we always do is accepted
+# Settings of the reference script (and our own retired names) that this one does not have. A value equal to what we always do is accepted
 # (and logged as ignored); anything else is an error, so no one believes they changed something they did not.
 REFERENCE_ONLY_SETTINGS = {
     "NGRAM_EVAL": ("1", "renamed NGRAM_ENABLED"),
@@ -307,9 +306,10 @@ REFERENCE_ONLY_SETTINGS = {
     "TIE_EMBEDDINGS": ("1", "embeddings are always tied"),
     "VAL_BATCH_SIZE": (None, "unused by the reference's evaluation; see EVAL_BATCH_WINDOWS"),
     "VE_ENABLED": ("0", "value embeddings are not implemented"),
+    "ARTIFACT": (None, "renamed ARTIFACT_PATH: one setting names the artifact training writes and EVAL_ONLY=1 reads"),
 }
 CHECKED_PREFIXES = ("NGRAM_", "EMA_", "SWA_", "QAT_", "MUON_", "BIGRAM_", "XSA_", "ROPE_", "EVAL_", "TRAIN_",
-                    "USE_", "ADAM_", "EXPORT_", "ARTIFACT_", "INT6_", "TIED_", "VAL_", "TTT_", "VE_")
+                    "USE_", "ADAM_", "EXPORT_", "ARTIFACT", "INT6_", "TIED_", "VAL_", "TTT_", "VE_")
 NEAR_MISS_RATIO = 0.85  # difflib similarity above which an unknown name is taken for a typo of a real setting
 
 
@@ -727,7 +727,8 @@ class ByteTables(NamedTuple):
 
 
 def build_byte_luts(sp, vocab_size: int) -> ByteTables:
-    """Per-token byte tables from a SentencePiece model (SPEC §1.6); ids >= sp vocab are boundary tokens."""
+    """Per-token byte tables from a SentencePiece model (bytes of each piece's UTF-8 text, a leading
+    space counted only after a non-boundary token); ids >= sp vocab are boundary tokens."""
     n = max(int(sp.vocab_size()), vocab_size)
     base = np.zeros(n, dtype=np.int16)
     space = np.zeros(n, dtype=np.bool_)
@@ -883,11 +884,11 @@ def fake_quantize_int6(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES) ->
 # Model
 # ---------------------------------------------------------------------------------------------------------------
 
-# GPT(h): input ids [B,T] -> hidden [B,T,d] -> tied-embedding logits, soft-capped, fp32 -> cross-entropy (SPEC §2).
+# GPT(h): input ids [B,T] -> hidden [B,T,d] -> tied-embedding logits, soft-capped, fp32 -> cross-entropy.
 # Every matrix lives in one of four fp32 banks whose names are a contract (export, optimizer routing, tests).
 # Optional pieces are built or None from h at construction. Activations use the autocast dtype (CUDA) or fp32 (CPU);
 # weights are cast at use. `qat_active` (plain bool) sends the banks and the bigram table through the export int6
-# grid while training (DESIGN H6); flipping it makes torch.compile re-guard and recompile once.
+# grid while training (the same rounding the artifact applies); flipping it makes torch.compile re-guard and recompile once.
 
 class Banks(NamedTuple):
     qo: torch.Tensor  # [2L, d, d]: W_q of layer i at i, W_o at L+i
@@ -921,7 +922,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def rope_base_eff(base: float, dims: int, train_len: int, seq_len: int) -> float:
-    """NTK base rescale (SPEC §2.4): base·(T/train_len)^(dims/(dims−2)) once T exceeds the training length."""
+    """NTK base rescale: base·(T/train_len)^(dims/(dims−2)) once T exceeds the training length."""
     if seq_len <= train_len:
         return base
     return base * (seq_len / train_len) ** (dims / max(dims - 2, 1))  # max(): ROPE_DIMS=2 would divide by 0
@@ -1175,7 +1176,7 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    """The SPEC §2 model: embeddings (+BigramHash, SmearGate) -> U-Net of blocks -> tied soft-capped head."""
+    """The model: embeddings (+BigramHash, SmearGate) -> U-Net of blocks -> tied soft-capped head."""
 
     def __init__(self, h: Hyperparameters, attn_fn=None):
         super().__init__()
@@ -1197,7 +1198,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, h: Hyperparameters) -> None:
-        """OrthoInit (SPEC §2.9): orthogonal W_q, W_k, W_v, W_up; zero W_o, W_down; tok_emb N(0, std²)."""
+        """OrthoInit: orthogonal W_q, W_k, W_v, W_up; zero W_o, W_down; tok_emb N(0, std²)."""
         n = h.num_layers
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         for i in range(n):
@@ -1253,15 +1254,16 @@ class GPT(nn.Module):
         return loss.view_as(targets) if reduction == "none" else loss
 
 
-def keeps_fp32(name: str, param: torch.Tensor, patterns) -> bool:
-    """SPEC §2.10: banks, the bigram projection, every ndim<2 tensor and every control-pattern name stay fp32."""
+def trains_in_fp32(name: str, param: torch.Tensor, patterns) -> bool:
+    """Training dtype policy: banks, the bigram projection, every ndim<2 tensor and every control-pattern name are
+    kept in fp32 during training (everything else is bf16 at rest)."""
     return (name.endswith("_bank") or name == "bigram.proj.weight" or param.ndim < 2
             or any(p in name for p in patterns))
 
 
 def build_model(h: Hyperparameters, rt: Runtime | None = None) -> GPT:
     """Init on CPU in fp32, round every parameter through bf16 (as the reference's model-wide cast does), keep bf16
-    at rest only where keeps_fp32 says no, move to the runtime's device (default: CPU) with its attention backend
+    at rest only where trains_in_fp32 says no, move to the runtime's device (default: CPU) with its attention backend
     (default: SDPA); `model.attention_backend` names the kernel in use."""
     rt = rt or single_process_runtime()
     choice = rt.attention or AttentionChoice("sdpa", sdpa_attention, ())
@@ -1269,7 +1271,7 @@ def build_model(h: Hyperparameters, rt: Runtime | None = None) -> GPT:
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.data = p.data.to(torch.bfloat16)
-            if keeps_fp32(pname, p, h.control_tensor_name_patterns):
+            if trains_in_fp32(pname, p, h.control_tensor_name_patterns):
                 p.data = p.data.float()
     model.attention_backend = choice.name
     return model.to(rt.device)
@@ -1280,7 +1282,7 @@ def build_model(h: Hyperparameters, rt: Runtime | None = None) -> GPT:
 # Muon takes the four banks [B, r, c]; AdamW "adam_tok" the token embedding (group 1) and bigram table (group 2);
 # AdamW "adam_scalar" control tensors and the bigram projection. `Optimizers.step()` (after backward + clipping):
 # bank reduce-scatters in flight -> non-bank grads averaged, AdamW steps -> per bank sharded Nesterov momentum,
-# NS5, all-gather, apply (SPEC §3.2-3.3). One process: same maths, no collectives. `state_dict()` holds all state.
+# NS5, all-gather, apply. One process: same maths, no collectives. `state_dict()` holds all state.
 # ---------------------------------------------------------------------------------------------------------------
 
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -1384,7 +1386,7 @@ class _Bank:
 
 
 class ParallelMuon:
-    """Muon over banks in size order, momentum and NS5 sharded over ranks by leading index (SPEC §3.3)."""
+    """Muon over banks in size order, momentum and NS5 sharded over ranks by leading index."""
 
     def __init__(self, banks, lr: float, wd: float, momentum: float, ns_steps: int, rt: Runtime):
         self.world = rt.world_size if rt.distributed else 1
@@ -1522,7 +1524,7 @@ def _adamw(groups: list[dict], h: Hyperparameters, rt: Runtime) -> torch.optim.A
 
 
 def build_optimizers(model: nn.Module, h: Hyperparameters, rt: Runtime) -> Optimizers:
-    """Route the parameters (SPEC §3.1) and build the bundle; group lr = base_lr * the scale set each step."""
+    """Route the parameters (OPTIMIZER_ROUTES) and build the bundle; group lr = base_lr * the scale set each step."""
     routes = route_parameters(model, h.control_tensor_name_patterns)
     tok = dict(routes["adam_tok"])
     groups = {
@@ -1537,7 +1539,7 @@ def build_optimizers(model: nn.Module, h: Hyperparameters, rt: Runtime) -> Optim
 
 
 def clip_gradients(model: nn.Module, max_norm: float):
-    """Per-rank clip of the global gradient norm over all parameters, before any averaging (SPEC §3.6); 0 disables."""
+    """Per-rank clip of the global gradient norm over all parameters, before any averaging; 0 disables."""
     if max_norm <= 0:
         return None
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -1626,9 +1628,9 @@ class SWA:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Export
-# Artifact = zstd(torch.save(int6 object)) of the unbanked state dict (SPEC §6); submission size = artifact bytes +
+# Artifact = zstd(torch.save(int6 object)) of the unbanked state dict; submission size = artifact bytes +
 # code bytes, checked against ARTIFACT_LIMIT_BYTES with a loud line. Two tables drive it: BANK_LAYOUT (banks <->
-# per-layer matrices) and EXPORT_POLICY (SPEC §6.2, first match wins); int6 rows use the late-QAT quantizer.
+# per-layer matrices) and EXPORT_POLICY (first match wins); int6 rows use the late-QAT quantizer.
 # zstandard is required (no zlib fallback); every eval after training runs on the model loaded from these bytes.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1695,14 +1697,15 @@ def rebank_state(flat: Mapping[str, torch.Tensor], num_layers: int) -> dict[str,
     return state
 
 
-def _keep_float(name: str, t: torch.Tensor, h: Hyperparameters) -> bool:
+def exports_as_float(name: str, t: torch.Tensor, h: Hyperparameters) -> bool:
+    """Export policy: small tensors (<= KEEP_FLOAT_MAX_NUMEL) and the token embedding are stored as floats, not int6."""
     return t.numel() <= h.keep_float_max_numel or "tok_emb.weight" in name
 
 
-EXPORT_POLICY = (  # SPEC §6.2 in order, first match wins: (kind, rule(name, tensor, h))
+EXPORT_POLICY = (  # first match wins: (kind, rule(name, tensor, h))
     ("passthrough", lambda n, t, h: not t.is_floating_point()),
-    ("fp32_control", lambda n, t, h: _keep_float(n, t, h) and any(p in n for p in h.control_tensor_name_patterns)),
-    ("fp16", _keep_float),
+    ("fp32_control", lambda n, t, h: exports_as_float(n, t, h) and any(p in n for p in h.control_tensor_name_patterns)),
+    ("fp16", exports_as_float),
     ("int6_rows", lambda n, t, h: t.ndim == 2),
     ("int6_tensor", lambda n, t, h: True),
 )
@@ -1728,7 +1731,7 @@ def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_state(flat: Mapping[str, torch.Tensor], h: Hyperparameters) -> tuple[dict, int]:
-    """SPEC §6.4 object of an unbanked CPU state dict, and its payload bytes (values + scales + passthrough)."""
+    """The int6 export object of an unbanked CPU state dict, and its payload bytes (values + scales + passthrough)."""
     obj = {"__quant_format__": QUANT_FORMAT, **{k: {} for k in QUANT_OBJECT_KEYS}}
     for name, t in flat.items():
         kind, dtype = export_kind(name, t, h), str(t.dtype).removeprefix("torch.")
@@ -1777,7 +1780,7 @@ def require_zstd():
 
 
 class PackStats(NamedTuple):
-    payload_bytes: int  # quantized values + scales + passthrough tensors (SPEC §6.4)
+    payload_bytes: int  # quantized values + scales + passthrough tensors
     raw_torch_bytes: int  # uncompressed torch.save bytes
     compressed_bytes: int  # the artifact
     baseline_bytes: int  # unbanked state dict at its own dtypes (numerator of payload_ratio)
@@ -1886,7 +1889,7 @@ def adopt_artifact_config(h: Hyperparameters, config: dict, env: Mapping[str, st
     conflicts = [f"{k.upper()}={format_setting(getattr(h, k))} (artifact: {format_setting(v)})"
                  for k, v in sorted(config.items()) if k.upper() in env and getattr(h, k) != v]
     if conflicts:
-        raise UserError(f"EVAL_ONLY: {', '.join(conflicts)} conflict with the model recorded in {h.artifact}; "
+        raise UserError(f"EVAL_ONLY: {', '.join(conflicts)} conflict with the model recorded in {h.artifact_path}; "
                         "unset these settings (the artifact's are used)")
     adopted = dataclasses.replace(h, **config)
     adopted.validate()
@@ -2180,7 +2183,7 @@ class SortedRuns:
 
 
 class ExactNgramCache:
-    """Exact next-token counts per context (SPEC §10.4 D1); p_ngram(.|c) sums to 1 for every matched context."""
+    """Exact next-token counts per context (no hashing, so no collisions); p_ngram(.|c) sums to 1 for every matched context."""
 
     def __init__(self, vocab_size: int, *, min_order: int, max_order: int, min_count: int, device):
         self.V, self.min_order, self.max_order, self.min_count = vocab_size, min_order, max_order, min_count
@@ -2262,7 +2265,7 @@ NGRAM_PRIMES = (36313, 27191, 51647, 81929, 131071, 174763, 233017, 283721, 3472
 
 
 class HashedNgramCache:
-    """The reference rule (SPEC §7.3.3-7.3.4), comparison only: p = min(full, ctx) / max(ctx, 1) is not normalized."""
+    """The reference's hashed rule, comparison only: p = min(full, ctx) / max(ctx, 1) is not normalized."""
 
     def __init__(self, *, min_order: int, max_order: int, min_count: int, num_buckets: int, device):
         self.min_order, self.max_order, self.min_count, self.mask = min_order, max_order, min_count, num_buckets - 1
@@ -2314,7 +2317,7 @@ def make_ngram_cache(h: Hyperparameters, device):
 
 
 class NgramMixer:
-    """Entropy-adaptive alpha (SPEC §7.3.5); alpha = 0 for unmatched positions (order 0)."""
+    """Entropy-adaptive alpha: the higher the model's entropy, the more weight the n-gram gets; alpha = 0 for unmatched positions (order 0)."""
 
     def __init__(self, h: Hyperparameters, device):
         mults = [0.0] * h.ngram_min_order + list(h.ngram_order_mults[:h.ngram_max_order - h.ngram_min_order + 1])
@@ -2764,7 +2767,7 @@ def run() -> int:
     h = Hyperparameters.from_env(os.environ)
     rt = init_runtime(h)
     h.validate(rt.world_size)
-    art = load_artifact(h.artifact) if h.eval_only else None
+    art = load_artifact(h.artifact_path) if h.eval_only else None
     if art is not None:
         h = adopt_artifact_config(h, art.config, os.environ)
     setup_logging(h, rt)

@@ -114,7 +114,7 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
     shape = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ROPE_DIMS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
              "BIGRAM_DIM", "VOCAB_SIZE")
     env2 = {k: v for k, v in env.items() if k not in shape}  # the model is rebuilt from the artifact's record
-    env2.update(EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="again", USE_TTT="1", TTT_CHUNK_TOKENS="512",
+    env2.update(EVAL_ONLY="1", RUN_ID="again", USE_TTT="1", TTT_CHUNK_TOKENS="512",
                 TTT_LR="0.01")
     out = run_script(env2)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -132,7 +132,7 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
     assert re.search(r"^ttt_start chunks:4 chunk_tokens:512 ", again, re.M)
     assert not re.search(r"^step:\d+/\d+ train_loss:", again, re.M)
     assert not re.search(r"^serialized ", again, re.M)
-    conflicting = dict(env, EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="conflict", XSA_LAST_N="0",
+    conflicting = dict(env, EVAL_ONLY="1", RUN_ID="conflict", XSA_LAST_N="0",
                        NUM_LAYERS="3")
     out = run_script(conflicting)
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -296,7 +296,7 @@ def load_model(path: str, h: tg.Hyperparameters, env) -> tuple[tg.GPT, tg.Hyperp
     settings, as EVAL_ONLY adopts them: an explicit conflicting setting in env is refused)."""
     try:
         art = tg.load_artifact(path)
-        h = tg.adopt_artifact_config(tg.dataclasses.replace(h, artifact=path), art.config, env)
+        h = tg.adopt_artifact_config(tg.dataclasses.replace(h, artifact_path=path), art.config, env)
     except tg.UserError as e:
         raise CompressError(" ".join(str(e).split())) from None
     model = tg.build_model(h)
