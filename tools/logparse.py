@@ -105,10 +105,13 @@ class RunLog:
         return mem.get("allocated_mib", mem.get("rss_mib"))
 
     @property
+    def last_progress(self) -> dict:
+        """Where training stopped: the stopping_early line, else the last step line (empty before any step)."""
+        return self.event("stopping_early") or (self.step_lines[-1] if self.step_lines else {})
+
+    @property
     def steps(self) -> int | None:
-        """Steps completed: from the stopping_early line, else the last step line."""
-        last = self.event("stopping_early") or (self.step_lines[-1] if self.step_lines else {})
-        return last.get("step")
+        return self.last_progress.get("step")
 
     @property
     def step_avg_ms(self) -> float | None:
@@ -117,9 +120,7 @@ class RunLog:
 
     @property
     def train_time_ms(self) -> float | None:
-        """Training wall-clock: from the stopping_early line, else the last step line."""
-        last = self.event("stopping_early") or (self.step_lines[-1] if self.step_lines else {})
-        return last.get("train_time_ms")
+        return self.last_progress.get("train_time_ms")
 
     @property
     def tokens_per_s(self) -> float | None:
