@@ -101,7 +101,7 @@ def run_script(env, nproc=1, timeout=600):
 def tiny_model(h, seed=0):
     """The real GPT of train_gpt.build_model at h's (tiny) dimensions, on the CPU, seeded."""
     torch.manual_seed(seed)
-    return train_gpt.build_model(h, CPU)
+    return train_gpt.build_model(h, RT1)
 
 
 def muon_model(seed=0):

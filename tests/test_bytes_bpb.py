@@ -141,6 +141,6 @@ def test_load_val_data_logs_independent_byte_count(sp, tmp_path, monkeypatch, ca
             doc = []
         else:
             doc.append(t)
-    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("val_loader:")][-1]
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("val_loader ")][-1]
     pattern = os.path.join(str(tmp_path), "*_val_*.bin")
-    assert line == f"val_loader:shards pattern={pattern} tokens:{usable} bytes:{expected}"
+    assert line == f"val_loader pattern:{pattern} tokens:{usable} bytes:{expected}"

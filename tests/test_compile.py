@@ -23,7 +23,7 @@ def test_training_forward_backward_is_one_inductor_graph_with_qat_off_and_on(tin
         return compile_fx(gm, example_inputs)
 
     torch.manual_seed(0)
-    model = tg.build_model(h, "cpu").train()
+    model = tg.build_model(h).train()
     with torch.no_grad():  # zero W_o / W_down at init would hide the quantized banks from the loss
         for name in tg.BANK_NAMES:
             getattr(model, name).normal_(std=0.2)

@@ -47,7 +47,7 @@ def test_frequencies_total_and_floor():
 def write_artifact(h, path, seed):
     """Random weights (the zero-initialized output projections perturbed too), packed as train_gpt exports."""
     torch.manual_seed(seed)
-    model = tg.build_model(h, "cpu")
+    model = tg.build_model(h)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:

@@ -48,6 +48,8 @@ def test_typos_and_reference_only_settings_are_reported():
     assert "\n" not in msg  # one line
     # a reference setting whose value matches what this script always does is accepted
     tg.Hyperparameters.from_env({"NGRAM_TWO_PASS": "0", "TIE_EMBEDDINGS": "1", "PATH": "/bin", "RANK": "0"})
+    with pytest.raises(tg.UserError, match="ARTIFACT=x.ptz: renamed ARTIFACT_PATH"):  # one field names the artifact
+        tg.Hyperparameters.from_env({"EVAL_ONLY": "1", "ARTIFACT": "x.ptz"})
 
 
 @pytest.mark.parametrize("name, suggestion", [("NGRAM_MAX_ORDR", "NGRAM_MAX_ORDER"), ("EVAL_STRIDES", "EVAL_STRIDE"),
@@ -91,7 +93,7 @@ def test_zero_negative_and_unsafe_values_name_the_field(env, field):
     ({"ngram_buckets": 1000}, "NGRAM_BUCKETS"),
     ({"export_weights": "best"}, "EXPORT_WEIGHTS"),
     ({"tokenizer_path": "tok.vocab"}, "TOKENIZER_PATH"),
-    ({"eval_only": True}, "ARTIFACT"),
+    ({"eval_only": True, "artifact_path": ""}, "ARTIFACT_PATH"),
     ({"train_micro_batch_tokens": 1000}, "TRAIN_MICRO_BATCH_TOKENS"),
 ])
 def test_validation_errors_name_the_fields(overrides, field):

@@ -16,8 +16,8 @@ def check_log(log: str, env) -> dict:
     assert len(train_losses) >= 5 and train_losses[-1] < train_losses[0] - 0.5, train_losses
     assert re.search(r"^step:30/30 val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
     assert re.search(r"^code_bytes:\d+ code_sha256:[0-9a-f]{64}$", log, re.M)
-    assert re.search(r"^hparam seed:1337$", log, re.M) and "peak memory" in log
-    model_bytes = int(re.search(r"^Serialized model int6\+zstd: (\d+) bytes", log, re.M).group(1))
+    assert re.search(r"^hparam seed:1337$", log, re.M) and "peak_memory rss_mib:" in log
+    model_bytes = int(re.search(r"^serialized model_bytes:(\d+) ", log, re.M).group(1))
     code_bytes = int(re.search(r"^code_bytes:(\d+)", log, re.M).group(1))
     total = int(re.search(r"^Total submission int6\+zstd: (\d+) bytes", log, re.M).group(1))
     assert total == model_bytes + code_bytes
@@ -87,7 +87,7 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
     shape = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ROPE_DIMS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
              "BIGRAM_DIM", "VOCAB_SIZE")
     env2 = {k: v for k, v in env.items() if k not in shape}  # the model is rebuilt from the artifact's record
-    env2.update(EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="again", USE_TTT="1", TTT_CHUNK_TOKENS="512",
+    env2.update(EVAL_ONLY="1", RUN_ID="again", USE_TTT="1", TTT_CHUNK_TOKENS="512",
                 TTT_LR="0.01")
     out = run_script(env2)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -104,8 +104,8 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
         assert pick(again, key) and not re.search(rf"^{key} ", first, re.M)
     assert re.search(r"^ttt_start chunks:4 chunk_tokens:512 ", again, re.M)
     assert not re.search(r"^step:\d+/\d+ train_loss:", again, re.M)
-    assert not re.search(r"^Serialized model", again, re.M)
-    conflicting = dict(env, EVAL_ONLY="1", ARTIFACT=env["ARTIFACT_PATH"], RUN_ID="conflict", XSA_LAST_N="0",
+    assert not re.search(r"^serialized ", again, re.M)
+    conflicting = dict(env, EVAL_ONLY="1", RUN_ID="conflict", XSA_LAST_N="0",
                        NUM_LAYERS="3")
     out = run_script(conflicting)
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -121,4 +121,4 @@ def test_nonfinite_loss_stops_the_run(tiny_corpus, tmp_path):
     assert out.returncode != 0
     log = (tmp_path / "logs" / "e2e.txt").read_text()
     assert re.search(r"^nonfinite_loss step:\d+", log, re.M) and "training diverged" in out.stderr
-    assert not re.search(r"^Serialized model", log, re.M)
+    assert not re.search(r"^serialized ", log, re.M)

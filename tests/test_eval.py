@@ -311,9 +311,9 @@ def test_ngram_eval_logs_and_audit_exact(tiny, capsys):
     h = tiny(vocab_size=vocab, ngram_log_every=5, ngram_audit_positions=64)
     r = ngram_eval(tiny_model(h), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
     out = capsys.readouterr().out
-    assert "Starting N-gram eval: order 2-9 mode=exact chunk=64" in out
-    assert re.search(r"^ngram_chunk \[5/19\] running_bpb:\d+\.\d{6} elapsed:\d+\.\ds$", out, re.M)
-    assert "ngram_chunk [19/19]" in out
+    assert "ngram_start min_order:2 max_order:9 mode:exact chunk_tokens:64" in out
+    assert re.search(r"^ngram_chunk chunk:5/19 running_bpb:\d+\.\d{6} elapsed:\d+\.\ds$", out, re.M)
+    assert "ngram_chunk chunk:19/19 " in out
     m = re.search(r"^ngram_audit positions:64 sum_min:(\S+) sum_median:(\S+) sum_max:(\S+)$", out, re.M)
     assert m and all(abs(float(x) - 1) <= 1e-6 for x in m.groups())
     assert re.search(r"^ngram_eval val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms$", out, re.M)
@@ -346,14 +346,14 @@ def test_audit_fails_an_unnormalized_exact_run(tiny, monkeypatch):
         ngram_eval(tiny_model(h), tg.ValData(random_stream(1200, vocab, 4), unit_tables(vocab)), h, RT1)
 
 
-def test_final_eval_lines_and_leaderboard_alias(capsys):
+def test_report_eval_and_leaderboard_alias(capsys):
     r = tg.EvalResult(1.9044357812, 1.1279176712, 100, 243, 86812.4)
-    lines = tg.final_eval_lines("int6_zstd_roundtrip", r)
+    lines = tg.report_eval("final_int6_zstd_roundtrip", r)
     assert lines == ["final_int6_zstd_roundtrip val_loss:1.9044 val_bpb:1.1279 eval_time:86812ms",
                      "final_int6_zstd_roundtrip_exact val_loss:1.90443578 val_bpb:1.12791767",
                      "final_int8_zlib_roundtrip_exact val_loss:1.90443578 val_bpb:1.12791767"]
     assert capsys.readouterr().out.splitlines() == lines
-    assert len(tg.final_eval_lines("sliding", r)) == 2
+    assert len(tg.report_eval("ngram_eval", r)) == 2
 
 
 # ------------------------------------------------------------------------------------------------ distributed

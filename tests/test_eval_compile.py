@@ -15,7 +15,6 @@ import train_gpt as tg  # noqa: E402
 from conftest import RT1, random_stream, random_tables  # noqa: E402
 from torch._dynamo.backends.registry import lookup_backend  # noqa: E402
 
-CPU = torch.device("cpu")
 
 
 class Recorder:
@@ -39,7 +38,7 @@ def gpt_and_val(tiny, n=600, **overrides):
              ngram_audit_positions=16, ngram_log_every=0, ttt_chunk_tokens=128, ttt_batch_seqs=3, ttt_epochs=1,
              ttt_lr=0.05, ttt_log_every=0, **overrides)
     torch.manual_seed(0)
-    return h, tg.build_model(h, CPU), tg.ValData(random_stream(n, 64, 2), random_tables(64))
+    return h, tg.build_model(h), tg.ValData(random_stream(n, 64, 2), random_tables(64))
 
 
 def num_batches(h, n):

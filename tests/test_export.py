@@ -263,7 +263,7 @@ def test_export_and_load_roundtrip(small_h, capsys, monkeypatch):
     assert not rep.over_limit and rep.model_bytes == os.path.getsize(small_h.artifact_path)
     assert rep.total_bytes == rep.model_bytes + 1234
     out = capsys.readouterr().out
-    assert f"Serialized model int6+zstd: {rep.model_bytes} bytes (payload:{rep.stats.payload_bytes} " in out
+    assert f"serialized model_bytes:{rep.model_bytes} payload_bytes:{rep.stats.payload_bytes} " in out
     assert f"Total submission int6+zstd: {rep.model_bytes + 1234} bytes" in out
     assert f"sha256:{rep.sha256} model_bytes:{rep.model_bytes} code_bytes:1234" in out
     assert "artifact_over_limit" not in out
@@ -313,4 +313,4 @@ def test_only_the_current_format_is_read(small_h):
         tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()))
     config, state = tg.unpack_artifact(blob)  # the recorded settings rebuild the same model
     assert config == tg.model_config(small_h)
-    tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config), "cpu").load_state_dict(state, strict=True)
+    tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config)).load_state_dict(state, strict=True)

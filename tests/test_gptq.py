@@ -60,7 +60,7 @@ def test_quantizer_falls_back_per_row_and_keeps_the_clip_scales(tg, monkeypatch)
 def calibrated(tg, h):
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
     torch.manual_seed(0)
-    model = tg.build_model(h, "cpu")
+    model = tg.build_model(h)
     with torch.no_grad():  # zero-initialised W_o and W_down would leave nothing for GPTQ to do
         model.qo_bank[h.num_layers:].normal_(0, 0.05)
         model.mlp_down_bank.normal_(0, 0.05)
@@ -73,7 +73,7 @@ def test_gptq_artifact_loads_with_the_unchanged_loader(tg):
     state, quantizer = calibrated(tg, h)
     blob, _ = tg.pack_artifact(state, h, quantizer)
     config, loaded = tg.unpack_artifact(blob)
-    model = tg.build_model(tg.Hyperparameters(**{**vars(h), **config}), "cpu")
+    model = tg.build_model(tg.Hyperparameters(**{**vars(h), **config}))
     model.load_state_dict(loaded, strict=True)
     assert quantizer.matrices == 6 * h.num_layers and quantizer.rows > 0
     _, lite = tg.unpack_artifact(tg.pack_artifact(state, h)[0])

@@ -255,7 +255,7 @@ def test_qat_switch_retraces_under_compile(tiny):
 
 def test_build_model_dtypes_and_cpu_forward(tiny):
     h = tiny()
-    model = tg.build_model(h, "cpu")
+    model = tg.build_model(h)
     assert model.attention_backend == "sdpa"
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert dtypes.pop("tok_emb.weight") == torch.bfloat16 and dtypes.pop("bigram.embed.weight") == torch.bfloat16
@@ -270,7 +270,7 @@ def test_build_model_dtypes_and_cpu_forward(tiny):
 
 def test_autocast_runs_in_bf16_and_compiles(tiny):
     h = tiny()
-    model = tg.build_model(h, "cpu")
+    model = tg.build_model(h)
     x, y = ids(h), ids(h, seed=5)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -318,8 +318,8 @@ def test_select_attention_skips_backends_that_fail_under_compile_or_backward():
     assert "backward kernel not built" in reasons["bad_backward"]
     assert "differs from SDPA" in reasons["wrong_numbers"]
     assert all("\n" not in r for r in reasons.values())
-    line = tg.attention_log_line(choice)
-    assert line.startswith("attention backend:sdpa skipped_breaks_under_compile:[") and "\n" not in line
+    line = tg.log_attention(choice)
+    assert line.startswith("attention backend:sdpa detail:breaks_under_compile skipped: ") and "\n" not in line
 
 
 def test_select_attention_eager_accepts_a_backend_that_only_breaks_under_compile():

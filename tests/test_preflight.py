@@ -96,7 +96,8 @@ def in_process(tiny_corpus, tmp_path, use_compile=False, **overrides):
     data_path, tok, vocab = tiny_corpus
     fields = dict(TINY_RUN, vocab_size=vocab, data_path=data_path, tokenizer_path=tok)
     h = tiny_hparams(**{**fields, **overrides})
-    return preflight.Preflight(preflight.parse_args(TINY_ARGS), h, RT1, use_compile)
+    rt = dataclasses.replace(RT1, use_compile=use_compile)
+    return preflight.Preflight(preflight.parse_args(TINY_ARGS), h, rt)
 
 
 def statuses(checks):

@@ -1,8 +1,11 @@
 """Tests of tools/ (log parser, summary, significance test, plots, record folder) on synthetic logs."""
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,113 +15,101 @@ import pytest
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
+from conftest import tiny_hparams  # noqa: E402
 import logparse  # noqa: E402
 import make_record  # noqa: E402
 import plot_logs  # noqa: E402
 import significance  # noqa: E402
 import summarize_logs  # noqa: E402
 
-# per-seed figures (SPEC 9.2-like): steps, step_avg, EMA bpb, round-trip loss/bpb, n-gram loss/bpb, total bytes
-SEEDS = {
-    1337: dict(steps=6774, avg=88.55, ema=1.1193, rt_loss=1.90443578, rt_bpb=1.12791767, ng_loss=0.47961142,
-               ng_bpb=0.28405290, total=15854191),
-    42: dict(steps=6772, avg=88.60, ema=1.1194, rt_loss=1.90393001, rt_bpb=1.12761002, ng_loss=0.47950011,
-             ng_bpb=0.28399001, total=15924715),
-    2024: dict(steps=6764, avg=88.70, ema=1.1191, rt_loss=1.90450123, rt_bpb=1.12795511, ng_loss=0.47955555,
-               ng_bpb=0.28402222, total=15880000),
-}
-SOURCE_NOISE = [
-    '"""Parameter Golf: 11-layer GQA transformer."""',
-    "    log0(f\"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}\")",
-    "    log0(f\"final_int6_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}\")",
-    "  final_int6_zstd_roundtrip_exact val_loss:… val_bpb:…   sliding-window score",
-    "        return [f\"hparam {f.name}:{format_setting(getattr(self, f.name))}\"",
-    "Total submission int6+zstd: {total} bytes",
-    "=" * 100,
-]
-SHA_OF_SCRIPT = "ab" * 32
+ROOT = Path(__file__).resolve().parents[1]
+# Settings of the real tiny run behind every log these tests read: periodic validation, diagnostic evals, late
+# QAT, SWA, the exact n-gram eval and score-first TTT, on top of the suite's tiny configuration.
+REAL_RUN = dict(ITERATIONS="16", WARMDOWN_ITERS="8", VAL_LOSS_EVERY="8", TRAIN_LOG_EVERY="4", VAL_MAX_TOKENS="1024",
+                DIAG_EVAL_CANDIDATES="1", SWA_EVERY="2", QAT_TIME_FRAC="0.25", NGRAM_LOG_EVERY="4",
+                NGRAM_AUDIT_POSITIONS="32", USE_TTT="1", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4",
+                RUN_ID="real", SEED="1337")
 
 
-def log_text(seed, sha=SHA_OF_SCRIPT, code_bytes=93397, hashed=False, truncate_at=None, extra_hparams=None,
-             hparams=None):
-    """Realistic rank-0 log text of one seed, with source-code noise lines between header and training."""
+def real_run_env(tiny_corpus, out_dir: Path, **extra) -> dict:
+    """Environment of a run of train_gpt.py with the suite's tiny configuration (conftest.tiny_hparams)."""
+    tg = sys.modules["train_gpt"]
+    data, tok, vocab = tiny_corpus
+    tiny, default = tiny_hparams(vocab_size=vocab), tg.Hyperparameters()
+    names = [f.name for f in dataclasses.fields(tiny) if getattr(tiny, f.name) != getattr(default, f.name)]
+    known = {f.name.upper() for f in dataclasses.fields(tiny)}
+    env = {k: v for k, v in os.environ.items() if k not in known and not k.startswith(tg.CHECKED_PREFIXES)}
+    env.update({name.upper(): tg.format_setting(getattr(tiny, name)) for name in names})
+    env.update(DATA_PATH=data, TOKENIZER_PATH=tok, LOG_DIR=str(out_dir / "logs"), OMP_NUM_THREADS="1",
+               ARTIFACT_PATH=str(out_dir / "model.int6.ptz"), **REAL_RUN)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def real_log(tiny_corpus, tmp_path_factory) -> str:
+    """Text of the rank-0 log of one real tiny training run (about 20 s on CPU)."""
+    out_dir = tmp_path_factory.mktemp("real_run")
+    env = real_run_env(tiny_corpus, out_dir)
+    done = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=out_dir, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return (out_dir / "logs" / "real.txt").read_text(encoding="utf-8")
+
+
+# per-seed scores written into copies of the real log: round-trip loss/bpb and n-gram loss/bpb
+SEEDS = {1337: dict(rt_loss=1.90443578, rt_bpb=1.12791767, ng_loss=0.47961142, ng_bpb=0.28405290),
+         42: dict(rt_loss=1.90393001, rt_bpb=1.12761002, ng_loss=0.47950011, ng_bpb=0.28399001),
+         2024: dict(rt_loss=1.90450123, rt_bpb=1.12795511, ng_loss=0.47955555, ng_bpb=0.28402222)}
+
+
+def _set_score(text: str, event: str, loss: float, bpb: float) -> str:
+    """Replace the scores of `<event>` and `<event>_exact` in log text."""
+    text = re.sub(rf"^{event} val_loss:\S+ val_bpb:\S+", f"{event} val_loss:{loss:.4f} val_bpb:{bpb:.4f}", text, flags=re.M)
+    return re.sub(rf"^{event}_exact val_loss:\S+ val_bpb:\S+$", f"{event}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
+                  text, flags=re.M)
+
+
+def seed_log(real_log: str, seed: int, sha=None, hashed=False, truncate_at=None, hparams=None) -> str:
+    """The real log as if run with another seed (scores from SEEDS), another script's sha256, the hashed n-gram
+    mode, other settings (hparams), or cut before the first event line starting with `truncate_at`."""
     s = SEEDS[seed]
-    hp = dict(hparams) if hparams is not None else {"iterations": "20000", "max_wallclock_seconds": "600.0", "ngram_mode": "hashed" if hashed else "exact",
-          "run_id": f"run{seed}", "seed": str(seed), "train_batch_tokens": "786432", "val_max_tokens": "0",
-          "ngram_max_order": "9", "diag_eval_candidates": "1"}
-    hp.update(extra_hparams or {})
-    lines = [f"logs/run{seed}.txt"] + [f"hparam {k}:{v}" for k, v in sorted(hp.items())]
-    lines += [f"code_bytes:{code_bytes} code_sha256:{sha}",
-              "runtime device:cuda world_size:8 grad_accum_steps:1 attention:fa3 compile:1 torch:2.9.1",
-              "model_params:26744007",
-              "val_loader:shards pattern=./data/datasets/fineweb10B_sp1024/*_val_*.bin tokens:62021632 bytes:151080633"]
-    lines += SOURCE_NOISE
-    lines += [f"warmup_step:{i}/20" for i in range(1, 21)]
-    lines.append(f"step:0/20000 val_loss:6.9300 val_bpb:4.1043 train_time:0ms step_avg:0.02ms")
-    wiggle = (seed % 7) / 1000  # seeds differ a little
-    train = [(1, 6.9312), (2, 8.6531)] + [(k, 7.5 - k * 0.4 + wiggle) for k in range(3, 11)]
-    train += [(k, 2.3584 - (k / 6774) ** 0.5 * 0.3 + wiggle * (k % 1000 == 0)) for k in range(500, s["steps"], 500)]
-    train += [(s["steps"], 2.0668 - wiggle)]
-    for step, loss in train:
-        t = step * s["avg"] if step > 10 else step * 88.84
-        lines.append(f"step:{step}/20000 train_loss:{loss:.4f} train_time:{t:.0f}ms step_avg:{t / step:.2f}ms")
-        if step == 4000:
-            lines.append(f"step:4000/20000 val_loss:2.0118 val_bpb:1.1915 train_time:{t:.0f}ms step_avg:{s['avg']:.2f}ms")
-        if step == 5500:
-            lines.append("step:5757 QAT activated (time_frac=0.850, scale=0.2900)")
-        if step == 6000:
-            lines.append("swa:start step:6100")
-    final_t = s["steps"] * s["avg"]
-    lines += [f"step:{s['steps']}/20000 val_loss:1.8914 val_bpb:{1.1202 + wiggle:.4f} train_time:{final_t:.0f}ms step_avg:{s['avg']:.2f}ms",
-              f"stopping_early: wallclock_cap train_time:{final_t:.0f}ms step:{s['steps']}/20000",
-              "peak memory allocated: 22669 MiB reserved: 22812 MiB",
-              f"diag_eval_ema val_loss:1.8900 val_bpb:{s['ema']:.4f} eval_time:70712ms",
-              "diag_eval_swa val_loss:1.8940 val_bpb:1.1218 eval_time:70715ms",
-              "export_weights:ema",
-              f"Serialized model int6+zstd: {s['total'] - code_bytes} bytes (payload:27627290 raw_torch:27693135 payload_ratio:3.82x)",
-              f"Total submission int6+zstd: {s['total']} bytes",
-              f"artifact path:final_model.int6.ptz sha256:{'c' * 64} model_bytes:{s['total'] - code_bytes} "
-              f"code_bytes:{code_bytes} total_bytes:{s['total']} limit:16000000",
-              f"final_int6_zstd_roundtrip val_loss:{s['rt_loss']:.4f} val_bpb:{s['rt_bpb']:.4f} eval_time:86810ms",
-              f"final_int6_zstd_roundtrip_exact val_loss:{s['rt_loss']:.8f} val_bpb:{s['rt_bpb']:.8f}",
-              f"final_int8_zlib_roundtrip_exact val_loss:{s['rt_loss']:.8f} val_bpb:{s['rt_bpb']:.8f}",
-              f"Starting N-gram eval: order 2-9 mode={'hashed' if hashed else 'exact'} chunk=65536"]
-    lines += [f"ngram_chunk [{k}/947] running_bpb:{1.2 - k / 1000:.6f} elapsed:{k * 0.44:.1f}s" for k in range(0, 947, 20)]
+    text = real_log.replace("hparam seed:1337\n", f"hparam seed:{seed}\n").replace("hparam run_id:real\n",
+                                                                                    f"hparam run_id:run{seed}\n")
+    for key, value in (hparams or {}).items():
+        text = re.sub(rf"^hparam {key}:.*$", f"hparam {key}:{value}", text, flags=re.M)
+    for event in ("final_int6_zstd_roundtrip", "final_int8_zlib_roundtrip"):
+        text = _set_score(text, event, s["rt_loss"], s["rt_bpb"])
+    text = _set_score(text, "ngram_eval", s["ng_loss"], s["ng_bpb"])
+    if sha is not None:
+        text = re.sub(r"code_sha256:\S+", f"code_sha256:{sha}", text)
     if hashed:
-        lines += [f"ngram_hashed_unnormalized val_loss:{s['ng_loss']:.4f} val_bpb:{s['ng_bpb']:.4f} eval_time:416328ms",
-                  f"ngram_hashed_unnormalized_exact val_loss:{s['ng_loss']:.8f} val_bpb:{s['ng_bpb']:.8f}"]
-    else:
-        lines += ["ngram_audit positions:256 sum_min:0.999999998 sum_median:1.000000000 sum_max:1.000000003",
-                  f"ngram_eval val_loss:{s['ng_loss']:.4f} val_bpb:{s['ng_bpb']:.4f} eval_time:416328ms",
-                  f"ngram_eval_exact val_loss:{s['ng_loss']:.8f} val_bpb:{s['ng_bpb']:.8f}"]
-    lines.append("post_training_time:590123ms")
+        text = re.sub(r"^ngram_audit .*\n", "", text.replace("ngram_eval", "ngram_hashed_unnormalized"), flags=re.M)
+        text = text.replace("hparam ngram_mode:exact", "hparam ngram_mode:hashed").replace("mode:exact", "mode:hashed")
     if truncate_at is not None:
-        lines = lines[:next(i for i, ln in enumerate(lines) if ln.startswith(truncate_at))]
-    return "\n".join(lines) + "\n"
+        head, sep, events = text.partition("=" * 100 + "\n")
+        text = head + sep + events[:events.index("\n" + truncate_at) + 1]
+    return text
 
 
-def write_logs(tmp_path, seeds=(1337, 42, 2024), **kw):
+def write_logs(tmp_path, real_log, seeds=(1337, 42, 2024), **kw):
     """Write one log per seed into tmp_path/logs and return their paths."""
     d = tmp_path / "logs"
     d.mkdir(exist_ok=True)
     paths = []
     for seed in seeds:
         p = d / f"run{seed}.txt"
-        p.write_text(log_text(seed, **kw))
+        p.write_text(seed_log(real_log, seed, **kw))
         paths.append(p)
     return paths
 
 
-def script_with_sha(tmp_path, text=None):
-    """A small stand-in for train_gpt.py (a Hyperparameters dataclass with defaults); returns (path, sha, size)."""
-    text = text or ("from __future__ import annotations\nimport dataclasses\n\n\n@dataclasses.dataclass(frozen=True)\nclass Hyperparameters:\n"
-                    "    seed: int = 1337\n    iterations: int = 20000\n    max_wallclock_seconds: float = 600.0\n"
-                    "    ngram_mode: str = 'exact'\n    ngram_max_order: int = 12\n    train_batch_tokens: int = 786432\n"
-                    "    val_max_tokens: int = 0\n    diag_eval_candidates: bool = False\n    run_id: str = ''\n\n\n"
-                    "def format_setting(v):\n    return str(int(v)) if isinstance(v, bool) else str(v)\n")
+def real_script(tmp_path):
+    """A copy of train_gpt.py (the script behind the real log); returns (path, sha256, size)."""
+    data = (ROOT / "train_gpt.py").read_bytes()
     path = tmp_path / "train_gpt.py"
-    path.write_bytes(text.encode())
-    return path, hashlib.sha256(text.encode()).hexdigest(), len(text.encode())
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest(), len(data)
 
 
 def record_args(tmp_path, script, logs, *extra):
@@ -129,35 +120,54 @@ def record_args(tmp_path, script, logs, *extra):
 
 # ------------------------------------------------------------------ parser
 
-def test_parse_realistic_log_and_skip_source_noise(tmp_path):
-    (path,) = write_logs(tmp_path, seeds=(1337,))
-    run = logparse.require_complete(logparse.parse_log(path))
-    assert run.seed == 1337 and run.run_id == "run1337" and run.world_size == 8
-    assert run.hparams["ngram_mode"] == "exact" and len(run.hparams) == 9
-    assert run.steps == 6774 and run.step_avg_ms == pytest.approx(88.55)
-    assert run.train_time_ms == pytest.approx(round(6774 * 88.55))
-    assert run.tokens_per_s == pytest.approx(786432 / 0.08855)
-    assert run.tokens_per_s_per_device == pytest.approx(786432 / 0.08855 / 8)
-    assert run.diag_bpb("ema") == 1.1193 and run.diag_bpb("swa") == 1.1218 and run.diag_bpb("raw") is None
-    assert run.roundtrip_exact == {"val_loss": 1.90443578, "val_bpb": 1.12791767}
-    assert run.ngram_exact["val_bpb"] == 0.2840529
-    assert run.total_bytes == 15854191 and run.code_bytes == 93397 and run.code_sha256 == SHA_OF_SCRIPT
-    assert run.post_training_ms == 590123
-    assert run.event("ngram_audit")["sum_max"] == pytest.approx(1.000000003)
-    assert len(run.events["ngram_chunk"]) == 48 and run.event("qat")["step"] == 5757
+def test_every_event_line_of_a_real_run_is_parsed_and_no_source_line(real_log):
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    before, after = real_log.split(source + "\n" + "=" * 100 + "\n")
+    event_lines = [ln for ln in (before + after).splitlines() if ln.strip()]
+    run = logparse.parse_text(real_log)
+    assert sum(len(found) for found in run.events.values()) == len(event_lines)
+    assert run.unparsed == [ln for ln in source.splitlines() if ln.strip()] + ["=" * 100]
+    assert logparse.require_complete(run) is run
 
 
-def test_source_code_lines_are_not_events():
-    for line in SOURCE_NOISE:
-        assert logparse.match_line(line) is None, line
-    assert logparse.match_line("step:7/20000 train_loss:3.1000 train_time:622ms step_avg:88.84ms")[0] == "train_step"
+def test_fields_the_tools_report_are_found_in_a_real_log(real_log, tmp_path):
+    run = logparse.parse_text(real_log, "real.txt")
+    last = re.findall(r"^step:(\d+)/16 .*step_avg:([\d.]+)ms$", real_log, re.M)[-1]
+    assert run.seed == 1337 and run.run_id == "real" and run.world_size == 1 and run.hparams["use_ttt"] == "1"
+    assert run.steps == int(last[0]) == 16 and run.step_avg_ms == float(last[1])
+    assert run.tokens_per_s == pytest.approx(256 / (float(last[1]) / 1000))
+    assert len(run.step_events("train_step")) >= 5 and len(run.step_events("val_step")) == 2
+    row = summarize_logs.summarize([run])["rows"][0]
+    assert [k for k, v in row.items() if v is None] == ["ngram_hashed_bpb"]  # the run used the exact cache
+    assert row["peak_memory_mib"] > 0 and row["ttt_bpb"] == run.event("legal_ttt_exact")["val_bpb"]
+    checklist = make_record.compliance([run])
+    assert [item["ok"] for item in checklist] == [True, True, True, False, True, True]  # VAL_MAX_TOKENS caps it
+    assert "(no " not in json.dumps(checklist)
+    assert {m: significance.metric_values([run], m) for m in significance.METRICS}
+    assert run.event("qat_start")["step"] > 0 and run.event("swa_start") and run.event("ngram_audit")["positions"] == 32
+    assert run.event("serialized")["model_bytes"] + run.code_bytes == run.total_bytes == run.event("artifact")["total_bytes"]
+
+
+def test_generic_line_form():
+    assert logparse.match_line("step:7/20 train_loss:3.1000 train_time:622ms step_avg:88.84ms") == ("step", {
+        "step": 7, "step_of": 20, "train_loss": 3.1, "train_time_ms": 622.0, "step_avg_ms": 88.84})
     assert logparse.match_line("hparam ngram_mode:exact") == ("hparam", {"key": "ngram_mode", "value": "exact"})
+    assert logparse.match_line("Total submission int6+zstd: 15854191 bytes") == ("total_submission", {
+        "total_bytes": 15854191})
+    assert logparse.match_line("stopping_early: wallclock_cap train_time:600062ms step:6774/20000")[1] == {
+        "reason": "wallclock_cap", "train_time_ms": 600062.0, "step": 6774, "step_of": 20000}
+    assert logparse.match_line("run_failed reason:user_error detail:DATA_PATH=/x: no shards; fix it") == (
+        "run_failed", {"reason": "user_error", "detail": "DATA_PATH=/x: no shards; fix it"})
+    for line in ('    log0(f"step:{step}/{h.iterations} val_loss:{v:.4f}")', "import os", "pass", "x = {'a':1}",
+                 "def main() -> None:", "=" * 100, "  final_int6_zstd_roundtrip_exact val_loss:1.0 val_bpb:1.0"):
+        assert logparse.match_line(line) is None, line
 
 
 # ------------------------------------------------------------------ summarize_logs
 
-def test_summarize_numbers_mean_std_and_json(tmp_path, capsys):
-    paths = write_logs(tmp_path)
+def test_summarize_numbers_mean_std_and_json(tmp_path, capsys, real_log):
+    paths = write_logs(tmp_path, real_log)
+    run = logparse.parse_text(real_log)
     out = tmp_path / "summary.json"
     assert summarize_logs.main([*map(str, paths), "--json", str(out), "--markdown"]) == 0
     table = capsys.readouterr().out
@@ -168,26 +178,26 @@ def test_summarize_numbers_mean_std_and_json(tmp_path, capsys):
     assert data["mean"]["roundtrip_bpb"] == pytest.approx(sum(rt) / 3)
     mean = sum(rt) / 3
     assert data["std"]["roundtrip_bpb"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in rt) / 2))
-    assert data["mean"]["steps"] == pytest.approx((6774 + 6772 + 6764) / 3)
-    assert data["rows"][1]["tokens_per_s"] == pytest.approx(786432 / 0.0886)
-    assert data["rows"][0]["ngram_bpb"] == SEEDS[1337]["ng_bpb"] and data["rows"][0]["total_bytes"] == 15854191
-    assert data["rows"][0]["post_training_s"] == pytest.approx(590.123)
+    assert data["mean"]["steps"] == 16 and data["std"]["steps"] == 0
+    assert data["rows"][1]["tokens_per_s"] == pytest.approx(run.tokens_per_s)
+    assert data["rows"][0]["ngram_bpb"] == SEEDS[1337]["ng_bpb"] and data["rows"][0]["total_bytes"] == run.total_bytes
+    assert data["rows"][0]["post_training_s"] == pytest.approx(run.post_training_ms / 1000)
 
 
-def test_summarize_text_table_single_log(tmp_path, capsys):
-    (path,) = write_logs(tmp_path, seeds=(42,))
+def test_summarize_text_table_single_log(tmp_path, capsys, real_log):
+    (path,) = write_logs(tmp_path, real_log, seeds=(42,))
     assert summarize_logs.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "run42" in out and "1.127610" in out and "mean" not in out
 
 
 @pytest.mark.parametrize("kind", ["truncated", "killed_in_ngram", "failed", "foreign"])
-def test_summarize_skips_unusable_logs_with_a_warning(tmp_path, capsys, kind):
-    good = write_logs(tmp_path, seeds=(1337, 2024))
+def test_summarize_skips_unusable_logs_with_a_warning(tmp_path, capsys, kind, real_log):
+    good = write_logs(tmp_path, real_log, seeds=(1337, 2024))
     bad = tmp_path / f"{kind}.txt"
-    bad.write_text({"truncated": log_text(42, truncate_at="final_int6_zstd_roundtrip"),
-                    "killed_in_ngram": log_text(42, truncate_at="ngram_audit"),
-                    "failed": log_text(42) + "run_failed reason:artifact_over_limit limit:16000000\n",
+    bad.write_text({"truncated": seed_log(real_log, 42, truncate_at="final_int6_zstd_roundtrip"),
+                    "killed_in_ngram": seed_log(real_log, 42, truncate_at="ngram_eval "),
+                    "failed": seed_log(real_log, 42) + "run_failed reason:artifact_over_limit limit:16000000\n",
                     "foreign": "import torch\nprint('hello')\nstep:1/10 train_loss:1.0 train_time:1ms step_avg:1.00ms\n"}[kind])
     assert summarize_logs.main([str(good[0]), str(bad), str(good[1]), "--json", "-"]) == 0  # not stopped by it
     captured = capsys.readouterr()
@@ -199,8 +209,8 @@ def test_summarize_skips_unusable_logs_with_a_warning(tmp_path, capsys, kind):
     assert summarize_logs.main([str(bad)]) == 1 and "error: none of the 1 log(s)" in capsys.readouterr().err
 
 
-def test_json_option_means_the_same_in_every_tool(tmp_path, capsys):
-    paths = list(map(str, write_logs(tmp_path)))
+def test_json_option_means_the_same_in_every_tool(tmp_path, capsys, real_log):
+    paths = list(map(str, write_logs(tmp_path, real_log)))
     commands = {"summarize": (summarize_logs.main, paths), "significance": (significance.main, [
         "--baseline", "1.92", "--logs", *paths])}
     for name, (main, args) in commands.items():
@@ -229,25 +239,25 @@ def test_bench_train_user_error_exits_1_in_one_line():
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "error: invalid settings: NUM_HEADS=0" in out.stderr
 
 
-def test_make_record_refuses_incomplete_logs_unless_allowed(tmp_path, capsys):
-    script, sha, size = script_with_sha(tmp_path)
-    logs = write_logs(tmp_path, sha=sha, code_bytes=size, seeds=(1337, 42))
+def test_make_record_refuses_incomplete_logs_unless_allowed(tmp_path, capsys, real_log):
+    script, _, _ = real_script(tmp_path)
+    logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
     killed = tmp_path / "logs" / "run2024.txt"
-    killed.write_text(log_text(2024, sha=sha, code_bytes=size, truncate_at="ngram_audit"))  # killed during the n-gram eval
+    killed.write_text(seed_log(real_log, 2024, truncate_at="ngram_eval "))  # killed during the n-gram eval
     assert make_record.main(record_args(tmp_path, script, [*logs, killed])) == 1
     err = capsys.readouterr().err
     assert str(killed) in err and "n-gram" in err and not (tmp_path / "records").exists()
     assert make_record.main(record_args(tmp_path, script, [*logs, killed], "--allow-incomplete")) == 0
 
 
-def test_summarize_allow_incomplete_and_hashed(tmp_path, capsys):
+def test_summarize_allow_incomplete_and_hashed(tmp_path, capsys, real_log):
     trunc = tmp_path / "t.txt"
-    trunc.write_text(log_text(42, truncate_at="step:5000"))
+    trunc.write_text(seed_log(real_log, 42, truncate_at="step:12/"))
     hashed = tmp_path / "h.txt"
-    hashed.write_text(log_text(1337, hashed=True))
+    hashed.write_text(seed_log(real_log, 1337, hashed=True))
     assert summarize_logs.main([str(trunc), str(hashed), "--allow-incomplete", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["rows"][0]["roundtrip_bpb"] is None and data["rows"][0]["steps"] == 4500
+    assert data["rows"][0]["roundtrip_bpb"] is None and data["rows"][0]["steps"] == 10
     assert data["rows"][1]["ngram_bpb"] is None and data["rows"][1]["ngram_hashed_bpb"] == SEEDS[1337]["ng_bpb"]
 
 
@@ -279,8 +289,8 @@ def test_one_sided_ttest_figures():
     assert same["p"] == 0.0
 
 
-def test_significance_cli_verdicts_and_exit_codes(tmp_path, capsys):
-    paths = list(map(str, write_logs(tmp_path)))
+def test_significance_cli_verdicts_and_exit_codes(tmp_path, capsys, real_log):
+    paths = list(map(str, write_logs(tmp_path, real_log)))
     assert significance.main(["--baseline", "1.92", "--logs", *paths]) == 0
     out = capsys.readouterr().out
     assert "verdict: PASS" in out and "n: 3" in out and "df: 2" in out and "Student t-test" in out
@@ -292,17 +302,17 @@ def test_significance_cli_verdicts_and_exit_codes(tmp_path, capsys):
     assert "records need >= 3" in capsys.readouterr().err
     assert significance.main(["--baseline", "1.92", "--logs", paths[0]]) == 1
     hashed = tmp_path / "h.txt"
-    hashed.write_text(log_text(1337, hashed=True))
+    hashed.write_text(seed_log(real_log, 1337, hashed=True))
     assert significance.main(["--baseline", "0.48", "--metric", "ngram", "--logs", paths[0], str(hashed)]) == 1
     assert "ngram_eval_exact" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ plot_logs
 
-def test_plot_writes_png_for_several_and_single_logs(tmp_path):
-    paths = write_logs(tmp_path)
+def test_plot_writes_png_for_several_and_single_logs(tmp_path, real_log):
+    paths = write_logs(tmp_path, real_log)
     trunc = tmp_path / "running.txt"
-    trunc.write_text(log_text(42, truncate_at="step:3000"))
+    trunc.write_text(seed_log(real_log, 42, truncate_at="step:12/"))
     for logs, name in ((paths + [trunc], "many.png"), (paths[:1], "one.png")):
         out = tmp_path / name
         assert plot_logs.main([*map(str, logs), "-o", str(out)]) == 0
@@ -327,20 +337,21 @@ def test_plot_rejects_foreign(tmp_path, capsys):
 
 # ------------------------------------------------------------------ make_record
 
-def test_make_record_refuses_sha_mismatch_and_creates_nothing(tmp_path, capsys):
-    script, sha, size = script_with_sha(tmp_path)
-    logs = write_logs(tmp_path, seeds=(1337, 42), sha=sha, code_bytes=size)
+def test_make_record_refuses_sha_mismatch_and_creates_nothing(tmp_path, capsys, real_log):
+    script, _, _ = real_script(tmp_path)
+    logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
     logs.append(tmp_path / "other.txt")
-    logs[-1].write_text(log_text(2024, sha="0" * 64, code_bytes=size))  # one seed ran other code
+    logs[-1].write_text(seed_log(real_log, 2024, sha="0" * 64))  # one seed ran other code
     assert make_record.main(record_args(tmp_path, script, logs)) == 1
     err = capsys.readouterr().err
     assert "other.txt" in err and "0" * 64 in err and "nothing was created" in err
     assert not (tmp_path / "records").exists()
 
 
-def test_make_record_builds_folder(tmp_path, capsys):
-    script, sha, size = script_with_sha(tmp_path)
-    logs = write_logs(tmp_path, sha=sha, code_bytes=size)
+def test_make_record_builds_folder(tmp_path, capsys, real_log):
+    script, _, size = real_script(tmp_path)
+    logs = write_logs(tmp_path, real_log)
+    run = logparse.parse_text(real_log)
     assert make_record.main(record_args(tmp_path, script, logs)) == 0
     folder = tmp_path / "records" / "2026-03-30_ExactNgram"
     assert capsys.readouterr().out.strip() == str(folder)
@@ -353,14 +364,15 @@ def test_make_record_builds_folder(tmp_path, capsys):
     assert sub["val_bpb"] == pytest.approx(sum(ng) / 3, abs=1e-8)
     assert sub["val_loss"] == pytest.approx(sum(SEEDS[s]["ng_loss"] for s in SEEDS) / 3, abs=1e-8)
     assert sub["val_bpb_std"] == pytest.approx(logparse.mean_std(ng)[1], abs=1e-8)
-    assert sub["bytes_total"] == 15924715 and sub["bytes_code"] == size and sub["seeds"] == [1337, 42, 2024]
+    assert sub["bytes_total"] == run.total_bytes and sub["bytes_code"] == size and sub["seeds"] == [1337, 42, 2024]
     assert {k: sub[k] for k in ("author", "github_id", "name", "blurb", "date")} == {
         "author": "Ann", "github_id": "ann", "name": "ExactNgram", "blurb": "exact cache", "date": "2026-03-30"}
     readme = (folder / "README.md").read_text()
-    assert "DIAG_EVAL_CANDIDATES=1 NGRAM_MAX_ORDER=9 SEED=42 torchrun --standalone --nproc_per_node=8" in readme
-    assert "ITERATIONS=" not in readme and readme.count("- [x] PASS") == 6 and "FAIL" not in readme
-    assert "sum_min:0.999999998" in readme and "Total submission int6+zstd: 15924715 bytes" in readme
-    assert "seed 2024: `stopping_early: wallclock_cap train_time:599967ms step:6764/20000`" in readme
+    assert "ITERATIONS=16 " in readme and " SEED=42 " in readme and " USE_TTT=1 " in readme
+    assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme and "NGRAM_MODE=" not in readme
+    assert readme.count("- [x] PASS") == 5 and readme.count("- [ ] FAIL: scored on the whole validation split") == 1
+    assert "sum_min:1.000000000" in readme and f"Total submission int6+zstd: {run.total_bytes} bytes" in readme
+    assert f"seed 2024: `{run.step_lines[-1]['line']}`" in readme  # no stopping_early line: the last step line
     # an existing folder is kept unless --force
     assert make_record.main(record_args(tmp_path, script, logs)) == 1
     assert "already exists" in capsys.readouterr().err
@@ -368,13 +380,17 @@ def test_make_record_builds_folder(tmp_path, capsys):
     assert not (folder / "train_seed2024.log").exists()
 
 
-def test_make_record_roundtrip_score_without_ngram_and_unknown_defaults(tmp_path):
-    script, sha, size = script_with_sha(tmp_path, text="print('no Hyperparameters here')\n")
+def test_make_record_roundtrip_score_without_ngram_and_unknown_defaults(tmp_path, real_log):
+    code_bytes = logparse.parse_text(real_log).code_bytes
+    text = "print('no Hyperparameters here')\n#"
+    text += "-" * (code_bytes - len(text) - 1) + "\n"  # same size as the script behind the log, other sha256
+    script = tmp_path / "train_gpt.py"
+    script.write_text(text)
     logs = []
     for seed in (1337, 42):
         p = tmp_path / f"s{seed}.txt"
-        text = log_text(seed, sha=sha, code_bytes=size)
-        kept = [ln for ln in text.splitlines() if "gram" not in ln.lower()]
+        log = seed_log(real_log, seed, sha=hashlib.sha256(text.encode()).hexdigest())
+        kept = [ln for ln in log.splitlines() if "gram" not in ln.lower()]
         p.write_text("\n".join(kept + ["hparam ngram_enabled:0"]) + "\n")  # a run with the n-gram eval off
         logs.append(p)
     assert make_record.main(record_args(tmp_path, script, logs)) == 0
@@ -382,24 +398,24 @@ def test_make_record_roundtrip_score_without_ngram_and_unknown_defaults(tmp_path
     sub = json.loads((folder / "submission.json").read_text())
     assert sub["val_bpb"] == pytest.approx((SEEDS[1337]["rt_bpb"] + SEEDS[42]["rt_bpb"]) / 2, abs=1e-8)
     readme = (folder / "README.md").read_text()
-    assert "every logged setting is listed" in readme and "ITERATIONS=20000" in readme
+    assert "every logged setting is listed" in readme and "ITERATIONS=16" in readme
     assert "normalization audit" not in readme
 
 
-def test_make_record_refuses_duplicate_seeds_mixed_settings_and_strict_failures(tmp_path, capsys):
-    script, sha, size = script_with_sha(tmp_path)
-    a, b = write_logs(tmp_path, seeds=(1337, 42), sha=sha, code_bytes=size)
+def test_make_record_refuses_duplicate_seeds_mixed_settings_and_strict_failures(tmp_path, capsys, real_log):
+    script, _, _ = real_script(tmp_path)
+    a, b = write_logs(tmp_path, real_log, seeds=(1337, 42))
     dup = tmp_path / "dup.txt"
     dup.write_text(a.read_text())
     assert make_record.main(record_args(tmp_path, script, [a, dup])) == 1
     assert "one log per seed" in capsys.readouterr().err
     mixed = tmp_path / "mixed.txt"
-    mixed.write_text(log_text(2024, sha=sha, code_bytes=size, extra_hparams={"ngram_max_order": "7"}))
+    mixed.write_text(seed_log(real_log, 2024, hparams={"ngram_max_order": "7"}))
     assert make_record.main(record_args(tmp_path, script, [a, mixed])) == 1
     assert "ngram_max_order: 9 vs 7" in capsys.readouterr().err
     slow = tmp_path / "slow.txt"
-    slow.write_text(log_text(2024, sha=sha, code_bytes=size).replace("post_training_time:590123ms",
-                                                                      "post_training_time:700000ms"))
+    slow.write_text(re.sub(r"^post_training_time:\S+$", "post_training_time:700000ms", seed_log(real_log, 2024),
+                           flags=re.M))
     assert make_record.main(record_args(tmp_path, script, [a, slow], "--strict")) == 1
     assert "post-training time" in capsys.readouterr().err and not (tmp_path / "records").exists()
     assert make_record.main(record_args(tmp_path, script, [a, slow])) == 0
@@ -413,29 +429,41 @@ def test_clis_have_help():
         assert out.returncode == 0 and "usage:" in out.stdout, tool
 
 
-def test_real_script_hparam_lines_and_defaults(tmp_path, tg, capsys):
+def test_real_script_hparam_lines_and_defaults(tmp_path, tg, capsys, real_log):
     """The real train_gpt.py: its hparam lines parse, and a default run's launch command only sets SEED."""
     h = tg.Hyperparameters(run_id="x")
     for line in h.log_lines():
         assert logparse.match_line(line)[0] == "hparam", line
-    script = Path(tg.__file__)
-    sha, size = hashlib.sha256(script.read_bytes()).hexdigest(), script.stat().st_size
+    script, _, _ = real_script(tmp_path)
     logs = []
     for seed in (1337, 42, 2024):
         hp = {ln.split(" ", 1)[1].split(":", 1)[0]: ln.split(":", 1)[1] for ln in h.log_lines()}
         hp.update(seed=str(seed), run_id=f"run{seed}")
         p = tmp_path / f"s{seed}.txt"
-        p.write_text(log_text(seed, sha=sha, code_bytes=size, hparams=hp))
+        p.write_text(seed_log(real_log, seed, hparams=hp))
         logs.append(p)
     assert make_record.main(record_args(tmp_path, script, logs)) == 0, capsys.readouterr().err
     readme = next((tmp_path / "records").iterdir()).joinpath("README.md").read_text()
-    assert "\nSEED=2024 torchrun --standalone --nproc_per_node=8 train_gpt.py\n" in readme
+    assert "\nSEED=2024 torchrun --standalone --nproc_per_node=1 train_gpt.py\n" in readme
     assert "differ from the defaults" in readme
 
 
-def test_compliance_training_time_falls_back_to_last_step_line(tmp_path):
-    text = "\n".join(ln for ln in log_text(42).splitlines() if not ln.startswith("stopping_early"))
-    run = logparse.parse_text(text.replace("train_time:599999ms", "train_time:600500ms"), "x.txt")
+def test_compliance_training_time_falls_back_to_last_step_line(real_log):
+    last = re.findall(r"^step:16/16 val_loss:.*$", real_log, re.M)[-1]
+    slow = re.sub(r"train_time:\d+ms", "train_time:600500ms", last)
+    run = logparse.parse_text(real_log.replace(last, slow), "x.txt")
     item = make_record._check_train_time([run])
-    assert item["ok"] is False and item["evidence"] == [
-        "seed 42: `step:6772/20000 val_loss:1.8914 val_bpb:1.1202 train_time:600500ms step_avg:88.60ms`"]
+    assert item["ok"] is False and item["evidence"] == [f"seed 1337: `{slow}`"]
+
+
+def test_make_record_limits_are_the_scripts_and_compared_its_way(real_log, tg):
+    run = logparse.parse_text(real_log, "x.txt")
+    limit = tg.Hyperparameters.artifact_limit_bytes
+    for total, ok in ((limit, True), (limit + 1, False)):  # the script fails only total > limit
+        run.events["total_submission"] = [{"total_bytes": total}]
+        assert make_record._check_size([run])["ok"] is ok is (not tg.over_size_limit(total, limit))
+    tol = tg.NGRAM_AUDIT_TOLERANCE
+    for worst, ok in ((1 + tol / 2, True), (1 + 2 * tol, False)):
+        run.events["ngram_audit"] = [{"sum_min": 1.0, "sum_median": 1.0, "sum_max": worst}]
+        assert make_record._check_normalization([run])["ok"] is ok
+    assert make_record.TRAIN_TIME_LIMIT_S == tg.Hyperparameters.max_wallclock_seconds

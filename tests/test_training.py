@@ -53,7 +53,7 @@ def test_warmup_leaves_model_and_optimizer_bit_identical(tiny, tiny_corpus):
     # and the restored optimizer continues exactly as the untouched one would
     loader_a = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
     tg.train_step(model, opt, loader_a, h, rt, 1, 1.0)
-    replay_model = tg.build_model(h, rt.device)
+    replay_model = tg.build_model(h, rt)
     replay_model.load_state_dict(before_model)
     replay_opt = tg.build_optimizers(replay_model, h, rt)
     replay_opt.load_state_dict(copy.deepcopy(before_opt))

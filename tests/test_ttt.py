@@ -16,7 +16,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 import train_gpt as tg  # noqa: E402
 from conftest import RT1, random_stream, random_tables, repeating_stream, tiny_model, unit_tables  # noqa: E402
 
-CPU = torch.device("cpu")
 PLAIN_NLL, NGRAM_CALL = tg.model_nll, tg.NgramScorer.__call__
 
 
@@ -128,7 +127,7 @@ def test_freeze_blocks_keeps_their_bank_rows(tiny):
     h = tiny(vocab_size=64, eval_seq_len=32, eval_stride=16, eval_batch_windows=4, ngram_enabled=False,
              use_ttt=True, ttt_chunk_tokens=64, ttt_batch_seqs=2, ttt_epochs=1, ttt_lr=0.05, ttt_freeze_blocks=1,
              ttt_log_every=0)
-    model = tg.build_model(h, CPU)
+    model = tg.build_model(h)
     trainer = tg.ScoreFirstTTT(model, model, random_stream(400, 64, 7), h, RT1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.after_chunk(1, 65)

@@ -29,7 +29,7 @@ def main(data_path: str, vocab: int, out_prefix: str) -> None:
                      train_batch_tokens=128, train_micro_batch_tokens=64, run_id="skew")
     rt = tg.init_runtime(h)
     torch.manual_seed(0)
-    model = tg.build_model(h, rt.device)
+    model = tg.build_model(h, rt)
     opt = tg.build_optimizers(model, h, rt)
     seen, real_step = [], tg.train_step
 

@@ -95,9 +95,9 @@ def timed_pass(model, val, h, rt, ngram: bool) -> dict:
 
 def run(args) -> dict:
     h = hparams(args)
-    rt = tg.Runtime(0, 1, 0, torch.device("cpu" if args.device == "auto" else args.device), False)
+    rt = tg.single_process_runtime("cpu" if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
-    model = tg.build_model(h, rt.device)
+    model = tg.build_model(h, rt)
     tokens = load_tokens(args)
     val = tg.ValData(tokens, tg.ByteTables(torch.ones(args.vocab, dtype=torch.int16),
                                            torch.zeros(args.vocab, dtype=torch.bool),

@@ -46,7 +46,7 @@ def demo_hparams(env) -> tg.Hyperparameters:
 def train_weights(h: tg.Hyperparameters, rt: tg.Runtime, val: tg.ValData) -> tuple[tg.GPT, dict, float]:
     """(model, export weights, training seconds) after ITERATIONS steps."""
     tg.seed_everything(h.seed)
-    model = tg.build_model(h, rt.device)
+    model = tg.build_model(h, rt)
     t0 = time.perf_counter()
     result = tg.train(model, model, tg.build_optimizers(model, h, rt), val, h, rt)
     return model, tg.export_state(result, h), time.perf_counter() - t0
@@ -58,7 +58,7 @@ def roundtrip(state: dict, h: tg.Hyperparameters, rt: tg.Runtime, val: tg.ValDat
     quantizer = tg.calibrate_gptq(model, state, h, rt) if h.export_quantizer == "gptq" else None
     blob, stats = tg.pack_artifact(state, h, quantizer)
     export_s = time.perf_counter() - t0
-    rebuilt = tg.build_model(h, rt.device)
+    rebuilt = tg.build_model(h, rt)
     rebuilt.load_state_dict(tg.unpack_artifact(blob)[1], strict=True)
     res = {"bpb": tg.sliding_eval(rebuilt, val, h, rt).bpb, "payload_bytes": stats.payload_bytes,
            "model_bytes": len(blob), "export_s": round(export_s, 2)}

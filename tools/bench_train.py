@@ -127,11 +127,12 @@ class TrainingRig(NamedTuple):
     loader: object
 
 
-def build_rig(h: tg.Hyperparameters, rt: tg.Runtime, attn_fn, use_compile: bool, synthetic: bool) -> TrainingRig:
-    """The training script's own model, compile wrapper, optimizers and loader (or synthetic tokens)."""
+def build_rig(h: tg.Hyperparameters, rt: tg.Runtime, synthetic: bool) -> TrainingRig:
+    """The training script's own model (on the runtime's device and attention backend), compile wrapper,
+    optimizers and loader (or synthetic tokens)."""
     tg.seed_everything(h.seed)
-    base_model = tg.build_model(h, rt.device, attn_fn)
-    model = tg.compile_model(base_model, use_compile)
+    base_model = tg.build_model(h, rt)
+    model = tg.compile_model(base_model, rt.use_compile)
     opt = tg.build_optimizers(base_model, h, rt)
     if synthetic:
         loader = SyntheticTokenLoader(rt, h.vocab_size, h.seed)
@@ -175,9 +176,8 @@ def time_training(rig: TrainingRig, h: tg.Hyperparameters, rt: tg.Runtime, warmu
 
 
 def run(args: argparse.Namespace, h: tg.Hyperparameters, rt: tg.Runtime) -> dict:
-    use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
-    choice = tg.select_attention(rt.device, use_compile, (h.num_heads, h.num_kv_heads, h.head_dim))
-    rig = build_rig(h, rt, choice.fn, use_compile, args.synthetic)
+    rt = tg.with_attention(rt, h)
+    rig = build_rig(h, rt, args.synthetic)
     rig.base_model.qat_active = args.qat
     figures = time_training(rig, h, rt, args.warmup, args.steps, peak_flops_for(rt.device, args.peak_flops))
     return {
@@ -185,8 +185,8 @@ def run(args: argparse.Namespace, h: tg.Hyperparameters, rt: tg.Runtime) -> dict
         "device_type": rt.device.type,
         "world_size": rt.world_size,
         "torch": torch.__version__,
-        "attention": choice.name,
-        "compile": use_compile,
+        "attention": rt.attention.name,
+        "compile": rt.use_compile,
         "data": "synthetic" if args.synthetic else h.data_path,
         "grad_accum_steps": h.grad_accum_steps(rt.world_size),
         "seq_len": h.train_seq_len,

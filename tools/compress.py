@@ -296,10 +296,10 @@ def load_model(path: str, h: tg.Hyperparameters, env) -> tuple[tg.GPT, tg.Hyperp
     settings, as EVAL_ONLY adopts them: an explicit conflicting setting in env is refused)."""
     try:
         art = tg.load_artifact(path)
-        h = tg.adopt_artifact_config(tg.dataclasses.replace(h, artifact=path), art.config, env)
+        h = tg.adopt_artifact_config(tg.dataclasses.replace(h, artifact_path=path), art.config, env)
     except tg.UserError as e:
         raise CompressError(" ".join(str(e).split())) from None
-    model = tg.build_model(h, torch.device("cpu"), tg.sdpa_attention)
+    model = tg.build_model(h)
     model.load_state_dict(art.state, strict=True)
     return model.eval(), h
 
@@ -378,7 +378,7 @@ class Distributions:
     `tokens` is read in place (the decoder fills it); the TTT step adapts a copy of the model."""
 
     def __init__(self, model: tg.GPT, h: tg.Hyperparameters, tokens: torch.Tensor, flags: int):
-        k, rt = tokens.numel() - 1, tg.Runtime(0, 1, 0, tokens.device, False)
+        k, rt = tokens.numel() - 1, tg.single_process_runtime(tokens.device)
         self.model, self.tokens, self.scorer, self.hooks = model, tokens, None, []
         windows = tg.plan_windows(k, h.eval_seq_len, h.eval_stride)
         self.length = max(w.end - w.start for w in windows)
@@ -438,7 +438,7 @@ def decode_tokens(dists: Distributions, payload: bytes) -> None:
 def evaluator_bits(model: tg.GPT, h: tg.Hyperparameters, tokens: torch.Tensor, tables, flags: int) -> tg.EvalResult:
     """The script's own score of the same targets: its round-trip pass (or its TTT pass with --ttt), 'model' or
     with --ngram 'ngram'; its log lines are kept off the console."""
-    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
+    rt = tg.single_process_runtime()
     h = tg.dataclasses.replace(h, ngram_enabled=bool(flags & FLAG_NGRAM))
     val = tg.ValData(tokens.clone(), tables)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -1,9 +1,11 @@
 """Parse the rank-0 log of train_gpt.py into one `RunLog` record (shared by every tool in tools/).
 
-The log file holds one event per line, plus the script's source text, a separator and `nvidia-smi` output.
-Every event has one regular expression in `PATTERNS`; a line is an event only if a pattern matches the WHOLE
-line (after stripping the line ending and trailing blanks), so source-code lines that merely mention a prefix
-(e.g. `log0(f"step:{step}/...`) are skipped. When a single-valued event appears twice, the last one wins.
+Every line train_gpt.py writes for machines is `event key:value key:value ...` (the event may carry a value, as
+in `step:7/20 train_loss:...`; a last `detail:` field holds free text); two upstream spellings kept byte for byte
+(`Total submission int6+zstd: N bytes`, `stopping_early: <reason> ...`) are rewritten into that form first. Values
+become numbers where they are numbers, `N/M` counters become `key` and `key_of`, and `123ms` / `1.5s` become
+`key_ms` / `key_s`. The log file also holds the script's source text after the header; those lines are no events
+(a line needs a `key:value` field to be one) and land in `RunLog.unparsed`.
 
 Public API: `parse_log(path) -> RunLog`, `require_complete(run)`, `LogError`, `load_runs(paths, complete=True)`,
 `emit(text, result, json_dest)`.
@@ -24,65 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf|-inf"  # what Python's float formatting can print
-INT = r"\d+"
-
-
-def _n(name: str) -> str:
-    """Named group for a float."""
-    return rf"(?P<{name}>{NUM})"
-
-
-def _i(name: str) -> str:
-    """Named group for a non-negative integer."""
-    return rf"(?P<{name}>{INT})"
-
-
-# event name -> regex (matched with fullmatch). Group names become the event's fields.
-PATTERNS: dict[str, re.Pattern] = {name: re.compile(rx) for name, rx in {
-    "logfile": r"logs/(?P<run_id>[^\s/]+)\.txt",
-    "hparam": r"hparam (?P<key>[a-z_][a-z0-9_]*):(?P<value>.*)",
-    "code": rf"code_bytes:{_i('code_bytes')} code_sha256:(?P<code_sha256>[0-9a-f]{{64}})",
-    "runtime": r"runtime (?P<fields>(?:\S+:\S+ ?)+)",
-    "model_params": rf"model_params:{_i('model_params')}",
-    "val_loader": rf"val_loader:shards pattern=(?P<pattern>\S+) tokens:{_i('tokens')}(?: bytes:{_i('bytes')})?",
-    "warmup_step": rf"warmup_step:{_i('i')}/{_i('n')}",
-    "val_step": (rf"step:{_i('step')}/{_i('total')} val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')} "
-                 rf"train_time:{_n('train_time_ms')}ms step_avg:{_n('step_avg_ms')}ms"),
-    "train_step": (rf"step:{_i('step')}/{_i('total')} train_loss:{_n('train_loss')} "
-                   rf"train_time:{_n('train_time_ms')}ms step_avg:{_n('step_avg_ms')}ms"),
-    "qat": rf"step:{_i('step')} QAT activated \(time_frac={_n('time_frac')}, scale={_n('scale')}\)",
-    "swa_start": rf"swa:start step:{_i('step')}",
-    "stopping_early": rf"stopping_early: wallclock_cap train_time:{_n('train_time_ms')}ms step:{_i('step')}/{_i('total')}",
-    "peak_memory": rf"peak memory allocated: {_i('allocated_mib')} MiB reserved: {_i('reserved_mib')} MiB",
-    "diag_eval": (rf"diag_eval_(?P<which>ema|swa|raw) val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')} "
-                  rf"eval_time:{_n('eval_time_ms')}ms"),
-    "export_weights": r"export_weights:(?P<which>ema|swa|raw)",
-    "serialized": (rf"Serialized model int6\+zstd: {_i('model_bytes')} bytes \(payload:{_i('payload')} "
-                   rf"raw_torch:{_i('raw_torch')} payload_ratio:{_n('payload_ratio')}x\)"),
-    "total_submission": rf"Total submission int6\+zstd: {_i('total_bytes')} bytes",
-    "artifact": (rf"artifact path:(?P<path>\S+) sha256:(?P<sha256>[0-9a-f]+) model_bytes:{_i('model_bytes')} "
-                 rf"code_bytes:{_i('code_bytes')} total_bytes:{_i('total_bytes')} limit:{_i('limit')}"),
-    "artifact_over_limit": rf"artifact_over_limit total_bytes:{_i('total_bytes')} limit:{_i('limit')} excess:{_i('excess')}",
-    "roundtrip": rf"final_int6_zstd_roundtrip val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')} eval_time:{_n('eval_time_ms')}ms",
-    "roundtrip_exact": rf"final_int6_zstd_roundtrip_exact val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')}",
-    "roundtrip_int8_alias": rf"final_int8_zlib_roundtrip_exact val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')}",
-    "ngram_start": (rf"Starting N-gram eval: order {_i('min_order')}-{_i('max_order')} mode=(?P<mode>\w+) "
-                    rf"chunk={_i('chunk')}"),
-    "ngram_chunk": rf"ngram_chunk \[{_i('k')}/{_i('total')}\] running_bpb:{_n('running_bpb')} elapsed:{_n('elapsed_s')}s",
-    "ngram_audit": (rf"ngram_audit positions:{_i('positions')} sum_min:{_n('sum_min')} sum_median:{_n('sum_median')} "
-                    rf"sum_max:{_n('sum_max')}"),
-    "ngram_eval": rf"ngram_eval val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')} eval_time:{_n('eval_time_ms')}ms",
-    "ngram_eval_exact": rf"ngram_eval_exact val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')}",
-    "ngram_hashed": (rf"ngram_hashed_unnormalized val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')} "
-                     rf"eval_time:{_n('eval_time_ms')}ms"),
-    "ngram_hashed_exact": rf"ngram_hashed_unnormalized_exact val_loss:{_n('val_loss')} val_bpb:{_n('val_bpb')}",
-    "post_training_time": rf"post_training_time:{_i('ms')}ms",
-    "env_ignored": r"env_ignored name:(?P<name>\S+)",
-    "run_failed": r"run_failed reason:(?P<reason>\w+)(?: (?P<detail>.*))?",
-}.items()}
-
-# events kept as lists (all occurrences, in order); every other event keeps its last occurrence only
-LIST_EVENTS = ("hparam", "warmup_step", "val_step", "train_step", "ngram_chunk", "diag_eval")
+INT = r"-?\d+"
+KEY = r"[a-z_][a-z0-9_]*"
+# `event key:value ...` (the event may carry a value itself, as in `step:7/20 train_loss:...`); a last field named
+# `detail` holds free text. A line with neither a head value nor a field is no event (source code, prose).
+EVENT_LINE = re.compile(rf"(?P<event>[a-z][a-z0-9_]*)(?::(?P<head>\S+))?(?P<fields>(?: {KEY}:\S*)*)(?: detail:(?P<detail>.*))?")
+HPARAM_LINE = re.compile(rf"hparam (?P<key>{KEY}):(?P<value>.*)")
+# the upstream spellings train_gpt.py keeps byte for byte, rewritten into the generic form before parsing
+UPSTREAM_LINES = (
+    (re.compile(r"Total submission int6\+zstd: (\d+) bytes"), r"total_submission total_bytes:\1"),
+    (re.compile(r"stopping_early: (\w+)(.*)"), r"stopping_early reason:\1\2"),
+)
+TEXT_KEYS = ("value", "path", "pattern", "sha256", "code_sha256", "detail", "run_id")  # never converted to numbers
+UNITS = ("ms", "s")  # `train_time:123ms` -> train_time_ms: 123.0
 
 
 class ToolError(ValueError):
@@ -98,8 +54,14 @@ class RunLog:
     """Everything the tools need from one log. Raw events are in `events`; derived values are properties."""
 
     path: Path
-    events: dict[str, object] = field(default_factory=dict)  # name -> dict (last occurrence) or list of dicts
-    lines: dict[str, str] = field(default_factory=dict)  # name -> text of the last matching line (evidence)
+    events: dict[str, list[dict]] = field(default_factory=dict)  # event name -> every occurrence, in log order
+    lines: dict[str, str] = field(default_factory=dict)  # event name -> text of its last line (evidence)
+    unparsed: list[str] = field(default_factory=list)  # non-blank lines that are no event (source text, noise)
+
+    def event(self, name: str) -> dict:
+        """Fields of the last occurrence of an event (empty dict when absent)."""
+        found = self.events.get(name)
+        return found[-1] if found else {}
 
     # --- identity and settings ---
     @property
@@ -109,46 +71,47 @@ class RunLog:
 
     @property
     def run_id(self) -> str:
-        """Run id from the hparam line, else the `logs/<id>.txt` line, else the file stem."""
-        rid = self.hparams.get("run_id") or self.event("logfile").get("run_id")
-        return rid or self.path.stem
+        """Run id from the hparam line, else the file stem."""
+        return self.hparams.get("run_id") or self.path.stem
 
     @property
     def seed(self) -> int | None:
-        """Seed from `hparam seed:`."""
         return _to_int(self.hparams.get("seed"))
 
     @property
     def world_size(self) -> int | None:
-        """world_size from the `runtime` line."""
-        return _to_int(self.runtime.get("world_size"))
+        return self.runtime.get("world_size")
 
     @property
-    def runtime(self) -> dict[str, str]:
+    def runtime(self) -> dict:
         """Fields of the `runtime key:value ...` line."""
-        text = self.event("runtime").get("fields", "")
-        return dict(tok.split(":", 1) for tok in text.split())
-
-    def event(self, name: str) -> dict:
-        """Last occurrence of a single-valued event (empty dict when absent)."""
-        value = self.events.get(name)
-        if isinstance(value, list):
-            return value[-1] if value else {}
-        return value or {}
+        return self.event("runtime")
 
     # --- training ---
     @property
     def step_lines(self) -> list[dict]:
-        """Train and val step events merged in log order (each has step, train_time_ms, step_avg_ms)."""
-        return self.events.get("_steps", [])
+        """Train and val step events in log order (each has step, train_time_ms, step_avg_ms, line)."""
+        return self.events.get("step", [])
+
+    def step_events(self, kind: str) -> list[dict]:
+        """Step lines of one kind: 'train_step' (train_loss) or 'val_step' (val_bpb)."""
+        key = "train_loss" if kind == "train_step" else "val_bpb"
+        return [e for e in self.step_lines if key in e]
+
+    @property
+    def peak_memory_mib(self) -> int | None:
+        """Peak device memory (allocated) on CUDA, else the peak resident set size."""
+        mem = self.event("peak_memory")
+        return mem.get("allocated_mib", mem.get("rss_mib"))
+
+    @property
+    def last_progress(self) -> dict:
+        """Where training stopped: the stopping_early line, else the last step line (empty before any step)."""
+        return self.event("stopping_early") or (self.step_lines[-1] if self.step_lines else {})
 
     @property
     def steps(self) -> int | None:
-        """Steps completed: from the stopping_early line, else the last step line."""
-        stop = self.event("stopping_early")
-        if stop:
-            return stop["step"]
-        return self.step_lines[-1]["step"] if self.step_lines else None
+        return self.last_progress.get("step")
 
     @property
     def step_avg_ms(self) -> float | None:
@@ -157,11 +120,7 @@ class RunLog:
 
     @property
     def train_time_ms(self) -> float | None:
-        """Training wall-clock: from the stopping_early line, else the last step line."""
-        stop = self.event("stopping_early")
-        if stop:
-            return stop["train_time_ms"]
-        return self.step_lines[-1]["train_time_ms"] if self.step_lines else None
+        return self.last_progress.get("train_time_ms")
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -179,13 +138,12 @@ class RunLog:
     # --- results ---
     def diag_bpb(self, which: str) -> float | None:
         """val_bpb of the optional diag_eval_<which> line (ema, swa or raw)."""
-        found = [e for e in self.events.get("diag_eval", []) if e["which"] == which]
-        return found[-1]["val_bpb"] if found else None
+        return self.event(f"diag_eval_{which}").get("val_bpb")
 
     @property
     def roundtrip_exact(self) -> dict:
         """final_int6_zstd_roundtrip_exact fields (val_loss, val_bpb); empty when truncated."""
-        return self.event("roundtrip_exact")
+        return self.event("final_int6_zstd_roundtrip_exact")
 
     @property
     def ngram_exact(self) -> dict:
@@ -199,18 +157,16 @@ class RunLog:
 
     @property
     def code_bytes(self) -> int | None:
-        """Script size from the `code_bytes:` line."""
-        return self.event("code").get("code_bytes")
+        return self.event("code_bytes").get("code_bytes")
 
     @property
     def code_sha256(self) -> str | None:
-        """Script sha256 from the `code_sha256:` field."""
-        return self.event("code").get("code_sha256")
+        return self.event("code_bytes").get("code_sha256")
 
     @property
-    def post_training_ms(self) -> int | None:
+    def post_training_ms(self) -> float | None:
         """Export + evaluation time from `post_training_time:`."""
-        return self.event("post_training_time").get("ms")
+        return self.event("post_training_time").get("post_training_time_ms")
 
 
 def _to_int(text) -> int | None:
@@ -221,29 +177,40 @@ def _to_int(text) -> int | None:
         return None
 
 
-def _convert(groups: dict[str, str]) -> dict:
-    """Turn regex groups into ints/floats where they look numeric; keep other text as is."""
-    out = {}
-    for key, text in groups.items():
-        if text is None or key in ("key", "value", "fields", "pattern", "path", "sha256", "code_sha256", "run_id"):
-            out[key] = text
-        elif re.fullmatch(INT, text):
-            out[key] = int(text)
-        elif re.fullmatch(NUM, text):
-            out[key] = float(text)
-        else:
-            out[key] = text
-    return out
+def _field(key: str, text: str) -> dict:
+    """One `key:value` as typed fields: numbers, `N/M` counters (key, key_of), `123ms`/`1.5s` (key_ms, key_s)."""
+    if key in TEXT_KEYS:
+        return {key: text}
+    if re.fullmatch(INT, text):
+        return {key: int(text)}
+    if re.fullmatch(NUM, text):
+        return {key: float(text)}
+    counter = re.fullmatch(r"(\d+)/(\d+)", text)
+    if counter:
+        return {key: int(counter[1]), f"{key}_of": int(counter[2])}
+    for unit in UNITS:
+        if text.endswith(unit) and re.fullmatch(NUM, text[:-len(unit)]):
+            return {f"{key}_{unit}": float(text[:-len(unit)])}
+    return {key: text}
 
 
 def match_line(line: str) -> tuple[str, dict] | None:
     """(event name, fields) for a log line, or None when the line is not an event."""
     text = line.rstrip()
-    for name, pattern in PATTERNS.items():
-        m = pattern.fullmatch(text)
-        if m:
-            return name, _convert(m.groupdict())
-    return None
+    for pattern, generic in UPSTREAM_LINES:
+        text = pattern.sub(generic, text) if pattern.fullmatch(text) else text
+    hparam = HPARAM_LINE.fullmatch(text)
+    if hparam:
+        return "hparam", hparam.groupdict()
+    m = EVENT_LINE.fullmatch(text)
+    if m is None or not (m["head"] or m["fields"] or m["detail"] is not None):
+        return None
+    fields = _field(m["event"], m["head"]) if m["head"] else {}
+    for token in m["fields"].split():
+        fields.update(_field(*token.split(":", 1)))
+    if m["detail"] is not None:
+        fields["detail"] = m["detail"]
+    return m["event"], fields
 
 
 def parse_text(text: str, path: Path | str = "<text>") -> RunLog:
@@ -252,14 +219,11 @@ def parse_text(text: str, path: Path | str = "<text>") -> RunLog:
     for line in text.splitlines():
         hit = match_line(line)
         if hit is None:
+            if line.strip():
+                run.unparsed.append(line)
             continue
         name, fields = hit
-        if name in LIST_EVENTS:
-            run.events.setdefault(name, []).append(fields)
-        else:
-            run.events[name] = fields
-        if name in ("val_step", "train_step"):
-            run.events.setdefault("_steps", []).append(dict(fields, kind=name, line=line.rstrip()))
+        run.events.setdefault(name, []).append(dict(fields, line=line.rstrip()))
         run.lines[name] = line.rstrip()
     return run
 
@@ -280,13 +244,12 @@ def parse_log(path: Path | str) -> RunLog:
 def incomplete_reason(run: RunLog) -> str | None:
     """Why the log is not a finished, successful run (None when it is): a `run_failed` line, or a missing final line
     (round trip; the n-gram score when NGRAM_ENABLED; post_training_time, the last line of every finished run)."""
-    failed = run.event("run_failed")
-    if failed:
+    if run.event("run_failed"):
         return f"the run failed ({run.lines['run_failed']})"
     if not run.roundtrip_exact:
         return f"truncated log (no 'final_int6_zstd_roundtrip_exact' line); last event: {_last_event(run)}"
     wants_ngram = run.hparams.get("ngram_enabled", "1") == "1"
-    if wants_ngram and not (run.ngram_exact or run.event("ngram_hashed_exact")):
+    if wants_ngram and not (run.ngram_exact or run.event("ngram_hashed_unnormalized_exact")):
         return "truncated log (no n-gram score: stopped during the n-gram eval)"
     if run.post_training_ms is None:
         return "truncated log (no 'post_training_time' line)"

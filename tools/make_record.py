@@ -24,12 +24,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import logparse  # noqa: E402
 import summarize_logs  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
-SIZE_LIMIT = 16_000_000
-TIME_LIMIT_S = 600.0
-AUDIT_TOL = 1e-6
+# the challenge limits as the script's defaults and constants state them (one source)
+SIZE_LIMIT = tg.Hyperparameters.artifact_limit_bytes
+TRAIN_TIME_LIMIT_S = tg.Hyperparameters.max_wallclock_seconds
+EVAL_TIME_LIMIT_S = tg.EVAL_TIME_LIMIT_S
 PER_RUN_KEYS = ("seed", "run_id", "artifact_path")  # settings allowed to differ between the seeds of one record
 NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -91,7 +94,7 @@ def check_seeds_and_settings(runs) -> None:
 def compliance(runs) -> list[dict]:
     """One item per rule: {'rule', 'ok' (True/False/None = not applicable), 'evidence': [lines]}."""
     items = [_check_size(runs), _check_train_time(runs), _check_post_time(runs), _check_full_val(runs)]
-    if any(r.event("ngram_start") or r.ngram_exact or r.event("ngram_hashed_exact") for r in runs):
+    if any(r.event("ngram_start") or r.ngram_exact or r.event("ngram_hashed_unnormalized_exact") for r in runs):
         items += [_check_single_pass(runs), _check_normalization(runs)]
     return items
 
@@ -107,12 +110,13 @@ def _ev(run, name: str) -> str:
 
 
 def _check_size(runs) -> dict:
-    """Total submission bytes below the limit and no artifact_over_limit line."""
+    """Total submission bytes within the limit (the script's rule) and no artifact_over_limit line."""
     results = []
     for r in runs:
-        ok = r.total_bytes is not None and r.total_bytes < SIZE_LIMIT and not r.event("artifact_over_limit")
+        ok = (r.total_bytes is not None and not tg.over_size_limit(r.total_bytes, SIZE_LIMIT)
+              and not r.event("artifact_over_limit"))
         results.append((ok, _ev(r, "total_submission")))
-    return _item(f"artifact total (compressed model + code) < {SIZE_LIMIT:,} bytes", results)
+    return _item(f"artifact total (compressed model + code) <= {SIZE_LIMIT:,} bytes", results)
 
 
 def _check_train_time(runs) -> dict:
@@ -120,16 +124,17 @@ def _check_train_time(runs) -> dict:
     results = []
     for r in runs:
         line = r.lines.get("stopping_early") or (r.step_lines[-1]["line"] if r.step_lines else "(no step line)")
-        ok = r.train_time_ms is not None and r.train_time_ms <= TIME_LIMIT_S * 1000
+        ok = r.train_time_ms is not None and r.train_time_ms <= TRAIN_TIME_LIMIT_S * 1000
         results.append((ok, f"seed {r.seed}: `{line}`"))
-    return _item(f"training time <= {TIME_LIMIT_S:.0f} s", results)
+    return _item(f"training time <= {TRAIN_TIME_LIMIT_S:.0f} s", results)
 
 
 def _check_post_time(runs) -> dict:
     """post_training_time line present and within the limit."""
-    results = [(r.post_training_ms is not None and r.post_training_ms <= TIME_LIMIT_S * 1000, _ev(r, "post_training_time"))
+    results = [(r.post_training_ms is not None and r.post_training_ms <= EVAL_TIME_LIMIT_S * 1000,
+                _ev(r, "post_training_time"))
                for r in runs]
-    return _item(f"post-training time (export + evaluation) <= {TIME_LIMIT_S:.0f} s", results)
+    return _item(f"post-training time (export + evaluation) <= {EVAL_TIME_LIMIT_S:.0f} s", results)
 
 
 def _check_full_val(runs) -> dict:
@@ -151,13 +156,13 @@ def _check_single_pass(runs) -> dict:
 
 
 def _check_normalization(runs) -> dict:
-    """ngram_audit sums (min, median, max) within AUDIT_TOL of 1."""
+    """ngram_audit sums (min, median, max) within the script's tolerance of 1, checked by the script's rule."""
     results = []
     for r in runs:
         a = r.event("ngram_audit")
-        ok = bool(a) and all(abs(a[k] - 1.0) <= AUDIT_TOL for k in ("sum_min", "sum_median", "sum_max"))
+        ok = bool(a) and tg.audit_normalized([a[k] for k in ("sum_min", "sum_median", "sum_max")])
         results.append((ok, _ev(r, "ngram_audit")))
-    return _item(f"normalization audit: mixed distributions sum to 1 within {AUDIT_TOL:g}", results)
+    return _item(f"normalization audit: mixed distributions sum to 1 within {tg.NGRAM_AUDIT_TOLERANCE:g}", results)
 
 
 # ------------------------------------------------------------------ launch command

@@ -36,7 +36,7 @@ YLABELS = {"train_loss": "train loss (nats)", "val_bpb": "val bpb"}
 def series(run, kind: str, xkey: str, ykey: str) -> tuple[list[float], list[float]]:
     """x and y values of one run's step lines of one kind ('train_step' or 'val_step')."""
     xs, ys = [], []
-    for e in run.events.get(kind, []):
+    for e in run.step_events(kind):
         xs.append(e["train_time_ms"] / 1000.0 if xkey == "time_s" else e["step"])
         ys.append(e[ykey])
     return xs, ys

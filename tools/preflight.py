@@ -81,10 +81,8 @@ class Preflight:
     """Everything the sections share: settings, runtime, results so far."""
     args: argparse.Namespace
     h: tg.Hyperparameters
-    rt: tg.Runtime
-    use_compile: bool
+    rt: tg.Runtime  # with its attention backend once check_attention found one
     checks: list = field(default_factory=list)
-    attn_fn: object = None
     rig: object = None
     train_figures: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -179,20 +177,19 @@ def _check_devices(pf: Preflight, driver: str | None) -> None:
 
 def check_attention(pf: Preflight, candidates=None) -> None:
     """The training script's own choice; `candidates` replaces its candidate list (tests inject broken ones)."""
-    h, rt = pf.h, pf.rt
     extra = {} if candidates is None else {"candidates": candidates}
     try:
-        choice = tg.select_attention(rt.device, pf.use_compile, (h.num_heads, h.num_kv_heads, h.head_dim), **extra)
+        pf.rt = tg.with_attention(pf.rt, pf.h, **extra)
     except tg.UserError as e:  # no candidate works: the message names each reason and the fix
         pf.add("attention", "backend", "fail", one_line(e))
         return
-    pf.attn_fn = choice.fn
-    how = "compiled (fullgraph) forward + backward" if pf.use_compile else "eager forward + backward (COMPILE off)"
+    rt, choice = pf.rt, pf.rt.attention
+    how = "compiled (fullgraph) forward + backward" if rt.use_compile else "eager forward + backward (COMPILE off)"
     skipped = "; ".join(f"{name}: {why}" for name, why in choice.skipped) or "none"
     slow = rt.is_cuda and choice.name == "sdpa"
     pf.add("attention", "backend", "warn" if slow else "ok",
            f"{choice.name}: {how} matches SDPA" + (" (no FlashAttention: slower than the record)" if slow else "")
-           + f"; skipped: {skipped}", backend=choice.name, compile=pf.use_compile, skipped=dict(choice.skipped))
+           + f"; skipped: {skipped}", backend=choice.name, compile=pf.rt.use_compile, skipped=dict(choice.skipped))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,7 +316,7 @@ def check_training(pf: Preflight) -> None:
         fig = bench_train.time_training(pf.rig, h, rt, args.warmup, args.steps, peak)
         pf.train_figures["qat" if qat else "plain"] = fig
         finite = math.isfinite(fig["final_loss"])
-        reason = ("QAT on: " if qat else "QAT off: ") + _step_reason(fig, pf.use_compile)
+        reason = ("QAT on: " if qat else "QAT off: ") + _step_reason(fig, pf.rt.use_compile)
         if not finite:
             reason += f"; non-finite loss {fig['final_loss']}: lower the learning rates or check the data"
         pf.add("training", "steps_qat" if qat else "steps", "ok" if finite else "fail", reason, **fig)
@@ -379,20 +376,15 @@ def eval_slice(pf: Preflight, targets: int) -> tg.ValData:
 
 def _timed_evals(pf: Preflight, raw_model, val: tg.ValData) -> dict:
     """Seconds of each post-training pass on `val`, as evaluate_artifact runs them: the one pass (round trip +
-    n-gram from the same logits) on the compiled model, then TTT (USE_TTT=1) on a copy. Their log lines are
-    swallowed."""
+    n-gram from the same logits) on the compiled model, then TTT (USE_TTT=1) on a copy. The time is the one each
+    eval measures and reports itself; their log lines are swallowed."""
     h, rt = pf.h, pf.rt
-    compiled = tg.compile_model(raw_model, pf.use_compile)
+    compiled = tg.compile_model(raw_model, pf.rt.use_compile)
     passes = {"one_pass": lambda: tg.roundtrip_eval(compiled, val, h, rt)}
     if h.use_ttt:
-        passes["ttt"] = lambda: tg.ttt_eval(raw_model, val, h, rt, lambda m: tg.compile_model(m, pf.use_compile))
-    seconds = {}
+        passes["ttt"] = lambda: tg.ttt_eval(raw_model, val, h, rt, lambda m: tg.compile_model(m, pf.rt.use_compile))
     with contextlib.redirect_stdout(io.StringIO()):
-        for name, run in passes.items():
-            t0 = time.perf_counter()
-            run()
-            seconds[name] = time.perf_counter() - t0
-    return seconds
+        return {name: run()["model"].time_ms / 1000.0 for name, run in passes.items()}
 
 
 def check_evaluation(pf: Preflight) -> None:
@@ -400,7 +392,7 @@ def check_evaluation(pf: Preflight) -> None:
         pf.add("evaluation", "throughput", "fail", "not run: the model could not be built (see attention)")
         return
     h = pf.h
-    model = tg.build_model(h, pf.rt.device, pf.attn_fn)  # a fresh model with the trained weights, as after export
+    model = tg.build_model(h, pf.rt)  # a fresh model with the trained weights, as after export
     model.load_state_dict(pf.rig.base_model.state_dict(), strict=True)
     t0 = time.perf_counter()
     _timed_evals(pf, model, eval_slice(pf, 2 * (h.ttt_chunk_tokens if h.use_ttt else h.eval_seq_len)))  # compiles
@@ -523,10 +515,10 @@ def check_data_supply(pf: Preflight) -> None:
 
 def build_rig(pf: Preflight) -> None:
     """The training rig every later section measures (real train shards when present, else synthetic tokens)."""
-    if pf.attn_fn is None:
+    if pf.rt.attention is None:
         return
     synthetic = "train_tokens" not in pf.data
-    pf.rig = bench_train.build_rig(pf.h, pf.rt, pf.attn_fn, pf.use_compile, synthetic)
+    pf.rig = bench_train.build_rig(pf.h, pf.rt, synthetic)
     pf.data["train_source"] = "synthetic" if synthetic else "shards"
 
 
@@ -559,7 +551,7 @@ def markdown_table(checks: list[Check]) -> str:
 
 def report_json(pf: Preflight, checks: list[Check]) -> dict:
     return {"verdict": verdict_line(checks).split()[1].split(":")[1], "world_size": pf.rt.world_size,
-            "device": pf.rt.device.type, "compile": pf.use_compile,
+            "device": pf.rt.device.type, "compile": pf.rt.use_compile,
             "checks": [c._asdict() for c in checks]}
 
 
@@ -587,8 +579,7 @@ def start(args: argparse.Namespace) -> Preflight:
     h = tg.Hyperparameters.from_env(os.environ)
     rt = tg.init_runtime(h)
     h.validate(rt.world_size)
-    use_compile = h.compile == "1" or (h.compile == "auto" and rt.is_cuda)
-    return Preflight(args, h, rt, use_compile)
+    return Preflight(args, h, rt)
 
 
 def finish(pf: Preflight, checks: list[Check]) -> bool:

@@ -37,8 +37,10 @@ COLUMNS = [
     ("roundtrip_bpb", "rt bpb", "{:.6f}", lambda r: r.roundtrip_exact.get("val_bpb")),
     ("ngram_val_loss", "ngram loss", "{:.6f}", lambda r: r.ngram_exact.get("val_loss")),
     ("ngram_bpb", "ngram bpb", "{:.6f}", lambda r: r.ngram_exact.get("val_bpb")),
-    ("ngram_hashed_bpb", "hashed bpb*", "{:.6f}", lambda r: r.event("ngram_hashed_exact").get("val_bpb")),
+    ("ngram_hashed_bpb", "hashed bpb*", "{:.6f}", lambda r: r.event("ngram_hashed_unnormalized_exact").get("val_bpb")),
+    ("ttt_bpb", "TTT bpb", "{:.6f}", lambda r: r.event("legal_ttt_exact").get("val_bpb")),
     ("total_bytes", "artifact B", "{:,}", lambda r: r.total_bytes),
+    ("peak_memory_mib", "peak MiB", "{:,}", lambda r: r.peak_memory_mib),
     ("post_training_s", "post s", "{:.1f}", lambda r: None if r.post_training_ms is None else r.post_training_ms / 1000),
 ]
 TEXT_KEYS = ("run", "seed")  # no mean/std for these
