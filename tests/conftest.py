@@ -16,7 +16,9 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
+import demo_config  # noqa: E402
 import train_gpt  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -34,15 +36,7 @@ TINY = dict(TINY_SHAPE, warmup_steps=2, iterations=6, max_wallclock_seconds=0.0,
 # On top of TINY_SHAPE for whole runs and the tools (script, torchrun, preflight, benchmarks): sequences of 64.
 TINY_RUN = dict(train_seq_len=64, eval_seq_len=64, eval_stride=32, eval_batch_windows=8, train_batch_tokens=1024,
                 train_micro_batch_tokens=512, ngram_chunk_tokens=512)
-# run.sh's CPU branch exports exactly these (tests/test_config.py checks): the offline demo, 200 steps.
-CPU_DEMO_ENV = dict(
-    DATA_PATH="./data/datasets/sample_sp1024", TOKENIZER_PATH="./data/tokenizers/sample_1024_bpe.model",
-    DEVICE="cpu", COMPILE="0", NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", XSA_LAST_N="2",
-    BIGRAM_DIM="32", TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", EVAL_STRIDE="64", TRAIN_BATCH_TOKENS="8192",
-    TRAIN_MICRO_BATCH_TOKENS="4096", ITERATIONS="200", WARMUP_STEPS="2", WARMDOWN_ITERS="80",
-    MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="100", TRAIN_LOG_EVERY="50", SWA_EVERY="10", EMA_DECAY="0.98",
-    VAL_MAX_TOKENS="131072", NGRAM_CHUNK_TOKENS="8192", KEEP_FLOAT_MAX_NUMEL="4096",
-    ARTIFACT_PATH="final_model.int6.ptz")
+CPU_DEMO_ENV = demo_config.CPU_DEMO_ENV  # run.sh's CPU branch exports exactly these (tests/test_config.py)
 
 
 def tiny_hparams(**overrides):

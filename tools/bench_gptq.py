@@ -24,17 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_config  # noqa: E402
 import logparse  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
-CPU_DEMO = dict(  # run.sh's CPU branch, with a shorter schedule and no periodic validation
-    DATA_PATH="./data/datasets/sample_sp1024", TOKENIZER_PATH="./data/tokenizers/sample_1024_bpe.model",
-    DEVICE="cpu", COMPILE="0", NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", XSA_LAST_N="2",
-    BIGRAM_DIM="32", TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", EVAL_STRIDE="64", TRAIN_BATCH_TOKENS="8192",
-    TRAIN_MICRO_BATCH_TOKENS="4096", ITERATIONS="80", WARMUP_STEPS="0", WARMDOWN_ITERS="30",
-    MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="20", SWA_EVERY="10", EMA_DECAY="0.98",
-    VAL_MAX_TOKENS="131072", GPTQ_CALIB_SEQS="16", GPTQ_CALIB_LEN="256",
-    KEEP_FLOAT_MAX_NUMEL="4096")  # the demo's matrices (16,384+ weights) are int6, as every matrix of the record model
+CPU_DEMO = dict(demo_config.CPU_DEMO_ENV, ITERATIONS="80", WARMUP_STEPS="0", WARMDOWN_ITERS="30", VAL_LOSS_EVERY="0",
+                TRAIN_LOG_EVERY="20", GPTQ_CALIB_SEQS="16", GPTQ_CALIB_LEN="256")  # run.sh's demo, shorter
 
 
 def demo_hparams(env) -> tg.Hyperparameters:

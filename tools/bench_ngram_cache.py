@@ -130,12 +130,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     res = run(args)
     text = " ".join(f"{k}:{v}" for k, v in res.items() if k != "tables") + f"\ntables {json.dumps(res['tables'])}"
-    try:
-        logparse.emit(text, res, args.json)
-    except logparse.ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return logparse.emit_status(text, res, args.json)
 
 
 if __name__ == "__main__":

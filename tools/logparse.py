@@ -8,7 +8,7 @@ become numbers where they are numbers, `N/M` counters become `key` and `key_of`,
 (a line needs a `key:value` field to be one) and land in `RunLog.unparsed`.
 
 Public API: `parse_log(path) -> RunLog`, `require_complete(run)`, `LogError`, `load_runs(paths, complete=True)`,
-`emit(text, result, json_dest)`.
+`emit(text, result, json_dest)`, `emit_status(...)` (the same, as an exit status).
 
 Conventions shared by every tool: a user error (a file, a log, an option value) prints one `error: ...` line and
 exits 1; `--json PATH` writes the JSON result to PATH (temporary file + rename) and prints the usual text, while
@@ -297,6 +297,16 @@ def emit(text: str, result, json_dest: str | None) -> None:
             raise ToolError(f"--json {json_dest}: cannot write ({exc.strerror or exc})") from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def emit_status(text: str, result, json_dest: str | None) -> int:
+    """emit(), as a tool's exit status: 0, or 1 after one `error:` line when the JSON cannot be written."""
+    try:
+        emit(text, result, json_dest)
+    except ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cli_parser(doc: str) -> argparse.ArgumentParser:

@@ -159,10 +159,7 @@ def main(argv=None) -> int:
     result = one_sided_ttest(values, args.baseline, args.min_improvement)
     figures = dict(result, metric=args.metric, values=values, baseline=args.baseline, alpha=args.alpha,
                    verdict="PASS" if result["p"] < args.alpha else "FAIL")
-    try:
-        logparse.emit(report(result, args, values), figures, args.json)
-    except logparse.ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if logparse.emit_status(report(result, args, values), figures, args.json):
         return 1
     return 1 if args.strict and not result["p"] < args.alpha else 0
 

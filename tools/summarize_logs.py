@@ -145,12 +145,8 @@ def main(argv=None) -> int:
         print(f"error: none of the {len(args.logs)} log(s) is a finished run (see the warnings)", file=sys.stderr)
         return 1
     summary = summarize(runs)
-    try:
-        logparse.emit(render_markdown(summary) if args.markdown else render_text(summary), summary, args.json)
-    except logparse.ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return logparse.emit_status(render_markdown(summary) if args.markdown else render_text(summary), summary,
+                                args.json)
 
 
 if __name__ == "__main__":
