@@ -1046,12 +1046,13 @@ def _probe_attention(fn, device: torch.device, layout: tuple[int, int, int], com
             raise ValueError("gradient differs from SDPA")
 
 
-def _one_line(e: BaseException) -> str:
-    """Type and first words of the innermost cause (compiler errors wrap the backend's own exception)."""
+def one_line_error(e: BaseException, max_chars: int | None = 160) -> str:
+    """Type and (first words of the) message of the innermost cause, on one line (compiler errors wrap the
+    backend's own exception)."""
     while (e.__cause__ or e.__context__) is not None:
         e = e.__cause__ or e.__context__
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+    text = " ".join(str(e).split())[:max_chars]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def select_attention(device, use_compile: bool, layout: tuple[int, int, int] = (8, 4, 64), *,
@@ -1068,7 +1069,7 @@ def select_attention(device, use_compile: bool, layout: tuple[int, int, int] = (
             _probe_attention(fn, device, layout, compile_backend if use_compile else None)
             return AttentionChoice(c.name, fn, tuple(skipped))
         except Exception as e:  # not installed, untraceable, broken backward, wrong numbers: try the next one
-            skipped.append((c.name, _one_line(e)))
+            skipped.append((c.name, one_line_error(e)))
     fix = "; set COMPILE=0 to run without torch.compile" if use_compile else ""
     raise UserError("no attention backend works here (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")" + fix)
 
@@ -1476,6 +1477,8 @@ def _cloned(obj):
 
 def _average_grads(params: list[torch.Tensor], world: int) -> None:
     """Mean of every non-bank gradient over ranks: one flat SUM all-reduce per dtype, then 1/W (no ReduceOp.AVG)."""
+    if world == 1:
+        return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
@@ -2014,7 +2017,7 @@ def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code_
     log_event("export", quantizer=h.export_quantizer, payload_bytes=st.payload_bytes, model_bytes=len(blob))
     if row_quantizer is not None:
         row_quantizer.log()
-    return report_artifact_size(h.artifact_path, Path(h.artifact_path).read_bytes(), code_bytes, h, st)
+    return report_artifact_size(h.artifact_path, blob, code_bytes, h, st)  # the bytes just written atomically
 
 
 class LoadedArtifact(NamedTuple):
@@ -2734,7 +2737,7 @@ def warmup_and_restore(model, base_model, opt, h: Hyperparameters, rt: Runtime) 
     if h.warmup_steps <= 0:
         return
     model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-    opt_state = copy.deepcopy(opt.state_dict())
+    opt_state = opt.state_dict()  # already an independent copy
     loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
     for i in range(h.warmup_steps):
         base_model.qat_active = h.use_late_qat and i == h.warmup_steps - 1

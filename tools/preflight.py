@@ -92,8 +92,8 @@ class Preflight:
 
 
 def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    """The script's one-line error, whole (a check's reason may list several causes)."""
+    return tg.one_line_error(e, max_chars=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
