@@ -351,7 +351,12 @@ def replace_folder(new: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old.{os.getpid()}")
     if final.exists():
         final.rename(old)
-    new.rename(final)
+    try:
+        new.rename(final)
+    except BaseException:  # interrupted or failed between the two renames: put the old dataset back
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

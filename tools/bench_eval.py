@@ -13,7 +13,6 @@ combined run (scorer calls incl. entropy and mixing, chunk updates, audit; synch
 pass time / (pass time - n-gram time), with cache lookups and updates reported separately. Tokens: a Zipf-like i.i.d. stream (many distinct long contexts: a hard case for the
 exact cache) or the first --tokens targets of the val shards under --val-shards. Model compile is off (CPU).
 """
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
 from bench_ngram_cache import make_stream  # noqa: E402
-from logparse import cli_parser  # noqa: E402
+from logparse import cli_parser, emit_status  # noqa: E402
 
 
 def hparams(args) -> tg.Hyperparameters:
@@ -125,7 +124,7 @@ def run(args) -> dict:
                             "roundtrip_plus_ngram": [round(r["seconds"], 3) for r in together]}}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = cli_parser(__doc__)
     p.add_argument("--tokens", type=int, default=131_072, help="validation targets (>= 100,000 for the figure)")
     p.add_argument("--val-shards", default="", help="DATA_PATH-style folder: use its val tokens instead of Zipf")
@@ -144,14 +143,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
     args = p.parse_args(argv)
     res = run(args)
-    text = json.dumps(res, indent=2)
-    if args.json == "-":
-        print(text)
-        return
-    if args.json:
-        tg.write_file_atomic(args.json, text.encode())
-    print(" ".join(f"{k}:{v}" for k, v in res.items() if not isinstance(v, dict)))
+    text = " ".join(f"{k}:{v}" for k, v in res.items() if not isinstance(v, dict))
+    return emit_status(text, res, args.json)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
