@@ -1046,10 +1046,10 @@ def _probe_attention(fn, device: torch.device, layout: tuple[int, int, int], com
             raise ValueError("gradient differs from SDPA")
 
 
-def one_line_error(e: BaseException, max_chars: int | None = 160) -> str:
-    """Type and (first words of the) message of the innermost cause, on one line (compiler errors wrap the
-    backend's own exception)."""
-    while (e.__cause__ or e.__context__) is not None:
+def one_line_error(e: BaseException, max_chars: int | None = 160, innermost: bool = True) -> str:
+    """Type and (first words of the) message on one line; of the innermost cause by default (compiler errors wrap
+    the backend's own exception)."""
+    while innermost and (e.__cause__ or e.__context__) is not None:
         e = e.__cause__ or e.__context__
     text = " ".join(str(e).split())[:max_chars]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

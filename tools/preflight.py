@@ -92,8 +92,9 @@ class Preflight:
 
 
 def one_line(e: BaseException) -> str:
-    """The script's one-line error, whole (a check's reason may list several causes)."""
-    return tg.one_line_error(e, max_chars=None)
+    """The script's one-line error, whole and of the exception itself (a check's reason may list several causes;
+    an error raised while another check's error was being handled must not report that one)."""
+    return tg.one_line_error(e, max_chars=None, innermost=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
