@@ -223,51 +223,50 @@ class Hyperparameters:
                 raise UserError("invalid settings: " + "; ".join(problems))
 
     def _range_checks(self):
-        for name in POSITIVE_FIELDS:
-            yield getattr(self, name) > 0, f"{name.upper()}={getattr(self, name)} must be > 0"
-        for name in NON_NEGATIVE_FIELDS:
-            yield getattr(self, name) >= 0, f"{name.upper()}={getattr(self, name)} must be >= 0"
+        for name, interval in FIELD_RANGES.items():
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            yield all(in_interval(v, interval) for v in values), (
+                f"{name.upper()}={format_setting(value)} must {'each ' if isinstance(value, tuple) else ''}be "
+                f"{describe_interval(interval)}")
         yield not self.run_id or SAFE_RUN_ID.fullmatch(self.run_id) is not None, (
             f"RUN_ID={self.run_id!r} must be a plain file name (letters, digits, '.', '_', '-'; at most 100 "
             "characters, not starting with '.')")
+        yield names_a_file(self.artifact_path), (
+            f"ARTIFACT_PATH={self.artifact_path!r} must name a file (not empty, not a folder or ending in a separator)")
 
     def _checks(self, world_size):
         yield self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}"
         yield self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}"
         yield self.head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even (RoPE pairs)"
-        yield 0 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim} (0 = full)"
-        yield 0 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} must be in [0, NUM_LAYERS={self.num_layers}]"
-        yield self.num_layers >= 1 and self.vocab_size >= 2, "NUM_LAYERS must be >= 1 and VOCAB_SIZE >= 2"
-        yield self.logit_softcap > 0, f"LOGIT_SOFTCAP={self.logit_softcap} must be > 0"
+        yield self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0, f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim} (0 = full)"
+        yield self.mlp_hidden >= 1, f"MLP_MULT={self.mlp_mult} x MODEL_DIM={self.model_dim} must give an MLP of at least 1 unit"
+        yield self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} must be in [0, NUM_LAYERS={self.num_layers}]"
         yield self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"
-        yield self.train_seq_len >= 2 and self.eval_seq_len >= 2, "TRAIN_SEQ_LEN and EVAL_SEQ_LEN must be >= 2"
         yield self.train_micro_batch_tokens % self.train_seq_len == 0, f"TRAIN_MICRO_BATCH_TOKENS={self.train_micro_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len} (0 = derived)"
-        yield 1 <= self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]"
-        yield self.eval_batch_windows >= 1, "EVAL_BATCH_WINDOWS must be >= 1"
-        yield 2 <= self.ngram_min_order <= self.ngram_max_order, f"NGRAM_MIN_ORDER={self.ngram_min_order} must be >= 2 and <= NGRAM_MAX_ORDER={self.ngram_max_order}"
+        yield self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]"
+        yield self.ngram_min_order <= self.ngram_max_order, f"NGRAM_MIN_ORDER={self.ngram_min_order} must be >= 2 and <= NGRAM_MAX_ORDER={self.ngram_max_order}"
         yield len(self.ngram_order_mults) >= self.ngram_max_order - self.ngram_min_order + 1, "NGRAM_ORDER_MULTS needs one multiplier per order in [NGRAM_MIN_ORDER, NGRAM_MAX_ORDER]"
+        yield self.ngram_alpha_min <= self.ngram_alpha_max, f"NGRAM_ALPHA_MIN={self.ngram_alpha_min} must be <= NGRAM_ALPHA_MAX={self.ngram_alpha_max}"
         yield self.ngram_mode in ("exact", "hashed"), f"NGRAM_MODE={self.ngram_mode!r} must be 'exact' or 'hashed'"
-        yield self.ngram_buckets > 0 and self.ngram_buckets & (self.ngram_buckets - 1) == 0, f"NGRAM_BUCKETS={self.ngram_buckets} must be a power of two"
-        yield self.ngram_chunk_tokens >= 1 and self.ngram_min_count >= 1, "NGRAM_CHUNK_TOKENS and NGRAM_MIN_COUNT must be >= 1"
-        yield self.ttt_lr >= 0 and self.ttt_epochs >= 1 and self.ttt_batch_seqs >= 1, "TTT_LR must be >= 0, TTT_EPOCHS and TTT_BATCH_SEQS >= 1"
+        yield self.ngram_buckets & (self.ngram_buckets - 1) == 0, f"NGRAM_BUCKETS={self.ngram_buckets} must be a power of two"
         yield self.ttt_chunk_tokens >= self.eval_seq_len, f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be >= EVAL_SEQ_LEN={self.eval_seq_len} (a chunk trains on whole sequences)"
-        yield 0.0 <= self.ttt_momentum < 1.0 and self.ttt_grad_clip >= 0, "TTT_MOMENTUM must be in [0, 1) and TTT_GRAD_CLIP >= 0 (0 = off)"
-        yield 0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be in [0, NUM_LAYERS={self.num_layers}]"
-        yield 0.0 <= self.ngram_alpha_clip < 1.0, f"NGRAM_ALPHA_CLIP={self.ngram_alpha_clip} must be in [0, 1) so the model keeps weight"
+        yield self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be in [0, NUM_LAYERS={self.num_layers}]"
         yield self.export_weights in ("ema", "swa", "raw"), f"EXPORT_WEIGHTS={self.export_weights!r} must be ema, swa or raw"
         yield self.export_weights != "ema" or self.use_ema, "EXPORT_WEIGHTS=ema needs USE_EMA=1"
         yield self.export_weights != "swa" or (self.swa_enabled and self.use_ema), "EXPORT_WEIGHTS=swa needs SWA_ENABLED=1 and USE_EMA=1 (SWA averages EMA snapshots)"
-        yield not self.eval_only or bool(self.artifact_path), "EVAL_ONLY=1 needs ARTIFACT_PATH=<path of an existing artifact>"
         yield self.device in ("auto", "cuda", "cpu") and self.compile in ("auto", "0", "1"), "DEVICE must be auto|cuda|cpu and COMPILE auto|0|1"
         yield self.tokenizer_path.endswith(".model"), f"TOKENIZER_PATH={self.tokenizer_path} must be a SentencePiece .model file"
-        yield 0.0 < self.ema_decay < 1.0 and self.swa_every >= 1, "EMA_DECAY must be in (0, 1) and SWA_EVERY >= 1"
-        yield 0.0 <= self.qat_time_frac <= 1.0, f"QAT_TIME_FRAC={self.qat_time_frac} must be in [0, 1]"
-        yield all(0.0 < p <= 1.0 for p in self.int6_clip_candidates), "INT6_CLIP_CANDIDATES must be quantiles in (0, 1]"
         yield self.export_quantizer in ("gptq_lite", "gptq"), f"EXPORT_QUANTIZER={self.export_quantizer!r} must be gptq_lite or gptq"
-        yield self.gptq_calib_len >= 2 and self.gptq_calib_temperature > 0, "GPTQ_CALIB_LEN must be >= 2 and GPTQ_CALIB_TEMPERATURE > 0"
-        yield self.gptq_damp > 0, f"GPTQ_DAMP={self.gptq_damp} must be > 0 (it keeps H invertible)"
         if world_size is not None:
             yield batch_fits(self, world_size), batch_problem(self, world_size)
+            for name, chunk_tokens in self.chunked_passes():
+                yield chunk_fills_batches(self, chunk_tokens, world_size), chunk_problem(self, name, chunk_tokens, world_size)
+
+    def chunked_passes(self) -> list[tuple[str, int]]:
+        """(setting, targets per chunk) of every score-then-update pass this configuration runs."""
+        return [("NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens)] * self.ngram_enabled + [
+            ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens)] * self.use_ttt
 
     def log_lines(self) -> list[str]:
         return [f"hparam {f.name}:{format_setting(getattr(self, f.name))}"
@@ -275,15 +274,55 @@ class Hyperparameters:
 
 
 DEFAULT_MICRO_STEPS = 8  # upstream convention: grad accumulation = 8 / WORLD_SIZE unless the batch is too small
-POSITIVE_FIELDS = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
-                   "num_heads", "num_kv_heads", "mlp_mult", "rope_base", "rope_train_len", "eval_seq_len",
-                   "eval_batch_windows", "artifact_limit_bytes", "muon_backend_steps", "zstd_level",
-                   "gptq_calib_seqs", "gptq_block_size")
-NON_NEGATIVE_FIELDS = ("val_max_tokens", "warmdown_iters", "warmup_steps", "train_micro_batch_tokens",
-                       "max_wallclock_seconds", "val_loss_every", "train_log_every", "bigram_dim", "xsa_last_n",
-                       "keep_float_max_numel", "ngram_audit_positions", "ngram_log_every", "grad_clip_norm",
-                       "muon_momentum_warmup_steps")
+FIELD_RANGES = {  # every numeric field (each element of a tuple): its interval; NaN and inf are never inside one
+    "seed": "[0, 4294967295]", "vocab_size": "[2, 65536]", "val_max_tokens": "[0, inf)", "iterations": "(0, inf)",
+    "warmdown_iters": "[0, inf)", "warmup_steps": "[0, inf)", "train_batch_tokens": "(0, inf)",
+    "train_micro_batch_tokens": "[0, inf)", "train_seq_len": "[2, inf)", "max_wallclock_seconds": "[0, inf)",
+    "val_loss_every": "[0, inf)", "train_log_every": "(0, inf)",
+    "num_layers": "(0, inf)", "model_dim": "(0, inf)", "num_heads": "(0, inf)", "num_kv_heads": "(0, inf)",
+    "mlp_mult": "(0, inf)", "rope_base": "(0, inf)", "rope_dims": "[0, inf)", "rope_train_len": "(0, inf)",
+    "logit_softcap": "(0, inf)", "qk_gain_init": "(0, inf)", "tied_embed_init_std": "[0, inf)",
+    "bigram_vocab_size": "[0, inf)", "bigram_dim": "(0, inf)", "xsa_last_n": "[0, inf)",
+    "matrix_lr": "[0, inf)", "scalar_lr": "[0, inf)", "tied_embed_lr": "[0, inf)", "muon_momentum": "[0, 1)",
+    "muon_momentum_warmup_start": "[0, 1)", "muon_momentum_warmup_steps": "[0, inf)", "muon_backend_steps": "(0, inf)",
+    "muon_wd": "[0, inf)", "adam_wd": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "adam_eps": "(0, inf)",
+    "grad_clip_norm": "[0, inf)",
+    "ema_decay": "(0, 1)", "swa_every": "(0, inf)", "swa_lr_threshold": "[0, 1]", "qat_time_frac": "[0, 1]",
+    "artifact_limit_bytes": "(0, inf)", "zstd_level": "[1, 22]", "keep_float_max_numel": "[0, inf)",
+    "int6_clip_candidates": "(0, 1]", "gptq_calib_seqs": "(0, inf)", "gptq_calib_len": "[2, inf)",
+    "gptq_calib_temperature": "[0.001, inf)",  # lower: logits / T overflows float32 (sampling fails)
+    "gptq_calib_seed": "[0, 4294967295]", "gptq_block_size": "(0, inf)",
+    "gptq_damp": "[0.0001, inf)",  # lower: H + damp * mean(diag H) * I is not positive definite in float32
+    "eval_seq_len": "[2, inf)", "eval_stride": "(0, inf)", "eval_batch_windows": "(0, inf)",
+    "ngram_min_order": "[2, inf)", "ngram_max_order": "[2, inf)", "ngram_min_count": "(0, inf)",
+    "ngram_chunk_tokens": "(0, inf)", "ngram_buckets": "(0, inf)", "ngram_alpha_min": "[0, 1]",
+    "ngram_alpha_max": "[0, 1]", "ngram_entropy_center": "(-inf, inf)", "ngram_entropy_scale": "[0, inf)",
+    "ngram_center_shift": "(-inf, inf)", "ngram_order_mults": "[0, inf)", "ngram_alpha_clip": "[0, 1)",
+    "ngram_audit_positions": "[0, inf)", "ngram_log_every": "[0, inf)",
+    "ttt_lr": "[0, inf)", "ttt_epochs": "(0, inf)", "ttt_chunk_tokens": "(0, inf)", "ttt_batch_seqs": "(0, inf)",
+    "ttt_momentum": "[0, 1)", "ttt_grad_clip": "[0, inf)", "ttt_freeze_blocks": "[0, inf)", "ttt_log_every": "[0, inf)",
+}
 SAFE_RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """value lies in an interval written "[lo, hi)" etc. ('[' and ']' include the bound); False for NaN."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = lo <= value if interval[0] == "[" else lo < value
+    return above and (value <= hi if interval[-1] == "]" else value < hi)
+
+
+def describe_interval(interval: str) -> str:
+    """'> 0', '>= 2' for intervals open to infinity, else 'in [0, 1)' (finite: NaN and inf are refused)."""
+    lo, hi = interval[1:-1].split(", ")
+    if hi == "inf" and lo != "-inf":
+        return f"{'>=' if interval[0] == '[' else '>'} {lo}"
+    return "finite" if lo == "-inf" else f"in {interval}"
+
+
+def names_a_file(path: str) -> bool:
+    """Not empty, no trailing separator, not '.' or '..' at the end (the folder itself is checked at start-up)."""
+    return os.path.basename(path) not in ("", ".", "..") and not path.endswith(("/", os.sep))
 
 
 def batch_fits(h: Hyperparameters, world_size: int) -> bool:
@@ -308,6 +347,22 @@ def batch_problem(h: Hyperparameters, world_size: int) -> str:
             f"TRAIN_SEQ_LEN = {unit}); use TRAIN_BATCH_TOKENS={lower} or {lower + unit}")
 
 
+def chunk_fills_batches(h: Hyperparameters, chunk_tokens: int, world_size: int) -> bool:
+    """A score-then-update chunk gives every rank at least one full batch of windows (EVAL_STRIDE targets each)."""
+    return chunk_tokens >= h.eval_stride * h.eval_batch_windows * world_size
+
+
+def chunk_problem(h: Hyperparameters, name: str, chunk_tokens: int, world_size: int) -> str:
+    """What a too-small chunk costs (each chunk runs at least one padded batch per rank) and values that work."""
+    windows = chunk_tokens / (h.eval_stride * world_size)
+    cost = h.eval_batch_windows / windows
+    return (f"{name}={chunk_tokens} gives each of WORLD_SIZE={world_size} ranks {windows:.3g} windows of "
+            f"EVAL_STRIDE={h.eval_stride} targets per chunk, but every chunk runs at least one batch of "
+            f"EVAL_BATCH_WINDOWS={h.eval_batch_windows} windows per rank: the pass would cost {cost:.3g}x the plain "
+            f"pass; use {name} >= {h.eval_stride * h.eval_batch_windows * world_size}"
+            + (f" or EVAL_BATCH_WINDOWS <= {int(windows)}" if windows >= 1 else ""))
+
+
 # Settings of the reference script (and our own retired names) that this one does not have. A value equal to what we always do is accepted
 # (and logged as ignored); anything else is an error, so no one believes they changed something they did not.
 REFERENCE_ONLY_SETTINGS = {
@@ -326,28 +381,40 @@ NEAR_MISS_RATIO = 0.85  # difflib similarity above which an unknown name is take
 
 
 def check_unknown_settings(env: Mapping[str, str]) -> list[str]:
-    """Refuse near-misses of a real setting and unsupported reference settings; return the other unknown names
-    that merely share one of our prefixes (containers and CI set many such variables): they are only logged."""
+    """Refuse unsupported reference settings and near-misses of any setting whatever their prefix (SEEDS, NUM_LAYER,
+    num_layers); return the other unknown names that share one of our prefixes: they are only logged. What
+    containers and CI set (HOSTNAME, CUDA_VERSION, NCCL_*, LOCAL_RANK, ...) is no near-miss (tests hold a list)."""
     known = {f.name.upper() for f in dataclasses.fields(Hyperparameters)}
     errors, ignored = [], []
     for name, value in sorted(env.items()):
-        if name in known or not name.startswith(CHECKED_PREFIXES):
+        if name in known:
             continue
         accepted, why = REFERENCE_ONLY_SETTINGS.get(name, (None, None))
-        close = difflib.get_close_matches(name, known, n=1, cutoff=NEAR_MISS_RATIO)
+        close = near_miss(name, known) if why is None else None
         if why is not None and (accepted is None or value.strip() != accepted):
             errors.append(f"{name}={value}: {why}")
-        elif why is None and close:
-            errors.append(f"{name} is not a setting; did you mean {close[0]}?")
-        elif why is None:
+        elif close:
+            errors.append(f"{name} is not a setting; did you mean {close}?")
+        elif why is None and name.startswith(CHECKED_PREFIXES):
             ignored.append(name)
     if errors:
         raise UserError("unknown or unsupported settings in the environment: " + "; ".join(errors))
     return ignored
 
 
+def near_miss(name: str, known: set[str]) -> str | None:
+    """The setting `name` was probably meant to be: the same name in other case, or a close spelling."""
+    upper = name.upper()
+    close = [upper] if upper in known else difflib.get_close_matches(upper, known, n=1, cutoff=NEAR_MISS_RATIO)
+    return close[0] if close else None
+
+
 def parse_setting(name: str, type_name, raw: str):
     t = str(type_name)
+    try:
+        raw.encode("utf-8")  # a byte that is not UTF-8 arrives as a lone surrogate, which no log line can hold
+    except UnicodeEncodeError:
+        raise UserError(f"{name.upper()}={ascii(raw)} is not valid UTF-8; rename the path or fix the value") from None
     try:
         if t == "bool":
             low = raw.strip().lower()

@@ -1,5 +1,6 @@
 """Hyperparameters: env parsing, unknown settings, validation messages, logging. Run: python3 -m pytest tests/test_config.py"""
 import dataclasses
+import os
 import re
 
 import pytest
@@ -74,7 +75,7 @@ def test_unrelated_names_with_our_prefixes_are_only_reported():
     ({"ITERATIONS": "0"}, "ITERATIONS=0 must be > 0"),
     ({"MAX_WALLCLOCK_SECONDS": "-1"}, "MAX_WALLCLOCK_SECONDS=-1.0 must be >= 0"),
     ({"VAL_MAX_TOKENS": "-5"}, "VAL_MAX_TOKENS=-5 must be >= 0"),
-    ({"TRAIN_SEQ_LEN": "0"}, "TRAIN_SEQ_LEN=0 must be > 0"),
+    ({"TRAIN_SEQ_LEN": "0"}, "TRAIN_SEQ_LEN=0 must be >= 2"),
     ({"RUN_ID": "../escape"}, "RUN_ID='../escape' must be a plain file name"),
     ({"RUN_ID": "a b"}, "RUN_ID='a b'"),
 ])
@@ -189,3 +190,153 @@ def test_cpu_demo_config_is_a_valid_configuration():
     h = tg.Hyperparameters.from_env(dict(CPU_DEMO_ENV, RUN_ID="demo"))
     assert (h.num_layers, h.model_dim, h.iterations, h.max_wallclock_seconds) == (4, 128, 200, 0.0)
     assert h.train_batch_tokens // h.train_micro_batch_tokens == 2  # 2 micro-steps on one process
+
+
+# ---- typos of any setting; quiet for what containers, schedulers and CI set --------------------------------------
+
+@pytest.mark.parametrize("name, suggestion", [
+    ("NUM_LAYER", "NUM_LAYERS"), ("SEEDS", "SEED"), ("DATA_PAHT", "DATA_PATH"), ("MATRIXLR", "MATRIX_LR"),
+    ("GPTQ_DAMPING", "GPTQ_DAMP"), ("LOGDIR", "LOG_DIR"), ("ITERATION", "ITERATIONS"), ("BETA_1", "BETA1"),
+    ("num_layers", "NUM_LAYERS"), ("seed", "SEED"), ("Model_Dim", "MODEL_DIM"),
+])
+def test_near_misses_of_every_setting_are_errors_whatever_the_prefix(name, suggestion):
+    with pytest.raises(tg.UserError, match=f"{name} is not a setting; did you mean {suggestion}\\?"):
+        tg.Hyperparameters.from_env({name: "42"})
+
+
+# Variables set by Docker images (NVIDIA CUDA, PyTorch, Python), Kubernetes, SLURM, torchrun/torchelastic, GitHub
+# Actions, GitLab, Jenkins, cloud GPU hosts, shells and common ML tooling.
+CONTAINER_AND_CI_ENV = """
+HOSTNAME PATH HOME USER SHELL TERM LANG LC_ALL PWD OLDPWD SHLVL LOGNAME TZ TMPDIR DISPLAY EDITOR PAGER _
+CUDA_VERSION CUDA_HOME CUDA_PATH CUDA_VISIBLE_DEVICES CUDA_DEVICE_ORDER CUDA_LAUNCH_BLOCKING CUDA_MODULE_LOADING
+CUDA_CACHE_PATH CUDA_DEVICE_MAX_CONNECTIONS CUDNN_VERSION NV_CUDA_LIB_VERSION NV_CUDA_CUDART_VERSION NV_LIBNCCL_PACKAGE
+NV_LIBNCCL_PACKAGE_VERSION NV_NVTX_VERSION NV_CUDNN_VERSION NVIDIA_VISIBLE_DEVICES NVIDIA_DRIVER_CAPABILITIES
+NVIDIA_REQUIRE_CUDA NVIDIA_PRODUCT_NAME NVARCH NCCL_VERSION NCCL_DEBUG NCCL_DEBUG_SUBSYS NCCL_IB_DISABLE
+NCCL_P2P_DISABLE NCCL_SOCKET_IFNAME NCCL_ASYNC_ERROR_HANDLING NCCL_BLOCKING_WAIT NCCL_NVLS_ENABLE NCCL_TIMEOUT
+NCCL_ALGO NCCL_PROTO NCCL_IB_HCA OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS OMP_PROC_BIND KMP_AFFINITY
+MASTER_ADDR MASTER_PORT RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE ROLE_RANK ROLE_NAME
+ROLE_WORLD_SIZE TORCHELASTIC_RESTART_COUNT TORCHELASTIC_MAX_RESTARTS TORCHELASTIC_RUN_ID TORCHELASTIC_USE_AGENT_STORE
+TORCHELASTIC_ERROR_FILE TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_BLOCKING_WAIT TORCH_DISTRIBUTED_DEBUG
+TORCH_CPP_LOG_LEVEL TORCH_LOGS TORCH_COMPILE_DEBUG TORCHINDUCTOR_CACHE_DIR TORCHINDUCTOR_FX_GRAPH_CACHE TORCH_HOME
+TORCH_CUDA_ARCH_LIST PYTORCH_CUDA_ALLOC_CONF PYTORCH_VERSION TRITON_CACHE_DIR TORCH_COMPILE_DISABLE
+PYTHONPATH PYTHONUNBUFFERED PYTHONDONTWRITEBYTECODE PYTHONHASHSEED PYTHONIOENCODING PYTHONWARNINGS PYTHON_VERSION
+PYTHON_SHA256 PIP_NO_CACHE_DIR PIP_DISABLE_PIP_VERSION_CHECK PIP_ROOT_USER_ACTION VIRTUAL_ENV CONDA_PREFIX
+CONDA_DEFAULT_ENV LD_LIBRARY_PATH LIBRARY_PATH LD_PRELOAD CPATH PKG_CONFIG_PATH XDG_RUNTIME_DIR XDG_CACHE_HOME
+SSH_CLIENT SSH_CONNECTION SSH_TTY SSH_AUTH_SOCK LS_COLORS DEBIAN_FRONTEND
+KUBERNETES_SERVICE_HOST KUBERNETES_SERVICE_PORT KUBERNETES_SERVICE_PORT_HTTPS KUBERNETES_PORT KUBERNETES_PORT_443_TCP
+KUBERNETES_PORT_443_TCP_ADDR KUBERNETES_PORT_443_TCP_PORT KUBERNETES_PORT_443_TCP_PROTO POD_NAME POD_NAMESPACE
+POD_IP NODE_NAME JOB_COMPLETION_INDEX SLURM_JOB_ID SLURM_PROCID SLURM_LOCALID SLURM_NTASKS SLURM_NODEID
+SLURM_JOB_NODELIST SLURM_CPUS_PER_TASK SLURM_ARRAY_TASK_ID SLURM_JOB_NAME
+CI GITHUB_ACTIONS GITHUB_WORKFLOW GITHUB_RUN_ID GITHUB_RUN_NUMBER GITHUB_RUN_ATTEMPT GITHUB_JOB GITHUB_ACTION
+GITHUB_ACTOR GITHUB_REPOSITORY GITHUB_EVENT_NAME GITHUB_SHA GITHUB_REF GITHUB_WORKSPACE GITHUB_ENV GITHUB_PATH
+GITHUB_OUTPUT GITHUB_STEP_SUMMARY RUNNER_OS RUNNER_ARCH RUNNER_NAME RUNNER_TEMP RUNNER_TOOL_CACHE RUNNER_DEBUG
+ImageOS ImageVersion ACTIONS_RUNNER_DEBUG GITLAB_CI CI_JOB_ID CI_PIPELINE_ID CI_COMMIT_SHA CI_PROJECT_DIR
+BUILD_NUMBER JENKINS_URL WORKSPACE RUNPOD_POD_ID RUNPOD_GPU_COUNT RUNPOD_PUBLIC_IP VAST_CONTAINERLABEL PUBLIC_KEY
+HF_HOME HF_TOKEN HF_HUB_CACHE HF_DATASETS_CACHE HF_HUB_ENABLE_HF_TRANSFER HF_HUB_OFFLINE TRANSFORMERS_CACHE
+TOKENIZERS_PARALLELISM WANDB_API_KEY WANDB_PROJECT WANDB_MODE WANDB_DIR WANDB_RUN_ID WANDB_ENTITY
+AWS_REGION AWS_DEFAULT_REGION GOOGLE_APPLICATION_CREDENTIALS HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy
+no_proxy SSL_CERT_FILE REQUESTS_CA_BUNDLE MALLOC_ARENA_MAX XLA_FLAGS TF_CPP_MIN_LOG_LEVEL
+""".split()
+
+
+def test_what_containers_schedulers_and_ci_set_is_never_a_near_miss():
+    env = dict.fromkeys(CONTAINER_AND_CI_ENV, "1")
+    assert tg.Hyperparameters.from_env(env).seed == 1337  # nothing refused
+    assert tg.check_unknown_settings(env) == []  # and none of them shares one of our prefixes
+
+
+# ---- every numeric field: finite and in its range ---------------------------------------------------------------
+
+NUMERIC_FIELDS = [f.name for f in dataclasses.fields(tg.Hyperparameters)
+                  if str(f.type) in ("int", "float", "tuple[float, ...]")]
+FLOAT_FIELDS = [f.name for f in dataclasses.fields(tg.Hyperparameters) if "float" in str(f.type)]
+
+
+def test_every_numeric_field_has_a_range():
+    assert sorted(tg.FIELD_RANGES) == sorted(NUMERIC_FIELDS)
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf"])
+def test_non_finite_floats_are_refused_before_the_run(name, raw):
+    with pytest.raises(tg.UserError, match=f"{name.upper()}="):
+        tg.Hyperparameters.from_env({name.upper(): raw})
+
+
+@pytest.mark.parametrize("name", [n for n in NUMERIC_FIELDS if not tg.FIELD_RANGES[n].startswith("(-inf")])
+def test_negative_values_are_refused_where_the_range_is_not_negative(name):
+    with pytest.raises(tg.UserError, match=f"{name.upper()}=-1"):
+        tg.Hyperparameters.from_env({name.upper(): "-1"})
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MATRIX_LR": "-0.02"}, "MATRIX_LR=-0.02 must be >= 0"),
+    ({"BETA1": "1"}, "BETA1=1.0 must be in [0, 1)"),
+    ({"MUON_MOMENTUM": "1.5"}, "MUON_MOMENTUM=1.5 must be in [0, 1)"),
+    ({"EMA_DECAY": "1"}, "EMA_DECAY=1.0 must be in (0, 1)"),
+    ({"SEED": str(2**32)}, "SEED=4294967296 must be in [0, 4294967295]"),
+    ({"GPTQ_CALIB_SEED": "-1"}, "GPTQ_CALIB_SEED=-1"),
+    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000 must be in [2, 65536]"),
+    ({"ZSTD_LEVEL": "23"}, "ZSTD_LEVEL=23 must be in [1, 22]"),
+    ({"GPTQ_DAMP": "1e-6"}, "GPTQ_DAMP=1e-06 must be >= 0.0001"),
+    ({"GPTQ_CALIB_TEMPERATURE": "1e-40"}, "GPTQ_CALIB_TEMPERATURE=1e-40 must be >= 0.001"),
+    ({"NGRAM_ORDER_MULTS": "1,nan,2"}, "NGRAM_ORDER_MULTS=1.0,nan,2.0 must each be >= 0"),
+    ({"INT6_CLIP_CANDIDATES": "0.99,1.5"}, "INT6_CLIP_CANDIDATES=0.99,1.5 must each be in (0, 1]"),
+    ({"NGRAM_ALPHA_MIN": "0.8", "NGRAM_ALPHA_MAX": "0.5"}, "NGRAM_ALPHA_MIN=0.8 must be <= NGRAM_ALPHA_MAX=0.5"),
+    ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be > 0"),
+    ({"MLP_MULT": "0.001"}, "MLP_MULT=0.001 x MODEL_DIM=512 must give an MLP of at least 1 unit"),
+])
+def test_out_of_range_values_name_the_field_and_the_range(env, message):
+    with pytest.raises(tg.UserError) as e:
+        tg.Hyperparameters.from_env(env)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_range_bounds_are_accepted():
+    tg.Hyperparameters.from_env({"MATRIX_LR": "0", "BETA1": "0", "SEED": "4294967295", "QAT_TIME_FRAC": "1",
+                                 "VOCAB_SIZE": "65536", "GPTQ_DAMP": "0.0001", "NGRAM_ENTROPY_CENTER": "-3"})
+
+
+@pytest.mark.parametrize("path", ["", "out/", "out/.", "..", "."])
+def test_artifact_path_must_name_a_file(path):
+    with pytest.raises(tg.UserError, match="ARTIFACT_PATH=.* must name a file"):
+        tg.Hyperparameters.from_env({"ARTIFACT_PATH": path})
+
+
+def test_a_value_that_is_not_utf8_is_one_readable_error():
+    raw = os.fsdecode(b"/data/caf\xe9")  # how Python hands over a Latin-1 byte in an environment variable
+    with pytest.raises(tg.UserError) as e:
+        tg.Hyperparameters.from_env({"DATA_PATH": raw})
+    assert "DATA_PATH='/data/caf\\udce9' is not valid UTF-8" in str(e.value)
+    str(e.value).encode("utf-8")  # the message itself can be printed and logged
+
+
+# ---- score-then-update chunks that cannot fill a batch ----------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 8])
+def test_small_chunks_are_refused_naming_their_cost(world):
+    h = tg.Hyperparameters.from_env({"NGRAM_CHUNK_TOKENS": "64", "RUN_ID": "x"})  # 1 window of 64 targets
+    with pytest.raises(tg.UserError) as e:
+        h.validate(world)
+    msg = str(e.value)
+    assert f"NGRAM_CHUNK_TOKENS=64 gives each of WORLD_SIZE={world} ranks" in msg
+    assert f"the pass would cost {32 * world:g}x the plain pass" in msg
+    proposal = int(re.search(r"use NGRAM_CHUNK_TOKENS >= (\d+)", msg).group(1))
+    assert proposal == 64 * 32 * world
+    dataclasses.replace(h, ngram_chunk_tokens=proposal).validate(world)
+    dataclasses.replace(h, ngram_enabled=False).validate(world)  # the setting of a pass that does not run
+
+
+def test_small_ttt_chunks_are_refused_and_fewer_batch_windows_fit():
+    h = tg.Hyperparameters.from_env({"USE_TTT": "1", "TTT_CHUNK_TOKENS": "4096", "RUN_ID": "x"})
+    h.validate(1)
+    with pytest.raises(tg.UserError, match=r"TTT_CHUNK_TOKENS=4096 .* cost 4x .* or EVAL_BATCH_WINDOWS <= 8"):
+        h.validate(8)
+    dataclasses.replace(h, eval_batch_windows=8).validate(8)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_record_and_demo_chunks_fill_their_batches(world):
+    tg.Hyperparameters(use_ttt=True).validate(world)
+    if world == 1:
+        tg.Hyperparameters.from_env(dict(CPU_DEMO_ENV, RUN_ID="demo", USE_TTT="1", TTT_CHUNK_TOKENS="8192")).validate(1)
