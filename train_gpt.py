@@ -25,7 +25,8 @@ import concurrent.futures
 import copy
 import dataclasses
 import difflib
-import glob
+import errno
+import fnmatch
 import hashlib
 import importlib
 import io
@@ -675,16 +676,17 @@ class ShardError(UserError):
     pass
 
 
-def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
-    """Validated shard contents as a uint16 array; any violation raises ShardError naming the file and the problem."""
+def shard_token_count(path) -> int:
+    """The token count of a shard whose header and file size are valid (reads 1 KB); else ShardError naming it."""
     path = str(path)
     try:
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            size, head = os.fstat(f.fileno()).st_size, f.read(SHARD_HEADER_BYTES)
     except OSError as e:
         raise ShardError(f"{path}: cannot open shard ({e.strerror})") from None
     if size < SHARD_HEADER_BYTES:
         raise ShardError(f"{path}: truncated header ({size} bytes < {SHARD_HEADER_BYTES}); re-create the shard")
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_WORDS)
+    header = np.frombuffer(head, dtype="<i4")
     if header[0] != SHARD_MAGIC:
         raise ShardError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
     if header[1] != SHARD_VERSION:
@@ -694,7 +696,13 @@ def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
     if count < 0 or size != expected:
         kind = "truncated file" if size < expected else "size mismatch"
         raise ShardError(f"{path}: {kind}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
-    tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    return count
+
+
+def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
+    """Validated shard contents as a uint16 array; any violation raises ShardError naming the file and the problem."""
+    count = shard_token_count(path)
+    tokens = np.fromfile(str(path), dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
     if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
         raise ShardError(f"{path}: token id {int(tokens[bad])} at index {bad} >= vocab size {vocab_size}; "
@@ -713,20 +721,30 @@ def write_shard(path, tokens) -> None:
 
 
 def find_shards(data_path: str, split: str) -> list[str]:
-    """Sorted `*_{split}_*.bin` files under data_path; none is an error that says how to make them."""
-    pattern = os.path.join(data_path, f"*_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    """Sorted `*_{split}_*.bin` files in the folder data_path, taken literally (never a pattern: `ds[1]` is not
+    `ds1`); none is an error that says how to make them."""
+    pattern = f"*_{split}_*.bin"
+    try:
+        names = os.listdir(data_path)
+    except FileNotFoundError:
+        names = []
+    except OSError as e:
+        raise UserError(f"DATA_PATH={data_path}: cannot list the folder ({e.strerror})") from None
+    files = sorted(os.path.join(data_path, n) for n in names if fnmatch.fnmatchcase(n, pattern) and n[0] != ".")
     if not files:
-        raise UserError(f"no {split} shards match {pattern}; {MAKE_DATA_HINT}")
+        raise UserError(f"no {split} shards match {os.path.join(data_path, pattern)}; {MAKE_DATA_HINT}")
     return files
 
 
 class TokenStream:
-    """Cyclic stream over the train shards in name order; identical on every rank. The next shard is read (and, the
-    first time only, its token ids checked against the vocabulary) in a background thread while the current one is
-    consumed, so neither the read nor the check sits on the training step's critical path."""
+    """Cyclic stream over the train shards in name order; identical on every rank. Every shard's header and size are
+    checked up front (before step 1); the next shard is read (and, the first time only, its token ids checked
+    against the vocabulary) in a background thread while the current one is consumed, so neither the read nor the
+    check sits on the training step's critical path."""
 
     def __init__(self, files: list[str], vocab_size: int | None = None):
+        for f in files:
+            shard_token_count(f)
         self.files, self.vocab_size = files, vocab_size
         self.checked: set[int] = set()  # indices of shards whose token ids were validated
         self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")

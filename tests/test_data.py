@@ -119,6 +119,23 @@ def test_find_shards_none_gives_make_data_hint(tmp_path):
     assert "cached_challenge_fineweb.py" in msg and "make_dataset.py --input sample" in msg and str(tmp_path) in msg
 
 
+def test_data_path_is_a_literal_folder_never_a_pattern(tmp_path):
+    (tmp_path / "ds1").mkdir()
+    write_position_shards(tmp_path / "ds1", "sib", "train", [3])
+    literal = tmp_path / "ds[1]"  # as a glob pattern, this names the sibling ds1
+    with pytest.raises(tg.UserError, match=r"no train shards match .*ds\[1\]"):
+        tg.find_shards(str(literal), "train")
+    literal.mkdir()
+    mine = write_position_shards(literal, "mine", "train", [4])
+    assert tg.find_shards(str(literal), "train") == mine  # its own shards, not the sibling's
+
+
+def test_find_shards_ignores_hidden_and_temporary_files(tmp_path):
+    files = write_position_shards(tmp_path, "x", "val", [3])
+    tg.write_shard(tmp_path / ".x_val_000001.bin", np.arange(3))
+    assert tg.find_shards(str(tmp_path), "val") == files
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training loader
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,6 +196,16 @@ def test_stream_reports_a_bad_later_shard_by_name(tmp_path):
     stream = tg.TokenStream(files, vocab_size=6)  # shard 1 holds ids 4..7
     with pytest.raises(tg.ShardError, match=r"pos_train_000001\.bin: token id 6 at index 2 >= vocab size 6"):
         stream.take(6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_magic"])
+def test_every_train_shard_header_is_checked_before_the_first_batch(tmp_path, damage):
+    files = write_position_shards(tmp_path, "pos", "train", [4, 4, 4])
+    data = open(files[2], "rb").read()
+    bad = data[:-2] if damage == "truncated" else np.int32(7).tobytes() + data[4:]
+    open(files[2], "wb").write(bad)
+    with pytest.raises(tg.ShardError, match=r"pos_train_000002\.bin: (truncated file|bad magic)"):
+        tg.TokenStream(files)  # before any token is taken, not when the stream reaches shard 2
 
 
 def test_loader_batch_straddles_wrap(tmp_path):
