@@ -37,6 +37,7 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -59,6 +60,15 @@ from torch.overrides import TorchFunctionMode
 INT6_CLIP_CANDIDATES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite per-row clip quantiles
 class UserError(ValueError):
     """A problem the user controls (a setting, path, permission or data): main reports it in one line, exit 2."""
+
+
+class RunFailed(Exception):
+    """The run cannot give an honest result (diverged, non-finite weights or score, failed normalization audit, a
+    failed write): main reports it in one line, ends the log with `run_failed reason:<reason>`, exit 4."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_weights", "smear",
@@ -535,8 +545,14 @@ def autocast(rt: Runtime):
     return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.is_cuda)
 
 
-_LOG_FILE: list = []  # [path] once setup_logging ran on rank 0
+_LOG_FILE: list = []  # [path] once setup_logging ran on rank 0; emptied when a write to it fails
 _LOG_RANK: list = [0]  # this process's rank, recorded by init_runtime; only rank 0 logs
+_LOG_FAILURE: list = []  # why the log could not be written: the run goes on (console only), then fails
+
+
+def errno_text(e: OSError) -> str:
+    """'ENOSPC: No space left on device' (the errno's name and its text)."""
+    return f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
 
 
 def check_writable_folder(folder: str, setting: str) -> None:
@@ -589,14 +605,29 @@ def setup_logging(h: Hyperparameters, rt: Runtime) -> None:
 
 
 def log0(msg: str, console: bool = True) -> None:
-    """Rank-0 log line: console (unless console=False) and the run's log file."""
+    """Rank-0 log line: console (unless console=False) and the run's log file. When the file cannot be written
+    (disk full, quota, file-size limit) the run keeps its weights and goes on on the console; raise_if_log_failed
+    then fails it."""
     if _LOG_RANK[0] != 0:
         return
+    msg = msg.encode("utf-8", "backslashreplace").decode("utf-8")  # a name that is not UTF-8 cannot cut the log
     if console:
         print(msg, flush=True)
     if _LOG_FILE:
-        with open(_LOG_FILE[0], "a", encoding="utf-8") as f:
-            print(msg, file=f)
+        try:
+            with open(_LOG_FILE[0], "a", encoding="utf-8") as f:
+                print(msg, file=f)
+        except OSError as e:
+            path = _LOG_FILE.pop()
+            _LOG_FAILURE.append(f"cannot write the log {path} ({errno_text(e)}); its lines from then on are only on "
+                                "the console")
+            log_event("log_write_failed", path=path, errno=errno.errorcode.get(e.errno, e.errno))
+
+
+def raise_if_log_failed(rt: Runtime) -> None:
+    """Every rank: fail the run (exit 4) once rank 0 could not write its log; called before training and at the end."""
+    if any_rank(bool(_LOG_FAILURE), rt.device):
+        raise RunFailed("write_failed", (_LOG_FAILURE or ["rank 0 could not write the log"])[0])
 
 
 # Upstream prefixes that existing grep tooling matches byte for byte; every other machine-read line is
@@ -883,9 +914,10 @@ def load_tokenizer(h: Hyperparameters):
         sp = spm.SentencePieceProcessor(model_proto=data)
     except Exception as e:  # sentencepiece raises plain RuntimeError/OSError on a bad model
         raise UserError(f"tokenizer {h.tokenizer_path} is not a SentencePiece model ({type(e).__name__})") from None
-    if int(sp.vocab_size()) != h.vocab_size:
-        raise UserError(f"tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}; "
-                        "use the tokenizer the shards were made with or set VOCAB_SIZE")
+    if int(sp.vocab_size()) != h.vocab_size:  # EVAL_ONLY: VOCAB_SIZE is the artifact's, so the tokenizer is wrong
+        fix = (f"set TOKENIZER_PATH to the tokenizer the model in {h.artifact_path} was trained with" if h.eval_only
+               else "use the tokenizer the shards were made with or set VOCAB_SIZE")
+        raise UserError(f"tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}; {fix}")
     check_dataset_manifest(h, data)
     return sp
 
@@ -1722,8 +1754,8 @@ class SWA:
 
     def state(self) -> dict:
         if not self.count:
-            raise RuntimeError("SWA has no snapshots: the run ended before the LR multiplier fell below "
-                               "SWA_LR_THRESHOLD; train longer or use EXPORT_WEIGHTS=ema")
+            raise RunFailed("no_swa_snapshots", "SWA has no snapshots: the run ended before the LR multiplier fell "
+                                                "below SWA_LR_THRESHOLD; train longer or use EXPORT_WEIGHTS=ema")
         return {k: v / self.count for k, v in self.total.items()}
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1922,12 +1954,13 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) ->
 
 
 class GPTQQuantizer:
-    """Row quantizer for quantize_state: GPTQ where a Hessian was recorded, the clip search elsewhere and on every
-    row where GPTQ's output error is higher. Counts rows, fallback rows and its own time."""
+    """Row quantizer for quantize_state: GPTQ where a Hessian was recorded, the clip search elsewhere, on every
+    row where GPTQ's output error is higher, and on a whole matrix whose dampened Hessian has no Cholesky factor
+    in float32 or whose GPTQ values are not finite (logged as `gptq_fallback`). Counts rows, fallbacks, its time."""
 
     def __init__(self, hessians: dict, h: Hyperparameters, calib_ms: float):
         self.hessians, self.h, self.calib_ms = hessians, h, calib_ms
-        self.matrices = self.rows = self.fallback_rows = 0
+        self.matrices = self.rows = self.fallback_rows = self.fallback_matrices = 0
         self.quant_ms = 0.0
 
     def __call__(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1938,7 +1971,15 @@ class GPTQQuantizer:
         t0 = time.perf_counter()
         w, s = w.detach().float().to(hessian.device), scale.float().to(hessian.device)
         q_clip = q.to(hessian.device).float()
-        q_gptq = gptq_quantize_matrix(w, hessian, s, self.h.gptq_damp, self.h.gptq_block_size)
+        try:
+            q_gptq = gptq_quantize_matrix(w, hessian, s, self.h.gptq_damp, self.h.gptq_block_size)
+            reason = None if bool(torch.isfinite(q_gptq).all()) else "nonfinite_values"
+        except torch.linalg.LinAlgError:
+            reason = "no_cholesky_factor"
+        if reason is not None:
+            self.fallback_matrices += 1
+            log_event("gptq_fallback", matrix=name, reason=reason, quantizer="gptq_lite")
+            return q, scale
         worse = output_error(w, q_gptq * s[:, None], hessian) > output_error(w, q_clip * s[:, None], hessian)
         best = torch.where(worse[:, None], q_clip, q_gptq).to(torch.int8).cpu()
         self.matrices, self.rows = self.matrices + 1, self.rows + w.shape[0]
@@ -1950,6 +1991,7 @@ class GPTQQuantizer:
         h = self.h
         return log_event("gptq", calib_seqs=h.gptq_calib_seqs, calib_tokens=h.gptq_calib_seqs * h.gptq_calib_len,
                          matrices=self.matrices, rows=self.rows, fallback_rows=self.fallback_rows,
+                         fallback_matrices=self.fallback_matrices,
                          calib_time=f"{self.calib_ms:.0f}ms", quant_time=f"{self.quant_ms:.0f}ms",
                          gptq_time=f"{self.calib_ms + self.quant_ms:.0f}ms")
 
@@ -2035,20 +2077,85 @@ def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, row_qua
     return blob, PackStats(payload, len(raw), len(blob), sum(tensor_bytes(t) for t in flat.values()))
 
 
-def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(model settings, banked CPU state dict) from artifact bytes; anything not our format raises ArtifactError."""
+ARTIFACT_RAW_LIMIT_BYTES = 1 << 30  # decompressed bound: ~35x the record artifact's torch.save bytes
+
+
+def decompress_artifact(blob: bytes) -> bytes:
+    """The one decode entry point: the torch.save bytes inside an artifact, never more than ARTIFACT_RAW_LIMIT_BYTES.
+    A frame that declares a larger size is refused before anything is allocated; one that declares none is
+    inflated in bounded steps."""
     zstd = require_zstd()
     if bytes(blob[:4]) != ZSTD_MAGIC:
         raise ArtifactError(f"not a zstd artifact: starts with {bytes(blob[:4]).hex()}, expected {ZSTD_MAGIC.hex()}")
     try:
-        raw = zstd.ZstdDecompressor().decompress(blob)
+        declared = zstd.frame_content_size(blob)  # -1: not declared
+        if declared > ARTIFACT_RAW_LIMIT_BYTES:
+            raise ArtifactError(f"zstd frame declares {declared} decompressed bytes, more than the "
+                                f"{ARTIFACT_RAW_LIMIT_BYTES} an artifact may hold; refused before decompressing")
+        return zstd.ZstdDecompressor().decompress(blob) if declared >= 0 else inflate_bounded(zstd, blob)
     except zstd.ZstdError as e:
         raise ArtifactError(f"zstd stream is corrupt or truncated ({e})") from None
+
+
+def inflate_bounded(zstd, blob: bytes, step: int = 1024) -> bytes:
+    """Stream-decompress one frame `step` input bytes at a time (1 KiB inflates to at most ~32 MiB), stopping as
+    soon as the output passes ARTIFACT_RAW_LIMIT_BYTES."""
+    inflater, parts, size = zstd.ZstdDecompressor().decompressobj(), [], 0
+    for i in range(0, len(blob), step):
+        parts.append(inflater.decompress(blob[i:i + step]))
+        size += len(parts[-1])
+        if size > ARTIFACT_RAW_LIMIT_BYTES:
+            raise ArtifactError(f"zstd stream expands to more than the {ARTIFACT_RAW_LIMIT_BYTES} bytes an artifact "
+                                "may hold; refused")
+        if inflater.eof:
+            return b"".join(parts)
+    raise ArtifactError("zstd stream is truncated")
+
+
+def torch_load_problem(e: Exception) -> str:
+    """torch.load's refusal in one line, without its advice to retry with weights_only=False: what weights_only
+    refuses is code, not weights, and an artifact is never loaded that way."""
+    kept = [line.strip() for line in str(e).splitlines()
+            if line.strip() and "weights_only" not in line.lower().replace(" ", "_")]
+    return f"{type(e).__name__}: {'; '.join(kept) or 'refused'}"
+
+
+def check_model_config(config: dict) -> None:
+    """Recorded model settings: every value of its field's type (a str is no int) and together valid."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Hyperparameters)}
+    for name, value in sorted(config.items()):
+        want = {"bool": bool, "int": int, "float": (int, float)}[types[name]]
+        if not isinstance(value, want) or (isinstance(value, bool) and types[name] != "bool"):
+            raise ArtifactError(f"artifact records {name.upper()}={value!r} ({type(value).__name__}), "
+                                f"expected {types[name]}")
+    try:
+        dataclasses.replace(Hyperparameters(), **config).validate()
+    except UserError as e:
+        raise ArtifactError(f"artifact records model settings that are not valid ({e})") from None
+
+
+def check_state_matches(config: dict, state: Mapping[str, torch.Tensor]) -> None:
+    """The artifact's tensors are exactly the parameters (names and shapes) of the model its settings describe;
+    the model is built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(Hyperparameters(), **config))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [f"{k} {tuple(state[k].shape)}, model {expected[k]}" for k in sorted(set(state) & set(expected))
+             if tuple(state[k].shape) != expected[k]]
+    found = (("missing", sorted(set(expected) - set(state))), ("unexpected", sorted(set(state) - set(expected))),
+             ("of the wrong shape", wrong))
+    problems = [f"{len(names)} {what} (first: {names[0]})" for what, names in found if names]
+    if problems:
+        raise ArtifactError("tensors do not match the model its settings describe: " + "; ".join(problems))
+
+
+def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(model settings, banked CPU state dict) from artifact bytes; anything not our format raises ArtifactError."""
+    raw = decompress_artifact(blob)
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors have no common base class
-        raise ArtifactError(f"decompressed bytes are not a readable torch.save object "
-                            f"({type(e).__name__}: {e})") from None
+        raise ArtifactError(f"decompressed bytes are not a readable torch.save object ({torch_load_problem(e)})") from None
     fmt = obj.get("__quant_format__") if isinstance(obj, dict) else None
     if fmt != QUANT_FORMAT:
         raise ArtifactError(f"artifact format {fmt!r} is not {QUANT_FORMAT!r}; re-export it with this script")
@@ -2058,7 +2165,19 @@ def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     config = obj["__model_config__"]
     if sorted(config) != sorted(MODEL_CONFIG_FIELDS):
         raise ArtifactError(f"artifact records model settings {sorted(config)}, expected {sorted(MODEL_CONFIG_FIELDS)}")
-    return config, rebank_state(dequantize_state(obj), config["num_layers"])
+    check_model_config(config)
+    try:
+        state = rebank_state(dequantize_state(obj), config["num_layers"])
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # entries of the wrong kind in a foreign object
+        raise ArtifactError(f"artifact tensors are inconsistent ({type(e).__name__}: {e})") from None
+    return config, state
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """NaN or inf in any floating-point tensor fails the run (exit 4): such weights can give no honest score."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RunFailed("nonfinite_weights", f"{what} hold NaN or inf in {len(bad)} tensors (first: {bad[0]})")
 
 
 class ArtifactReport(NamedTuple):
@@ -2094,11 +2213,32 @@ def report_artifact_size(path: str, blob: bytes, code_bytes: int, h: Hyperparame
     return ArtifactReport(path, digest, model_bytes, code_bytes, total, over, st)
 
 
+def write_artifact(h: Hyperparameters, blob: bytes) -> None:
+    """Write the artifact atomically. When that fails (disk full, quota, file-size limit) the same bytes go next to
+    the log, else to the temporary folder, and the run fails naming the paths, the errno and where the weights are."""
+    try:
+        return write_file_atomic(h.artifact_path, blob)
+    except OSError as e:
+        failed = [f"cannot write the artifact {h.artifact_path} ({errno_text(e)})"]
+    for folder in (h.log_dir, tempfile.gettempdir()):
+        rescue = os.path.join(folder, f"{h.run_id}.rescued.{os.path.basename(h.artifact_path)}")
+        if not os.path.isdir(folder):
+            continue
+        try:
+            write_file_atomic(rescue, blob)
+        except OSError as e:
+            failed.append(f"nor {rescue} ({errno_text(e)})")
+            continue
+        raise RunFailed("write_failed", f"{failed[0]}; the trained weights are saved in {rescue} (score them with "
+                                        f"EVAL_ONLY=1 ARTIFACT_PATH={rescue})")
+    raise RunFailed("write_failed", ", ".join(failed) + ": the trained weights are lost")
+
+
 def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code_bytes: int,
                     row_quantizer=None) -> ArtifactReport:
     """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; others load the file)."""
     blob, st = pack_artifact(state, h, row_quantizer)
-    write_file_atomic(h.artifact_path, blob)
+    write_artifact(h, blob)
     log_event("export", quantizer=h.export_quantizer, payload_bytes=st.payload_bytes, model_bytes=len(blob))
     if row_quantizer is not None:
         row_quantizer.log()
@@ -2113,13 +2253,16 @@ class LoadedArtifact(NamedTuple):
 
 
 def load_artifact(path: str) -> LoadedArtifact:
-    """Artifact file read back; an unreadable or foreign file raises ArtifactError naming it."""
+    """Artifact file read back; an unreadable or foreign file, or tensors that do not fit the model its settings
+    describe, raise ArtifactError naming it (before any data is loaded)."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
-        raise ArtifactError(f"{path}: cannot read artifact ({e.strerror}); check ARTIFACT") from None
+        raise ArtifactError(f"{path}: cannot read artifact ({e.strerror}); check ARTIFACT_PATH") from None
     try:
-        return LoadedArtifact(path, blob, *unpack_artifact(blob))
+        config, state = unpack_artifact(blob)
+        check_state_matches(config, state)
+        return LoadedArtifact(path, blob, config, state)
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
 
@@ -2623,9 +2766,9 @@ class NgramScorer:
         log_event("ngram_audit", positions=s.size, sum_min=f"{s.min():.9f}", sum_median=f"{np.median(s):.9f}",
                   sum_max=f"{s.max():.9f}")
         if exact and not audit_normalized(s):
-            raise RuntimeError(f"ngram_audit: exact n-gram mixture is not normalized (max |sum-1| = "
-                               f"{np.abs(s - 1.0).max():.3e} > {NGRAM_AUDIT_TOLERANCE:g}); the score would not "
-                               "be a code length")
+            raise RunFailed("ngram_audit", f"ngram_audit: exact n-gram mixture is not normalized (max |sum-1| = "
+                                           f"{np.abs(s - 1.0).max():.3e} > {NGRAM_AUDIT_TOLERANCE:g}); the score "
+                                           "would not be a code length")
 
 
 def make_ngram_scorer(tokens: torch.Tensor, h: Hyperparameters, rt: Runtime) -> NgramScorer:
@@ -2756,6 +2899,10 @@ def scored_pass(model, val: ValData, h: Hyperparameters, rt: Runtime, trainer=No
 
     windows = plan_windows(val.num_targets, h.eval_seq_len, h.eval_stride)
     results = evaluate(model, val, windows, scorers, h, rt, chunk, after_chunk if hooks else None, progress)
+    bad = [f"{name} val_loss:{r.loss} val_bpb:{r.bpb}" for name, r in results.items()
+           if not (math.isfinite(r.loss) and math.isfinite(r.bpb))]
+    if bad:  # a non-finite score is no code length: nothing is reported
+        raise RunFailed("nonfinite_score", f"non-finite score ({', '.join(bad)})")
     if h.ngram_enabled:
         scorers["ngram"].audit_report(exact=h.ngram_mode == "exact")
     return results
@@ -2865,8 +3012,8 @@ def maybe_start_qat(base_model, step: int, elapsed_ms: float, scale: float, h: H
 
 def stop_on_nonfinite(loss: torch.Tensor, step: int) -> None:
     log_event("nonfinite_loss", step=step, train_loss=float(loss))
-    raise SystemExit(f"training diverged: non-finite loss at step {step}; lower the learning rates "
-                     "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+    raise RunFailed("diverged", f"training diverged: non-finite loss at step {step}; lower the learning rates "
+                                "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
 
 
 def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> TrainResult:
@@ -2988,15 +3135,22 @@ def train_and_export(h, rt, val, code_bytes) -> tuple[bool, float]:
     if h.diag_eval_candidates:
         diagnostic_evals(base_model, model, val, result, h, rt)
     state = export_state(result, h)
+    check_finite_weights(state, f"the exported ({h.export_weights}) weights")  # never overwrite a good artifact
     quantizer = calibrate_gptq(base_model, state, h, rt) if h.export_quantizer == "gptq" else None
-    over_limit = rt.is_main and export_artifact(state, h, code_bytes, quantizer).over_limit
-    if rt.distributed:
-        dist.barrier()  # the other ranks read the artifact only once rank 0 has renamed it into place
+    over_limit, problem = False, None
+    if rt.is_main:
+        try:
+            over_limit = export_artifact(state, h, code_bytes, quantizer).over_limit
+        except RunFailed as e:
+            problem = e
+    if any_rank(problem is not None, rt.device):  # also the barrier: other ranks read the artifact once it is in place
+        raise problem or RunFailed("write_failed", "rank 0 could not write the artifact (its message says why)")
     return over_limit, t_end
 
 
 def evaluate_artifact(art: LoadedArtifact, h, rt, val) -> None:
     """Rebuild the model from the artifact bytes read from disk and run every scored evaluation on it."""
+    check_finite_weights(art.state, f"the weights in {art.path}")
     model = build_model(h, rt)
     model.load_state_dict(art.state, strict=True)
     roundtrip_eval(compile_model(model, rt.use_compile), val, h, rt)
@@ -3004,8 +3158,11 @@ def evaluate_artifact(art: LoadedArtifact, h, rt, val) -> None:
         ttt_eval(model, val, h, rt, lambda m: compile_model(m, rt.use_compile))
 
 
+EXIT_USER_ERROR, EXIT_OVER_LIMIT, EXIT_RUN_FAILED = 2, 3, 4  # 1 stays Python's own: a bug, with its traceback
+
+
 def run() -> int:
-    """One run; returns the exit code (1 when the artifact is over the limit)."""
+    """One run; returns the exit code (EXIT_OVER_LIMIT when the artifact is over the limit, after the evals)."""
     h = Hyperparameters.from_env(os.environ)
     rt = init_runtime(h)
     h.validate(rt.world_size)
@@ -3019,6 +3176,7 @@ def run() -> int:
     code_bytes = log_header(h, rt)
     seed_everything(h.seed)
     val = load_val_data(h, load_tokenizer(h))
+    raise_if_log_failed(rt)
     over_limit, t_end = False, time.perf_counter()
     if art is not None:
         over_limit = report_artifact_size(art.path, art.blob, code_bytes, h).over_limit
@@ -3027,9 +3185,10 @@ def run() -> int:
         art = load_artifact(h.artifact_path)
     evaluate_artifact(art, h, rt, val)
     log_event(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
+    raise_if_log_failed(rt)
     if over_limit:
         log_event("run_failed", reason="artifact_over_limit", limit=h.artifact_limit_bytes)
-    return 1 if over_limit else 0
+    return EXIT_OVER_LIMIT if over_limit else 0
 
 
 def fail_run(reason: str, message: str, code: int) -> int:
@@ -3042,29 +3201,34 @@ def fail_run(reason: str, message: str, code: int) -> int:
 
 
 def main() -> None:
-    """A user error (setting, path, data) or SIGINT/SIGTERM ends the run with one line and exit code 2 or
-    128 + signal; anything else is a bug and keeps its traceback."""
+    """A user error (setting, path, data: exit 2), a failed run (divergence, non-finite weights or score, failed
+    audit, failed write: exit 4) or SIGINT/SIGTERM (128 + signal) ends the run with one line; an artifact over the
+    limit exits 3 after the evals; anything else is a bug and keeps its traceback (exit 1)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, raise_interrupted)
     try:
         code = run()
     except UserError as e:
-        code = fail_run("user_error", str(e), 2)
+        code = fail_run("user_error", str(e), EXIT_USER_ERROR)
+    except RunFailed as e:
+        code = fail_run(e.reason, str(e), EXIT_RUN_FAILED)
     except RunInterrupted as e:
         code = fail_run("interrupted", str(e), e.exit_code)
     shutdown(code)
 
 
 def shutdown(code: int) -> None:
-    """Leave the process group and exit with `code`. On gloo (CPU) the interpreter's C++ teardown in torch 2.13
-    intermittently aborts after all work is done, so those runs end with os._exit once output is flushed; a failed
-    run skips the barrier (the other ranks may be gone)."""
+    """Leave the process group and exit with `code`. Only the codes every rank reaches together at the end of a run
+    (0, EXIT_OVER_LIMIT) pass a barrier; after a failure the other ranks may be gone. On gloo (CPU) the interpreter's
+    C++ teardown in torch 2.13 intermittently aborts after all work is done, so those runs end with os._exit once
+    output is flushed."""
     if dist.is_available() and dist.is_initialized():
         cuda = dist.get_backend() == "nccl"
-        if code == 0 or code == 1:
+        finished = code in (0, EXIT_OVER_LIMIT)
+        if finished:
             dist.barrier()
             dist.destroy_process_group()
-        if not cuda or code not in (0, 1):
+        if not cuda or not finished:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)

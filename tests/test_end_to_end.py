@@ -66,9 +66,10 @@ def test_over_limit_artifact_fails_after_evals(tiny_corpus, tmp_path):
     env = tiny_run_env(tiny_corpus, tmp_path, ARTIFACT_LIMIT_BYTES="1000", ITERATIONS="3", VAL_LOSS_EVERY="0",
                        NGRAM_ENABLED="0")
     out = run_script(env)
-    assert out.returncode != 0
+    assert out.returncode == 3, out.stderr[-2000:]  # the exit code of an artifact over the size limit
     log = (tmp_path / "logs" / "e2e.txt").read_text()
     assert "artifact_over_limit" in log and "final_int6_zstd_roundtrip_exact" in log
+    assert log.splitlines()[-1] == "run_failed reason:artifact_over_limit limit:1000"
 
 
 @pytest.mark.slow
@@ -118,7 +119,10 @@ def test_nonfinite_loss_stops_the_run(tiny_corpus, tmp_path):
     env = tiny_run_env(tiny_corpus, tmp_path, TIED_EMBED_LR="1e20", SCALAR_LR="1e20", MATRIX_LR="1e20",
                        GRAD_CLIP_NORM="0", ITERATIONS="10", VAL_LOSS_EVERY="0")
     out = run_script(env)
-    assert out.returncode != 0
+    assert out.returncode == 4, out.stderr[-2000:]  # a failed run, not a bug: one line, no traceback
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: training diverged") and "Traceback" not in out.stderr
     log = (tmp_path / "logs" / "e2e.txt").read_text()
-    assert re.search(r"^nonfinite_loss step:\d+", log, re.M) and "training diverged" in out.stderr
+    assert re.search(r"^nonfinite_loss step:\d+", log, re.M)
+    assert log.splitlines()[-1].startswith("run_failed reason:diverged detail:training diverged: non-finite loss")
     assert not re.search(r"^serialized ", log, re.M)

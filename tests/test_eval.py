@@ -342,8 +342,9 @@ def test_audit_fails_an_unnormalized_exact_run(tiny, monkeypatch):
         h.vocab_size, min_order=2, max_order=9, min_count=2, device=device))
     vocab = 8
     h = tiny(vocab_size=vocab, ngram_audit_positions=64)
-    with pytest.raises(RuntimeError, match="not normalized"):
+    with pytest.raises(tg.RunFailed, match="not normalized") as e:  # a failed run (exit 4), not a bug
         ngram_eval(tiny_model(h), tg.ValData(random_stream(1200, vocab, 4), unit_tables(vocab)), h, RT1)
+    assert e.value.reason == "ngram_audit"
 
 
 def test_report_eval_and_leaderboard_alias(capsys):

@@ -282,18 +282,48 @@ def test_over_limit_is_reported(small_h, capsys, monkeypatch):
     assert f"artifact_over_limit total_bytes:{rep.total_bytes} limit:100 excess:{excess}" in capsys.readouterr().out
 
 
-def test_failed_write_leaves_no_file(small_h, monkeypatch, tmp_path):
-    def broken_fsync(fd):
-        raise OSError(28, "No space left on device")
+def fail_writes_under(monkeypatch, folders, err=28):
+    """Every file opened for writing under one of `folders` fails with errno `err` (28 = ENOSPC: disk full)."""
+    real_open = open
 
-    monkeypatch.setattr(tg.os, "fsync", broken_fsync)
-    with pytest.raises(OSError):
-        tg.export_artifact(contract_state(small_h), small_h, code_bytes=0)
+    def failing_open(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax") and any(str(path).startswith(str(f)) for f in folders):
+            raise OSError(err, os.strerror(err), str(path))
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(tg, "open", failing_open, raising=False)  # module globals shadow the builtin
+
+
+def test_failed_artifact_write_keeps_the_weights_next_to_the_log(small_h, monkeypatch, tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir(), out.mkdir()
+    h = dataclasses.replace(small_h, artifact_path=str(out / "model.int6.ptz"), log_dir=str(logs), run_id="r1")
+    state = contract_state(h)
+    fail_writes_under(monkeypatch, [out])
+    with pytest.raises(tg.RunFailed) as e:
+        tg.export_artifact(state, h, code_bytes=0)
+    rescue = logs / "r1.rescued.model.int6.ptz"
+    assert e.value.reason == "write_failed" and "\n" not in str(e.value)
+    assert f"cannot write the artifact {out / 'model.int6.ptz'} (ENOSPC: No space left on device)" in str(e.value)
+    assert f"the trained weights are saved in {rescue} (score them with EVAL_ONLY=1 ARTIFACT_PATH={rescue})" in str(
+        e.value)
+    assert os.listdir(out) == []  # no partial or temporary file where the artifact should be
+    monkeypatch.undo()
+    art = tg.load_artifact(str(rescue))  # the very artifact: loadable, scoreable
+    assert art.blob == tg.pack_artifact(state, h)[0] and art.config == tg.model_config(h)
+
+
+def test_write_failure_everywhere_says_the_weights_are_lost(small_h, monkeypatch, tmp_path):
+    h = dataclasses.replace(small_h, log_dir=str(tmp_path), run_id="r2")
+    fail_writes_under(monkeypatch, ["/"], err=27)  # 27 = EFBIG: a file-size limit applies to every file
+    with pytest.raises(tg.RunFailed, match=r"\(EFBIG: File too large\), nor .*r2\.rescued\.model\.int6\.ptz "
+                                           r"\(EFBIG: File too large\).*: the trained weights are lost"):
+        tg.export_artifact(contract_state(h), h, code_bytes=0)
     assert os.listdir(tmp_path) == []
 
 
 def test_load_missing_or_corrupt_file(small_h, tmp_path):
-    with pytest.raises(tg.ArtifactError, match="cannot read artifact"):
+    with pytest.raises(tg.ArtifactError, match=r"cannot read artifact \(No such file or directory\); check "
+                                               r"ARTIFACT_PATH$"):
         tg.load_artifact(str(tmp_path / "absent.ptz"))
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"\x00" * 64)
@@ -314,3 +344,112 @@ def test_only_the_current_format_is_read(small_h):
     config, state = tg.unpack_artifact(blob)  # the recorded settings rebuild the same model
     assert config == tg.model_config(small_h)
     tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config)).load_state_dict(state, strict=True)
+
+
+# ---- hostile and inconsistent artifacts -------------------------------------------------------------------------
+
+def zstd_frame(raw: bytes, declare_size: bool = True) -> bytes:
+    zstd = pytest.importorskip("zstandard")
+    if declare_size:
+        return zstd.ZstdCompressor(level=3).compress(raw)
+    stream = zstd.ZstdCompressor(level=3).compressobj()  # a streamed frame records no content size
+    return stream.compress(raw) + stream.flush()
+
+
+def test_a_frame_claiming_a_terabyte_is_refused_before_allocating():
+    zstd = pytest.importorskip("zstandard")
+    stream = zstd.ZstdCompressor(level=1).compressobj(size=2**40)  # the header declares 1 TiB
+    blob = stream.compress(b"x" * 100) + stream.flush(zstd.COMPRESSOBJ_FLUSH_BLOCK)
+    assert len(blob) < 64 and zstd.frame_content_size(blob) == 2**40
+    with pytest.raises(tg.ArtifactError, match=f"declares {2**40} decompressed bytes, more than the {2**30}"):
+        tg.unpack_artifact(blob)
+
+
+@pytest.mark.parametrize("declare_size", [True, False])
+def test_decompression_stops_at_the_bound(monkeypatch, declare_size):
+    monkeypatch.setattr(tg, "ARTIFACT_RAW_LIMIT_BYTES", 1 << 20)
+    blob = zstd_frame(bytes(8 << 20), declare_size)  # 8 MiB of zeros: a few hundred bytes compressed
+    with pytest.raises(tg.ArtifactError, match="declares 8388608" if declare_size else "expands to more than the"):
+        tg.decompress_artifact(blob)
+
+
+def test_streamed_frames_decode_and_truncation_is_detected(small_h):
+    zstd = pytest.importorskip("zstandard")
+    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
+    raw = zstd.ZstdDecompressor().decompress(blob)
+    streamed = zstd_frame(raw, declare_size=False)
+    assert zstd.frame_content_size(streamed) == -1 and tg.decompress_artifact(streamed) == raw
+    config, state = tg.unpack_artifact(streamed)
+    assert config == tg.model_config(small_h) and set(state) == set(contract_state(small_h))
+    with pytest.raises(tg.ArtifactError, match="truncated"):
+        tg.decompress_artifact(streamed[:len(streamed) // 2])
+
+
+def test_a_hostile_pickle_is_refused_without_torchs_advice_to_load_it_anyway():
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    buf = io.BytesIO()
+    torch.save({"__quant_format__": tg.QUANT_FORMAT, "x": Hostile()}, buf)
+    with pytest.raises(tg.ArtifactError) as e:
+        tg.unpack_artifact(zstd_frame(buf.getvalue()))
+    msg = str(e.value)
+    assert "not a readable torch.save object (UnpicklingError:" in msg and "system" in msg and "\n" not in msg
+    assert "weights_only" not in msg and "Re-running" not in msg
+
+
+def artifact_object(h):
+    """The torch object inside a packed artifact of contract_state(h), to be damaged and re-packed."""
+    zstd = pytest.importorskip("zstandard")
+    blob, _ = tg.pack_artifact(contract_state(h), h)
+    return torch.load(io.BytesIO(zstd.ZstdDecompressor().decompress(blob)), weights_only=True)
+
+
+def repack(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return zstd_frame(buf.getvalue())
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda o: o["__model_config__"].update(model_dim=32), "16 of the wrong shape (first: bigram.proj.weight (64, 16), model (32, 16))"),
+    (lambda o: o["__model_config__"].update(num_layers=3), "missing"),
+    (lambda o: o["passthrough"].pop("smear.gate"), "1 missing (first: smear.gate)"),
+    (lambda o: o["passthrough"].update(extra=torch.zeros(3)), "1 unexpected (first: extra)"),
+    (lambda o: o["__model_config__"].update(num_layers="2"), "records NUM_LAYERS='2' (str), expected int"),
+    (lambda o: o["__model_config__"].update(use_smeargate=1), "records USE_SMEARGATE=1 (int), expected bool"),
+    (lambda o: o["__model_config__"].update(num_heads=0), "settings that are not valid (invalid settings: NUM_HEADS=0"),
+    (lambda o: o["scales"].update({next(iter(o["scales"])): "x"}), "artifact tensors are inconsistent"),
+])
+def test_tensors_that_do_not_fit_the_recorded_model_are_one_artifact_error(small_h, tmp_path, damage, message):
+    obj = artifact_object(small_h)
+    damage(obj)
+    path = tmp_path / "damaged.ptz"
+    path.write_bytes(repack(obj))
+    with pytest.raises(tg.ArtifactError) as e:
+        tg.load_artifact(str(path))
+    assert message in str(e.value) and str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_eval_only_refuses_a_damaged_artifact_before_loading_any_data(small_h, tmp_path, monkeypatch):
+    obj = artifact_object(small_h)
+    obj["__model_config__"]["model_dim"] = 32
+    path = tmp_path / "damaged.ptz"
+    path.write_bytes(repack(obj))
+    for name in [k for k in os.environ if k.upper() in {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("EVAL_ONLY", "1"), monkeypatch.setenv("ARTIFACT_PATH", str(path))
+    monkeypatch.setenv("DATA_PATH", str(tmp_path / "no_data")), monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.setenv("LOG_DIR", str(tmp_path / "logs"))
+    with pytest.raises(tg.ArtifactError, match="of the wrong shape"):  # not the missing shards, not a traceback
+        tg.run()
+    assert not (tmp_path / "logs").exists()
+
+
+def test_nonfinite_weights_fail_the_run(small_h):
+    state = contract_state(small_h)
+    tg.check_finite_weights(state, "w")
+    state["qo_bank"][0, 0, 0] = float("nan")
+    with pytest.raises(tg.RunFailed, match=r"w hold NaN or inf in 1 tensors \(first: qo_bank\)") as e:
+        tg.check_finite_weights(state, "w")
+    assert e.value.reason == "nonfinite_weights"

@@ -96,6 +96,42 @@ def test_calibration_reads_no_shard_and_is_reproducible(tg, monkeypatch, tmp_pat
     assert abs(q_in.diagonal().mean().item() - 2 * 8) < 1e-3
 
 
+def test_a_matrix_without_a_cholesky_factor_falls_back_to_the_clip_search(tg, capsys):
+    x, w = correlated_layer()
+    q_clip, scale = tg.quantize_int6_rows(w)
+    quantizer = tg.GPTQQuantizer({"m": -(x.T @ x)}, tiny_hparams(), calib_ms=0.0)  # not positive definite
+    q, s = quantizer("m", w)
+    assert torch.equal(q, q_clip) and torch.equal(s, scale)
+    assert quantizer.fallback_matrices == 1 and quantizer.matrices == 0
+    assert "gptq_fallback matrix:m reason:no_cholesky_factor quantizer:gptq_lite" in capsys.readouterr().out
+    assert "fallback_matrices:1" in quantizer.log()
+
+
+def test_nonfinite_gptq_values_fall_back_to_the_clip_search(tg, monkeypatch, capsys):
+    x, w = correlated_layer()
+    monkeypatch.setattr(tg, "gptq_quantize_matrix", lambda w, *args: torch.full_like(w, float("nan")))
+    q, _ = tg.GPTQQuantizer({"m": x.T @ x}, tiny_hparams(), calib_ms=0.0)("m", w)
+    assert torch.equal(q, tg.quantize_int6_rows(w)[0])
+    assert "gptq_fallback matrix:m reason:nonfinite_values" in capsys.readouterr().out
+
+
+def test_least_calibration_at_the_smallest_damping_exports(tg):
+    h = tiny_hparams(export_quantizer="gptq", gptq_calib_seqs=1, gptq_calib_len=2, gptq_damp=1e-4,
+                     gptq_calib_temperature=1e-3, keep_float_max_numel=1000)
+    h.validate()  # the most degenerate settings validation accepts
+    state, quantizer = calibrated(tg, h)
+    config, loaded = tg.unpack_artifact(tg.pack_artifact(state, h, quantizer)[0])
+    assert quantizer.matrices + quantizer.fallback_matrices == 6 * h.num_layers
+    assert all(bool(torch.isfinite(t).all()) for t in loaded.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("env", [{"GPTQ_DAMP": "1e-6"}, {"GPTQ_CALIB_TEMPERATURE": "1e-40"},
+                                 {"GPTQ_CALIB_LEN": "1"}, {"GPTQ_CALIB_SEQS": "0"}])
+def test_degenerate_gptq_settings_are_refused_up_front(tg, env):
+    with pytest.raises(tg.UserError, match=next(iter(env))):
+        tg.Hyperparameters.from_env(env)
+
+
 def test_bad_quantizer_setting_is_a_user_error(tg):
     with pytest.raises(tg.UserError, match="EXPORT_QUANTIZER"):
         tg.Hyperparameters.from_env({"EXPORT_QUANTIZER": "gptq2"})
@@ -129,7 +165,7 @@ def test_gptq_run_exports_after_the_shards_are_gone(tiny_corpus, tmp_path):
     assert not data.exists()
     log = proc.stdout
     m = re.search(r"^gptq calib_seqs:4 calib_tokens:128 matrices:12 rows:(\d+) fallback_rows:(\d+) "
-                  r"calib_time:\d+ms quant_time:\d+ms gptq_time:\d+ms$", log, re.M)
+                  r"fallback_matrices:0 calib_time:\d+ms quant_time:\d+ms gptq_time:\d+ms$", log, re.M)
     assert m and int(m.group(2)) <= int(m.group(1)), log[-3000:]
     assert re.search(r"^export quantizer:gptq payload_bytes:\d+ model_bytes:\d+$", log, re.M)
     assert re.search(r"^final_int6_zstd_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)

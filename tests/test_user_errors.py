@@ -1,5 +1,6 @@
 """Whole-script behaviour on bad input: one line, exit code 2 (130/143 for signals), nothing lost or left behind.
 Run: python3 -m pytest tests/test_user_errors.py"""
+import dataclasses
 import os
 import re
 import signal
@@ -118,3 +119,14 @@ def test_interrupted_atomic_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(tg.RunInterrupted):
         tg.write_file_atomic(str(tmp_path / "model.ptz"), b"x" * 1000)
     assert os.listdir(tmp_path) == []
+
+
+def test_eval_only_tokenizer_of_another_vocabulary_points_at_the_tokenizer(tiny_corpus, tmp_path):
+    _, tok, vocab = tiny_corpus
+    h = tg.Hyperparameters(tokenizer_path=tok, vocab_size=vocab + 64, eval_only=True, artifact_path="a.ptz")
+    with pytest.raises(tg.UserError) as e:  # VOCAB_SIZE comes from the artifact: setting it would be refused
+        tg.load_tokenizer(h)
+    assert f"has {vocab} pieces" in str(e.value) and "set TOKENIZER_PATH to the tokenizer the model in a.ptz" in str(
+        e.value) and "set VOCAB_SIZE" not in str(e.value)
+    with pytest.raises(tg.UserError, match="or set VOCAB_SIZE"):  # when training, VOCAB_SIZE is the user's
+        tg.load_tokenizer(dataclasses.replace(h, eval_only=False))
