@@ -83,7 +83,7 @@ def test_ema_matches_closed_form():
 
 def test_swa_is_the_mean_of_snapshots():
     swa = tg.SWA()
-    with pytest.raises(RuntimeError, match="SWA has no snapshots"):
+    with pytest.raises(tg.RunFailed, match="SWA has no snapshots"):
         swa.state()
     snaps = [{"w": torch.full((2,), float(i))} for i in (1, 2, 6)]
     for s in snaps:
