@@ -1746,9 +1746,10 @@ def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Full-Hessian GPTQ (EXPORT_QUANTIZER=gptq). After training, the export weights generate GPTQ_CALIB_SEQS sequences of
-# GPTQ_CALIB_LEN tokens (no shard is read, so this is legal after the training clock stops); one fp32 forward over
-# them records H = XᵀX of the input of every bank slice (SUM over ranks). Each matrix keeps the clip search's per-row
-# fp16 scales (the quantile with the least squared weight error) and GPTQ picks the integer values on that grid:
+# GPTQ_CALIB_LEN tokens (no shard is read, so this is legal after the training clock stops); one forward over them,
+# under the evaluation's autocast (bf16 on CUDA, which FlashAttention requires), records H = XᵀX of the input of
+# every bank slice in fp32 (SUM over ranks). Each matrix keeps the clip search's per-row fp16 scales (the quantile
+# with the least squared weight error) and GPTQ picks the integer values on that grid:
 # columns in descending diag(H) order, each rounded with its error spread over the columns not yet rounded through
 # the upper Cholesky factor of H⁻¹ (H dampened by GPTQ_DAMP · mean diag). A row keeps the clip search's values when
 # those have the lower output error diag((W−Ŵ)H(W−Ŵ)ᵀ). The bigram table stays with the clip search: its inputs are
@@ -1770,17 +1771,29 @@ def generate_calibration(model: GPT, h: Hyperparameters, rt: Runtime) -> torch.T
 
 
 class HessianRecorder(TorchFunctionMode):
-    """While active, adds xᵀx (fp32) of the input of every F.linear whose weight is a watched bank slice; slices are
-    known by data pointer, so the forward must run without autocast (fp32 banks reach F.linear as views)."""
+    """While active, adds xᵀx (fp32) of the input of every F.linear whose weight is a bank slice. The slices are known
+    by the data pointers of the weights model.banks() prepares for each forward (cast copies under autocast)."""
 
     def __init__(self, model: GPT, num_layers: int):
         super().__init__()
-        self.names, self.hessians = {}, {}
-        for bank in BANK_LAYOUT:
-            param = getattr(model, bank)
-            for j, name in enumerate(bank_slice_names(bank, num_layers)):
-                self.names[param[j].data_ptr()] = name
-                self.hessians[name] = torch.zeros(param.shape[-1], param.shape[-1], device=param.device)
+        self.model, self.names, self.hessians = model, {}, {}
+        self.slice_names = [bank_slice_names(bank, num_layers) for bank in BANK_LAYOUT]  # Banks field order
+        for bank, names in zip(BANK_LAYOUT, self.slice_names):
+            cols = getattr(model, bank).shape[-1]
+            self.hessians.update((name, torch.zeros(cols, cols, device=model.qo_bank.device)) for name in names)
+
+    def _watched_banks(self, dtype: torch.dtype) -> Banks:
+        banks = GPT.banks(self.model, dtype)
+        self.names = {w[j].data_ptr(): n for w, names in zip(banks, self.slice_names) for j, n in enumerate(names)}
+        return banks
+
+    def __enter__(self):
+        self.model.banks = self._watched_banks  # this forward's bank slices, whatever dtype they are cast to
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        del self.model.banks
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = self.names.get(args[1].data_ptr()) if func is F.linear else None
@@ -1791,10 +1804,11 @@ class HessianRecorder(TorchFunctionMode):
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, tokens: torch.Tensor, h: Hyperparameters, batch_seqs: int = 8) -> dict:
-    """Flat slice name -> H = XᵀX of its input over all ranks' calibration tokens (fp32, SUM all-reduce)."""
+def collect_hessians(model: GPT, tokens: torch.Tensor, h: Hyperparameters, rt: Runtime, batch_seqs: int = 8) -> dict:
+    """Flat slice name -> H = XᵀX of its input over all ranks' calibration tokens (fp32, SUM all-reduce); the forward
+    runs under the evaluation's autocast, so an attention kernel that takes only bf16/fp16 works."""
     recorder = HessianRecorder(model, h.num_layers)
-    with recorder:
+    with recorder, autocast(rt):
         for lo in range(0, tokens.size(0), batch_seqs):
             model.forward_logits(tokens[lo:lo + batch_seqs])
     all_reduce_sum(*recorder.hessians.values())
@@ -1874,7 +1888,7 @@ def calibrate_gptq(model: GPT, state: Mapping[str, torch.Tensor], h: Hyperparame
     t0 = time.perf_counter()
     model.load_state_dict(state, strict=True)
     model.eval()
-    hessians = collect_hessians(model, generate_calibration(model, h, rt), h)
+    hessians = collect_hessians(model, generate_calibration(model, h, rt), h, rt)
     synchronize(rt)
     return GPTQQuantizer(hessians, h, 1000.0 * (time.perf_counter() - t0))
 
