@@ -175,6 +175,7 @@ class Hyperparameters:
     # runtime
     device: str = "auto"  # auto | cuda | cpu
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
+    accept_sdpa: bool = False  # an H100 (sm_90) without FlashAttention-3 runs SDPA without attention_warning
 
     @property
     def head_dim(self) -> int:
@@ -986,7 +987,9 @@ def mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tens
 # Attention backends: fn(q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,H,D], causal, GQA (head h reads kv head
 # h // (H/Hkv)). select_attention picks the first candidate that really runs: it must load, run forward and
 # backward on bf16 inputs in the model's head layout (inside torch.compile(fullgraph=True) when compiling) and
-# agree with SDPA. Candidates that fail are skipped with a one-line reason; SDPA is the last resort.
+# agree with SDPA. Candidates that fail are skipped with a one-line reason; SDPA is the last resort. FA3's
+# interface is made of torch.library custom ops, which torch.compile traces; FA4's kernels are wrapped the same way
+# here (custom_attention).
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention with PyTorch SDPA (works on every device)."""
@@ -1007,6 +1010,49 @@ def _flash_backend(module: str):
     return load
 
 
+_ATTENTION_OPS: dict[str, Callable] = {}  # custom_attention's ops, registered once per name and process
+
+
+def custom_attention(name: str, fwd: Callable, bwd: Callable) -> Callable:
+    """fn(q, k, v) made of a kernel pair as torch.library custom ops, so torch.compile traces it as one opaque op
+    (with fake implementations for the shapes) instead of tracing into the kernel's Python:
+    fwd(q, k, v) -> (out [B,T,H,D], lse [B,H,T] fp32); bwd(dout, q, k, v, out, lse) -> (dq, dk, dv)."""
+    if name in _ATTENTION_OPS:
+        return _ATTENTION_OPS[name]
+
+    @torch.library.custom_op(f"pgolf::{name}_fwd", mutates_args=())
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = fwd(q.contiguous(), k.contiguous(), v.contiguous())
+        return out.contiguous(), lse.contiguous()
+
+    @torch.library.custom_op(f"pgolf::{name}_bwd", mutates_args=())
+    def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(g.contiguous() for g in bwd(dout.contiguous(), q, k, v, out, lse))
+
+    forward.register_fake(lambda q, k, v: (q.new_empty(q.shape),
+                                           q.new_empty((q.size(0), q.size(2), q.size(1)), dtype=torch.float32)))
+    backward.register_fake(lambda dout, q, k, v, out, lse: (q.new_empty(q.shape), k.new_empty(k.shape),
+                                                            v.new_empty(v.shape)))
+    forward.register_autograd(lambda ctx, dout, dlse: backward(dout, *ctx.saved_tensors),
+                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
+    _ATTENTION_OPS[name] = lambda q, k, v: forward(q, k, v)[0]
+    return _ATTENTION_OPS[name]
+
+
+def _fa4_backend() -> Callable:
+    """FlashAttention-4 (plain Python + CuTe DSL, untraceable by torch.compile as it is): its forward and backward
+    kernels as custom ops."""
+    fa = importlib.import_module("flash_attn.cute.interface")
+
+    def fwd(q, k, v):
+        return fa._flash_attn_fwd(q, k, v, softmax_scale=q.size(-1) ** -0.5, causal=True, return_lse=True)
+
+    def bwd(dout, q, k, v, out, lse):
+        return fa._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=q.size(-1) ** -0.5, causal=True)
+    return custom_attention("fa4", fwd, bwd)
+
+
 class AttentionCandidate(NamedTuple):
     name: str
     load: Callable[[], Callable]  # returns the backend fn; raises if it is not available
@@ -1021,7 +1067,7 @@ class AttentionChoice(NamedTuple):
 
 ATTENTION_CANDIDATES = (
     AttentionCandidate("fa3", _flash_backend("flash_attn_interface"), cuda_only=True),
-    AttentionCandidate("fa4", _flash_backend("flash_attn.cute"), cuda_only=True),
+    AttentionCandidate("fa4", _fa4_backend, cuda_only=True),
     AttentionCandidate("sdpa", lambda: sdpa_attention),
 )
 
@@ -1084,6 +1130,24 @@ def log_attention(choice: AttentionChoice) -> str:
     """`attention backend:<name>`, plus the backends tried first and why they were skipped (free text)."""
     skipped = {"detail": "; ".join(f"{n} skipped: {r}" for n, r in choice.skipped)} if choice.skipped else {}
     return log_event("attention", backend=choice.name, **skipped)
+
+
+SDPA_ON_HOPPER = ("FlashAttention-3 is not in use on this H100-class GPU: SDPA costs an estimated +15-25 ms/step "
+                  "(about 1,000 fewer steps in 600 s, a worse score); install it with `python3 "
+                  "tools/install_flash_attn.py` (run.sh does), or set ACCEPT_SDPA=1 to run on SDPA knowingly")
+
+
+def sdpa_on_hopper(rt: Runtime) -> bool:
+    """A Hopper GPU (sm_90, where FlashAttention-3 runs) ended up on the SDPA fallback."""
+    return (rt.is_cuda and rt.attention is not None and rt.attention.name == "sdpa"
+            and tuple(torch.cuda.get_device_capability(rt.device)) == (9, 0))
+
+
+def warn_slow_attention(rt: Runtime, h: Hyperparameters) -> str | None:
+    """One `attention_warning` line naming the cost and the fix, unless ACCEPT_SDPA=1."""
+    if sdpa_on_hopper(rt) and not h.accept_sdpa:
+        return log_event("attention_warning", backend="sdpa", device="sm_90", detail=SDPA_ON_HOPPER)
+    return None
 
 
 class Attention(nn.Module):
@@ -2872,6 +2936,7 @@ def log_header(h: Hyperparameters, rt: Runtime) -> int:
               grad_accum_steps=h.grad_accum_steps(rt.world_size), attention=rt.attention.name, compile=rt.use_compile,
               torch=torch.__version__)
     log_attention(rt.attention)
+    warn_slow_attention(rt, h)
     log_event(f"world_size:{rt.world_size}", grad_accum_steps=h.grad_accum_steps(rt.world_size))
     log_event("versions", python=sys.version.split()[0], numpy=np.__version__, console=False)
     log0(text + "\n" + "=" * 100, console=False)

@@ -11,7 +11,8 @@ Sections (each check ok / warn / fail with a one-line reason):
 
   environment   python, torch, CUDA, NCCL and driver versions; devices (model, count, memory); free disk
   attention     the backend train_gpt.py would pick (proven there: compiled with fullgraph when compiling, forward
-                and backward, compared with SDPA) and why the others were skipped
+                and backward, compared with SDPA) and why the others were skipped; SDPA on an sm_90 GPU (H100)
+                fails (FlashAttention-3 missing: slower than the record) unless ACCEPT_SDPA=1
   collectives   all-reduce, reduce-scatter and all-gather of the Muon bank buffers (bf16, padded as the optimizer
                 pads them), results verified, with bus bandwidth; "skipped (1 rank)" on one process
   training      --warmup untimed steps (compilation: reported apart) then --steps timed steps, QAT off then on;
@@ -188,9 +189,12 @@ def check_attention(pf: Preflight, candidates=None) -> None:
     how = "compiled (fullgraph) forward + backward" if rt.use_compile else "eager forward + backward (COMPILE off)"
     skipped = "; ".join(f"{name}: {why}" for name, why in choice.skipped) or "none"
     slow = rt.is_cuda and choice.name == "sdpa"
-    pf.add("attention", "backend", "warn" if slow else "ok",
-           f"{choice.name}: {how} matches SDPA" + (" (no FlashAttention: slower than the record)" if slow else "")
-           + f"; skipped: {skipped}", backend=choice.name, compile=pf.rt.use_compile, skipped=dict(choice.skipped))
+    missed = tg.sdpa_on_hopper(rt)  # FlashAttention-3 would run here: a record run would lose ~1,000 steps
+    status = "fail" if missed and not pf.h.accept_sdpa else "warn" if slow else "ok"
+    why = (f" ({tg.SDPA_ON_HOPPER}{'; accepted: ACCEPT_SDPA=1' if pf.h.accept_sdpa else ''})" if missed
+           else " (no FlashAttention: slower than the record)" if slow else "")
+    pf.add("attention", "backend", status, f"{choice.name}: {how} matches SDPA{why}; skipped: {skipped}",
+           backend=choice.name, compile=pf.rt.use_compile, skipped=dict(choice.skipped))
 
 
 # ----------------------------------------------------------------------------------------------------------------
