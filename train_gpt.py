@@ -82,7 +82,8 @@ class Hyperparameters:
     train_micro_batch_tokens: int = 0  # per device per micro-step; 0 = derived (8 micro-steps over the world)
     train_seq_len: int = 2048
     max_wallclock_seconds: float = 600.0
-    val_loss_every: int = 4000
+    val_loss_every: int = 4000  # periodic validation of the raw weights during training (0 = none)
+    val_last_step: bool = False  # also validate after the last step (costs a full eval pass; nothing uses its score)
     train_log_every: int = 500
     # model shape
     num_layers: int = 11
@@ -2838,8 +2839,11 @@ class TrainResult:
 
 
 def should_validate(step: int, last: bool, h: Hyperparameters) -> bool:
-    """Periodic validation every VAL_LOSS_EVERY steps (not at step 0) and at the last step; 0 disables both."""
-    return h.val_loss_every > 0 and (last or (step > 0 and step % h.val_loss_every == 0))
+    """Periodic validation every VAL_LOSS_EVERY steps (not at step 0; 0 = none); after the last step only with
+    VAL_LAST_STEP=1 (the export weights are chosen by configuration, so nothing needs that score)."""
+    if last:
+        return h.val_last_step
+    return h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0
 
 
 def validate_during_training(model, val, h, rt, step, train_ms) -> None:
@@ -2864,8 +2868,9 @@ def stop_on_nonfinite(loss: torch.Tensor, step: int) -> None:
 
 def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> TrainResult:
     """The timed loop: returns raw weights, the EMA and the SWA of EMA snapshots. The clock runs only around training
-    steps (periodic validation pauses it); the last validation happens after training, outside the clock. Each step
-    has one blocking sync (reduce_step_status); the loss is read back only on log steps."""
+    steps (periodic validation pauses it); the optional last validation happens after training, outside the clock.
+    Each step has one blocking sync (reduce_step_status); the loss is read back only on log steps. QAT is switched
+    off at the end: evaluation graphs compiled before it started stay valid (no recompile)."""
     loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
     ema = EMA(base_model, h.ema_decay) if h.use_ema else None
     swa, cap_ms = SWA(), 1000.0 * h.max_wallclock_seconds
@@ -2897,6 +2902,7 @@ def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime,
                       train_time=f"{status.elapsed_ms:.0f}ms", step_avg=f"{status.elapsed_ms / step:.2f}ms")
     synchronize(rt)
     train_ms += 1000.0 * (clock() - t0)
+    base_model.qat_active = False
     if status.stop and step < h.iterations:
         log_event(f"{STOPPING_EARLY} wallclock_cap", train_time=f"{train_ms:.0f}ms", step=f"{step}/{h.iterations}")
     log_peak_memory(rt)

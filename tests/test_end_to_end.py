@@ -35,7 +35,7 @@ def check_log(log: str, env) -> dict:
 
 @pytest.mark.slow
 def test_single_process_run(tiny_corpus, tmp_path):
-    env = tiny_run_env(tiny_corpus, tmp_path, EXPORT_WEIGHTS="raw", DIAG_EVAL_CANDIDATES="1")
+    env = tiny_run_env(tiny_corpus, tmp_path, EXPORT_WEIGHTS="raw", DIAG_EVAL_CANDIDATES="1", VAL_LAST_STEP="1")
     out = run_script(env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = (tmp_path / "logs" / "e2e.txt").read_text()
@@ -50,7 +50,8 @@ def test_single_process_run(tiny_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tiny_corpus, tmp_path):
-    env = tiny_run_env(tiny_corpus, tmp_path, USE_EXPERIMENTAL_CUDNN_V8_API="1", TRAIN_DIR="/tmp", EVAL_MODE="x")
+    env = tiny_run_env(tiny_corpus, tmp_path, USE_EXPERIMENTAL_CUDNN_V8_API="1", TRAIN_DIR="/tmp", EVAL_MODE="x",
+                       VAL_LAST_STEP="1")
     del env["TRAIN_MICRO_BATCH_TOKENS"]  # TRAIN_BATCH_TOKENS alone: 8 micro-steps over the world, as upstream
     out = run_script(env, nproc=2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

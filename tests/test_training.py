@@ -89,9 +89,11 @@ def test_ranks_with_skewed_clocks_share_lr_qat_and_stop_step(tiny_corpus, tmp_pa
 
 def test_train_validates_periodically_but_leaves_the_last_validation_to_after_the_clock(tiny, tiny_corpus,
                                                                                          monkeypatch):
-    h, rt, model, opt = setup(tiny, tiny_corpus, val_loss_every=3, iterations=6)
+    h, rt, model, opt = setup(tiny, tiny_corpus, val_loss_every=3, iterations=6, val_last_step=True)
     calls = []
     monkeypatch.setattr(tg, "validate_during_training", lambda *args: calls.append(args[4]))
     result = tg.train(model, model, opt, None, h, rt)
     assert result.steps == 6 and calls == [3]
     assert tg.should_validate(result.steps, True, h)  # train_and_export runs it after taking t_end
+    assert not tg.should_validate(result.steps, True, tiny(val_loss_every=3))  # VAL_LAST_STEP=0 (the default): none
+
