@@ -469,6 +469,14 @@ def autocast(rt: Runtime):
     return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.is_cuda)
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA through pinned memory and a non-blocking copy (a copy from pageable
+    memory would block the host until the device has caught up)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 _LOG_FILE: list = []  # [path] once setup_logging ran on rank 0
 _LOG_RANK: list = [0]  # this process's rank, recorded by init_runtime; only rank 0 logs
 
@@ -697,18 +705,34 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each call consumes world*(local+1) stream tokens; rank r gets span r as (inputs, targets shifted by one)."""
+    """Each batch consumes world*(local+1) stream tokens; rank r gets span r as (inputs, targets shifted by one),
+    moved by one host_to_device copy. prefetch() prepares the next batch early (train() calls it before the step's
+    blocking sync, while the device is still busy); batches come out in stream order either way."""
 
     def __init__(self, files: list[str], rt: Runtime, vocab_size: int | None = None):
-        self.stream, self.rt = TokenStream(files, vocab_size), rt
+        self.stream, self.rt, self.pending = TokenStream(files, vocab_size), rt, None
+
+    def _span(self, local_tokens: int) -> np.ndarray:
+        """This rank's local_tokens + 1 tokens of the next global batch."""
+        span = local_tokens + 1
+        return self.stream.take(span * self.rt.world_size)[self.rt.rank * span:(self.rt.rank + 1) * span]
+
+    def _load(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = self._span(local_tokens)
+        xy = host_to_device(torch.from_numpy(np.stack((mine[:-1], mine[1:])).astype(np.int64)), self.rt.device)
+        return xy[0].view(-1, seq_len), xy[1].view(-1, seq_len)
+
+    def prefetch(self, local_tokens: int, seq_len: int) -> None:
+        if self.pending is None:
+            self.pending = ((local_tokens, seq_len), self._load(local_tokens, seq_len))
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.rt.world_size)
-        mine = torch.from_numpy(chunk[self.rt.rank * span:(self.rt.rank + 1) * span].astype(np.int64))
-        x, y = mine[:-1].reshape(-1, seq_len), mine[1:].reshape(-1, seq_len)
-        nb = self.rt.is_cuda
-        return x.to(self.rt.device, non_blocking=nb), y.to(self.rt.device, non_blocking=nb)
+        if self.pending is None:
+            return self._load(local_tokens, seq_len)
+        (shape, batch), self.pending = self.pending, None
+        if shape != (local_tokens, seq_len):
+            raise ValueError(f"prefetched a batch of {shape}, asked for {(local_tokens, seq_len)}")
+        return batch
 
 
 def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int | None = None,
@@ -1496,8 +1520,8 @@ class ParallelMuon:
                 b.local.mul_(1.0 / self.world)  # SUM -> mean over ranks
             b.momentum.mul_(self.momentum).add_(b.local)
             u = newton_schulz5(b.local.add(b.momentum, alpha=self.momentum), self.ns_steps)
-            if self.comm is not None:
-                b.work = self.comm.all_gather(b.update, u)
+            if self.comm is not None:  # collectives want a dense input (no copy when NS5's result is dense)
+                b.work = self.comm.all_gather(b.update, u.contiguous())
             else:
                 b.update = u
             if previous is not None:
@@ -2601,7 +2625,7 @@ class NgramScorer:
         j = np.minimum(np.searchsorted(self.audit_pos, sel_pos), len(self.audit_pos) - 1)
         rows = np.nonzero(self.audit_pos[j] == sel_pos)[0]
         if rows.size:  # host-side test: no device sync for batches without audit positions
-            r, slots = (torch.from_numpy(a).to(pos.device) for a in (rows, j[rows]))
+            r, slots = host_to_device(torch.from_numpy(np.stack((rows, j[rows]))), pos.device)
             self.audit_sums[slots] = self.full_distribution(logits[r], pos[r]).sum(-1)
             self.audit_found[slots] = 1.0
 
@@ -2789,21 +2813,24 @@ def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, co
 # One `train_step` serves the compile warm-up and training. Warm-up runs real steps, then restores model and
 # optimizer state exactly and restarts the data. The clock runs only around training steps (validation stops it).
 # One MAX all-reduce per step carries (elapsed time, stop flag, non-finite flag): every rank takes LR, QAT and the
-# stop decision from the same (largest) elapsed time, and a non-finite loss on any rank stops the run.
+# stop decision from the same (largest) elapsed time, and a non-finite loss on any rank stops the run. Each next
+# micro-batch is loaded while the device still runs the current one (before the step's sync for the next step).
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def train_step(model, opt, loader, h: Hyperparameters, rt: Runtime, step: int, scale: float) -> torch.Tensor:
     """Gradient-accumulated forward/backward over one global batch, clip, optimizer step; returns the mean loss."""
-    accum = h.grad_accum_steps(rt.world_size)
+    accum, micro = h.grad_accum_steps(rt.world_size), h.micro_batch_tokens(rt.world_size)
     opt.zero_grad()
     total = torch.zeros((), device=rt.device)
-    for _ in range(accum):
-        x, y = loader.next_batch(h.micro_batch_tokens(rt.world_size), h.train_seq_len)
+    for i in range(accum):
+        x, y = loader.next_batch(micro, h.train_seq_len)
         with autocast(rt):
             loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach().float()
+        if i + 1 < accum:
+            loader.prefetch(micro, h.train_seq_len)
     opt.set_muon_momentum(muon_momentum(step, h))
     opt.set_lr_scale(scale)
     clip_gradients(model, h.grad_clip_norm)
@@ -2860,6 +2887,17 @@ def maybe_start_qat(base_model, step: int, elapsed_ms: float, scale: float, h: H
                   lr_scale=f"{scale:.4f}")
 
 
+def finish_step(loss: torch.Tensor, h: Hyperparameters, rt: Runtime, *, base_model, ema, loader,
+                elapsed_ms: float = 0.0, stop: bool = False) -> StepStatus:
+    """What follows every optimizer step, in train()'s order (benchmarks time steps through it too): the EMA update,
+    the next step's first micro-batch (host work and copy while the device still runs this step), then the step's
+    one blocking sync."""
+    if ema is not None:
+        ema.update(base_model)
+    loader.prefetch(h.micro_batch_tokens(rt.world_size), h.train_seq_len)
+    return reduce_step_status(loss, elapsed_ms, stop)
+
+
 def stop_on_nonfinite(loss: torch.Tensor, step: int) -> None:
     log_event("nonfinite_loss", step=step, train_loss=float(loss))
     raise SystemExit(f"training diverged: non-finite loss at step {step}; lower the learning rates "
@@ -2886,17 +2924,16 @@ def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime,
         scale = lr_scale(step, status.elapsed_ms, h)
         maybe_start_qat(base_model, step, status.elapsed_ms, scale, h)
         loss = train_step(model, opt, loader, h, rt, step, scale)
-        if ema is not None:
-            ema.update(base_model)
         step += 1
+        local_ms = train_ms + 1000.0 * (clock() - t0)
+        status = finish_step(loss, h, rt, base_model=base_model, ema=ema, loader=loader, elapsed_ms=local_ms,
+                             stop=cap_ms > 0 and local_ms >= cap_ms)
+        if status.nonfinite:
+            stop_on_nonfinite(loss, step)
         if ema is not None and h.swa_enabled and scale < h.swa_lr_threshold and step % h.swa_every == 0:
             if swa.count == 0:
                 log_event("swa_start", step=step)
             swa.add(ema.state())
-        local_ms = train_ms + 1000.0 * (clock() - t0)
-        status = reduce_step_status(loss, local_ms, cap_ms > 0 and local_ms >= cap_ms)
-        if status.nonfinite:
-            stop_on_nonfinite(loss, step)
         if step <= 10 or step % h.train_log_every == 0 or status.stop or step == h.iterations:
             log_event(f"step:{step}/{h.iterations}", train_loss=f"{float(loss):.4f}",
                       train_time=f"{status.elapsed_ms:.0f}ms", step_avg=f"{status.elapsed_ms / step:.2f}ms")
@@ -2905,18 +2942,21 @@ def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime,
     base_model.qat_active = False
     if status.stop and step < h.iterations:
         log_event(f"{STOPPING_EARLY} wallclock_cap", train_time=f"{train_ms:.0f}ms", step=f"{step}/{h.iterations}")
-    log_peak_memory(rt)
+    log_peak_memory(rt, "train")
     raw = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     return TrainResult(step, train_ms, raw, ema, swa)
 
 
-def log_peak_memory(rt: Runtime) -> None:
+def log_peak_memory(rt: Runtime, phase: str) -> None:
+    """Peak memory of a phase: on CUDA the device's peak since the previous phase (the counters are reset), on the
+    CPU the process's peak resident set."""
     if rt.is_cuda:
-        log_event("peak_memory", allocated_mib=torch.cuda.max_memory_allocated() // 2**20,
-                  reserved_mib=torch.cuda.max_memory_reserved() // 2**20)
+        log_event("peak_memory", allocated_mib=torch.cuda.max_memory_allocated(rt.device) // 2**20,
+                  reserved_mib=torch.cuda.max_memory_reserved(rt.device) // 2**20, phase=phase)
+        torch.cuda.reset_peak_memory_stats(rt.device)
     else:
         import resource
-        log_event("peak_memory", rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        log_event("peak_memory", rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, phase=phase)
 
 # ---------------------------------------------------------------------------------------------------------------
 # main
@@ -3026,6 +3066,7 @@ def run() -> int:
         over_limit, t_end = train_and_export(h, rt, val, code_bytes)
         art = load_artifact(h.artifact_path)
     evaluate_artifact(art, h, rt, val)
+    log_peak_memory(rt, "eval")  # since training ended: export, calibration and every eval pass
     log_event(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
     if over_limit:
         log_event("run_failed", reason="artifact_over_limit", limit=h.artifact_limit_bytes)

@@ -30,6 +30,8 @@ def check_log(log: str, env) -> dict:
     assert all(abs(float(audit.group(i)) - 1.0) < 1e-6 for i in (2, 3, 4))
     ng = re.search(r"^ngram_eval_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", log, re.M)
     assert ng and re.search(r"^post_training_time:\d+ms$", log, re.M)
+    phases = re.findall(r"^peak_memory rss_mib:\d+ phase:(\w+)$", log, re.M)
+    assert phases == ["train", "eval"] and log.index("phase:eval") > log.index("ngram_eval_exact")  # after the evals
     return {"roundtrip_bpb": float(rt.group(2)), "ngram_bpb": float(ng.group(2))}
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,10 @@ def check_every_section(report, text, world):
     supply = checks["data", "supply"]["figures"]
     assert supply["tokens_needed"] == steps * (1024 // (world * 512)) * world * 513
     assert checks["evaluation", "throughput"]["figures"]["targets"] == 1024
+    assert checks["evaluation", "throughput"]["figures"]["targets_small"] == 512  # two sizes: the n-gram growth
+    projection = checks["evaluation", "projection"]
+    assert projection["figures"]["projected_s"] >= projection["figures"]["projected_linear_s"] > 0
+    assert "fitted a + b·ln(targets)" in projection["reason"]
     return checks
 
 
@@ -218,3 +223,15 @@ def test_h100_left_on_sdpa_is_not_ready_unless_accepted(tmp_path, tiny_corpus, m
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert statuses(attention_check())["attention", "backend"][0] == "warn"
 
+
+def test_eval_projection_fits_the_growing_ngram_cost():
+    a, b = 2e-6, 3e-7  # seconds per target: a + b·ln(targets already in the tables)
+    timed = lambda n: n * (a + b * (math.log(n) - 1))  # a pass over n targets (the integral of the per-target cost)
+    small, large = (262_144, timed(262_144)), (524_288, timed(524_288))
+    total = 62_021_632
+    got = preflight.project_eval_seconds(small, large, total, grows=True)
+    assert got == pytest.approx(timed(total), rel=1e-9)
+    linear = preflight.project_eval_seconds(small, large, total, grows=False)
+    assert linear == pytest.approx(total * large[1] / large[0]) and linear < got
+    noisy = (262_144, 1.2 * timed(262_144))  # the small pass measured slower per target: no negative growth
+    assert preflight.project_eval_seconds(noisy, large, total, grows=True) == pytest.approx(linear)

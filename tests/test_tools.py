@@ -467,3 +467,11 @@ def test_make_record_limits_are_the_scripts_and_compared_its_way(real_log, tg):
         run.events["ngram_audit"] = [{"sum_min": 1.0, "sum_median": 1.0, "sum_max": worst}]
         assert make_record._check_normalization([run])["ok"] is ok
     assert make_record.TRAIN_TIME_LIMIT_S == tg.Hyperparameters.max_wallclock_seconds
+
+
+def test_peak_memory_is_the_largest_phase():
+    run = logparse.parse_text("peak_memory allocated_mib:22669 reserved_mib:22812 phase:train\n"
+                              "peak_memory allocated_mib:9120 reserved_mib:31000 phase:eval\n")  # reset in between
+    assert run.peak_memory_mib == 22669 and [e["phase"] for e in run.events["peak_memory"]] == ["train", "eval"]
+    assert logparse.parse_text("peak_memory rss_mib:900 phase:train\n").peak_memory_mib == 900
+    assert logparse.parse_text("").peak_memory_mib is None
