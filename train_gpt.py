@@ -433,6 +433,23 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def broadcast_bytes(data: bytes | None, rt: Runtime) -> bytes | None:
+    """Rank 0's bytes on every rank: the length, then the bytes as one uint8 tensor (NCCL or gloo), so no other rank
+    needs rank 0's files; None on rank 0 gives None everywhere. Without a process group: `data` itself."""
+    if not rt.distributed:
+        return data
+    size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64, device=rt.device)
+    dist.broadcast(size, src=0)
+    n = int(size.item())
+    if n < 0:
+        return None
+    buf = torch.zeros(n, dtype=torch.uint8, device=rt.device)
+    if rt.is_main and n:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return data if rt.is_main else buf.cpu().numpy().tobytes()
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if flag is true on any rank (one MAX all-reduce), so all ranks branch alike."""
     t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
@@ -2114,7 +2131,7 @@ def report_artifact_size(path: str, blob: bytes, code_bytes: int, h: Hyperparame
 
 def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code_bytes: int,
                     row_quantizer=None) -> ArtifactReport:
-    """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; others load the file)."""
+    """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; load_artifact shares it)."""
     blob, st = pack_artifact(state, h, row_quantizer)
     write_file_atomic(h.artifact_path, blob)
     log_event("export", quantizer=h.export_quantizer, payload_bytes=st.payload_bytes, model_bytes=len(blob))
@@ -2130,12 +2147,19 @@ class LoadedArtifact(NamedTuple):
     state: dict  # banked CPU state dict, ready for load_state_dict(strict=True) on a model built from config
 
 
-def load_artifact(path: str) -> LoadedArtifact:
-    """Artifact file read back; an unreadable or foreign file raises ArtifactError naming it."""
-    try:
-        blob = Path(path).read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot read artifact ({e.strerror}); check ARTIFACT") from None
+def load_artifact(path: str, rt: Runtime | None = None) -> LoadedArtifact:
+    """Artifact file read back by rank 0 and broadcast to every rank (with `rt`; other nodes need no shared storage);
+    an unreadable or foreign file raises ArtifactError naming it, on every rank."""
+    blob, problem = None, None
+    if rt is None or rt.is_main:
+        try:
+            blob = Path(path).read_bytes()
+        except OSError as e:
+            problem = ArtifactError(f"{path}: cannot read artifact ({e.strerror}); check ARTIFACT")
+    if rt is not None:
+        blob = broadcast_bytes(blob, rt)
+    if blob is None:
+        raise problem or ArtifactError(f"{path}: rank 0 cannot read the artifact (its message says why)")
     try:
         return LoadedArtifact(path, blob, *unpack_artifact(blob))
     except ArtifactError as e:
@@ -3030,13 +3054,11 @@ def train_and_export(h, rt, val, code_bytes) -> tuple[bool, float]:
     state = export_state(result, h)
     quantizer = calibrate_gptq(base_model, state, h, rt) if h.export_quantizer == "gptq" else None
     over_limit = rt.is_main and export_artifact(state, h, code_bytes, quantizer).over_limit
-    if rt.distributed:
-        dist.barrier()  # the other ranks read the artifact only once rank 0 has renamed it into place
     return over_limit, t_end
 
 
 def evaluate_artifact(art: LoadedArtifact, h, rt, val) -> None:
-    """Rebuild the model from the artifact bytes read from disk and run every scored evaluation on it."""
+    """Rebuild the model from the artifact bytes (read from disk by rank 0) and run every scored evaluation on it."""
     model = build_model(h, rt)
     model.load_state_dict(art.state, strict=True)
     roundtrip_eval(compile_model(model, rt.use_compile), val, h, rt)
@@ -3049,7 +3071,7 @@ def run() -> int:
     h = Hyperparameters.from_env(os.environ)
     rt = init_runtime(h)
     h.validate(rt.world_size)
-    art = load_artifact(h.artifact_path) if h.eval_only else None
+    art = load_artifact(h.artifact_path, rt) if h.eval_only else None
     if art is not None:
         h = adopt_artifact_config(h, art.config, os.environ)
     setup_logging(h, rt)
@@ -3064,7 +3086,7 @@ def run() -> int:
         over_limit = report_artifact_size(art.path, art.blob, code_bytes, h).over_limit
     else:
         over_limit, t_end = train_and_export(h, rt, val, code_bytes)
-        art = load_artifact(h.artifact_path)
+        art = load_artifact(h.artifact_path, rt)  # rank 0 reads the file back and broadcasts its bytes
     evaluate_artifact(art, h, rt, val)
     log_peak_memory(rt, "eval")  # since training ended: export, calibration and every eval pass
     log_event(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
