@@ -93,7 +93,8 @@ class Hyperparameters:
     train_micro_batch_tokens: int = 0  # per device per micro-step; 0 = derived (8 micro-steps over the world)
     train_seq_len: int = 2048
     max_wallclock_seconds: float = 600.0
-    val_loss_every: int = 4000
+    val_loss_every: int = 4000  # periodic validation of the raw weights during training (0 = none)
+    val_last_step: bool = False  # also validate after the last step (costs a full eval pass; nothing uses its score)
     train_log_every: int = 500
     # model shape
     num_layers: int = 11
@@ -186,6 +187,7 @@ class Hyperparameters:
     # runtime
     device: str = "auto"  # auto | cuda | cpu
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
+    accept_sdpa: bool = False  # an H100 (sm_90) without FlashAttention-3 runs SDPA without attention_warning
 
     @property
     def head_dim(self) -> int:
@@ -509,6 +511,23 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def broadcast_bytes(data: bytes | None, rt: Runtime) -> bytes | None:
+    """Rank 0's bytes on every rank: the length, then the bytes as one uint8 tensor (NCCL or gloo), so no other rank
+    needs rank 0's files; None on rank 0 gives None everywhere. Without a process group: `data` itself."""
+    if not rt.distributed:
+        return data
+    size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64, device=rt.device)
+    dist.broadcast(size, src=0)
+    n = int(size.item())
+    if n < 0:
+        return None
+    buf = torch.zeros(n, dtype=torch.uint8, device=rt.device)
+    if rt.is_main and n:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return data if rt.is_main else buf.cpu().numpy().tobytes()
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if flag is true on any rank (one MAX all-reduce), so all ranks branch alike."""
     t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
@@ -543,6 +562,14 @@ def synchronize(rt: Runtime) -> None:
 def autocast(rt: Runtime):
     """bf16 autocast on CUDA (training, evaluation, TTT); plain fp32 on CPU."""
     return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.is_cuda)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA through pinned memory and a non-blocking copy (a copy from pageable
+    memory would block the host until the device has caught up)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 _LOG_FILE: list = []  # [path] once setup_logging ran on rank 0; emptied when a write to it fails
@@ -811,18 +838,34 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each call consumes world*(local+1) stream tokens; rank r gets span r as (inputs, targets shifted by one)."""
+    """Each batch consumes world*(local+1) stream tokens; rank r gets span r as (inputs, targets shifted by one),
+    moved by one host_to_device copy. prefetch() prepares the next batch early (train() calls it before the step's
+    blocking sync, while the device is still busy); batches come out in stream order either way."""
 
     def __init__(self, files: list[str], rt: Runtime, vocab_size: int | None = None):
-        self.stream, self.rt = TokenStream(files, vocab_size), rt
+        self.stream, self.rt, self.pending = TokenStream(files, vocab_size), rt, None
+
+    def _span(self, local_tokens: int) -> np.ndarray:
+        """This rank's local_tokens + 1 tokens of the next global batch."""
+        span = local_tokens + 1
+        return self.stream.take(span * self.rt.world_size)[self.rt.rank * span:(self.rt.rank + 1) * span]
+
+    def _load(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mine = self._span(local_tokens)
+        xy = host_to_device(torch.from_numpy(np.stack((mine[:-1], mine[1:])).astype(np.int64)), self.rt.device)
+        return xy[0].view(-1, seq_len), xy[1].view(-1, seq_len)
+
+    def prefetch(self, local_tokens: int, seq_len: int) -> None:
+        if self.pending is None:
+            self.pending = ((local_tokens, seq_len), self._load(local_tokens, seq_len))
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.rt.world_size)
-        mine = torch.from_numpy(chunk[self.rt.rank * span:(self.rt.rank + 1) * span].astype(np.int64))
-        x, y = mine[:-1].reshape(-1, seq_len), mine[1:].reshape(-1, seq_len)
-        nb = self.rt.is_cuda
-        return x.to(self.rt.device, non_blocking=nb), y.to(self.rt.device, non_blocking=nb)
+        if self.pending is None:
+            return self._load(local_tokens, seq_len)
+        (shape, batch), self.pending = self.pending, None
+        if shape != (local_tokens, seq_len):
+            raise ValueError(f"prefetched a batch of {shape}, asked for {(local_tokens, seq_len)}")
+        return batch
 
 
 def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int | None = None,
@@ -1103,7 +1146,9 @@ def mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tens
 # Attention backends: fn(q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,H,D], causal, GQA (head h reads kv head
 # h // (H/Hkv)). select_attention picks the first candidate that really runs: it must load, run forward and
 # backward on bf16 inputs in the model's head layout (inside torch.compile(fullgraph=True) when compiling) and
-# agree with SDPA. Candidates that fail are skipped with a one-line reason; SDPA is the last resort.
+# agree with SDPA. Candidates that fail are skipped with a one-line reason; SDPA is the last resort. FA3's
+# interface is made of torch.library custom ops, which torch.compile traces; FA4's kernels are wrapped the same way
+# here (custom_attention).
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention with PyTorch SDPA (works on every device)."""
@@ -1124,6 +1169,49 @@ def _flash_backend(module: str):
     return load
 
 
+_ATTENTION_OPS: dict[str, Callable] = {}  # custom_attention's ops, registered once per name and process
+
+
+def custom_attention(name: str, fwd: Callable, bwd: Callable) -> Callable:
+    """fn(q, k, v) made of a kernel pair as torch.library custom ops, so torch.compile traces it as one opaque op
+    (with fake implementations for the shapes) instead of tracing into the kernel's Python:
+    fwd(q, k, v) -> (out [B,T,H,D], lse [B,H,T] fp32); bwd(dout, q, k, v, out, lse) -> (dq, dk, dv)."""
+    if name in _ATTENTION_OPS:
+        return _ATTENTION_OPS[name]
+
+    @torch.library.custom_op(f"pgolf::{name}_fwd", mutates_args=())
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = fwd(q.contiguous(), k.contiguous(), v.contiguous())
+        return out.contiguous(), lse.contiguous()
+
+    @torch.library.custom_op(f"pgolf::{name}_bwd", mutates_args=())
+    def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(g.contiguous() for g in bwd(dout.contiguous(), q, k, v, out, lse))
+
+    forward.register_fake(lambda q, k, v: (q.new_empty(q.shape),
+                                           q.new_empty((q.size(0), q.size(2), q.size(1)), dtype=torch.float32)))
+    backward.register_fake(lambda dout, q, k, v, out, lse: (q.new_empty(q.shape), k.new_empty(k.shape),
+                                                            v.new_empty(v.shape)))
+    forward.register_autograd(lambda ctx, dout, dlse: backward(dout, *ctx.saved_tensors),
+                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
+    _ATTENTION_OPS[name] = lambda q, k, v: forward(q, k, v)[0]
+    return _ATTENTION_OPS[name]
+
+
+def _fa4_backend() -> Callable:
+    """FlashAttention-4 (plain Python + CuTe DSL, untraceable by torch.compile as it is): its forward and backward
+    kernels as custom ops."""
+    fa = importlib.import_module("flash_attn.cute.interface")
+
+    def fwd(q, k, v):
+        return fa._flash_attn_fwd(q, k, v, softmax_scale=q.size(-1) ** -0.5, causal=True, return_lse=True)
+
+    def bwd(dout, q, k, v, out, lse):
+        return fa._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=q.size(-1) ** -0.5, causal=True)
+    return custom_attention("fa4", fwd, bwd)
+
+
 class AttentionCandidate(NamedTuple):
     name: str
     load: Callable[[], Callable]  # returns the backend fn; raises if it is not available
@@ -1138,7 +1226,7 @@ class AttentionChoice(NamedTuple):
 
 ATTENTION_CANDIDATES = (
     AttentionCandidate("fa3", _flash_backend("flash_attn_interface"), cuda_only=True),
-    AttentionCandidate("fa4", _flash_backend("flash_attn.cute"), cuda_only=True),
+    AttentionCandidate("fa4", _fa4_backend, cuda_only=True),
     AttentionCandidate("sdpa", lambda: sdpa_attention),
 )
 
@@ -1201,6 +1289,24 @@ def log_attention(choice: AttentionChoice) -> str:
     """`attention backend:<name>`, plus the backends tried first and why they were skipped (free text)."""
     skipped = {"detail": "; ".join(f"{n} skipped: {r}" for n, r in choice.skipped)} if choice.skipped else {}
     return log_event("attention", backend=choice.name, **skipped)
+
+
+SDPA_ON_HOPPER = ("FlashAttention-3 is not in use on this H100-class GPU: SDPA costs an estimated +15-25 ms/step "
+                  "(about 1,000 fewer steps in 600 s, a worse score); install it with `python3 "
+                  "tools/install_flash_attn.py` (run.sh does), or set ACCEPT_SDPA=1 to run on SDPA knowingly")
+
+
+def sdpa_on_hopper(rt: Runtime) -> bool:
+    """A Hopper GPU (sm_90, where FlashAttention-3 runs) ended up on the SDPA fallback."""
+    return (rt.is_cuda and rt.attention is not None and rt.attention.name == "sdpa"
+            and tuple(torch.cuda.get_device_capability(rt.device)) == (9, 0))
+
+
+def warn_slow_attention(rt: Runtime, h: Hyperparameters) -> str | None:
+    """One `attention_warning` line naming the cost and the fix, unless ACCEPT_SDPA=1."""
+    if sdpa_on_hopper(rt) and not h.accept_sdpa:
+        return log_event("attention_warning", backend="sdpa", device="sm_90", detail=SDPA_ON_HOPPER)
+    return None
 
 
 class Attention(nn.Module):
@@ -1548,8 +1654,8 @@ class ParallelMuon:
                 b.local.mul_(1.0 / self.world)  # SUM -> mean over ranks
             b.momentum.mul_(self.momentum).add_(b.local)
             u = newton_schulz5(b.local.add(b.momentum, alpha=self.momentum), self.ns_steps)
-            if self.comm is not None:
-                b.work = self.comm.all_gather(b.update, u)
+            if self.comm is not None:  # collectives want a dense input (no copy when NS5's result is dense)
+                b.work = self.comm.all_gather(b.update, u.contiguous())
             else:
                 b.update = u
             if previous is not None:
@@ -1863,9 +1969,10 @@ def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Full-Hessian GPTQ (EXPORT_QUANTIZER=gptq). After training, the export weights generate GPTQ_CALIB_SEQS sequences of
-# GPTQ_CALIB_LEN tokens (no shard is read, so this is legal after the training clock stops); one fp32 forward over
-# them records H = XᵀX of the input of every bank slice (SUM over ranks). Each matrix keeps the clip search's per-row
-# fp16 scales (the quantile with the least squared weight error) and GPTQ picks the integer values on that grid:
+# GPTQ_CALIB_LEN tokens (no shard is read, so this is legal after the training clock stops); one forward over them,
+# under the evaluation's autocast (bf16 on CUDA, which FlashAttention requires), records H = XᵀX of the input of
+# every bank slice in fp32 (SUM over ranks). Each matrix keeps the clip search's per-row fp16 scales (the quantile
+# with the least squared weight error) and GPTQ picks the integer values on that grid:
 # columns in descending diag(H) order, each rounded with its error spread over the columns not yet rounded through
 # the upper Cholesky factor of H⁻¹ (H dampened by GPTQ_DAMP · mean diag). A row keeps the clip search's values when
 # those have the lower output error diag((W−Ŵ)H(W−Ŵ)ᵀ). The bigram table stays with the clip search: its inputs are
@@ -1887,17 +1994,29 @@ def generate_calibration(model: GPT, h: Hyperparameters, rt: Runtime) -> torch.T
 
 
 class HessianRecorder(TorchFunctionMode):
-    """While active, adds xᵀx (fp32) of the input of every F.linear whose weight is a watched bank slice; slices are
-    known by data pointer, so the forward must run without autocast (fp32 banks reach F.linear as views)."""
+    """While active, adds xᵀx (fp32) of the input of every F.linear whose weight is a bank slice. The slices are known
+    by the data pointers of the weights model.banks() prepares for each forward (cast copies under autocast)."""
 
     def __init__(self, model: GPT, num_layers: int):
         super().__init__()
-        self.names, self.hessians = {}, {}
-        for bank in BANK_LAYOUT:
-            param = getattr(model, bank)
-            for j, name in enumerate(bank_slice_names(bank, num_layers)):
-                self.names[param[j].data_ptr()] = name
-                self.hessians[name] = torch.zeros(param.shape[-1], param.shape[-1], device=param.device)
+        self.model, self.names, self.hessians = model, {}, {}
+        self.slice_names = [bank_slice_names(bank, num_layers) for bank in BANK_LAYOUT]  # Banks field order
+        for bank, names in zip(BANK_LAYOUT, self.slice_names):
+            cols = getattr(model, bank).shape[-1]
+            self.hessians.update((name, torch.zeros(cols, cols, device=model.qo_bank.device)) for name in names)
+
+    def _watched_banks(self, dtype: torch.dtype) -> Banks:
+        banks = GPT.banks(self.model, dtype)
+        self.names = {w[j].data_ptr(): n for w, names in zip(banks, self.slice_names) for j, n in enumerate(names)}
+        return banks
+
+    def __enter__(self):
+        self.model.banks = self._watched_banks  # this forward's bank slices, whatever dtype they are cast to
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        del self.model.banks
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = self.names.get(args[1].data_ptr()) if func is F.linear else None
@@ -1908,10 +2027,11 @@ class HessianRecorder(TorchFunctionMode):
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, tokens: torch.Tensor, h: Hyperparameters, batch_seqs: int = 8) -> dict:
-    """Flat slice name -> H = XᵀX of its input over all ranks' calibration tokens (fp32, SUM all-reduce)."""
+def collect_hessians(model: GPT, tokens: torch.Tensor, h: Hyperparameters, rt: Runtime, batch_seqs: int = 8) -> dict:
+    """Flat slice name -> H = XᵀX of its input over all ranks' calibration tokens (fp32, SUM all-reduce); the forward
+    runs under the evaluation's autocast, so an attention kernel that takes only bf16/fp16 works."""
     recorder = HessianRecorder(model, h.num_layers)
-    with recorder:
+    with recorder, autocast(rt):
         for lo in range(0, tokens.size(0), batch_seqs):
             model.forward_logits(tokens[lo:lo + batch_seqs])
     all_reduce_sum(*recorder.hessians.values())
@@ -2001,7 +2121,7 @@ def calibrate_gptq(model: GPT, state: Mapping[str, torch.Tensor], h: Hyperparame
     t0 = time.perf_counter()
     model.load_state_dict(state, strict=True)
     model.eval()
-    hessians = collect_hessians(model, generate_calibration(model, h, rt), h)
+    hessians = collect_hessians(model, generate_calibration(model, h, rt), h, rt)
     synchronize(rt)
     return GPTQQuantizer(hessians, h, 1000.0 * (time.perf_counter() - t0))
 
@@ -2236,7 +2356,7 @@ def write_artifact(h: Hyperparameters, blob: bytes) -> None:
 
 def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code_bytes: int,
                     row_quantizer=None) -> ArtifactReport:
-    """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; others load the file)."""
+    """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; load_artifact shares it)."""
     blob, st = pack_artifact(state, h, row_quantizer)
     write_artifact(h, blob)
     log_event("export", quantizer=h.export_quantizer, payload_bytes=st.payload_bytes, model_bytes=len(blob))
@@ -2252,13 +2372,20 @@ class LoadedArtifact(NamedTuple):
     state: dict  # banked CPU state dict, ready for load_state_dict(strict=True) on a model built from config
 
 
-def load_artifact(path: str) -> LoadedArtifact:
-    """Artifact file read back; an unreadable or foreign file, or tensors that do not fit the model its settings
-    describe, raise ArtifactError naming it (before any data is loaded)."""
-    try:
-        blob = Path(path).read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot read artifact ({e.strerror}); check ARTIFACT_PATH") from None
+def load_artifact(path: str, rt: Runtime | None = None) -> LoadedArtifact:
+    """Artifact file read back by rank 0 and broadcast to every rank (with `rt`; other nodes need no shared storage);
+    an unreadable or foreign file, or tensors that do not fit the model its settings describe, raise ArtifactError
+    naming it on every rank (before any data is loaded)."""
+    blob, problem = None, None
+    if rt is None or rt.is_main:
+        try:
+            blob = Path(path).read_bytes()
+        except OSError as e:
+            problem = ArtifactError(f"{path}: cannot read artifact ({e.strerror}); check ARTIFACT_PATH")
+    if rt is not None:
+        blob = broadcast_bytes(blob, rt)
+    if blob is None:
+        raise problem or ArtifactError(f"{path}: rank 0 cannot read the artifact (its message says why)")
     try:
         config, state = unpack_artifact(blob)
         check_state_matches(config, state)
@@ -2750,7 +2877,7 @@ class NgramScorer:
         j = np.minimum(np.searchsorted(self.audit_pos, sel_pos), len(self.audit_pos) - 1)
         rows = np.nonzero(self.audit_pos[j] == sel_pos)[0]
         if rows.size:  # host-side test: no device sync for batches without audit positions
-            r, slots = (torch.from_numpy(a).to(pos.device) for a in (rows, j[rows]))
+            r, slots = host_to_device(torch.from_numpy(np.stack((rows, j[rows]))), pos.device)
             self.audit_sums[slots] = self.full_distribution(logits[r], pos[r]).sum(-1)
             self.audit_found[slots] = 1.0
 
@@ -2942,21 +3069,24 @@ def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, co
 # One `train_step` serves the compile warm-up and training. Warm-up runs real steps, then restores model and
 # optimizer state exactly and restarts the data. The clock runs only around training steps (validation stops it).
 # One MAX all-reduce per step carries (elapsed time, stop flag, non-finite flag): every rank takes LR, QAT and the
-# stop decision from the same (largest) elapsed time, and a non-finite loss on any rank stops the run.
+# stop decision from the same (largest) elapsed time, and a non-finite loss on any rank stops the run. Each next
+# micro-batch is loaded while the device still runs the current one (before the step's sync for the next step).
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def train_step(model, opt, loader, h: Hyperparameters, rt: Runtime, step: int, scale: float) -> torch.Tensor:
     """Gradient-accumulated forward/backward over one global batch, clip, optimizer step; returns the mean loss."""
-    accum = h.grad_accum_steps(rt.world_size)
+    accum, micro = h.grad_accum_steps(rt.world_size), h.micro_batch_tokens(rt.world_size)
     opt.zero_grad()
     total = torch.zeros((), device=rt.device)
-    for _ in range(accum):
-        x, y = loader.next_batch(h.micro_batch_tokens(rt.world_size), h.train_seq_len)
+    for i in range(accum):
+        x, y = loader.next_batch(micro, h.train_seq_len)
         with autocast(rt):
             loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach().float()
+        if i + 1 < accum:
+            loader.prefetch(micro, h.train_seq_len)
     opt.set_muon_momentum(muon_momentum(step, h))
     opt.set_lr_scale(scale)
     clip_gradients(model, h.grad_clip_norm)
@@ -2992,8 +3122,11 @@ class TrainResult:
 
 
 def should_validate(step: int, last: bool, h: Hyperparameters) -> bool:
-    """Periodic validation every VAL_LOSS_EVERY steps (not at step 0) and at the last step; 0 disables both."""
-    return h.val_loss_every > 0 and (last or (step > 0 and step % h.val_loss_every == 0))
+    """Periodic validation every VAL_LOSS_EVERY steps (not at step 0; 0 = none); after the last step only with
+    VAL_LAST_STEP=1 (the export weights are chosen by configuration, so nothing needs that score)."""
+    if last:
+        return h.val_last_step
+    return h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0
 
 
 def validate_during_training(model, val, h, rt, step, train_ms) -> None:
@@ -3010,6 +3143,17 @@ def maybe_start_qat(base_model, step: int, elapsed_ms: float, scale: float, h: H
                   lr_scale=f"{scale:.4f}")
 
 
+def finish_step(loss: torch.Tensor, h: Hyperparameters, rt: Runtime, *, base_model, ema, loader,
+                elapsed_ms: float = 0.0, stop: bool = False) -> StepStatus:
+    """What follows every optimizer step, in train()'s order (benchmarks time steps through it too): the EMA update,
+    the next step's first micro-batch (host work and copy while the device still runs this step), then the step's
+    one blocking sync."""
+    if ema is not None:
+        ema.update(base_model)
+    loader.prefetch(h.micro_batch_tokens(rt.world_size), h.train_seq_len)
+    return reduce_step_status(loss, elapsed_ms, stop)
+
+
 def stop_on_nonfinite(loss: torch.Tensor, step: int) -> None:
     log_event("nonfinite_loss", step=step, train_loss=float(loss))
     raise RunFailed("diverged", f"training diverged: non-finite loss at step {step}; lower the learning rates "
@@ -3018,8 +3162,9 @@ def stop_on_nonfinite(loss: torch.Tensor, step: int) -> None:
 
 def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> TrainResult:
     """The timed loop: returns raw weights, the EMA and the SWA of EMA snapshots. The clock runs only around training
-    steps (periodic validation pauses it); the last validation happens after training, outside the clock. Each step
-    has one blocking sync (reduce_step_status); the loss is read back only on log steps."""
+    steps (periodic validation pauses it); the optional last validation happens after training, outside the clock.
+    Each step has one blocking sync (reduce_step_status); the loss is read back only on log steps. QAT is switched
+    off at the end: evaluation graphs compiled before it started stay valid (no recompile)."""
     loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
     ema = EMA(base_model, h.ema_decay) if h.use_ema else None
     swa, cap_ms = SWA(), 1000.0 * h.max_wallclock_seconds
@@ -3035,36 +3180,39 @@ def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime,
         scale = lr_scale(step, status.elapsed_ms, h)
         maybe_start_qat(base_model, step, status.elapsed_ms, scale, h)
         loss = train_step(model, opt, loader, h, rt, step, scale)
-        if ema is not None:
-            ema.update(base_model)
         step += 1
+        local_ms = train_ms + 1000.0 * (clock() - t0)
+        status = finish_step(loss, h, rt, base_model=base_model, ema=ema, loader=loader, elapsed_ms=local_ms,
+                             stop=cap_ms > 0 and local_ms >= cap_ms)
+        if status.nonfinite:
+            stop_on_nonfinite(loss, step)
         if ema is not None and h.swa_enabled and scale < h.swa_lr_threshold and step % h.swa_every == 0:
             if swa.count == 0:
                 log_event("swa_start", step=step)
             swa.add(ema.state())
-        local_ms = train_ms + 1000.0 * (clock() - t0)
-        status = reduce_step_status(loss, local_ms, cap_ms > 0 and local_ms >= cap_ms)
-        if status.nonfinite:
-            stop_on_nonfinite(loss, step)
         if step <= 10 or step % h.train_log_every == 0 or status.stop or step == h.iterations:
             log_event(f"step:{step}/{h.iterations}", train_loss=f"{float(loss):.4f}",
                       train_time=f"{status.elapsed_ms:.0f}ms", step_avg=f"{status.elapsed_ms / step:.2f}ms")
     synchronize(rt)
     train_ms += 1000.0 * (clock() - t0)
+    base_model.qat_active = False
     if status.stop and step < h.iterations:
         log_event(f"{STOPPING_EARLY} wallclock_cap", train_time=f"{train_ms:.0f}ms", step=f"{step}/{h.iterations}")
-    log_peak_memory(rt)
+    log_peak_memory(rt, "train")
     raw = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     return TrainResult(step, train_ms, raw, ema, swa)
 
 
-def log_peak_memory(rt: Runtime) -> None:
+def log_peak_memory(rt: Runtime, phase: str) -> None:
+    """Peak memory of a phase: on CUDA the device's peak since the previous phase (the counters are reset), on the
+    CPU the process's peak resident set."""
     if rt.is_cuda:
-        log_event("peak_memory", allocated_mib=torch.cuda.max_memory_allocated() // 2**20,
-                  reserved_mib=torch.cuda.max_memory_reserved() // 2**20)
+        log_event("peak_memory", allocated_mib=torch.cuda.max_memory_allocated(rt.device) // 2**20,
+                  reserved_mib=torch.cuda.max_memory_reserved(rt.device) // 2**20, phase=phase)
+        torch.cuda.reset_peak_memory_stats(rt.device)
     else:
         import resource
-        log_event("peak_memory", rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        log_event("peak_memory", rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, phase=phase)
 
 # ---------------------------------------------------------------------------------------------------------------
 # main
@@ -3090,6 +3238,7 @@ def log_header(h: Hyperparameters, rt: Runtime) -> int:
               grad_accum_steps=h.grad_accum_steps(rt.world_size), attention=rt.attention.name, compile=rt.use_compile,
               torch=torch.__version__)
     log_attention(rt.attention)
+    warn_slow_attention(rt, h)
     log_event(f"world_size:{rt.world_size}", grad_accum_steps=h.grad_accum_steps(rt.world_size))
     log_event("versions", python=sys.version.split()[0], numpy=np.__version__, console=False)
     log0(text + "\n" + "=" * 100, console=False)
@@ -3143,13 +3292,13 @@ def train_and_export(h, rt, val, code_bytes) -> tuple[bool, float]:
             over_limit = export_artifact(state, h, code_bytes, quantizer).over_limit
         except RunFailed as e:
             problem = e
-    if any_rank(problem is not None, rt.device):  # also the barrier: other ranks read the artifact once it is in place
+    if any_rank(problem is not None, rt.device):  # every rank learns whether rank 0 wrote the artifact
         raise problem or RunFailed("write_failed", "rank 0 could not write the artifact (its message says why)")
     return over_limit, t_end
 
 
 def evaluate_artifact(art: LoadedArtifact, h, rt, val) -> None:
-    """Rebuild the model from the artifact bytes read from disk and run every scored evaluation on it."""
+    """Rebuild the model from the artifact bytes (read from disk by rank 0) and run every scored evaluation on it."""
     check_finite_weights(art.state, f"the weights in {art.path}")
     model = build_model(h, rt)
     model.load_state_dict(art.state, strict=True)
@@ -3166,7 +3315,7 @@ def run() -> int:
     h = Hyperparameters.from_env(os.environ)
     rt = init_runtime(h)
     h.validate(rt.world_size)
-    art = load_artifact(h.artifact_path) if h.eval_only else None
+    art = load_artifact(h.artifact_path, rt) if h.eval_only else None
     if art is not None:
         h = adopt_artifact_config(h, art.config, os.environ)
     setup_logging(h, rt)
@@ -3182,8 +3331,9 @@ def run() -> int:
         over_limit = report_artifact_size(art.path, art.blob, code_bytes, h).over_limit
     else:
         over_limit, t_end = train_and_export(h, rt, val, code_bytes)
-        art = load_artifact(h.artifact_path)
+        art = load_artifact(h.artifact_path, rt)  # rank 0 reads the file back and broadcasts its bytes
     evaluate_artifact(art, h, rt, val)
+    log_peak_memory(rt, "eval")  # since training ended: export, calibration and every eval pass
     log_event(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
     raise_if_log_failed(rt)
     if over_limit:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,6 +89,35 @@ def run_script(env, nproc=1, timeout=600):
                str(ROOT / "train_gpt.py")]
     return subprocess.run(cmd, env=env, cwd=env["LOG_DIR"].rsplit("/", 1)[0], capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------- a fake CUDA device
+
+class FakeCudaTransfers(TorchDispatchMode):
+    """Host-to-CUDA copies on a CPU-only torch: while active, pinning and copies to a cuda device are recorded and
+    done on the CPU instead (the result stays a CPU tensor), so host-side code paths for CUDA run in tests. Records
+    ("pin",) and ("to_cuda", non_blocking, source pinned?) in order. Use with a `torch.device("cuda", 0)`."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        monkeypatch.setattr(torch.cuda, "_lazy_init", lambda: None)  # the device argument is checked lazily
+        self.log, self.pinned = [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.is_pinned.default:
+            return args[0].untyped_storage().data_ptr() in self.pinned
+        if func is torch.ops.aten._pin_memory.default:
+            out = args[0].clone()
+            self.pinned.add(out.untyped_storage().data_ptr())
+            self.log.append(("pin",))
+            return out
+        if func is torch.ops.aten._to_copy.default and str(kwargs.get("device", "")).startswith("cuda"):
+            src = args[0]
+            pinned = src.untyped_storage().data_ptr() in self.pinned
+            self.log.append(("to_cuda", bool(kwargs.get("non_blocking")), pinned))
+            return src.clone()
+        return func(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ the model

@@ -4,7 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import TINY_RUN, TINY_SHAPE, tiny_env
+import torch
+
+from conftest import RT1, TINY_RUN, TINY_SHAPE, tiny_env, tiny_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "bench_train.py"
@@ -53,3 +55,20 @@ def test_bench_train_shards_and_peak_override(tmp_path, tiny_corpus):
     check_common(res_no_mfu)
     assert res["peak_flops"] == 1e12
     assert abs(res["mfu"] - res["flops_per_token"] * res["tokens_per_s_per_device"] / 1e12) < 1e-12
+
+
+def test_timed_steps_are_the_steps_train_runs(monkeypatch):
+    """Each warm-up and timed step is train()'s step: train_step, then finish_step (EMA update, the next batch
+    prefetched, the blocking status sync), so the figures include the per-step sync and EMA."""
+    import bench_train
+    import train_gpt as tg
+    h = tiny_hparams(vocab_size=VOCAB, **TINY_RUN)
+    rig = bench_train.build_rig(h, RT1, synthetic=True)
+    assert rig.ema is not None and isinstance(rig.loader, tg.DistributedTokenLoader)
+    calls, real_finish, real_sync = [], tg.finish_step, tg.reduce_step_status
+    monkeypatch.setattr(tg, "finish_step", lambda *a, **k: calls.append("finish") or real_finish(*a, **k))
+    monkeypatch.setattr(tg, "reduce_step_status", lambda *a: calls.append("sync") or real_sync(*a))
+    shadow = [t.clone() for t in rig.ema.shadow]
+    res = bench_train.time_training(rig, h, RT1, warmup=1, steps=2, peak=None)
+    assert calls == ["finish", "sync"] * 3 and res["timed_steps"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(shadow, rig.ema.shadow))  # the EMA was updated

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import FakeCudaTransfers
 
 
 def write_raw(path, header_words, payload: bytes = b""):
@@ -245,3 +246,30 @@ def test_validation_too_short_is_an_error(tmp_path):
     files = write_position_shards(tmp_path, "pos", "val", [8])
     with pytest.raises(ValueError, match="fewer than one sequence"):
         tg.load_validation_tokens(files, seq_len=8)
+
+
+def test_loader_on_cuda_copies_each_batch_once_from_pinned_memory_without_blocking(tmp_path, monkeypatch):
+    """A fake CUDA device (the copies are recorded and done on the CPU): every micro-batch is one pinned,
+    non-blocking host-to-device copy holding inputs and targets."""
+    files = write_position_shards(tmp_path, "pos", "train", [1000])
+    loader = tg.DistributedTokenLoader(files, tg.Runtime(1, 2, 1, torch.device("cuda", 1), True))
+    with FakeCudaTransfers(monkeypatch) as fake:
+        batches = [loader.next_batch(8, 4) for _ in range(3)]
+    assert fake.log == [("pin",), ("to_cuda", True, True)] * 3
+    for i, (x, y) in enumerate(batches):  # rank 1 of 2: span 9 of every 18 stream positions
+        torch.testing.assert_close(x.flatten(), torch.arange(8) + 18 * i + 9)
+        torch.testing.assert_close(y.flatten(), torch.arange(8) + 18 * i + 10)
+
+
+def test_prefetch_keeps_the_stream_order(tmp_path):
+    files = write_position_shards(tmp_path, "pos", "train", [500, 300])
+    plain, ahead = (tg.DistributedTokenLoader(files, make_runtime(0, 1)) for _ in range(2))
+    for step in range(40):
+        if step % 3:
+            ahead.prefetch(16, 8)  # as train() does before the step's sync (a second call does nothing)
+            ahead.prefetch(16, 8)
+        for want, got in zip(plain.next_batch(16, 8), ahead.next_batch(16, 8)):
+            torch.testing.assert_close(got, want)
+    ahead.prefetch(16, 8)
+    with pytest.raises(ValueError, match="prefetched a batch"):
+        ahead.next_batch(8, 8)

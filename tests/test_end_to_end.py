@@ -30,12 +30,14 @@ def check_log(log: str, env) -> dict:
     assert all(abs(float(audit.group(i)) - 1.0) < 1e-6 for i in (2, 3, 4))
     ng = re.search(r"^ngram_eval_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", log, re.M)
     assert ng and re.search(r"^post_training_time:\d+ms$", log, re.M)
+    phases = re.findall(r"^peak_memory rss_mib:\d+ phase:(\w+)$", log, re.M)
+    assert phases == ["train", "eval"] and log.index("phase:eval") > log.index("ngram_eval_exact")  # after the evals
     return {"roundtrip_bpb": float(rt.group(2)), "ngram_bpb": float(ng.group(2))}
 
 
 @pytest.mark.slow
 def test_single_process_run(tiny_corpus, tmp_path):
-    env = tiny_run_env(tiny_corpus, tmp_path, EXPORT_WEIGHTS="raw", DIAG_EVAL_CANDIDATES="1")
+    env = tiny_run_env(tiny_corpus, tmp_path, EXPORT_WEIGHTS="raw", DIAG_EVAL_CANDIDATES="1", VAL_LAST_STEP="1")
     out = run_script(env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = (tmp_path / "logs" / "e2e.txt").read_text()
@@ -50,7 +52,8 @@ def test_single_process_run(tiny_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tiny_corpus, tmp_path):
-    env = tiny_run_env(tiny_corpus, tmp_path, USE_EXPERIMENTAL_CUDNN_V8_API="1", TRAIN_DIR="/tmp", EVAL_MODE="x")
+    env = tiny_run_env(tiny_corpus, tmp_path, USE_EXPERIMENTAL_CUDNN_V8_API="1", TRAIN_DIR="/tmp", EVAL_MODE="x",
+                       VAL_LAST_STEP="1")
     del env["TRAIN_MICRO_BATCH_TOKENS"]  # TRAIN_BATCH_TOKENS alone: 8 micro-steps over the world, as upstream
     out = run_script(env, nproc=2)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -126,3 +129,64 @@ def test_nonfinite_loss_stops_the_run(tiny_corpus, tmp_path):
     assert re.search(r"^nonfinite_loss step:\d+", log, re.M)
     assert log.splitlines()[-1].startswith("run_failed reason:diverged detail:training diverged: non-finite loss")
     assert not re.search(r"^serialized ", log, re.M)
+
+
+NODE_WRAPPER = """import hashlib, json, sys
+sys.path.insert(0, {root!r})
+import train_gpt as tg
+real_evaluate, real_roundtrip, seen = tg.evaluate_artifact, tg.roundtrip_eval, {{}}
+def evaluate_artifact(art, h, rt, val):
+    seen.update(rank=rt.rank, artifact_sha256=hashlib.sha256(art.blob).hexdigest())
+    return real_evaluate(art, h, rt, val)
+def roundtrip_eval(model, val, h, rt):
+    results = real_roundtrip(model, val, h, rt)
+    seen.update({{name: [r.loss, r.bpb] for name, r in results.items()}})
+    open(f"scores.rank{{rt.rank}}.json", "w").write(json.dumps(seen))  # in this node's working directory
+    return results
+tg.evaluate_artifact, tg.roundtrip_eval = evaluate_artifact, roundtrip_eval
+tg.main()
+"""
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_without_shared_storage_score_the_same(tiny_corpus, tmp_path):
+    """Two torchrun "nodes" (c10d rendezvous on localhost, one process each), each in its own working directory
+    with relative LOG_DIR and ARTIFACT_PATH: rank 0 writes the artifact in its folder only and broadcasts its bytes,
+    so both ranks evaluate the same artifact and finish with the same scores."""
+    import json
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = tiny_run_env(tiny_corpus, tmp_path, ITERATIONS="6", VAL_LOSS_EVERY="0", LOG_DIR="logs",
+                       ARTIFACT_PATH="final_model.int6.ptz", RUN_ID="nodes")
+    port, procs, nodes = free_port(), [], [tmp_path / "node0", tmp_path / "node1"]
+    for node_rank, cwd in enumerate(nodes):
+        cwd.mkdir()
+        (cwd / "wrapper.py").write_text(NODE_WRAPPER.format(root=str(root)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=two_nodes", "wrapper.py"]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    scores = [json.loads(next(cwd.glob("scores.rank*.json")).read_text()) for cwd in nodes]
+    assert sorted(s["rank"] for s in scores) == [0, 1]  # c10d, not --node_rank, decides which node is rank 0
+    main = next(cwd for cwd, s in zip(nodes, scores) if s["rank"] == 0)
+    other = next(cwd for cwd in nodes if cwd != main)
+    assert (main / "final_model.int6.ptz").is_file() and not (other / "final_model.int6.ptz").exists()
+    assert not (other / "logs").exists()
+    blob = (main / "final_model.int6.ptz").read_bytes()
+    assert scores[0] == {**scores[1], "rank": scores[0]["rank"]}  # same artifact bytes, same scores on both ranks
+    assert scores[0]["artifact_sha256"] == hashlib.sha256(blob).hexdigest()
+    log = (main / "logs" / "nodes.txt").read_text()
+    assert "world_size:2 " in log
+    rt_line = re.search(r"^final_int6_zstd_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", log, re.M)
+    assert rt_line and float(rt_line.group(2)) == pytest.approx(scores[0]["model"][1], abs=1e-8)

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-from conftest import CPU, RT1, UniformLM, random_stream, random_tables, tiny_model, unit_tables  # noqa: E402
+from conftest import (CPU, RT1, FakeCudaTransfers, UniformLM, random_stream, random_tables, tiny_model,  # noqa: E402
+                      unit_tables)
 
 def ngram_eval(model, val, h, rt=RT1):
     """The n-gram score of the one plain pass."""
@@ -330,6 +331,26 @@ def test_ngram_eval_hashed_mode_uses_its_own_prefix(tiny, capsys):
     assert re.search(r"^ngram_hashed_unnormalized_exact val_loss:\S+ val_bpb:\S+$", out, re.M)
     assert re.search(r"^ngram_audit positions:32 ", out, re.M)
     assert not re.search(r"^ngram_eval", out, re.M)
+
+
+def test_host_to_device_pins_and_does_not_block_on_cuda(monkeypatch):
+    t = torch.arange(6)
+    with FakeCudaTransfers(monkeypatch) as fake:
+        out = tg.host_to_device(t, torch.device("cuda", 0))
+    assert fake.log == [("pin",), ("to_cuda", True, True)] and torch.equal(out, t)
+    assert tg.host_to_device(t, CPU) is t  # nothing to copy on the CPU
+
+
+def test_audit_moves_its_positions_in_one_copy_per_batch(tiny, monkeypatch):
+    """The audit's rows and slots go to the device through host_to_device (pinned, non-blocking on CUDA), as one
+    copy per batch that holds audited positions."""
+    copies, real = [], tg.host_to_device
+    monkeypatch.setattr(tg, "host_to_device", lambda t, device: copies.append(tuple(t.shape)) or real(t, device))
+    vocab = 16
+    h = tiny(vocab_size=vocab, ngram_audit_positions=64, ngram_log_every=0)
+    ngram_eval(tiny_model(h), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
+    assert copies and all(len(shape) == 2 and shape[0] == 2 for shape in copies)
+    assert sum(shape[1] for shape in copies) == 64  # every audited position, each in exactly one copy
 
 
 def test_audit_fails_an_unnormalized_exact_run(tiny, monkeypatch):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import train_gpt
 from conftest import tiny_hparams, tiny_run_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +131,37 @@ def test_least_calibration_at_the_smallest_damping_exports(tg):
 def test_degenerate_gptq_settings_are_refused_up_front(tg, env):
     with pytest.raises(tg.UserError, match=next(iter(env))):
         tg.Hyperparameters.from_env(env)
+
+
+def bf16_only_attention(q, k, v):
+    """FlashAttention-3/4's dtype rule: bf16 or fp16 inputs only."""
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(f"FlashAttention only supports fp16 and bf16 data type, got {q.dtype}")
+    return train_gpt.sdpa_attention(q, k, v)
+
+
+def test_calibration_runs_under_the_evaluation_autocast_with_a_bf16_only_attention(tg, monkeypatch):
+    """On CUDA, training and evaluation run under bf16 autocast and FlashAttention accepts nothing else; the Hessian
+    pass must too (it used to run in fp32 and crash after training). CUDA's autocast is simulated on the CPU."""
+    monkeypatch.setattr(tg, "autocast", lambda rt: torch.autocast("cpu", dtype=torch.bfloat16))
+    h = tiny_hparams(gptq_calib_seqs=2, gptq_calib_len=8, keep_float_max_numel=1000)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, attention=tg.AttentionChoice("fa", bf16_only_attention, ()))
+    torch.manual_seed(0)
+    model = tg.build_model(h, rt)
+    with torch.no_grad():
+        model.qo_bank[h.num_layers:].normal_(0, 0.05)
+        model.mlp_down_bank.normal_(0, 0.05)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    quantizer = tg.calibrate_gptq(model, state, h, rt)
+    names = {n for b in tg.BANK_LAYOUT for n in tg.bank_slice_names(b, h.num_layers)}
+    assert set(quantizer.hessians) == names
+    for name, hessian in quantizer.hessians.items():  # every slice recorded (bf16 bank copies are found too), fp32
+        assert hessian.dtype == torch.float32 and torch.isfinite(hessian).all() and hessian.trace() > 0, name
+    q_in = quantizer.hessians["blocks.0.attn.c_q.weight"]  # normalized inputs: mean diag = number of tokens
+    assert abs(q_in.diagonal().mean().item() - 2 * 8) < 0.1
+    assert "banks" not in vars(model)  # the recorder's hook on model.banks is gone again
+    blob, _ = tg.pack_artifact(state, h, quantizer)
+    assert quantizer.matrices == 6 * h.num_layers and tg.unpack_artifact(blob)[1].keys() == state.keys()
 
 
 def test_bad_quantizer_setting_is_a_user_error(tg):

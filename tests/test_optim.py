@@ -92,6 +92,39 @@ def test_bank_padding_and_shards_for_eight_ranks(tg):
                    "mlp_down_bank": (16, 2, 1.0)}
 
 
+class RecordingCollectives:
+    """BankCollectives of rank 0 of 2 without a process group: reduce-scatter keeps rank 0's half of the sum of two
+    equal gradients, all-gather records whether its input is dense, then fills both halves with it."""
+
+    def __init__(self):
+        self.dense = {}
+
+    def reduce_scatter(self, out, full):
+        out.copy_(2 * full[:out.shape[0]])
+        return None
+
+    def all_gather(self, full, part):
+        self.dense[tuple(part.shape)] = part.is_contiguous()
+        full.copy_(torch.cat((part, part)))
+        return None
+
+
+def test_all_gather_gets_a_dense_update_whatever_layout_ns5_returns(tg, monkeypatch):
+    """NCCL's all-gather wants a dense input. On torch 2.13 NS5 happens to hand back every bank dense (the layout of
+    a·X carries its transpose back), so .contiguous() costs no copy there; the test gives it a strided result."""
+    real = tg.newton_schulz5
+    assert all(real(torch.randn(*shape)).is_contiguous() for shape in ((3, 96, 32), (3, 32, 96)))
+    monkeypatch.setattr(tg, "newton_schulz5", lambda g, steps: real(g, steps).mT.contiguous().mT)  # same values
+    model = muon_model()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    muon = tg.build_optimizers(model, tiny_hparams(), tg.Runtime(0, 2, 0, CPU, True)).muon
+    muon.comm = RecordingCollectives()
+    muon.launch()
+    muon.finish()
+    assert muon.comm.dense == {(2, 96, 32): True, (2, 32, 96): True, (3, 32, 32): True, (3, 16, 32): True}
+
+
 def naive_ns5(m, steps=5):
     """One matrix at a time, written out plainly."""
     x = m.bfloat16()

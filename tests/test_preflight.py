@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,10 @@ def check_every_section(report, text, world):
     supply = checks["data", "supply"]["figures"]
     assert supply["tokens_needed"] == steps * (1024 // (world * 512)) * world * 513
     assert checks["evaluation", "throughput"]["figures"]["targets"] == 1024
+    assert checks["evaluation", "throughput"]["figures"]["targets_small"] == 512  # two sizes: the n-gram growth
+    projection = checks["evaluation", "projection"]
+    assert projection["figures"]["projected_s"] >= projection["figures"]["projected_linear_s"] > 0
+    assert "fitted a + b·ln(targets)" in projection["reason"]
     return checks
 
 
@@ -191,3 +196,42 @@ def test_user_error_is_one_line(monkeypatch, capsys):
         preflight.main(TINY_ARGS)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and "NUM_HEADS=5" in err
+
+
+def test_h100_left_on_sdpa_is_not_ready_unless_accepted(tmp_path, tiny_corpus, monkeypatch):
+    """A fake sm_90 device where FlashAttention-3 did not load: the attention check fails (naming the cost and the
+    fix) and the verdict is not_ready; ACCEPT_SDPA=1 turns it into a warning; another GPU only warns."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    skipped = (("fa3", "ModuleNotFoundError: No module named 'flash_attn_interface'"), ("fa4", "ModuleNotFoundError"))
+    monkeypatch.setattr(preflight.tg, "with_attention", lambda rt, h, **kw: dataclasses.replace(
+        rt, attention=preflight.tg.AttentionChoice("sdpa", preflight.tg.sdpa_attention, skipped)))
+
+    def attention_check(**overrides):
+        pf = in_process(tiny_corpus, tmp_path, use_compile=True, **overrides)
+        pf.rt = dataclasses.replace(pf.rt, device=torch.device("cuda", 0))
+        preflight.check_attention(pf)
+        return pf.checks
+
+    checks = attention_check()
+    status, reason = statuses(checks)["attention", "backend"]
+    assert status == "fail" and "+15-25 ms/step" in reason and "install_flash_attn.py" in reason
+    assert "ACCEPT_SDPA=1" in reason and "fa3: ModuleNotFoundError" in reason
+    assert preflight.verdict_line(checks).startswith("preflight verdict:not_ready")
+    checks = attention_check(accept_sdpa=True)
+    assert statuses(checks)["attention", "backend"][0] == "warn" and "accepted" in checks[0].reason
+    assert preflight.verdict_line(checks).startswith("preflight verdict:ready")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert statuses(attention_check())["attention", "backend"][0] == "warn"
+
+
+def test_eval_projection_fits_the_growing_ngram_cost():
+    a, b = 2e-6, 3e-7  # seconds per target: a + b·ln(targets already in the tables)
+    timed = lambda n: n * (a + b * (math.log(n) - 1))  # a pass over n targets (the integral of the per-target cost)
+    small, large = (262_144, timed(262_144)), (524_288, timed(524_288))
+    total = 62_021_632
+    got = preflight.project_eval_seconds(small, large, total, grows=True)
+    assert got == pytest.approx(timed(total), rel=1e-9)
+    linear = preflight.project_eval_seconds(small, large, total, grows=False)
+    assert linear == pytest.approx(total * large[1] / large[0]) and linear < got
+    noisy = (262_144, 1.2 * timed(262_144))  # the small pass measured slower per target: no negative growth
+    assert preflight.project_eval_seconds(noisy, large, total, grows=True) == pytest.approx(linear)

@@ -25,10 +25,10 @@ import summarize_logs  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 # Settings of the real tiny run behind every log these tests read: periodic validation, diagnostic evals, late
 # QAT, SWA, the exact n-gram eval and score-first TTT, on top of the suite's tiny configuration.
-REAL_RUN = dict(ITERATIONS="16", WARMDOWN_ITERS="8", VAL_LOSS_EVERY="8", TRAIN_LOG_EVERY="4", VAL_MAX_TOKENS="1024",
-                DIAG_EVAL_CANDIDATES="1", SWA_EVERY="2", QAT_TIME_FRAC="0.25", NGRAM_LOG_EVERY="4",
-                NGRAM_AUDIT_POSITIONS="32", USE_TTT="1", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4",
-                RUN_ID="real", SEED="1337")
+REAL_RUN = dict(ITERATIONS="16", WARMDOWN_ITERS="8", VAL_LOSS_EVERY="8", VAL_LAST_STEP="1", TRAIN_LOG_EVERY="4",
+                VAL_MAX_TOKENS="1024", DIAG_EVAL_CANDIDATES="1", SWA_EVERY="2", QAT_TIME_FRAC="0.25",
+                NGRAM_LOG_EVERY="4", NGRAM_AUDIT_POSITIONS="32", USE_TTT="1", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="256",
+                TTT_BATCH_SEQS="4", RUN_ID="real", SEED="1337")
 
 
 def real_run_env(tiny_corpus, out_dir: Path, **extra) -> dict:
@@ -467,3 +467,11 @@ def test_make_record_limits_are_the_scripts_and_compared_its_way(real_log, tg):
         run.events["ngram_audit"] = [{"sum_min": 1.0, "sum_median": 1.0, "sum_max": worst}]
         assert make_record._check_normalization([run])["ok"] is ok
     assert make_record.TRAIN_TIME_LIMIT_S == tg.Hyperparameters.max_wallclock_seconds
+
+
+def test_peak_memory_is_the_largest_phase():
+    run = logparse.parse_text("peak_memory allocated_mib:22669 reserved_mib:22812 phase:train\n"
+                              "peak_memory allocated_mib:9120 reserved_mib:31000 phase:eval\n")  # reset in between
+    assert run.peak_memory_mib == 22669 and [e["phase"] for e in run.events["peak_memory"]] == ["train", "eval"]
+    assert logparse.parse_text("peak_memory rss_mib:900 phase:train\n").peak_memory_mib == 900
+    assert logparse.parse_text("").peak_memory_mib is None

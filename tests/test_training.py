@@ -89,9 +89,32 @@ def test_ranks_with_skewed_clocks_share_lr_qat_and_stop_step(tiny_corpus, tmp_pa
 
 def test_train_validates_periodically_but_leaves_the_last_validation_to_after_the_clock(tiny, tiny_corpus,
                                                                                          monkeypatch):
-    h, rt, model, opt = setup(tiny, tiny_corpus, val_loss_every=3, iterations=6)
+    h, rt, model, opt = setup(tiny, tiny_corpus, val_loss_every=3, iterations=6, val_last_step=True)
     calls = []
     monkeypatch.setattr(tg, "validate_during_training", lambda *args: calls.append(args[4]))
     result = tg.train(model, model, opt, None, h, rt)
     assert result.steps == 6 and calls == [3]
     assert tg.should_validate(result.steps, True, h)  # train_and_export runs it after taking t_end
+    assert not tg.should_validate(result.steps, True, tiny(val_loss_every=3))  # VAL_LAST_STEP=0 (the default): none
+
+
+def test_each_next_micro_batch_is_loaded_before_the_steps_sync(tiny, tiny_corpus, monkeypatch):
+    """The host work and copy of the next batch overlap the device's work: within a step, micro-batch k+1 is loaded
+    once micro-step k is queued; across steps, the next step's first micro-batch is loaded before the step's one
+    blocking sync (reduce_step_status). Every batch comes from a prefetch but the very first."""
+    h, rt, model, opt = setup(tiny, tiny_corpus, iterations=3, use_ema=True)
+    events, loader = [], tg.DistributedTokenLoader
+    real_load, real_take, real_sync = loader._load, loader.next_batch, tg.reduce_step_status
+
+    def take(self, *args):
+        batch = real_take(self, *args)
+        events.append("take")
+        return batch
+
+    monkeypatch.setattr(loader, "_load", lambda self, *args: events.append("load") or real_load(self, *args))
+    monkeypatch.setattr(loader, "next_batch", take)
+    monkeypatch.setattr(tg, "reduce_step_status", lambda *args: events.append("sync") or real_sync(*args))
+    tg.train(model, model, opt, None, h, rt)
+    assert h.grad_accum_steps(1) == 2
+    step = ["take", "load", "take", "load", "sync"]  # each load: the batch taken next (prefetch)
+    assert events == ["load"] + step * 3

@@ -6,8 +6,9 @@
 
 The configuration comes from the environment exactly as for train_gpt.py (Hyperparameters.from_env). The tool builds
 the model and optimizers, runs --warmup untimed steps (torch.compile happens here), then --steps timed steps with
-synchronize() before and after; only training steps are inside the clock (no validation, no export). --synthetic
-draws uniform random tokens in memory instead of reading DATA_PATH shards. Only rank 0 prints.
+synchronize() before and after; only training steps are inside the clock (no validation, no export), each one as
+train() runs it: train_step, then finish_step (EMA update, the next batch prefetched, the step's one blocking status
+sync). --synthetic draws uniform random tokens in memory instead of reading DATA_PATH shards. Only rank 0 prints.
 
 FLOPs per token (training = forward + backward, 3 × the forward's 2 FLOPs per multiply-add):
 
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,18 +81,15 @@ def peak_flops_for(device: torch.device, override: float | None) -> float | None
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
-class SyntheticTokenLoader:
-    """Uniform random tokens with DistributedTokenLoader's next_batch interface; each rank its own seed."""
+class SyntheticTokenLoader(tg.DistributedTokenLoader):
+    """DistributedTokenLoader (same batches, copies and prefetch) on uniform random tokens; each rank its own seed."""
 
     def __init__(self, rt: tg.Runtime, vocab_size: int, seed: int = 0):
-        self.rt, self.vocab = rt, vocab_size
+        self.rt, self.vocab, self.pending = rt, vocab_size, None
         self.gen = torch.Generator().manual_seed(seed + 1000 * rt.rank)
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        mine = torch.randint(0, self.vocab, (local_tokens + 1,), generator=self.gen)
-        x, y = mine[:-1].reshape(-1, seq_len), mine[1:].reshape(-1, seq_len)
-        nb = self.rt.is_cuda
-        return x.to(self.rt.device, non_blocking=nb), y.to(self.rt.device, non_blocking=nb)
+    def _span(self, local_tokens: int) -> np.ndarray:
+        return torch.randint(0, self.vocab, (local_tokens + 1,), generator=self.gen).numpy()
 
 
 def reset_peak_memory(rt: tg.Runtime) -> None:
@@ -120,16 +119,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class TrainingRig(NamedTuple):
-    """What a timed training measurement drives: the model (raw and as run), its optimizers and a token loader."""
+    """What a timed training measurement drives: the model (raw and as run), its optimizers, a token loader and the
+    EMA train() keeps (None with USE_EMA=0)."""
     base_model: torch.nn.Module
     model: torch.nn.Module
     opt: tg.Optimizers
     loader: object
+    ema: tg.EMA | None
 
 
 def build_rig(h: tg.Hyperparameters, rt: tg.Runtime, synthetic: bool) -> TrainingRig:
     """The training script's own model (on the runtime's device and attention backend), compile wrapper,
-    optimizers and loader (or synthetic tokens)."""
+    optimizers, EMA and loader (or synthetic tokens)."""
     tg.seed_everything(h.seed)
     base_model = tg.build_model(h, rt)
     model = tg.compile_model(base_model, rt.use_compile)
@@ -138,11 +139,12 @@ def build_rig(h: tg.Hyperparameters, rt: tg.Runtime, synthetic: bool) -> Trainin
         loader = SyntheticTokenLoader(rt, h.vocab_size, h.seed)
     else:
         loader = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
-    return TrainingRig(base_model, model, opt, loader)
+    return TrainingRig(base_model, model, opt, loader, tg.EMA(base_model, h.ema_decay) if h.use_ema else None)
 
 
 def _timed_steps(rig: TrainingRig, h: tg.Hyperparameters, rt: tg.Runtime, first: int, count: int):
-    """(seconds, last loss) of `count` train_step calls between synchronize()s (a barrier first on many ranks)."""
+    """(seconds, last loss) of `count` training steps as train() runs them (train_step, then finish_step: EMA,
+    prefetch, the status sync) between synchronize()s (a barrier first on many ranks)."""
     if rt.distributed:
         torch.distributed.barrier()
     tg.synchronize(rt)
@@ -150,6 +152,7 @@ def _timed_steps(rig: TrainingRig, h: tg.Hyperparameters, rt: tg.Runtime, first:
     loss = None
     for i in range(count):
         loss = tg.train_step(rig.model, rig.opt, rig.loader, h, rt, first + i, 1.0)
+        tg.finish_step(loss, h, rt, base_model=rig.base_model, ema=rig.ema, loader=rig.loader)
     tg.synchronize(rt)
     return time.perf_counter() - t0, loss
 

@@ -100,9 +100,10 @@ class RunLog:
 
     @property
     def peak_memory_mib(self) -> int | None:
-        """Peak device memory (allocated) on CUDA, else the peak resident set size."""
-        mem = self.event("peak_memory")
-        return mem.get("allocated_mib", mem.get("rss_mib"))
+        """Peak device memory (allocated) on CUDA, else the peak resident set size: the largest of the phases
+        (`peak_memory ... phase:train`, then `phase:eval`)."""
+        peaks = [m.get("allocated_mib", m.get("rss_mib")) for m in self.events.get("peak_memory", [])]
+        return max((p for p in peaks if p is not None), default=None)
 
     @property
     def last_progress(self) -> dict:
