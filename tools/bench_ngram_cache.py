@@ -1,5 +1,7 @@
-"""Benchmark the n-gram cache the way ngram_eval uses it: for each chunk, look up this rank's share of the chunk's
-targets in batches (p_ngram of the target, as the scorer does), then update the tables with the whole chunk.
+"""Benchmark the n-gram cache the way ngram_eval uses it: for each chunk, read this rank's share of the chunk's
+targets through the scorer (NgramScorer.lookup: the stats of the whole share in one call at the chunk's first
+batch, the seed rule's order and p_ngram of the target gathered per batch), then update the tables with the whole
+chunk (NgramScorer.after_chunk).
 
   python3 tools/bench_ngram_cache.py --tokens 2000000 --device cpu
   python3 tools/bench_ngram_cache.py --tokens 16000000 --device cpu --json -   # growth: first vs last chunks
@@ -27,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -124,8 +127,8 @@ def peak_memory_bytes(device) -> int:
 
 def table_entries(cache) -> dict:
     if isinstance(cache, tg.ExactNgramCache):
-        return {"contexts": [c.size for c in cache.ctx], "pairs": [p.size for p in cache.pairs],
-                "runs": [len(t.runs) for t in cache.ctx + cache.pairs]}
+        return {"contexts": cache.ctx.size, "pairs": cache.pairs.size,
+                "runs": [len(cache.ctx.runs), len(cache.pairs.runs)]}
     return {"buckets": int(cache.ctx.size(1))}
 
 
@@ -168,14 +171,13 @@ class Counts:
                 "sync_ops": dict(sorted(self.counter.sync_names.items()))}
 
 
-def look_up_chunk(cache, tokens, share, batch_positions: int, counts: Counts) -> list:
-    """The scorer's n-gram reads for one chunk (this rank's share): p_ngram of every target, in batches."""
-    out = []
-    for i in range(0, share.numel(), batch_positions):
-        pos = share[i:i + batch_positions]
-        tgt = tokens[pos]
+def look_up_chunk(scorer, share: range, batch_positions: int, counts: Counts) -> list:
+    """The scorer's n-gram reads for one chunk (this rank's share): order and p_ngram of every target, in batches."""
+    out, span = [], (share.start, share.stop)
+    for i in range(share.start, share.stop, batch_positions):
+        pos = torch.arange(i, min(i + batch_positions, share.stop), device=scorer.tokens.device)
         with counts.phase():
-            order, p = cache.probs(tokens, pos, tgt)
+            order, p = scorer.lookup(pos, span)
         counts.add_lookup(pos.numel())
         out.append(torch.stack([order.double(), p]).sum(1))
     return out
@@ -187,6 +189,9 @@ def run(args) -> dict:
     kw = dict(min_order=args.min_order, max_order=args.max_order, min_count=args.min_count, device=device)
     cache = (tg.HashedNgramCache(num_buckets=args.buckets, **kw) if args.mode == "hashed"
              else tg.ExactNgramCache(args.vocab, **kw))
+    h = tg.Hyperparameters(vocab_size=args.vocab, ngram_min_order=args.min_order, ngram_max_order=args.max_order,
+                           ngram_min_count=args.min_count)
+    scorer = tg.NgramScorer(cache, tg.NgramMixer(h, device), tokens, np.zeros(0, dtype=np.int64))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     lookup_s, update_times, counts, sums = 0.0, [], Counts(args.count), []
@@ -194,15 +199,15 @@ def run(args) -> dict:
     with torch.inference_mode():
         for k, c0 in enumerate(chunks):
             c1 = min(c0 + args.chunk, args.tokens + 1)
-            share = tg.split_for_rank(torch.arange(c0, c1, device=device), 0, args.world)
+            share = tg.split_for_rank(range(c0, c1), 0, args.world)
             sync(device)
             t0 = time.perf_counter()
-            sums += look_up_chunk(cache, tokens, share, args.batch_positions, counts)
+            sums += look_up_chunk(scorer, share, args.batch_positions, counts)
             sync(device)
             t1 = time.perf_counter()
             if c1 <= args.tokens:  # the last chunk is never read back (as in ngram_eval)
                 with counts.phase():
-                    cache.update(tokens, c0, c1)
+                    scorer.after_chunk(c0, c1)
                 counts.add_update()
                 sync(device)
                 update_times.append(time.perf_counter() - t1)
