@@ -2264,13 +2264,14 @@ def report_eval(name: str, r: EvalResult) -> list[str]:
 # context fits in 60 bits, then a splitmix64 chain with the sign bit set: two chained contexts coincide with
 # probability < 1e-3 over all 62 M validation tokens, which would merge their counts and keep p_ngram normalized)
 # with counts and append-only dense ids, and one table of pair keys id*V + token with counts, so sum_v pair(c, v) =
-# ctx(c) exactly and p_ngram is a distribution. Each table is a few sorted runs (SortedRuns, a log-structured merge): a chunk's new keys
-# become a new run, merged into the previous run until that one is LSM_GROWTH times larger, so the tables grow
-# without a per-chunk copy of everything; a lookup is one searchsorted per run (~7 runs at 62 M tokens). An update
-# makes 2 host syncs (how many distinct and how many new keys); a lookup makes none. Memory, worst case (every
-# context new): 28 B per position per order (ctx 8+4+4, pair 8+4), < 14 GB for orders 2..9 at 62 M tokens, plus
-# ~24 B per entry of the largest run while it merges (< 12 GB): fits one H100 next to the model; natural text
-# repeats contexts and needs far less. A chunk's stats take 16 B x orders per target this rank scores in it.
+# ctx(c) exactly and p_ngram is a distribution. Each table is a few sorted runs (SortedRuns, a log-structured
+# merge): a chunk's new keys become a new run, merged into the previous run until that one is LSM_GROWTH times
+# larger, so the tables grow without a per-chunk copy of everything; a lookup is one searchsorted per run (about
+# log4 of the number of chunks: a handful). An update makes 2 host syncs (how many distinct and how many new keys);
+# a lookup makes none. Memory, worst case (every context new): 28 B per position per order (ctx 8+4+4, pair 8+4),
+# < 14 GB for orders 2..9 at 62 M tokens, plus 16 B per entry of the largest run while it merges (< 8 GB): < 22 GB,
+# one H100 holds it next to the model; natural text repeats contexts and needs far less. Reading a chunk's stats
+# takes < 100 B x orders per target this rank scores in it, transiently.
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64, 0x9E3779B97F4A7C15 - 2**64
 _HASHED = -2**63  # sign bit of a chained key: packed keys are >= 0
 
@@ -2288,16 +2289,19 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
 
 def _merge(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
     """One sorted run from two runs with disjoint sorted keys (column 0) and their value columns: each entry goes
-    straight to its final place (one O(run) copy per column, no host sync)."""
+    straight to its final place, one column at a time, each old column freed once copied (no host sync)."""
     at = torch.searchsorted(old[0], new[0])  # each new key goes right before old entry `at`
     dest_new = at + torch.arange(at.numel(), device=at.device)
-    before = torch.zeros(old[0].numel() + 1, dtype=torch.long, device=at.device).index_add_(0, at, torch.ones_like(at))
-    dest_old = torch.arange(old[0].numel(), device=at.device) + before.cumsum(0)[:-1]
+    dest_old = torch.zeros(old[0].numel() + 1, dtype=torch.long, device=at.device)
+    dest_old = dest_old.index_add_(0, at, torch.ones_like(at)).cumsum_(0)[:-1]  # new keys before each old entry
+    dest_old.add_(torch.arange(old[0].numel(), device=at.device))
     out = []
-    for o, n in zip(old, new):
+    for c, n in enumerate(new):
+        o, old[c] = old[c], None
         t = o.new_empty(o.numel() + n.numel())
         t[dest_old], t[dest_new] = o, n.to(o.dtype)
         out.append(t)
+        del o
     return out
 
 
