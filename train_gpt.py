@@ -2254,24 +2254,16 @@ def report_eval(name: str, r: EvalResult) -> list[str]:
     return lines
 
 
-# N-gram caches. Position p's order-n context is tokens[p-n+1:p]. update(tokens, start, end) counts the targets
-# [start, end) under their context of every order; stats(tokens, pos, cand) reads, for every order at once, how often
-# each position's context was seen and how often it was followed by each candidate (NgramStats). Mixers build on
-# those counts: the seed rule backs off from the highest order whose context count >= min_count (order 0 =
-# unmatched) and mixes that order's estimate with the model. The scorer reads the stats of all its targets of a chunk
-# in one call when the chunk starts (the tables change only after the chunk is scored) and gathers them per batch.
-# Exact: one table of 64-bit context keys for all orders (packed token ids with the order in bits 60..62 while the
-# context fits in 60 bits, then a splitmix64 chain with the sign bit set: two chained contexts coincide with
-# probability < 1e-3 over all 62 M validation tokens, which would merge their counts and keep p_ngram normalized)
-# with counts and append-only dense ids, and one table of pair keys id*V + token with counts, so sum_v pair(c, v) =
-# ctx(c) exactly and p_ngram is a distribution. Each table is a few sorted runs (SortedRuns, a log-structured
-# merge): a chunk's new keys become a new run, merged into the previous run until that one is LSM_GROWTH times
-# larger, so the tables grow without a per-chunk copy of everything; a lookup is one searchsorted per run (about
-# log4 of the number of chunks: a handful). An update makes 2 host syncs (how many distinct and how many new keys);
-# a lookup makes none. Memory, worst case (every context new): 28 B per position per order (ctx 8+4+4, pair 8+4),
-# < 14 GB for orders 2..9 at 62 M tokens, plus 16 B per entry of the largest run while it merges (< 8 GB): < 22 GB,
-# one H100 holds it next to the model; natural text repeats contexts and needs far less. Reading a chunk's stats
-# takes < 100 B x orders per target this rank scores in it, transiently.
+# N-gram caches. Position p's order-n context is tokens[p-n+1:p]. update(tokens, start, end) counts targets [start,
+# end) under their context of every order; stats(tokens, pos, cand) reads every order's counts at once (NgramStats).
+# Exact: one table of context keys for all orders (token ids packed with the order in bits 60..62 while they fit in
+# 60 bits, else a splitmix64 chain with the sign bit set: two chained contexts of the 62 M validation tokens coincide
+# with probability < 1e-3, merging their counts, still normalized) with counts and dense ids, and one table of pair
+# keys id*V + token with counts, so sum_v pair(c, v) = ctx(c) and p_ngram is a distribution. Each table is a few
+# sorted runs (SortedRuns, a log-structured merge): a chunk's new keys become a new run, merged into the previous
+# one until that is LSM_GROWTH times larger, so no chunk copies everything. An update makes 2 host syncs, a lookup
+# none. Memory, worst case (every context new): 28 B per position per order (ctx 8+4+4, pair 8+4) = < 14 GB for
+# orders 2..9 at 62 M tokens, + 16 B per entry of the run being merged (< 8 GB): fits one H100 with the model.
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64, 0x9E3779B97F4A7C15 - 2**64
 _HASHED = -2**63  # sign bit of a chained key: packed keys are >= 0
 
