@@ -2407,18 +2407,20 @@ def adopt_artifact_config(h: Hyperparameters, config: dict, env: Mapping[str, st
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation engine
-# Contract: target p (1..N) is tokens[p], predicted from tokens[<p]. Window(start, end, score_from) feeds
-# tokens[start:end] and predicts targets start+1..end; only targets >= score_from count. plan_windows partitions
-# 1..N into scored ranges exactly once. evaluate() runs the model (the compiled module, `model(x)`, fixed batch
-# shapes) once per batch and hands the scored log-probabilities to every scorer of the pass (per-target NLL, one
-# EvalTotals each: the only fp64 sums), so every score that uses the same weights comes from the same logits.
-# After a chunk of targets is scored on all ranks, after_chunk(start, end) may update state (n-gram tables, TTT
-# weights) from those targets only: score first, then update. N-gram mode: p_final = (1-a) p_model + a p_ngram
-# with p_ngram a true distribution (exact counts per context).
+# Contract: target p (1..N) is tokens[p], predicted from tokens[<p]. A window (start, end, score_from) feeds
+# tokens[start:end] and predicts targets start+1..end; only targets >= score_from count. Windows live as rows of one
+# int64 array [n, 3] from planning to batching (no Python object per window: ~1 M windows in a full pass).
+# plan_windows partitions 1..N into scored ranges exactly once. evaluate() runs the model (the compiled module,
+# `model(x)`, fixed batch shapes) once per batch and hands the scored log-probabilities to every scorer of the pass
+# (per-target NLL, one EvalTotals each: the only fp64 sums), so every score that uses the same weights comes from
+# the same logits. After a chunk of targets is scored on all ranks, after_chunk(start, end) may update state (n-gram
+# tables, TTT weights) from those targets only: score first, then update. N-gram mode: p_final = (1-a) p_model +
+# a p_ngram with p_ngram a true distribution (exact counts per context).
 # ---------------------------------------------------------------------------------------------------------------
 
 
 class Window(NamedTuple):
+    """One row of a window array, for code that walks windows one at a time."""
     start: int  # first input token
     end: int  # last target position; inputs are tokens[start:end]
     score_from: int  # first scored target position
@@ -2431,6 +2433,7 @@ class Batch(NamedTuple):
     prev: torch.Tensor  # [S] input token at each scored entry (byte rule)
     tgt: torch.Tensor  # [S] target token
     sel_pos: np.ndarray  # [S] target positions, on the host
+    span: tuple[int, int]  # [lo, hi): every target this rank scores in the batch's chunk (pos lies inside)
 
 
 class WindowTable(NamedTuple):
@@ -2448,17 +2451,19 @@ class EvalResult(NamedTuple):
     time_ms: float
 
 
-def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[Window]:
-    """Scored ranges partition 1..N in order; the first window scores all its targets, each window is maximal."""
+def plan_windows(num_targets: int, seq_len: int, stride: int) -> np.ndarray:
+    """Windows [n, 3] int64 whose scored ranges partition 1..N in order; the first window scores all its targets,
+    each window is maximal."""
     if not 1 <= stride <= seq_len:
         raise ValueError(f"stride {stride} must be in [1, seq_len={seq_len}]")
     if num_targets < 1:
-        return []
+        return np.zeros((0, 3), dtype=np.int64)
     first = min(seq_len, num_targets)
-    nxt = np.arange(first + 1, num_targets + 1, stride, dtype=np.int64)
-    end = np.minimum(nxt + stride - 1, num_targets)
-    start = np.maximum(end - seq_len, 0)
-    return [Window(0, first, 1)] + list(map(Window, start.tolist(), end.tolist(), nxt.tolist()))
+    w = np.empty((len(range(first + 1, num_targets + 1, stride)) + 1, 3), dtype=np.int64)
+    w[0], w[1:, 2] = (0, first, 1), np.arange(first + 1, num_targets + 1, stride)
+    np.minimum(w[1:, 2] + (stride - 1), num_targets, out=w[1:, 1])
+    np.maximum(w[1:, 1] - seq_len, 0, out=w[1:, 0])
+    return w
 
 
 def split_for_rank(items, rank: int, world: int):
@@ -2468,39 +2473,42 @@ def split_for_rank(items, rank: int, world: int):
     return items[lo:lo + base + (rank < extra)]
 
 
-def group_by_chunk(windows: list[Window], chunk_tokens: int) -> list[tuple[int, int, list[Window]]]:
-    """[(first target, end target excl., windows)] for chunks [1+kC, 1+(k+1)C); a window whose scored range
+def group_by_chunk(windows: np.ndarray, chunk_tokens: int) -> list[tuple[int, int, np.ndarray]]:
+    """[(first target, end target excl., windows [m, 3])] for chunks [1+kC, 1+(k+1)C); a window whose scored range
     straddles a boundary is split into pieces with the same start, so every target keeps its context."""
-    c = chunk_tokens
-    a = np.asarray(windows, dtype=np.int64).reshape(-1, 3)
-    k0, k1 = (a[:, 2] - 1) // c, (a[:, 1] - 1) // c
-    n = k1 - k0 + 1
-    rep = np.repeat(np.arange(len(a)), n)
-    k = k0[rep] + np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n)
-    sf, end = np.maximum(a[rep, 2], k * c + 1), np.minimum(a[rep, 1], (k + 1) * c)
-    pieces = list(map(Window, a[rep, 0].tolist(), end.tolist(), sf.tolist()))
-    total = int(a[:, 1].max())
+    c, pieces = chunk_tokens, windows
+    k, k1 = (windows[:, 2] - 1) // c, (windows[:, 1] - 1) // c
+    if (k1 > k).any():  # some windows straddle a boundary (never with EVAL_STRIDE | NGRAM_CHUNK_TOKENS)
+        n = k1 - k + 1
+        rep = np.repeat(np.arange(len(windows)), n)
+        k = k[rep] + np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n)
+        pieces = windows[rep]
+        pieces[:, 1], pieces[:, 2] = np.minimum(pieces[:, 1], (k + 1) * c), np.maximum(pieces[:, 2], k * c + 1)
+    total = int(windows[:, 1].max())
     cut = np.searchsorted(k, np.arange((total + c - 1) // c + 1)).tolist()
     return [(1 + i * c, min(1 + (i + 1) * c, total + 1), pieces[cut[i]:cut[i + 1]]) for i in range(len(cut) - 1)]
 
 
-def window_table(shares: list[list[Window]], rows: int, device) -> tuple[WindowTable, list[int]]:
-    """(table, offset of each share): each share padded to a multiple of `rows` windows."""
-    parts, offsets, n = [], [], 0
-    for share in shares:
-        a = np.zeros((-(-len(share) // rows) * rows, 3), dtype=np.int64)
-        a[:, 2] = 1
-        a[:len(share)] = np.asarray(share, dtype=np.int64).reshape(-1, 3)
-        parts.append(a)
-        offsets.append(n)
-        n += len(a)
-    host = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
-    return WindowTable(host, torch.from_numpy(host).to(device)), offsets + [n]
+def window_table(shares: list, rows: int, device) -> tuple[WindowTable, list[int]]:
+    """(table, offset of each share): each share (windows [m, 3]) padded to a multiple of `rows` windows."""
+    sizes = np.array([len(share) for share in shares], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(-(-sizes // rows) * rows)])
+    host = np.zeros((int(offsets[-1]), 3), dtype=np.int64)
+    host[:, 2] = 1
+    for share, o, m in zip(shares, offsets.tolist(), sizes.tolist()):
+        host[o:o + m] = share
+    return WindowTable(host, torch.from_numpy(host).to(device)), offsets.tolist()
 
 
-def make_batch(tokens: torch.Tensor, table: WindowTable, lo: int, hi: int, length: int) -> Batch:
+def scored_span(windows: np.ndarray) -> tuple[int, int]:
+    """[lo, hi) of the targets the windows score (consecutive scored ranges, as in one rank's share of a chunk)."""
+    live = windows[windows[:, 1] >= windows[:, 2]]
+    return (int(live[0, 2]), int(live[-1, 1]) + 1) if len(live) else (0, 0)
+
+
+def make_batch(tokens: torch.Tensor, table: WindowTable, lo: int, hi: int, length: int, span=(0, 0)) -> Batch:
     """Windows lo..hi-1 of the table as inputs [hi-lo, length] built on the tokens' device: no host-to-device copy
-    and no host sync (the scored count comes from the host copy of the table)."""
+    and no host sync (the scored count comes from the host copy of the table). span: the chunk's, for Batch.span."""
     w, wh, dev = table.dev[lo:hi], table.host[lo:hi], tokens.device
     counts_h = np.maximum(wh[:, 1] - wh[:, 2] + 1, 0)
     total = int(counts_h.sum())
@@ -2511,7 +2519,7 @@ def make_batch(tokens: torch.Tensor, table: WindowTable, lo: int, hi: int, lengt
     pos = w[row, 2] + j
     sel = row * length + (pos - 1 - w[row, 0])
     sel_pos = np.repeat(wh[:, 2] - np.cumsum(counts_h) + counts_h, counts_h) + np.arange(total)
-    return Batch(x, sel, pos, tokens[pos - 1], tokens[pos], sel_pos)
+    return Batch(x, sel, pos, tokens[pos - 1], tokens[pos], sel_pos, span)
 
 
 class EvalTotals:
@@ -2557,14 +2565,15 @@ def evaluate(model, val: ValData, windows, scorers: dict, h: Hyperparameters, rt
     t0 = time.perf_counter()
     tokens, tables = val.tokens.to(rt.device), val.tables.to(rt.device)
     chunks = group_by_chunk(windows, chunk_tokens) if chunk_tokens else [(1, val.num_targets + 1, windows)]
-    rows, length = h.eval_batch_windows, max(w.end - w.start for w in windows)
+    rows, length = h.eval_batch_windows, int((windows[:, 1] - windows[:, 0]).max())
     table, offsets = window_table([split_for_rank(c, rt.rank, rt.world_size) for _, _, c in chunks], rows, rt.device)
     totals, was_training = {name: EvalTotals(rt.device) for name in scorers}, model.training
     model.eval()
     for k, (c0, c1, _) in enumerate(chunks):
+        span = scored_span(table.host[offsets[k]:offsets[k + 1]])
         with torch.inference_mode(), autocast(rt):
             for i in range(offsets[k], offsets[k + 1], rows):
-                batch = make_batch(tokens, table, i, i + rows, length)
+                batch = make_batch(tokens, table, i, i + rows, length, span)
                 logp = scored_logprobs(model, batch)
                 nbytes = count_bytes(batch.prev, batch.tgt, tables).sum().double()
                 for name, scorer in scorers.items():
@@ -2600,17 +2609,18 @@ def report_eval(name: str, r: EvalResult) -> list[str]:
     return lines
 
 
-# N-gram caches. Position p's order-n context is tokens[p-n+1:p]; update() adds targets [start, end) for every
-# order; probs() backs off from the highest order whose context count >= min_count (order 0 = unmatched).
-# Exact: per order a sorted table of 64-bit context keys (ids packed exactly while they fit in 60 bits, then a
-# splitmix64 chain) with counts and append-only dense ids, and a sorted table of pair keys id*V + token with
-# counts, so sum_v pair(c, v) = ctx(c) exactly and p_ngram is a distribution. Each table is a few sorted runs
-# (SortedRuns, a log-structured merge): a chunk's new keys become a new run, merged into the previous run until that
-# one is LSM_GROWTH times larger, so the tables grow without a per-chunk copy of everything; lookups are one
-# searchsorted per run (<= log4 of the growth, ~6 runs at 62 M tokens). Memory, worst case (every context new):
-# 28 B per position per order (ctx 8+4+4, pair 8+4) = 1.7 GB/order at 62 M tokens, < 14 GB for orders 2..9,
-# plus ~2x the largest run transiently while merging; low orders are tiny (order 2: <= V contexts).
+# N-gram caches. Position p's order-n context is tokens[p-n+1:p]. update(tokens, start, end) counts targets [start,
+# end) under their context of every order; stats(tokens, pos, cand) reads every order's counts at once (NgramStats).
+# Exact: one table of context keys for all orders (token ids packed with the order in bits 60..62 while they fit in
+# 60 bits, else a splitmix64 chain with the sign bit set: two chained contexts of the 62 M validation tokens coincide
+# with probability < 1e-3, merging their counts, still normalized) with counts and dense ids, and one table of pair
+# keys id*V + token with counts, so sum_v pair(c, v) = ctx(c) and p_ngram is a distribution. Each table is a few
+# sorted runs (SortedRuns, a log-structured merge): a chunk's new keys become a new run, merged into the previous
+# one until that is LSM_GROWTH times larger, so no chunk copies everything. An update makes 2 host syncs, a lookup
+# none. Memory, worst case (every context new): 28 B per position per order (ctx 8+4+4, pair 8+4) = < 14 GB for
+# orders 2..9 at 62 M tokens, + 16 B per entry of the run being merged (< 8 GB): fits one H100 with the model.
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64, 0x9E3779B97F4A7C15 - 2**64
+_HASHED = -2**63  # sign bit of a chained key: packed keys are >= 0
 
 
 def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
@@ -2624,34 +2634,55 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _srl(z, 31)
 
 
-def _find(keys: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index clamped into the sorted table, present?) for every query."""
-    if keys.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(q, dtype=torch.bool)
-    i = torch.searchsorted(keys, q).clamp_(max=keys.numel() - 1)
-    return i, keys[i] == q
-
-
-def _insert(keys: torch.Tensor, vals: tuple, new_keys: torch.Tensor, new_vals: tuple) -> list[torch.Tensor]:
-    """Merge sorted unique new_keys (absent from keys) and their values into the sorted table (one O(table) copy)."""
-    dest_new = torch.searchsorted(keys, new_keys) + torch.arange(new_keys.numel(), device=keys.device)
-    is_old = torch.ones(keys.numel() + new_keys.numel(), dtype=torch.bool, device=keys.device)
-    is_old[dest_new] = False
+def _merge(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One sorted run from two runs with disjoint sorted keys (column 0) and their value columns: each entry goes
+    straight to its final place, one column at a time, each old column freed once copied (no host sync)."""
+    at = torch.searchsorted(old[0], new[0])  # each new key goes right before old entry `at`
+    dest_new = at + torch.arange(at.numel(), device=at.device)
+    dest_old = torch.zeros(old[0].numel() + 1, dtype=torch.long, device=at.device)
+    dest_old = dest_old.index_add_(0, at, torch.ones_like(at)).cumsum_(0)[:-1]  # new keys before each old entry
+    dest_old.add_(torch.arange(old[0].numel(), device=at.device))
     out = []
-    for old, new in zip((keys, *vals), (new_keys, *new_vals)):
-        t = old.new_empty(old.numel() + new.numel())
-        t.masked_scatter_(is_old, old)
-        t[dest_new] = new.to(old.dtype)
+    for c, n in enumerate(new):
+        o, old[c] = old[c], None
+        t = o.new_empty(o.numel() + n.numel())
+        t[dest_old], t[dest_new] = o, n.to(o.dtype)
         out.append(t)
+        del o
     return out
+
+
+def _compact(keep: torch.Tensor, count: int, *cols: torch.Tensor) -> list[torch.Tensor]:
+    """cols[keep] in order, given count = keep.sum() from the host (a scatter instead of a data-dependent shape)."""
+    dest = torch.where(keep, torch.cumsum(keep, 0) - 1, count)
+    return [col.new_empty(count + 1).scatter_(0, dest, col)[:count] for col in cols]
+
+
+def _count_distinct(keys: torch.Tensor, tgt: torch.Tensor, vocab_size: int) -> list[torch.Tensor]:
+    """Distinct contexts (sorted keys, counts) and distinct (context, token) pairs (index of the context in the
+    first list, token, count) of the entries; one host sync for the two sizes."""
+    sk, perm = torch.sort(keys)
+    lid = torch.cumsum(torch.cat([sk.new_ones(1, dtype=torch.bool), sk[1:] != sk[:-1]]), 0) - 1
+    pk = torch.sort(lid * vocab_size + tgt[perm]).values
+    pid = torch.cumsum(torch.cat([pk.new_ones(1, dtype=torch.bool), pk[1:] != pk[:-1]]), 0) - 1
+    n_ctx, n_pair = (torch.stack([lid[-1], pid[-1]]) + 1).tolist()
+    ones = torch.ones_like(sk)
+    ctx_cnt, pair_cnt = sk.new_zeros(n_ctx).index_add_(0, lid, ones), sk.new_zeros(n_pair).index_add_(0, pid, ones)
+    pairs = pk.new_empty(n_pair).scatter_(0, pid, pk)  # duplicates write equal values
+    return [sk.new_empty(n_ctx).scatter_(0, lid, sk), ctx_cnt, pairs // vocab_size, pairs % vocab_size, pair_cnt]
 
 
 LSM_GROWTH = 4  # a new run is merged into the run before it until that one is at least this many times larger
 
 
+class Found(NamedTuple):
+    runs: list  # per run: (index clamped into the run, present?) of every query
+    hit: torch.Tensor  # present in any run
+
+
 class SortedRuns:
     """Exact map int64 key -> value columns, stored as sorted runs of unique keys; every key lives in one run.
-    Column 0 of a run is its keys, columns 1.. its values."""
+    Column 0 of a run is its keys, columns 1.. its values. No method makes a host sync."""
 
     def __init__(self, value_dtypes: tuple[torch.dtype, ...], device):
         self.dtypes, self.device = value_dtypes, device
@@ -2661,26 +2692,27 @@ class SortedRuns:
     def size(self) -> int:
         return sum(run[0].numel() for run in self.runs)
 
-    def find(self, q: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """(per run (index, present?), present in any run?) for every query key."""
-        found = [_find(run[0], q) for run in self.runs]
-        hit = torch.zeros_like(q, dtype=torch.bool)
-        for _, h in found:
-            hit |= h
-        return found, hit
+    def find(self, q: torch.Tensor) -> Found:
+        """Where every query key (any shape) lives."""
+        runs, hit = [], torch.zeros_like(q, dtype=torch.bool)
+        for run in self.runs:
+            i = torch.searchsorted(run[0], q).clamp_(max=run[0].numel() - 1)
+            h = run[0][i] == q
+            runs.append((i, h))
+            hit = hit | h
+        return Found(runs, hit)
 
-    def gather(self, col: int, found: list) -> torch.Tensor:
-        """Value column `col` (int64) of every query from find(); 0 where absent."""
-        out = None
-        for run, (idx, hit) in zip(self.runs, found):
-            v = torch.where(hit, run[col][idx].long(), 0)
-            out = v if out is None else out + v  # at most one run holds each key
+    def gather(self, col: int, found: Found) -> torch.Tensor:
+        """Value column `col` (int64) of every query; 0 where absent."""
+        out = torch.zeros_like(found.hit, dtype=torch.long)
+        for run, (i, h) in zip(self.runs, found.runs):
+            out = out + torch.where(h, run[col][i].long(), 0)  # at most one run holds each key
         return out
 
-    def add(self, col: int, found: list, amount: torch.Tensor) -> None:
+    def add(self, col: int, found: Found, amount: torch.Tensor) -> None:
         """Value column `col` += amount for every (unique) query present; in place, no table copy."""
-        for run, (idx, hit) in zip(self.runs, found):
-            run[col].index_add_(0, idx[hit], amount[hit].to(run[col].dtype))
+        for run, (i, h) in zip(self.runs, found.runs):
+            run[col].index_add_(0, i, torch.where(h, amount, 0).to(run[col].dtype))
 
     def insert(self, keys: torch.Tensor, values: tuple) -> None:
         """Add sorted unique absent keys with their value columns as a new run, then merge runs as needed."""
@@ -2689,85 +2721,97 @@ class SortedRuns:
         self.runs.append([keys, *(v.to(d) for v, d in zip(values, self.dtypes))])
         while len(self.runs) >= 2 and self.runs[-2][0].numel() < LSM_GROWTH * self.runs[-1][0].numel():
             new, old = self.runs.pop(), self.runs.pop()
-            self.runs.append(_insert(old[0], tuple(old[1:]), new[0], tuple(new[1:])))
+            self.runs.append(_merge(old, new))
+
+
+class NgramStats(NamedTuple):
+    """The tables at n positions, for every order min_order + k (k < K): ctx [n, K] = how often the position's context
+    of that order was seen (0 if never, or if p < order - 1); pair = how often that context was followed by the
+    candidate: [n, K] for one candidate per position (the target), [n, K, c] for c candidates. int64. Exact mode:
+    pair <= ctx, and pair summed over all V candidates == ctx."""
+    ctx: torch.Tensor
+    pair: torch.Tensor
+
+    def backoff(self, min_order: int, min_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The seed rule's estimate: (order [n], p [n] or [n, c] fp64) of the highest order with ctx >= min_count,
+        p = min(pair, ctx) / ctx there; order 0 and p 0 where no order has."""
+        K = self.ctx.size(1)
+        top = ((self.ctx >= min_count) * torch.arange(1, K + 1, device=self.ctx.device)).amax(1)  # k + 1, 0: none
+        k = (top - 1).clamp(min=0)[:, None]
+        cc = self.ctx.gather(1, k).squeeze(1) * (top > 0)
+        extra = (1,) * (self.pair.dim() - 2)
+        pc = self.pair.gather(1, k.view(-1, 1, *extra).expand(-1, 1, *self.pair.shape[2:])).squeeze(1)
+        p = torch.minimum(pc, cc.view(-1, *extra)).double() / cc.clamp(min=1).double().view(-1, *extra)
+        return torch.where(top > 0, top + (min_order - 1), 0), p
 
 
 class ExactNgramCache:
-    """Exact next-token counts per context (no hashing, so no collisions); p_ngram(.|c) sums to 1 for every matched context."""
+    """Exact next-token counts per context (no bucket hashing); p_ngram(.|c) sums to 1 for every seen context."""
 
     def __init__(self, vocab_size: int, *, min_order: int, max_order: int, min_count: int, device):
         self.V, self.min_order, self.max_order, self.min_count = vocab_size, min_order, max_order, min_count
         self.bits = max(1, (vocab_size - 1).bit_length())
-        n = max_order - min_order + 1
-        self.ctx = [SortedRuns((torch.int32, torch.int32), device) for _ in range(n)]  # key -> count, dense id
-        self.pairs = [SortedRuns((torch.int32,), device) for _ in range(n)]  # id*V + token -> count
-        self.next_id = [0] * n
+        self.packed = min(max_order - 1, 60 // self.bits)  # context lengths 1..packed are packed exactly
+        j = torch.arange(1, self.packed + 1, device=device)
+        self.shifts, self.tags = self.bits * (j - 1), (j + 1) << 60
+        self.first_pos = torch.arange(min_order - 1, max_order, device=device)  # order n needs p >= n - 1
+        self.ctx = SortedRuns((torch.int32, torch.int32), device)  # context key -> count, dense id
+        self.pairs = SortedRuns((torch.int32,), device)  # id*V + token -> count
+        self.num_ids = 0
 
-    def _context_keys(self, tokens: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
-        """int64 key of each position's context, per order min..max (garbage where p < n-1)."""
-        out, key = [], torch.zeros_like(pos)
-        for j in range(1, self.max_order):  # context length j = order - 1, adds the older token each step
-            tok = tokens[(pos - j).clamp(min=0)]
-            if j * self.bits <= 60:
-                key = key | (tok << (self.bits * (j - 1)))
-                k = key | ((j + 1) << 60)  # order tag: packed contexts of different orders never coincide
-            else:
-                key = k = _mix64(key ^ ((tok + 1) * _GOLDEN))
-            if j + 1 >= self.min_order:
-                out.append(k)
-        return out
+    def _context_keys(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """int64 key [n, K] of each position's context of every order min..max (garbage where p < order - 1)."""
+        back = torch.arange(1, self.max_order, device=pos.device)
+        tok = tokens[(pos[:, None] - back).clamp(min=0)]  # column j - 1: the token j places back
+        key = (tok[:, :self.packed] << self.shifts).cumsum(1)  # disjoint bit fields: the sum is the bitwise or
+        cols, chain = [key | self.tags], key[:, -1]
+        for j in range(self.packed + 1, self.max_order):
+            chain = _mix64(chain ^ ((tok[:, j - 1] + 1) * _GOLDEN))
+            cols.append((chain | _HASHED)[:, None])
+        return torch.cat(cols, 1)[:, self.min_order - 2:].contiguous()
+
+    def _entries(self, tokens: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context key, target) of every (order, position) in [start, end) that has a context of that order."""
+        keys, tgt = self._context_keys(tokens, torch.arange(start, end, device=tokens.device)), tokens[start:end]
+        if start >= self.max_order - 1:  # every order has a context: no slicing
+            return keys.reshape(-1), tgt[:, None].expand_as(keys).reshape(-1)
+        los = [max(0, n - 1 - start) for n in range(self.min_order, self.max_order + 1)]
+        return (torch.cat([keys[lo:, k] for k, lo in enumerate(los)]), torch.cat([tgt[lo:] for lo in los]))
 
     @torch.inference_mode()  # the runs are updated in place; inference tensors may only be changed in this mode
     def update(self, tokens: torch.Tensor, start: int, end: int) -> None:
-        """Count the targets at positions [start, end) under their context of every order."""
-        pos = torch.arange(start, end, device=tokens.device)
-        tgt = tokens[pos]
-        for i, key in enumerate(self._context_keys(tokens, pos)):
-            lo = max(0, self.min_order + i - 1 - start)  # positions p < n-1 have no order-n context
-            if lo >= pos.numel():
-                continue
-            ctx, inv, cnt = torch.unique(key[lo:], return_inverse=True, return_counts=True)
-            ids = self._add(i, ctx, cnt)
-            pk, pcnt = torch.unique(ids[inv] * self.V + tgt[lo:], return_counts=True)
-            found, hit = self.pairs[i].find(pk)
-            self.pairs[i].add(1, found, pcnt)
-            self.pairs[i].insert(pk[~hit], (pcnt[~hit],))
+        """Count the targets at positions [start, end) under their context of every order (2 host syncs)."""
+        keys, tgt = self._entries(tokens, start, end)
+        if keys.numel() == 0:
+            return
+        ctx, ctx_cnt, pair_ctx, pair_tgt, pair_cnt = _count_distinct(keys, tgt, self.V)
+        found = self.ctx.find(ctx)
+        self.ctx.add(1, found, ctx_cnt)
+        fresh = ~found.hit
+        new_ids = self.num_ids + torch.cumsum(fresh, 0) - 1
+        pair = torch.where(found.hit, self.ctx.gather(2, found), new_ids)[pair_ctx] * self.V + pair_tgt
+        pair_found = self.pairs.find(pair)
+        self.pairs.add(1, pair_found, pair_cnt)
+        n_ctx, n_pair = torch.stack([fresh.sum(), (~pair_found.hit).sum()]).tolist()
+        ctx, ctx_cnt, new_ids = _compact(fresh, n_ctx, ctx, ctx_cnt, new_ids)
+        self.ctx.insert(ctx, (ctx_cnt, new_ids))
+        pair, pair_cnt = _compact(~pair_found.hit, n_pair, pair, pair_cnt)
+        pair, order = torch.sort(pair)  # ids are not in key order
+        self.pairs.insert(pair, (pair_cnt[order],))
+        self.num_ids += n_ctx
 
-    def _add(self, i: int, ctx: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
-        """Add context counts of order index i; returns the (stable) dense id of every context."""
-        table = self.ctx[i]
-        found, hit = table.find(ctx)
-        table.add(1, found, cnt)
-        new_ids = self.next_id[i] + torch.cumsum(~hit, 0) - 1
-        out = torch.where(hit, table.gather(2, found), new_ids) if table.runs else new_ids
-        fresh = ~hit
-        self.next_id[i] += int(fresh.sum())
-        table.insert(ctx[fresh], (cnt[fresh], new_ids[fresh]))
-        return out
-
-    def lookup(self, tokens: torch.Tensor, pos: torch.Tensor):
-        """(order, ctx_count, ctx_id) of the highest order with ctx_count >= min_count; order 0 = unmatched."""
-        order, cc, cid = torch.zeros_like(pos), torch.zeros_like(pos), torch.zeros_like(pos)
-        for i, key in reversed(list(enumerate(self._context_keys(tokens, pos)))):
-            table, n = self.ctx[i], self.min_order + i
-            if not table.runs:
-                continue
-            found, _ = table.find(key)
-            c = torch.where(pos >= n - 1, table.gather(1, found), 0)
-            take = (order == 0) & (c >= self.min_count)
-            order, cc = torch.where(take, n, order), torch.where(take, c, cc)
-            cid = torch.where(take, table.gather(2, found), cid)
-        return order, cc, cid
+    def stats(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor) -> NgramStats:
+        """NgramStats of positions pos [n] for candidates cand [n] (e.g. the targets) or [n, c]; no host sync."""
+        found = self.ctx.find(self._context_keys(tokens, pos))
+        ctx = torch.where(pos[:, None] >= self.first_pos, self.ctx.gather(1, found), 0)
+        extra = (1,) * (cand.dim() - 1)
+        pair = self.ctx.gather(2, found).view(*ctx.shape, *extra) * self.V + cand.view(-1, 1, *cand.shape[1:])
+        pair = torch.where(ctx.view(*ctx.shape, *extra) > 0, self.pairs.gather(1, self.pairs.find(pair)), 0)
+        return NgramStats(ctx, pair)
 
     def probs(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor):
-        """(order [n], p_ngram of each candidate [n] or [n, k], fp64; 0 where unmatched)."""
-        order, cc, cid = self.lookup(tokens, pos)
-        shape = (-1,) + (1,) * (cand.dim() - 1)
-        pk, pc = cid.view(shape) * self.V + cand, torch.zeros_like(cand)
-        for i, table in enumerate(self.pairs):
-            if table.runs:
-                pc = torch.where(order.view(shape) == self.min_order + i, table.gather(1, table.find(pk)[0]), pc)
-        return order, pc.double() / cc.clamp(min=1).double().view(shape)
+        """The seed rule's (order [n], p_ngram of each candidate [n] or [n, c], fp64; 0 where unmatched)."""
+        return self.stats(tokens, pos, cand).backoff(self.min_order, self.min_count)
 
 
 NGRAM_PRIMES = (36313, 27191, 51647, 81929, 131071, 174763, 233017, 283721, 347237, 409891, 479909, 557927,
@@ -2798,25 +2842,17 @@ class HashedNgramCache:
             self.ctx[i].index_add_(0, h & self.mask, one)
             self.full[i].index_add_(0, self._full_key(h, tokens[pos], n), one)
 
-    def lookup(self, tokens: torch.Tensor, pos: torch.Tensor):
-        """(order, ctx_count, context hash) with highest-order-first backoff; order 0 = unmatched."""
-        order, cc, hh = torch.zeros_like(pos), torch.zeros_like(pos), torch.zeros_like(pos)
-        for i in reversed(range(self.ctx.size(0))):
-            n = self.min_order + i
+    def stats(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor) -> NgramStats:
+        """NgramStats with bucket counts (collisions add up: pair may exceed ctx)."""
+        ctx, pair, extra = [], [], (1,) * (cand.dim() - 1)
+        for i, n in enumerate(range(self.min_order, self.max_order + 1)):
             h = self._hash(tokens, pos, n)
-            c = torch.where(pos >= n - 1, self.ctx[i][h & self.mask].long(), 0)
-            take = (order == 0) & (c >= self.min_count)
-            order, cc, hh = torch.where(take, n, order), torch.where(take, c, cc), torch.where(take, h, hh)
-        return order, cc, hh
+            ctx.append(torch.where(pos >= n - 1, self.ctx[i][h & self.mask].long(), 0))
+            pair.append(self.full[i][self._full_key(h.view(-1, *extra), cand, n)].long())
+        return NgramStats(torch.stack(ctx, 1), torch.stack(pair, 1))
 
     def probs(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor):
-        order, cc, h = self.lookup(tokens, pos)
-        shape = (-1,) + (1,) * (cand.dim() - 1)
-        order, cc, h, fc = order.view(shape), cc.view(shape), h.view(shape), torch.zeros_like(cand)
-        for i in range(self.ctx.size(0)):
-            n = self.min_order + i
-            fc = torch.where(order == n, self.full[i][self._full_key(h, cand, n)].long(), fc)
-        return order.view(-1), torch.minimum(fc, cc).double() / cc.clamp(min=1).double()
+        return self.stats(tokens, pos, cand).backoff(self.min_order, self.min_count)
 
 
 def make_ngram_cache(h: Hyperparameters, device):
@@ -2826,8 +2862,17 @@ def make_ngram_cache(h: Hyperparameters, device):
     return ExactNgramCache(h.vocab_size, **kw)
 
 
+def row_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of log-probabilities."""
+    return -(logp.exp() * logp).sum(-1)
+
+
 class NgramMixer:
-    """Entropy-adaptive alpha: the higher the model's entropy, the more weight the n-gram gets; alpha = 0 for unmatched positions (order 0)."""
+    """The seed rule: entropy-adaptive alpha on the backed-off order's estimate; the higher the model's entropy, the
+    more weight the n-gram gets; alpha = 0 for unmatched positions (order 0). A mixer has three methods:
+    prepare(stats [n, K] of the targets) -> a tuple of [n, ...] tensors, once per chunk for this rank's targets;
+    nll(logp [S, V], tgt [S], rows of those tensors) -> -log p_final(target) [S] fp64, per batch;
+    distribution(logits [m, V], stats [m, K, V] of every candidate) -> p_final [m, V] fp64 (audits, the coder)."""
 
     def __init__(self, h: Hyperparameters, device):
         mults = [0.0] * h.ngram_min_order + list(h.ngram_order_mults[:h.ngram_max_order - h.ngram_min_order + 1])
@@ -2846,30 +2891,52 @@ class NgramMixer:
         mixed = torch.logaddexp(torch.log1p(-alpha) + lp_model, torch.log(alpha) + torch.log(p_ngram))
         return torch.where(alpha > 0, mixed, lp_model)
 
+    def prepare(self, stats: NgramStats) -> tuple[torch.Tensor, torch.Tensor]:
+        return stats.backoff(self.h.ngram_min_order, self.h.ngram_min_count)
+
+    def nll(self, logp: torch.Tensor, tgt: torch.Tensor, rows: tuple) -> torch.Tensor:
+        order, p_ngram = rows
+        lp_model = logp.gather(1, tgt[:, None]).squeeze(1).double()
+        return -self.mix_logprob(lp_model, p_ngram, self.alpha(row_entropy(logp), order))
+
+    def distribution(self, logits: torch.Tensor, stats: NgramStats) -> torch.Tensor:
+        order, p_ngram = self.prepare(stats)
+        alpha = self.alpha(row_entropy(F.log_softmax(logits.float(), dim=-1)), order)[:, None]
+        return (1 - alpha) * torch.softmax(logits.double(), dim=-1) + alpha * p_ngram
+
 
 class NgramScorer:
     """Scorer + after_chunk hook for evaluate(): mix with tables built from earlier chunks only, then update.
-    Audits sum_v p_final(v) at fixed evenly spread target positions (whichever rank scores them)."""
+    At a chunk's first batch, the stats of every target this rank scores in the chunk (Batch.span) are read in one
+    call and prepared by the mixer; each batch gathers its rows. Audits sum_v p_final(v) at fixed evenly spread
+    target positions (whichever rank scores them)."""
 
     def __init__(self, cache, mixer: NgramMixer, tokens: torch.Tensor, audit_positions: np.ndarray):
         self.cache, self.mixer, self.tokens, self.audit_pos = cache, mixer, tokens, audit_positions
         self.audit_sums = torch.zeros(len(audit_positions), dtype=torch.float64, device=tokens.device)
         self.audit_found = torch.zeros_like(self.audit_sums)
+        self.span, self.prepared = None, ()
 
     def __call__(self, logp: torch.Tensor, batch: Batch) -> torch.Tensor:
-        order, p_ng = self.cache.probs(self.tokens, batch.pos, batch.tgt)
-        alpha = self.mixer.alpha(-(logp.exp() * logp).sum(-1), order)
         self._audit(batch.sel_pos, logp, batch.pos)
-        return -self.mixer.mix_logprob(logp.gather(1, batch.tgt[:, None]).squeeze(1).double(), p_ng, alpha)
+        return self.mixer.nll(logp, batch.tgt, self.lookup(batch.pos, batch.span))
+
+    def lookup(self, pos: torch.Tensor, span: tuple[int, int]) -> tuple:
+        """The mixer's prepared inputs at target positions pos, which lie in span = this rank's targets of the
+        current chunk (read from the tables once per chunk)."""
+        if span != self.span:
+            lo, hi = span
+            at = torch.arange(lo, hi, device=self.tokens.device)
+            self.prepared = self.mixer.prepare(self.cache.stats(self.tokens, at, self.tokens[lo:hi]))
+            self.span = span
+        rows = pos - span[0]
+        return tuple(t[rows] for t in self.prepared)
 
     def full_distribution(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """p_final over the whole vocabulary [n, V] (fp64) at positions pos, from their fp32 logits [n, V]
         (log-probabilities work too: softmax ignores the shift)."""
-        logp = F.log_softmax(logits.float(), dim=-1)
         cand = torch.arange(logits.size(-1), device=logits.device).expand(pos.numel(), -1)
-        order, p_ng = self.cache.probs(self.tokens, pos, cand)
-        alpha = self.mixer.alpha(-(logp.exp() * logp).sum(-1), order)[:, None]
-        return (1 - alpha) * torch.softmax(logits.double(), dim=-1) + alpha * p_ng
+        return self.mixer.distribution(logits, self.cache.stats(self.tokens, pos, cand))
 
     def _audit(self, sel_pos: np.ndarray, logits: torch.Tensor, pos: torch.Tensor) -> None:
         if not len(self.audit_pos):
@@ -2882,6 +2949,7 @@ class NgramScorer:
             self.audit_found[slots] = 1.0
 
     def after_chunk(self, start: int, end: int) -> None:
+        self.span = None  # the tables change: the next chunk reads them again
         if end < self.tokens.numel():  # the last chunk's statistics would never be read
             self.cache.update(self.tokens, start, end)
 

@@ -32,13 +32,19 @@ def scored_targets(w):
     return range(w.score_from, w.end + 1)
 
 
+def rows(windows):
+    """Window rows of an [n, 3] window array."""
+    assert windows.dtype == np.int64 and windows.ndim == 2 and windows.shape[1] == 3
+    return [tg.Window(*r) for r in windows.tolist()]
+
+
 # ----------------------------------------------------------------------------------------------------- windows
 
 @pytest.mark.parametrize("seq_len", [1, 2, 8, 32])
 def test_plan_windows_scores_every_target_once_with_max_context(seq_len):
     for n in [1, 2, 5, 7, 31, 32, 33, 100, 257]:
         for stride in sorted({s for s in (1, 3, seq_len // 2, seq_len) if 1 <= s <= seq_len}):
-            ws = tg.plan_windows(n, seq_len, stride)
+            ws = rows(tg.plan_windows(n, seq_len, stride))
             got = [p for w in ws for p in scored_targets(w)]
             assert got == list(range(1, n + 1)), (n, seq_len, stride)
             assert ws[0] == tg.Window(0, min(seq_len, n), 1)  # the first window scores all its targets
@@ -57,20 +63,22 @@ def test_split_for_rank_contiguous_balanced_cover():
             assert sum(parts, []) == items
             sizes = [len(p) for p in parts]
             assert max(sizes) - min(sizes) <= 1
+            arrays = [tg.split_for_rank(np.array(items), r, world) for r in range(world)]  # window arrays too
+            assert [a.tolist() for a in arrays] == parts
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 7, 16, 50, 64, 1000])
 def test_group_by_chunk_monotone_no_straddle_same_context(chunk):
     n, seq_len, stride = 300, 32, 8
     ws = tg.plan_windows(n, seq_len, stride)
-    start_of = {p: w.start for w in ws for p in scored_targets(w)}
+    start_of = {p: w.start for w in rows(ws) for p in scored_targets(w)}
     groups = tg.group_by_chunk(ws, chunk)
     assert groups[0][0] == 1 and groups[-1][1] == n + 1
     assert len(groups) == math.ceil(n / chunk)
     seen = []
     for (c0, c1, pieces), nxt in zip(groups, groups[1:] + [(n + 1,)]):
-        assert c1 == nxt[0] and c1 - c0 <= chunk and pieces
-        for w in pieces:
+        assert c1 == nxt[0] and c1 - c0 <= chunk and len(pieces)
+        for w in rows(pieces):
             assert c0 <= w.score_from <= w.end < c1
             assert all(start_of[p] == w.start for p in scored_targets(w))
             seen += list(scored_targets(w))
@@ -79,17 +87,19 @@ def test_group_by_chunk_monotone_no_straddle_same_context(chunk):
 
 def test_make_batch_shapes_shift_and_selection():
     tokens = torch.arange(101) * 7 % 101  # token at position p differs from p
-    ws = [tg.Window(0, 10, 1), tg.Window(5, 15, 12)]
+    ws = np.array([[0, 10, 1], [5, 15, 12]])
     table, offsets = tg.window_table([ws[:1], ws[1:]], rows=4, device=CPU)
     assert offsets == [0, 4, 8] and table.host[1:4].tolist() == [[0, 0, 1]] * 3  # padded with empty windows
-    b = tg.make_batch(tokens, table, 0, 8, length=12)
+    assert tg.scored_span(table.host[0:4]) == (1, 11) and tg.scored_span(table.host[4:8]) == (12, 16)
+    assert tg.scored_span(table.host[1:4]) == (0, 0)
+    b = tg.make_batch(tokens, table, 0, 8, length=12, span=(1, 16))
     assert b.x.shape == (8, 12)
     assert torch.equal(b.x[4, :10], tokens[5:15]) and torch.equal(b.x[0, :10], tokens[:10])
     assert b.sel_pos.tolist() == list(range(1, 11)) + [12, 13, 14, 15]
     assert b.pos.tolist() == b.sel_pos.tolist()
     assert torch.equal(b.tgt, tokens[b.pos]) and torch.equal(b.prev, tokens[b.pos - 1])
     assert torch.equal(b.x.flatten()[b.sel], b.prev)  # the scored entry's input is the token before its target
-    assert sorted(set((b.sel // 12).tolist())) == [0, 4]
+    assert sorted(set((b.sel // 12).tolist())) == [0, 4] and b.span == (1, 16)
 
 
 # ------------------------------------------------------------------------------------------ driver equivalences
@@ -164,30 +174,58 @@ def test_exact_cache_matches_dict_reference_and_normalizes(vocab, alphabet):
 
 
 def test_exact_cache_grows_in_few_geometric_runs_and_stays_exact():
-    """Many small chunks: the tables live in a few sorted runs, each >= LSM_GROWTH x the next, keys unique across
-    runs, and the counts still equal the dict reference."""
+    """Many small chunks: the one table of all orders lives in a few sorted runs, each >= LSM_GROWTH x the next, keys
+    unique across runs, and the counts still equal the dict reference, order by order."""
     vocab, n, chunk = 16, 2400, 24
     tokens = random_stream(n, vocab, 5)
     cache = tg.ExactNgramCache(vocab, min_order=2, max_order=4, min_count=1, device=CPU)
     most_runs = 0
     for a in range(1, n, chunk):
         cache.update(tokens, a, min(a + chunk, n + 1))
-        for table in cache.ctx + cache.pairs:
+        for table in (cache.ctx, cache.pairs):
             sizes = [run[0].numel() for run in table.runs]
             assert all(big >= tg.LSM_GROWTH * small for big, small in zip(sizes, sizes[1:])), sizes
             keys = torch.cat([run[0] for run in table.runs])
             assert keys.unique().numel() == keys.numel()
+            assert all(bool((run[0][1:] > run[0][:-1]).all()) for run in table.runs)  # each run sorted
             most_runs = max(most_runs, len(sizes))
     assert most_runs >= 3
-    t = tokens.tolist()
+    t, ctx_total, pair_total = tokens.tolist(), 0, 0
     for i, order in enumerate(range(2, 5)):
         ctx_ref, pair_ref = reference_counts(t, order, n + 1)
-        assert cache.ctx[i].size == len(ctx_ref) and cache.pairs[i].size == len(pair_ref)
+        ctx_total, pair_total = ctx_total + len(ctx_ref), pair_total + len(pair_ref)
         pos = torch.arange(order - 1, n + 1)
-        key = cache._context_keys(tokens, pos)[i]
-        found, hit = cache.ctx[i].find(key)
+        found = cache.ctx.find(cache._context_keys(tokens, pos)[:, i].contiguous())
         want = [ctx_ref[tuple(t[p - order + 1:p])] for p in pos.tolist()]
-        assert bool(hit.all()) and cache.ctx[i].gather(1, found).tolist() == want
+        assert bool(found.hit.all()) and cache.ctx.gather(1, found).tolist() == want
+    assert (cache.ctx.size, cache.pairs.size, cache.num_ids) == (ctx_total, pair_total, ctx_total)
+
+
+@pytest.mark.parametrize("vocab,lo,hi", [(8, 2, 9), (1024, 2, 9), (5, 3, 5)])
+def test_exact_stats_give_every_order_s_counts(vocab, lo, hi):
+    """stats(): per order, the context count and the (context, candidate) count of the dict reference, for the
+    target and for all V candidates; 0 where the position has no context of that order."""
+    n, bounds = 900, [1, 3, 57, 400, 650]
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, min(vocab, 4), (n + 1,), generator=g) * (vocab // 4 or 1)  # few symbols: long repeats
+    cache = tg.ExactNgramCache(vocab, min_order=lo, max_order=hi, min_count=2, device=CPU)
+    for a, b in zip(bounds, bounds[1:]):
+        cache.update(tokens, a, b)
+    t = tokens.tolist()
+    refs = [reference_counts(t, k, bounds[-1]) for k in range(lo, hi + 1)]
+    pos = torch.arange(1, n + 1)
+    st = cache.stats(tokens, pos, tokens[pos])
+    full = cache.stats(tokens, pos, torch.arange(vocab).expand(n, vocab))
+    assert st.ctx.shape == st.pair.shape == (n, hi - lo + 1) and full.pair.shape == (n, hi - lo + 1, vocab)
+    assert torch.equal(full.ctx, st.ctx) and torch.equal(full.pair.sum(2), st.ctx)  # exact: sum_v pair = ctx
+    for q in range(1, n + 1):
+        for k, (ctx_ref, pair_ref) in enumerate(refs):
+            c = tuple(t[q - (lo + k) + 1:q]) if q >= lo + k - 1 else None
+            assert st.ctx[q - 1, k] == (ctx_ref[c] if c is not None else 0), (q, k)
+            assert st.pair[q - 1, k] == (pair_ref[c + (t[q],)] if c is not None else 0), (q, k)
+            if c is not None and q % 17 == 0:
+                assert full.pair[q - 1, k].tolist() == [pair_ref[c + (v,)] for v in range(vocab)]
+    assert (st.ctx[:, -1] > 0).sum() > n // 4  # the longest order is matched often (repeats)
 
 
 def hashed_reference(t, lo, hi, min_count, buckets, upto, queries, vocab):
@@ -293,6 +331,34 @@ def test_prefix_only_scores_and_target_independent_distribution(tiny):
         assert nll[t] != base_nll[t] or dist[t][tokens[t]] == dist[t][changed[t]]
 
 
+@pytest.mark.parametrize("mode", ["exact", "hashed"])
+def test_chunk_reads_equal_reading_the_tables_at_every_batch(tiny, mode):
+    """The scorer reads a chunk's stats once; every batch's NLL is bit-identical to reading the tables at that batch
+    (cache.probs, the seed rule's estimate) and mixing in the same way."""
+    vocab, n = 12, 900
+    h = tiny(vocab_size=vocab, ngram_chunk_tokens=100, ngram_alpha_min=0.3, ngram_mode=mode, ngram_buckets=64,
+             eval_batch_windows=2)
+    tokens, model = random_stream(n, vocab, 4), tiny_model(h)
+    scorer = tg.NgramScorer(tg.make_ngram_cache(h, CPU), tg.NgramMixer(h, CPU), tokens, np.zeros(0, np.int64))
+    checked = collections.Counter()
+
+    def scorer_checked(logp, batch):
+        nll = scorer(logp, batch)
+        order, p = scorer.cache.probs(tokens, batch.pos, batch.tgt)
+        alpha = scorer.mixer.alpha(tg.row_entropy(logp), order)
+        lp = logp.gather(1, batch.tgt[:, None]).squeeze(1).double()
+        assert torch.equal(nll, -tg.NgramMixer.mix_logprob(lp, p, alpha))
+        checked[batch.span] += 1
+        checked["matched"] += int((order > 0).sum())
+        return nll
+
+    windows = tg.plan_windows(n, h.eval_seq_len, h.eval_stride)
+    tg.evaluate(model, tg.ValData(tokens, unit_tables(vocab)), windows, {"ngram": scorer_checked}, h, RT1,
+                h.ngram_chunk_tokens, scorer.after_chunk)
+    assert len(checked) == 10 and checked["matched"] > n // 2  # 9 chunks, several batches each
+    assert all(c >= 2 for c in checked.values())
+
+
 def test_exact_order_does_not_depend_on_target():
     vocab, t = 6, 400
     tokens = random_stream(500, vocab, 11)
@@ -355,9 +421,9 @@ def test_audit_moves_its_positions_in_one_copy_per_batch(tiny, monkeypatch):
 
 def test_audit_fails_an_unnormalized_exact_run(tiny, monkeypatch):
     class Inflated(tg.ExactNgramCache):
-        def probs(self, tokens, pos, cand):
-            order, p = super().probs(tokens, pos, cand)
-            return order, p * 2
+        def stats(self, tokens, pos, cand):
+            st = super().stats(tokens, pos, cand)
+            return st._replace(pair=st.pair * 2)
 
     monkeypatch.setattr(tg, "make_ngram_cache", lambda h, device: Inflated(
         h.vocab_size, min_order=2, max_order=9, min_count=2, device=device))

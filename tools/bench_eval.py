@@ -72,7 +72,7 @@ def timed_pass(model, val, h, rt, ngram: bool) -> dict:
 
     def make_timed(tokens, hh, rt_):
         scorer = make(tokens, hh, rt_)
-        timers.append(Timers(scorer.cache, rt, {"probs": "lookup", "update": "update"}))
+        timers.append(Timers(scorer.cache, rt, {"stats": "lookup", "update": "update"}))
         t = Timers(scorer, rt, {"after_chunk": "ngram", "audit_report": "ngram"})
         call = t._timed(scorer.__call__, "ngram")  # calls look __call__ up on the type: time it through a subclass
         scorer.__class__ = type("TimedNgramScorer", (type(scorer),), {"__call__": lambda self, *a: call(*a)})

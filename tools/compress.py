@@ -381,7 +381,7 @@ class Distributions:
         k, rt = tokens.numel() - 1, tg.single_process_runtime(tokens.device)
         self.model, self.tokens, self.scorer, self.hooks = model, tokens, None, []
         windows = tg.plan_windows(k, h.eval_seq_len, h.eval_stride)
-        self.length = max(w.end - w.start for w in windows)
+        self.length = int((windows[:, 1] - windows[:, 0]).max())
         if flags & FLAG_NGRAM:
             cache, mixer = tg.make_ngram_cache(h, tokens.device), tg.NgramMixer(h, tokens.device)
             self.scorer = tg.NgramScorer(cache, mixer, tokens, np.zeros(0, dtype=np.int64))
@@ -394,7 +394,7 @@ class Distributions:
 
     def logits(self, w: tg.Window) -> torch.Tensor:
         """fp32 logits [L, V] of the window (row i predicts target w.start + 1 + i), from one [1, L] forward."""
-        table, _ = tg.window_table([[w]], 1, self.tokens.device)
+        table, _ = tg.window_table([np.array([w], dtype=np.int64)], 1, self.tokens.device)
         with torch.inference_mode():
             return self.model(tg.make_batch(self.tokens, table, 0, 1, self.length).x)[0]
 
@@ -416,7 +416,7 @@ class Distributions:
 def encode_tokens(dists: Distributions) -> bytes:
     enc, tokens = ArithmeticEncoder(), dists.tokens
     for c0, c1, pieces in dists.chunks:
-        for w in pieces:
+        for w in map(tg.Window._make, pieces.tolist()):
             logits = dists.logits(w)
             for p in range(w.score_from, w.end + 1):
                 cum, s = dists.distribution(logits, w, p), int(tokens[p])
@@ -429,7 +429,7 @@ def decode_tokens(dists: Distributions, payload: bytes) -> None:
     """Fill dists.tokens[1:] in place, one forward per target (only tokens before it are known)."""
     dec, tokens = ArithmeticDecoder(payload), dists.tokens
     for c0, c1, pieces in dists.chunks:
-        for w in pieces:
+        for w in map(tg.Window._make, pieces.tolist()):
             for p in range(w.score_from, w.end + 1):
                 tokens[p] = dec.decode(dists.distribution(dists.logits(w), w, p))
         dists.after_chunk(c0, c1)
