@@ -256,16 +256,25 @@ def test_corrupt_and_foreign_blobs(small_h):
 
 # ---- export to disk -------------------------------------------------------------------------------------------
 
-def test_export_and_load_roundtrip(small_h, capsys, monkeypatch):
+def code_of(code_bytes, packed=False, packed_bytes=None):
+    """A code identity with the given counted bytes (readable unless packed)."""
+    packed_bytes = code_bytes if packed else (packed_bytes or code_bytes // 3)
+    return tg.CodeIdentity("", code_bytes, "c" * 64, "s" * 64, packed, packed_bytes)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_export_and_load_roundtrip(small_h, capsys, monkeypatch, packed):
     monkeypatch.delenv("RANK", raising=False)
     state = contract_state(small_h)
-    rep = tg.export_artifact(state, small_h, code_bytes=1234)
+    rep = tg.export_artifact(state, small_h, code_of(1234, packed, packed_bytes=400))
     assert not rep.over_limit and rep.model_bytes == os.path.getsize(small_h.artifact_path)
     assert rep.total_bytes == rep.model_bytes + 1234
     out = capsys.readouterr().out
     assert f"serialized model_bytes:{rep.model_bytes} payload_bytes:{rep.stats.payload_bytes} " in out
     assert f"Total submission int6+zstd: {rep.model_bytes + 1234} bytes" in out
-    assert f"sha256:{rep.sha256} model_bytes:{rep.model_bytes} code_bytes:1234" in out
+    form, packed_total = ("packed", rep.model_bytes + 1234) if packed else ("readable", rep.model_bytes + 400)
+    assert (f"sha256:{rep.sha256} model_bytes:{rep.model_bytes} code_bytes:1234 code:{form} "
+            f"total_bytes:{rep.total_bytes} limit:{small_h.artifact_limit_bytes} packed_total_bytes:{packed_total}\n") in out
     assert "artifact_over_limit" not in out
     art = tg.load_artifact(small_h.artifact_path)
     loaded = art.state
@@ -276,7 +285,7 @@ def test_export_and_load_roundtrip(small_h, capsys, monkeypatch):
 def test_over_limit_is_reported(small_h, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     h = dataclasses.replace(small_h, artifact_limit_bytes=100)
-    rep = tg.export_artifact(contract_state(h), h, code_bytes=50)
+    rep = tg.export_artifact(contract_state(h), h, code_of(50))
     assert rep.over_limit
     excess = rep.total_bytes - 100
     assert f"artifact_over_limit total_bytes:{rep.total_bytes} limit:100 excess:{excess}" in capsys.readouterr().out
@@ -288,7 +297,7 @@ def test_failed_write_leaves_no_file(small_h, monkeypatch, tmp_path):
 
     monkeypatch.setattr(tg.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
-        tg.export_artifact(contract_state(small_h), small_h, code_bytes=0)
+        tg.export_artifact(contract_state(small_h), small_h, code_of(0))
     assert os.listdir(tmp_path) == []
 
 
