@@ -213,45 +213,77 @@ def test_pack_unpack_error_bounds(small_h):
     assert stats.payload_bytes < stats.baseline_bytes
 
 
-def test_blob_is_zstd_and_object_is_truthful(small_h):
-    zstd = pytest.importorskip("zstandard")
-    blob, stats = tg.pack_artifact(contract_state(small_h), small_h)
-    raw = zstd.ZstdDecompressor().decompress(blob)
-    assert len(raw) == stats.raw_torch_bytes
-    obj = torch.load(io.BytesIO(raw), weights_only=True)
+@pytest.mark.parametrize("codec", ["rans", "zstd"])
+def test_blob_starts_with_its_codec_tag_and_object_is_truthful(small_h, codec):
+    h = dataclasses.replace(small_h, artifact_codec=codec)
+    blob, stats = tg.pack_artifact(contract_state(h), h)
+    assert blob[:4] == tg.ARTIFACT_MAGIC[codec]
+    obj = tg.decode_artifact(blob)
+    assert len(tg.torch_bytes(obj)) == stats.raw_torch_bytes
     assert obj["__quant_format__"] == tg.QUANT_FORMAT and "int6" in tg.QUANT_FORMAT
     assert set(obj) == {"__quant_format__", "__model_config__", *tg.QUANT_OBJECT_KEYS}
-    assert obj["__model_config__"]["num_layers"] == small_h.num_layers
+    assert obj["__model_config__"]["num_layers"] == h.num_layers
     assert obj["qmeta"]["blocks.0.attn.c_q.weight"] == {"scheme": "per_row", "axis": 0}
     assert obj["passthrough_orig_dtypes"]["tok_emb.weight"] == "bfloat16"
+    if codec == "zstd":  # the container of the earlier artifacts: zstd of the torch.save bytes
+        zstd = pytest.importorskip("zstandard")
+        assert len(zstd.ZstdDecompressor().decompress(blob)) == stats.raw_torch_bytes
 
 
-def test_missing_zstandard_is_an_error(small_h, monkeypatch):
-    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
-    monkeypatch.setitem(sys.modules, "zstandard", None)  # import now raises ImportError
-    with pytest.raises(tg.UserError, match="zstandard"):
-        tg.pack_artifact(contract_state(small_h), small_h)
-    with pytest.raises(tg.UserError, match="no zlib fallback"):
+def test_codecs_carry_the_same_object_and_any_is_read_whatever_the_setting(small_h):
+    state = contract_state(small_h)
+    blobs = {c: tg.pack_artifact(state, dataclasses.replace(small_h, artifact_codec=c))[0] for c in tg.ARTIFACT_MAGIC}
+    objs = {c: tg.decode_artifact(b) for c, b in blobs.items()}
+    for part in ("quantized", "scales", "passthrough"):
+        for name, t in objs["zstd"][part].items():
+            assert torch.equal(objs["rans"][part][name], t) and objs["rans"][part][name].dtype == t.dtype, name
+    assert {k: v for k, v in objs["rans"].items() if k not in ("quantized", "scales", "passthrough")} == \
+        {k: v for k, v in objs["zstd"].items() if k not in ("quantized", "scales", "passthrough")}
+    assert tg.pack_artifact(state, small_h)[0] == blobs["rans"]  # deterministic: same state, same bytes
+    for blob in blobs.values():  # an old zstd artifact stays readable under the default codec
+        config, loaded = tg.unpack_artifact(blob)
+        assert config == tg.model_config(small_h) and set(loaded) == set(state)
+
+
+def test_rans_refuses_values_outside_int6():
+    obj = {"quantized": {"w": torch.tensor([[0, 31, -32]], dtype=torch.int8)}}
+    with pytest.raises(ValueError, match="outside"):
+        tg.encode_rans(obj)
+
+
+@pytest.mark.parametrize("package,codec", [("zstandard", "zstd"), ("constriction", "rans")])
+def test_missing_codec_package_is_an_error(small_h, monkeypatch, package, codec):
+    h = dataclasses.replace(small_h, artifact_codec=codec)
+    blob, _ = tg.pack_artifact(contract_state(h), h)
+    monkeypatch.setitem(sys.modules, package, None)  # import now raises ImportError
+    with pytest.raises(tg.UserError, match=f"needs the `{package}` package"):
+        tg.pack_artifact(contract_state(h), h)
+    with pytest.raises(tg.UserError, match=f"needs the `{package}` package"):
         tg.unpack_artifact(blob)
 
 
-def test_corrupt_and_foreign_blobs(small_h):
-    zstd = pytest.importorskip("zstandard")
-    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
-    with pytest.raises(tg.ArtifactError, match="not a zstd artifact"):
+@pytest.mark.parametrize("codec", ["rans", "zstd"])
+def test_corrupt_and_foreign_blobs(small_h, codec):
+    h = dataclasses.replace(small_h, artifact_codec=codec)
+    blob, _ = tg.pack_artifact(contract_state(h), h)
+    with pytest.raises(tg.ArtifactError, match="not an artifact: starts with 504b0304"):
         tg.unpack_artifact(b"PK\x03\x04" + blob[4:])
-    with pytest.raises(tg.ArtifactError, match="corrupt or truncated"):
+    with pytest.raises(tg.ArtifactError, match="truncated"):
         tg.unpack_artifact(blob[: len(blob) // 2])
-    flipped = bytearray(blob)
-    flipped[len(blob) // 2] ^= 0xFF
-    with pytest.raises(tg.ArtifactError):
-        tg.unpack_artifact(bytes(flipped))
+    for at in (len(blob) // 2, len(blob) - 3):  # inside the header (rans) or the stream, and in the last word
+        flipped = bytearray(blob)
+        flipped[at] ^= 0xFF
+        with pytest.raises(tg.ArtifactError):
+            tg.unpack_artifact(bytes(flipped))
+    if codec == "rans":
+        with pytest.raises(tg.ArtifactError, match="words are corrupt"):
+            tg.unpack_artifact(blob[:-4] + bytes(4))  # ANS words never end in a zero word
+    old = dataclasses.replace(h, artifact_codec="zstd")
+    with pytest.raises(tg.ArtifactError, match="int8_clean_per_row_v1"):
+        tg.unpack_artifact(tg.encode_artifact({"__quant_format__": "int8_clean_per_row_v1", "quantized": {}}, old))
+    zstd = pytest.importorskip("zstandard")
     with pytest.raises(tg.ArtifactError, match="not a readable torch.save"):
         tg.unpack_artifact(zstd.ZstdCompressor().compress(b"hello world"))
-    buf = io.BytesIO()
-    torch.save({"__quant_format__": "int8_clean_per_row_v1"}, buf)
-    with pytest.raises(tg.ArtifactError, match="int8_clean_per_row_v1"):
-        tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()))
 
 
 # ---- export to disk -------------------------------------------------------------------------------------------
@@ -306,20 +338,16 @@ def test_load_missing_or_corrupt_file(small_h, tmp_path):
         tg.load_artifact(str(tmp_path / "absent.ptz"))
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"\x00" * 64)
-    with pytest.raises(tg.ArtifactError, match="bad.ptz: not a zstd artifact"):
+    with pytest.raises(tg.ArtifactError, match="bad.ptz: not an artifact"):
         tg.load_artifact(str(bad))
 
 
 def test_only_the_current_format_is_read(small_h):
-    zstd = pytest.importorskip("zstandard")
     blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
-    obj = torch.load(io.BytesIO(zstd.ZstdDecompressor().decompress(blob)), weights_only=True)
-    old = {k: v for k, v in obj.items() if k != "__model_config__"}
+    old = {k: v for k, v in tg.decode_artifact(blob).items() if k != "__model_config__"}
     old["__quant_format__"] = "int6_per_row_v1"  # the previous format had no model settings
-    buf = io.BytesIO()
-    torch.save(old, buf)
     with pytest.raises(tg.ArtifactError, match="'int6_per_row_v1' is not 'int6_per_row_v2'; re-export"):
-        tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()))
+        tg.unpack_artifact(tg.encode_artifact(old, dataclasses.replace(small_h, artifact_codec="zstd")))
     config, state = tg.unpack_artifact(blob)  # the recorded settings rebuild the same model
     assert config == tg.model_config(small_h)
     tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config)).load_state_dict(state, strict=True)
