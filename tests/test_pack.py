@@ -106,3 +106,17 @@ def test_pack_tool_user_errors_exit_2_in_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()] and err.startswith("error: ") and expected in err
     assert not (tmp_path / "o.py").exists() and readable.read_text() == SOURCE
+
+
+def test_packed_model_compiles_whole_graph(tmp_path, tiny):
+    """torch.compile(fullgraph=True) traces the functions the packed file exec'd (their source is in linecache)."""
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "train_gpt.py"
+    path.write_text(tg.pack_source(SOURCE), encoding="utf-8")
+    packed = load_module(path, "train_gpt_packed_compile")
+    h = packed.Hyperparameters(**dataclasses.asdict(tiny()))
+    torch.manual_seed(0)
+    model = packed.build_model(h, packed.single_process_runtime())
+    x = torch.randint(0, h.vocab_size, (2, h.train_seq_len))
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, x), model(x, x))
