@@ -3,11 +3,16 @@ Run: python3 -m pytest tests/test_end_to_end.py"""
 import hashlib
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_script, tiny_run_env
+import train_gpt as tg
+from conftest import ROOT, run_script, tiny_run_env
+
+CODE_LINE = r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64}) code:(readable|packed) source_sha256:([0-9a-f]{64}) packed_bytes:(\d+)$"
 
 
 def check_log(log: str, env) -> dict:
@@ -15,7 +20,7 @@ def check_log(log: str, env) -> dict:
     train_losses = floats(r"step:\d+/\d+ train_loss:([\d.]+)")
     assert len(train_losses) >= 5 and train_losses[-1] < train_losses[0] - 0.5, train_losses
     assert re.search(r"^step:30/30 val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
-    assert re.search(r"^code_bytes:\d+ code_sha256:[0-9a-f]{64}$", log, re.M)
+    assert re.search(CODE_LINE, log, re.M)
     assert re.search(r"^hparam seed:1337$", log, re.M) and "peak_memory rss_mib:" in log
     model_bytes = int(re.search(r"^serialized model_bytes:(\d+) ", log, re.M).group(1))
     code_bytes = int(re.search(r"^code_bytes:(\d+)", log, re.M).group(1))
@@ -98,8 +103,8 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
     again = (tmp_path / "logs" / "again.txt").read_text()
     sha = hashlib.sha256(Path(env["ARTIFACT_PATH"]).read_bytes()).hexdigest()
     size = os.path.getsize(env["ARTIFACT_PATH"])
-    assert re.search(rf"^artifact path:\S+ sha256:{sha} model_bytes:{size} code_bytes:\d+ total_bytes:\d+ "
-                     r"limit:16000000$", again, re.M)
+    assert re.search(rf"^artifact path:\S+ sha256:{sha} model_bytes:{size} code_bytes:\d+ code:readable total_bytes:\d+ "
+                     r"limit:16000000 packed_total_bytes:\d+$", again, re.M)
     assert re.search(r"^Total submission int6\+zstd: \d+ bytes$", again, re.M) and "hparam num_layers:2" in again
     pick = lambda log, key: re.search(rf"^{key} val_loss:\S+ val_bpb:\S+$", log, re.M).group(0)
     for key in ("final_int6_zstd_roundtrip_exact", "ngram_eval_exact"):
@@ -190,3 +195,47 @@ def test_two_nodes_without_shared_storage_score_the_same(tiny_corpus, tmp_path):
     assert "world_size:2 " in log
     rt_line = re.search(r"^final_int6_zstd_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", log, re.M)
     assert rt_line and float(rt_line.group(2)) == pytest.approx(scores[0]["model"][1], abs=1e-8)
+
+
+# fields that hold wall-clock times or memory: the only differences allowed between two runs of the same settings
+CLOCK_FIELD = re.compile(r"\b(train_time|step_avg|eval_time|elapsed|rss_mib|post_training_time):[\d.]+(ms|s)?")
+
+
+def run_in(folder: Path, script: Path, env: dict) -> str:
+    """Run `script` with cwd = folder and relative log/artifact paths (so the settings of two runs are equal)."""
+    folder.mkdir()
+    out = subprocess.run([sys.executable, str(script)], env=env, cwd=folder, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return (folder / "logs" / "e2e.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_packed_script_runs_exactly_as_the_readable_one(tiny_corpus, tmp_path):
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    packed = tmp_path / "packed_train_gpt.py"
+    packed.write_text(tg.pack_source(source), encoding="utf-8")
+    env = tiny_run_env(tiny_corpus, tmp_path, ITERATIONS="12", WARMDOWN_ITERS="4", VAL_LOSS_EVERY="6",
+                       TRAIN_LOG_EVERY="3", LOG_DIR="logs", ARTIFACT_PATH="model.int6.ptz")
+    logs = {form: run_in(tmp_path / form, script, env)
+            for form, script in (("readable", ROOT / "train_gpt.py"), ("packed", packed))}
+    ident = {form: re.search(CODE_LINE, log, re.M).groups() for form, log in logs.items()}
+    source_sha = hashlib.sha256(source.encode()).hexdigest()
+    packed_sha = hashlib.sha256(packed.read_bytes()).hexdigest()
+    assert ident["readable"] == (str(len(source.encode())), source_sha, "readable", source_sha,
+                                 str(packed.stat().st_size))
+    assert ident["packed"] == (str(packed.stat().st_size), packed_sha, "packed", source_sha, str(packed.stat().st_size))
+    art = {form: re.search(r"^artifact path:model.int6.ptz sha256:(\w+) model_bytes:(\d+) code_bytes:(\d+) "
+                           r"code:(\w+) total_bytes:(\d+) limit:\d+ packed_total_bytes:(\d+)$", log, re.M).groups()
+           for form, log in logs.items()}
+    assert art["readable"][:2] == art["packed"][:2]  # same artifact bytes
+    assert art["readable"][5] == art["packed"][4] == art["packed"][5]  # the headroom the readable run announced
+    for form in logs:
+        assert (tmp_path / form / "model.int6.ptz").read_bytes() == (tmp_path / "readable" / "model.int6.ptz").read_bytes()
+    # every other line is the same: settings, losses, scores, audit, the source text; only clocks differ
+    identity = ("code_bytes:", "Total submission", "artifact path:")
+    same = {form: [CLOCK_FIELD.sub(r"\1:*", ln) for ln in log.splitlines() if not ln.startswith(identity)]
+            for form, log in logs.items()}
+    assert same["readable"] == same["packed"]
+    for key in (r"step:\d+/12 train_loss:", "final_int6_zstd_roundtrip_exact ", "ngram_eval_exact ", "ngram_audit "):
+        assert re.search(rf"^{key}", logs["packed"], re.M), key

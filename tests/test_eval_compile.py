@@ -106,7 +106,7 @@ def graphs_after_training(tiny, tiny_corpus, tmp_path, monkeypatch, **overrides)
     monkeypatch.setattr(tg, "train", train)
     torch._dynamo.reset()
     val = tg.load_val_data(h, tg.load_tokenizer(h))
-    tg.train_and_export(h, rt, val, code_bytes=0)
+    tg.train_and_export(h, rt, val, tg.CodeIdentity("", 0, "c" * 64, "s" * 64, False, 0))
     tg.evaluate_artifact(tg.load_artifact(h.artifact_path), h, rt, val)
     return at_end[0], len(rec.graphs) - at_end[0]
 

@@ -2,6 +2,7 @@
 import dataclasses
 import hashlib
 import io
+import lzma
 import os
 import sys
 
@@ -213,59 +214,100 @@ def test_pack_unpack_error_bounds(small_h):
     assert stats.payload_bytes < stats.baseline_bytes
 
 
-def test_blob_is_zstd_and_object_is_truthful(small_h):
-    zstd = pytest.importorskip("zstandard")
-    blob, stats = tg.pack_artifact(contract_state(small_h), small_h)
-    raw = zstd.ZstdDecompressor().decompress(blob)
-    assert len(raw) == stats.raw_torch_bytes
-    obj = torch.load(io.BytesIO(raw), weights_only=True)
+@pytest.mark.parametrize("codec", ["rans", "zstd"])
+def test_blob_starts_with_its_codec_tag_and_object_is_truthful(small_h, codec):
+    h = dataclasses.replace(small_h, artifact_codec=codec)
+    blob, stats = tg.pack_artifact(contract_state(h), h)
+    assert blob[:4] == tg.ARTIFACT_MAGIC[codec]
+    obj = tg.decode_artifact(blob)
+    assert len(tg.torch_bytes(obj)) == stats.raw_torch_bytes
     assert obj["__quant_format__"] == tg.QUANT_FORMAT and "int6" in tg.QUANT_FORMAT
     assert set(obj) == {"__quant_format__", "__model_config__", *tg.QUANT_OBJECT_KEYS}
-    assert obj["__model_config__"]["num_layers"] == small_h.num_layers
+    assert obj["__model_config__"]["num_layers"] == h.num_layers
     assert obj["qmeta"]["blocks.0.attn.c_q.weight"] == {"scheme": "per_row", "axis": 0}
     assert obj["passthrough_orig_dtypes"]["tok_emb.weight"] == "bfloat16"
+    if codec == "zstd":  # the container of the earlier artifacts: zstd of the torch.save bytes
+        zstd = pytest.importorskip("zstandard")
+        assert len(zstd.ZstdDecompressor().decompress(blob)) == stats.raw_torch_bytes
 
 
-def test_missing_zstandard_is_an_error(small_h, monkeypatch):
-    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
-    monkeypatch.setitem(sys.modules, "zstandard", None)  # import now raises ImportError
-    with pytest.raises(tg.UserError, match="zstandard"):
-        tg.pack_artifact(contract_state(small_h), small_h)
-    with pytest.raises(tg.UserError, match="no zlib fallback"):
+def test_codecs_carry_the_same_object_and_any_is_read_whatever_the_setting(small_h):
+    state = contract_state(small_h)
+    blobs = {c: tg.pack_artifact(state, dataclasses.replace(small_h, artifact_codec=c))[0] for c in tg.ARTIFACT_MAGIC}
+    objs = {c: tg.decode_artifact(b) for c, b in blobs.items()}
+    for part in ("quantized", "scales", "passthrough"):
+        for name, t in objs["zstd"][part].items():
+            assert torch.equal(objs["rans"][part][name], t) and objs["rans"][part][name].dtype == t.dtype, name
+    assert {k: v for k, v in objs["rans"].items() if k not in ("quantized", "scales", "passthrough")} == \
+        {k: v for k, v in objs["zstd"].items() if k not in ("quantized", "scales", "passthrough")}
+    assert tg.pack_artifact(state, small_h)[0] == blobs["rans"]  # deterministic: same state, same bytes
+    for blob in blobs.values():  # an old zstd artifact stays readable under the default codec
+        config, loaded = tg.unpack_artifact(blob)
+        assert config == tg.model_config(small_h) and set(loaded) == set(state)
+
+
+def test_rans_refuses_values_outside_int6():
+    obj = {"quantized": {"w": torch.tensor([[0, 31, -32]], dtype=torch.int8)}}
+    with pytest.raises(ValueError, match="outside"):
+        tg.encode_rans(obj)
+
+
+@pytest.mark.parametrize("package,codec", [("zstandard", "zstd"), ("constriction", "rans")])
+def test_missing_codec_package_is_an_error(small_h, monkeypatch, package, codec):
+    h = dataclasses.replace(small_h, artifact_codec=codec)
+    blob, _ = tg.pack_artifact(contract_state(h), h)
+    monkeypatch.setitem(sys.modules, package, None)  # import now raises ImportError
+    with pytest.raises(tg.UserError, match=f"needs the `{package}` package"):
+        tg.pack_artifact(contract_state(h), h)
+    with pytest.raises(tg.UserError, match=f"needs the `{package}` package"):
         tg.unpack_artifact(blob)
 
 
-def test_corrupt_and_foreign_blobs(small_h):
-    zstd = pytest.importorskip("zstandard")
-    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
-    with pytest.raises(tg.ArtifactError, match="not a zstd artifact"):
+@pytest.mark.parametrize("codec", ["rans", "zstd"])
+def test_corrupt_and_foreign_blobs(small_h, codec):
+    h = dataclasses.replace(small_h, artifact_codec=codec)
+    blob, _ = tg.pack_artifact(contract_state(h), h)
+    with pytest.raises(tg.ArtifactError, match="not an artifact: starts with 504b0304"):
         tg.unpack_artifact(b"PK\x03\x04" + blob[4:])
-    with pytest.raises(tg.ArtifactError, match="corrupt or truncated"):
+    with pytest.raises(tg.ArtifactError, match="truncated"):
         tg.unpack_artifact(blob[: len(blob) // 2])
-    flipped = bytearray(blob)
-    flipped[len(blob) // 2] ^= 0xFF
-    with pytest.raises(tg.ArtifactError):
-        tg.unpack_artifact(bytes(flipped))
+    for at in (len(blob) // 2, len(blob) - 3):  # inside the header (rans) or the stream, and in the last word
+        flipped = bytearray(blob)
+        flipped[at] ^= 0xFF
+        with pytest.raises(tg.ArtifactError):
+            tg.unpack_artifact(bytes(flipped))
+    if codec == "rans":
+        with pytest.raises(tg.ArtifactError, match="words are corrupt"):
+            tg.unpack_artifact(blob[:-4] + bytes(4))  # ANS words never end in a zero word
+    old = dataclasses.replace(h, artifact_codec="zstd")
+    with pytest.raises(tg.ArtifactError, match="int8_clean_per_row_v1"):
+        tg.unpack_artifact(tg.encode_artifact({"__quant_format__": "int8_clean_per_row_v1", "quantized": {}}, old))
+    zstd = pytest.importorskip("zstandard")
     with pytest.raises(tg.ArtifactError, match="not a readable torch.save"):
         tg.unpack_artifact(zstd.ZstdCompressor().compress(b"hello world"))
-    buf = io.BytesIO()
-    torch.save({"__quant_format__": "int8_clean_per_row_v1"}, buf)
-    with pytest.raises(tg.ArtifactError, match="int8_clean_per_row_v1"):
-        tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()))
 
 
 # ---- export to disk -------------------------------------------------------------------------------------------
 
-def test_export_and_load_roundtrip(small_h, capsys, monkeypatch):
+def code_of(code_bytes, packed=False, packed_bytes=None):
+    """A code identity with the given counted bytes (readable unless packed)."""
+    packed_bytes = code_bytes if packed else (packed_bytes or code_bytes // 3)
+    return tg.CodeIdentity("", code_bytes, "c" * 64, "s" * 64, packed, packed_bytes)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_export_and_load_roundtrip(small_h, capsys, monkeypatch, packed):
     monkeypatch.delenv("RANK", raising=False)
     state = contract_state(small_h)
-    rep = tg.export_artifact(state, small_h, code_bytes=1234)
+    rep = tg.export_artifact(state, small_h, code_of(1234, packed, packed_bytes=400))
     assert not rep.over_limit and rep.model_bytes == os.path.getsize(small_h.artifact_path)
     assert rep.total_bytes == rep.model_bytes + 1234
     out = capsys.readouterr().out
     assert f"serialized model_bytes:{rep.model_bytes} payload_bytes:{rep.stats.payload_bytes} " in out
     assert f"Total submission int6+zstd: {rep.model_bytes + 1234} bytes" in out
-    assert f"sha256:{rep.sha256} model_bytes:{rep.model_bytes} code_bytes:1234" in out
+    form, packed_total = ("packed", rep.model_bytes + 1234) if packed else ("readable", rep.model_bytes + 400)
+    assert (f"sha256:{rep.sha256} model_bytes:{rep.model_bytes} code_bytes:1234 code:{form} "
+            f"total_bytes:{rep.total_bytes} limit:{small_h.artifact_limit_bytes} packed_total_bytes:{packed_total}\n") in out
     assert "artifact_over_limit" not in out
     art = tg.load_artifact(small_h.artifact_path)
     loaded = art.state
@@ -276,7 +318,7 @@ def test_export_and_load_roundtrip(small_h, capsys, monkeypatch):
 def test_over_limit_is_reported(small_h, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     h = dataclasses.replace(small_h, artifact_limit_bytes=100)
-    rep = tg.export_artifact(contract_state(h), h, code_bytes=50)
+    rep = tg.export_artifact(contract_state(h), h, code_of(50))
     assert rep.over_limit
     excess = rep.total_bytes - 100
     assert f"artifact_over_limit total_bytes:{rep.total_bytes} limit:100 excess:{excess}" in capsys.readouterr().out
@@ -300,7 +342,7 @@ def test_failed_artifact_write_keeps_the_weights_next_to_the_log(small_h, monkey
     state = contract_state(h)
     fail_writes_under(monkeypatch, [out])
     with pytest.raises(tg.RunFailed) as e:
-        tg.export_artifact(state, h, code_bytes=0)
+        tg.export_artifact(state, h, code_of(0))
     rescue = logs / "r1.rescued.model.int6.ptz"
     assert e.value.reason == "write_failed" and "\n" not in str(e.value)
     assert f"cannot write the artifact {out / 'model.int6.ptz'} (ENOSPC: No space left on device)" in str(e.value)
@@ -317,7 +359,7 @@ def test_write_failure_everywhere_says_the_weights_are_lost(small_h, monkeypatch
     fail_writes_under(monkeypatch, ["/"], err=27)  # 27 = EFBIG: a file-size limit applies to every file
     with pytest.raises(tg.RunFailed, match=r"\(EFBIG: File too large\), nor .*r2\.rescued\.model\.int6\.ptz "
                                            r"\(EFBIG: File too large\).*: the trained weights are lost"):
-        tg.export_artifact(contract_state(h), h, code_bytes=0)
+        tg.export_artifact(contract_state(h), h, code_of(0))
     assert os.listdir(tmp_path) == []
 
 
@@ -327,20 +369,16 @@ def test_load_missing_or_corrupt_file(small_h, tmp_path):
         tg.load_artifact(str(tmp_path / "absent.ptz"))
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"\x00" * 64)
-    with pytest.raises(tg.ArtifactError, match="bad.ptz: not a zstd artifact"):
+    with pytest.raises(tg.ArtifactError, match="bad.ptz: not an artifact"):
         tg.load_artifact(str(bad))
 
 
 def test_only_the_current_format_is_read(small_h):
-    zstd = pytest.importorskip("zstandard")
     blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
-    obj = torch.load(io.BytesIO(zstd.ZstdDecompressor().decompress(blob)), weights_only=True)
-    old = {k: v for k, v in obj.items() if k != "__model_config__"}
+    old = {k: v for k, v in tg.decode_artifact(blob).items() if k != "__model_config__"}
     old["__quant_format__"] = "int6_per_row_v1"  # the previous format had no model settings
-    buf = io.BytesIO()
-    torch.save(old, buf)
     with pytest.raises(tg.ArtifactError, match="'int6_per_row_v1' is not 'int6_per_row_v2'; re-export"):
-        tg.unpack_artifact(zstd.ZstdCompressor().compress(buf.getvalue()))
+        tg.unpack_artifact(tg.encode_artifact(old, dataclasses.replace(small_h, artifact_codec="zstd")))
     config, state = tg.unpack_artifact(blob)  # the recorded settings rebuild the same model
     assert config == tg.model_config(small_h)
     tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config)).load_state_dict(state, strict=True)
@@ -370,19 +408,20 @@ def test_decompression_stops_at_the_bound(monkeypatch, declare_size):
     monkeypatch.setattr(tg, "ARTIFACT_RAW_LIMIT_BYTES", 1 << 20)
     blob = zstd_frame(bytes(8 << 20), declare_size)  # 8 MiB of zeros: a few hundred bytes compressed
     with pytest.raises(tg.ArtifactError, match="declares 8388608" if declare_size else "expands to more than the"):
-        tg.decompress_artifact(blob)
+        tg.inflate_zstd(blob)
 
 
 def test_streamed_frames_decode_and_truncation_is_detected(small_h):
     zstd = pytest.importorskip("zstandard")
+    small_h = dataclasses.replace(small_h, artifact_codec="zstd")
     blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
     raw = zstd.ZstdDecompressor().decompress(blob)
     streamed = zstd_frame(raw, declare_size=False)
-    assert zstd.frame_content_size(streamed) == -1 and tg.decompress_artifact(streamed) == raw
+    assert zstd.frame_content_size(streamed) == -1 and tg.inflate_zstd(streamed) == raw
     config, state = tg.unpack_artifact(streamed)
     assert config == tg.model_config(small_h) and set(state) == set(contract_state(small_h))
     with pytest.raises(tg.ArtifactError, match="truncated"):
-        tg.decompress_artifact(streamed[:len(streamed) // 2])
+        tg.inflate_zstd(streamed[:len(streamed) // 2])
 
 
 def test_a_hostile_pickle_is_refused_without_torchs_advice_to_load_it_anyway():
@@ -453,3 +492,25 @@ def test_nonfinite_weights_fail_the_run(small_h):
     with pytest.raises(tg.RunFailed, match=r"w hold NaN or inf in 1 tensors \(first: qo_bank\)") as e:
         tg.check_finite_weights(state, "w")
     assert e.value.reason == "nonfinite_weights"
+
+
+def test_a_rans_header_that_expands_past_the_bound_is_refused(small_h, monkeypatch):
+    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)  # rans, the default codec
+    assert blob[:4] == tg.RANS_MAGIC
+    monkeypatch.setattr(tg, "ARTIFACT_RAW_LIMIT_BYTES", 1000)  # smaller than this artifact's header
+    with pytest.raises(tg.ArtifactError, match="header expands to more than the 1000 bytes"):
+        tg.unpack_artifact(blob)
+
+
+def test_a_rans_header_declaring_too_many_values_is_refused_before_decoding(small_h, monkeypatch):
+    obj, _ = tg.quantize_state(tg.unbank_state(contract_state(small_h), small_h.num_layers), small_h)
+    obj["__model_config__"] = tg.model_config(small_h)
+    blob = tg.encode_rans(obj)
+    start = len(tg.RANS_MAGIC) + 8
+    end = start + int.from_bytes(blob[len(tg.RANS_MAGIC):start], "little")
+    header = tg.torch_object(lzma.decompress(blob[start:end]))
+    header["__rans__"]["shapes"][0] = [2**20, 2**20]  # 2^40 values: would allocate terabytes
+    packed = lzma.compress(tg.torch_bytes(header))
+    forged = tg.RANS_MAGIC + len(packed).to_bytes(8, "little") + packed + blob[end:]
+    with pytest.raises(tg.ArtifactError, match="impossible or too many int6 values"):
+        tg.unpack_artifact(forged)

@@ -199,7 +199,7 @@ def test_gptq_run_exports_after_the_shards_are_gone(tiny_corpus, tmp_path):
     m = re.search(r"^gptq calib_seqs:4 calib_tokens:128 matrices:12 rows:(\d+) fallback_rows:(\d+) "
                   r"fallback_matrices:0 calib_time:\d+ms quant_time:\d+ms gptq_time:\d+ms$", log, re.M)
     assert m and int(m.group(2)) <= int(m.group(1)), log[-3000:]
-    assert re.search(r"^export quantizer:gptq payload_bytes:\d+ model_bytes:\d+$", log, re.M)
+    assert re.search(r"^export quantizer:gptq codec:rans payload_bytes:\d+ model_bytes:\d+$", log, re.M)
     assert re.search(r"^final_int6_zstd_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
 
 

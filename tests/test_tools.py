@@ -48,10 +48,13 @@ def real_run_env(tiny_corpus, out_dir: Path, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def real_log(tiny_corpus, tmp_path_factory) -> str:
-    """Text of the rank-0 log of one real tiny training run (about 20 s on CPU)."""
+    """Text of the rank-0 log of one real tiny training run of the packed train_gpt.py, as a record runs it (about
+    20 s on CPU)."""
     out_dir = tmp_path_factory.mktemp("real_run")
     env = real_run_env(tiny_corpus, out_dir)
-    done = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=out_dir, capture_output=True,
+    packed = out_dir / "train_gpt.py"
+    packed.write_text(sys.modules["train_gpt"].pack_source((ROOT / "train_gpt.py").read_text(encoding="utf-8")))
+    done = subprocess.run([sys.executable, str(packed)], env=env, cwd=out_dir, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return (out_dir / "logs" / "real.txt").read_text(encoding="utf-8")
@@ -105,11 +108,12 @@ def write_logs(tmp_path, real_log, seeds=(1337, 42, 2024), **kw):
 
 
 def real_script(tmp_path):
-    """A copy of train_gpt.py (the script behind the real log); returns (path, sha256, size)."""
+    """A copy of the readable train_gpt.py whose packed form is the script behind the real log; returns (path,
+    packed bytes)."""
     data = (ROOT / "train_gpt.py").read_bytes()
     path = tmp_path / "train_gpt.py"
     path.write_bytes(data)
-    return path, hashlib.sha256(data).hexdigest(), len(data)
+    return path, sys.modules["train_gpt"].pack_source(data.decode("utf-8")).encode("utf-8")
 
 
 def record_args(tmp_path, script, logs, *extra):
@@ -240,7 +244,7 @@ def test_bench_train_user_error_exits_1_in_one_line():
 
 
 def test_make_record_refuses_incomplete_logs_unless_allowed(tmp_path, capsys, real_log):
-    script, _, _ = real_script(tmp_path)
+    script, _ = real_script(tmp_path)
     logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
     killed = tmp_path / "logs" / "run2024.txt"
     killed.write_text(seed_log(real_log, 2024, truncate_at="ngram_eval "))  # killed during the n-gram eval
@@ -338,7 +342,7 @@ def test_plot_rejects_foreign(tmp_path, capsys):
 # ------------------------------------------------------------------ make_record
 
 def test_make_record_refuses_sha_mismatch_and_creates_nothing(tmp_path, capsys, real_log):
-    script, _, _ = real_script(tmp_path)
+    script, _ = real_script(tmp_path)
     logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
     logs.append(tmp_path / "other.txt")
     logs[-1].write_text(seed_log(real_log, 2024, sha="0" * 64))  # one seed ran other code
@@ -348,28 +352,85 @@ def test_make_record_refuses_sha_mismatch_and_creates_nothing(tmp_path, capsys, 
     assert not (tmp_path / "records").exists()
 
 
+def test_make_record_refuses_logs_of_the_readable_script(tmp_path, capsys, real_log, tg):
+    script, packed = real_script(tmp_path)
+    source = script.read_bytes()
+    readable_ident = (f"code_bytes:{len(source)} code_sha256:{hashlib.sha256(source).hexdigest()} code:readable "
+                      f"source_sha256:{hashlib.sha256(source).hexdigest()} packed_bytes:{len(packed)}")
+    logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
+    logs[1].write_text(re.sub(r"^code_bytes:.*$", readable_ident, logs[1].read_text(), count=1, flags=re.M))
+    assert make_record.main(record_args(tmp_path, script, logs)) == 1
+    err = capsys.readouterr().err
+    assert f"{logs[1]}: produced by the readable train_gpt.py" in err and "tools/pack.py pack" in err
+    assert str(logs[0]) not in err.split("nothing was created")[0] and not (tmp_path / "records").exists()
+
+
+def test_make_record_takes_the_packed_file_as_it_is_and_names_a_repacked_one(tmp_path, capsys, real_log, tg):
+    script, packed = real_script(tmp_path)
+    ran = tmp_path / "ran" / "train_gpt.py"
+    ran.parent.mkdir()
+    ran.write_bytes(packed)
+    logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
+    assert make_record.main(record_args(tmp_path, ran, logs)) == 0, capsys.readouterr().err
+    assert (tmp_path / "records" / "2026-03-30_ExactNgram" / "train_gpt.py").read_bytes() == packed
+    other = tmp_path / "other" / "train_gpt.py"  # the same source, packed into other bytes (another bz2 build, say)
+    other.parent.mkdir()
+    other.write_bytes(packed.replace(b"; to read it,", b"; to read  it,", 1))
+    assert make_record.main(record_args(tmp_path, other, logs, "--force")) == 1
+    assert "packed file of this same source whose bytes differ" in capsys.readouterr().err
+
+
+def test_make_record_setup_for_a_gpu_run_pins_the_build_and_fetches_fa3_and_fineweb(tmp_path, real_log, tg):
+    script, _ = real_script(tmp_path)
+    logs = write_logs(tmp_path, real_log, seeds=(1337, 42), hparams={"data_path": tg.Hyperparameters.data_path})
+    for log in logs:
+        log.write_text(re.sub(r"^runtime device:cpu (.*) attention:sdpa (.*) torch:\S+$",
+                              r"runtime device:cuda \1 attention:fa3 \2 torch:2.9.1+cu128", log.read_text(), flags=re.M))
+    assert make_record.main(record_args(tmp_path, script, logs)) == 0
+    folder = tmp_path / "records" / "2026-03-30_ExactNgram"
+    reqs = (folder / "requirements.txt").read_text().splitlines()
+    assert reqs[1:5] == ["--extra-index-url https://download.pytorch.org/whl/cu128",
+                         "--find-links https://windreamer.github.io/flash-attention3-wheels/cu128_torch291",
+                         "torch==2.9.1", "flash_attn_3"]
+    readme = (folder / "README.md").read_text()
+    assert "# torch 2.9.1+cu128, FlashAttention-3, the script's packages" in readme
+    assert "\npython3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80   # FineWeb" in readme
+    assert make_record.main(record_args(tmp_path, script, logs, "--force", "--data-command", "make data {x}")) == 0
+    assert "\nmake data {x}\n" in (folder / "README.md").read_text()
+
+
 def test_make_record_builds_folder(tmp_path, capsys, real_log):
-    script, _, size = real_script(tmp_path)
+    script, packed = real_script(tmp_path)
     logs = write_logs(tmp_path, real_log)
     run = logparse.parse_text(real_log)
     assert make_record.main(record_args(tmp_path, script, logs)) == 0
     folder = tmp_path / "records" / "2026-03-30_ExactNgram"
     assert capsys.readouterr().out.strip() == str(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "submission.json", "train_gpt.py",
-                                                        "train_seed1337.log", "train_seed2024.log", "train_seed42.log"]
-    assert (folder / "train_gpt.py").read_bytes() == script.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "requirements.txt", "submission.json",
+                                                        "train_gpt.py", "train_seed1337.log", "train_seed2024.log",
+                                                        "train_seed42.log"]
+    assert (folder / "train_gpt.py").read_bytes() == packed  # the file that ran
+    version, _, tag = run.runtime["torch"].partition("+")
+    reqs = (folder / "requirements.txt").read_text().splitlines()
+    assert f"torch=={version}" in reqs and ("zstandard" in reqs and "sentencepiece" in reqs and "numpy" in reqs)
+    assert (f"--extra-index-url https://download.pytorch.org/whl/{tag}" in reqs) == bool(tag)
+    assert "flash_attn_3" not in reqs and not any(r.startswith("--find-links") for r in reqs)  # the run used SDPA
     assert (folder / "train_seed42.log").read_text() == logs[1].read_text()
     sub = json.loads((folder / "submission.json").read_text())
     ng = [SEEDS[s]["ng_bpb"] for s in (1337, 42, 2024)]
     assert sub["val_bpb"] == pytest.approx(sum(ng) / 3, abs=1e-8)
     assert sub["val_loss"] == pytest.approx(sum(SEEDS[s]["ng_loss"] for s in SEEDS) / 3, abs=1e-8)
     assert sub["val_bpb_std"] == pytest.approx(logparse.mean_std(ng)[1], abs=1e-8)
-    assert sub["bytes_total"] == run.total_bytes and sub["bytes_code"] == size and sub["seeds"] == [1337, 42, 2024]
+    assert sub["bytes_total"] == run.total_bytes and sub["bytes_code"] == len(packed) and sub["seeds"] == [1337, 42, 2024]
     assert {k: sub[k] for k in ("author", "github_id", "name", "blurb", "date")} == {
         "author": "Ann", "github_id": "ann", "name": "ExactNgram", "blurb": "exact cache", "date": "2026-03-30"}
     readme = (folder / "README.md").read_text()
     assert "ITERATIONS=16 " in readme and " SEED=42 " in readme and " USE_TTT=1 " in readme
-    assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme and "NGRAM_MODE=" not in readme
+    assert f"torchrun --standalone --nproc_per_node=1 {folder.as_posix()}/train_gpt.py" in readme
+    assert "NGRAM_MODE=" not in readme
+    assert f"python3 -m pip install -r {folder.as_posix()}/requirements.txt" in readme
+    assert f"# DATA_PATH={run.hparams['data_path']} is not FineWeb sp1024" in readme  # the tiny corpus
+    assert f"sha256 `{hashlib.sha256(packed).hexdigest()}`" in readme and f"`{run.source_sha256}`" in readme
     assert readme.count("- [x] PASS") == 5 and readme.count("- [ ] FAIL: scored on the whole validation split") == 1
     assert "sum_min:1.000000000" in readme and f"Total submission int6+zstd: {run.total_bytes} bytes" in readme
     assert f"seed 2024: `{run.step_lines[-1]['line']}`" in readme  # no stopping_early line: the last step line
@@ -380,16 +441,16 @@ def test_make_record_builds_folder(tmp_path, capsys, real_log):
     assert not (folder / "train_seed2024.log").exists()
 
 
-def test_make_record_roundtrip_score_without_ngram_and_unknown_defaults(tmp_path, real_log):
-    code_bytes = logparse.parse_text(real_log).code_bytes
-    text = "print('no Hyperparameters here')\n#"
-    text += "-" * (code_bytes - len(text) - 1) + "\n"  # same size as the script behind the log, other sha256
+def test_make_record_roundtrip_score_without_ngram_and_unknown_defaults(tmp_path, real_log, tg):
+    text = "print('no Hyperparameters here')\n"
+    packed = tg.pack_source(text).encode()
     script = tmp_path / "train_gpt.py"
     script.write_text(text)
     logs = []
     for seed in (1337, 42):
         p = tmp_path / f"s{seed}.txt"
-        log = seed_log(real_log, seed, sha=hashlib.sha256(text.encode()).hexdigest())
+        log = seed_log(real_log, seed, sha=hashlib.sha256(packed).hexdigest())
+        log = re.sub(r"^code_bytes:\d+ ", f"code_bytes:{len(packed)} ", log, flags=re.M)  # as if it had run
         kept = [ln for ln in log.splitlines() if "gram" not in ln.lower()]
         p.write_text("\n".join(kept + ["hparam ngram_enabled:0"]) + "\n")  # a run with the n-gram eval off
         logs.append(p)
@@ -403,7 +464,7 @@ def test_make_record_roundtrip_score_without_ngram_and_unknown_defaults(tmp_path
 
 
 def test_make_record_refuses_duplicate_seeds_mixed_settings_and_strict_failures(tmp_path, capsys, real_log):
-    script, _, _ = real_script(tmp_path)
+    script, _ = real_script(tmp_path)
     a, b = write_logs(tmp_path, real_log, seeds=(1337, 42))
     dup = tmp_path / "dup.txt"
     dup.write_text(a.read_text())
@@ -434,7 +495,7 @@ def test_real_script_hparam_lines_and_defaults(tmp_path, tg, capsys, real_log):
     h = tg.Hyperparameters(run_id="x")
     for line in h.log_lines():
         assert logparse.match_line(line)[0] == "hparam", line
-    script, _, _ = real_script(tmp_path)
+    script, _ = real_script(tmp_path)
     logs = []
     for seed in (1337, 42, 2024):
         hp = {ln.split(" ", 1)[1].split(":", 1)[0]: ln.split(":", 1)[1] for ln in h.log_lines()}
@@ -444,7 +505,7 @@ def test_real_script_hparam_lines_and_defaults(tmp_path, tg, capsys, real_log):
         logs.append(p)
     assert make_record.main(record_args(tmp_path, script, logs)) == 0, capsys.readouterr().err
     readme = next((tmp_path / "records").iterdir()).joinpath("README.md").read_text()
-    assert "\nSEED=2024 torchrun --standalone --nproc_per_node=1 train_gpt.py\n" in readme
+    assert "\nSEED=2024 torchrun --standalone --nproc_per_node=1 " in readme and "/train_gpt.py\n" in readme
     assert "differ from the defaults" in readme
 
 

@@ -37,7 +37,7 @@ UPSTREAM_LINES = (
     (re.compile(r"Total submission int6\+zstd: (\d+) bytes"), r"total_submission total_bytes:\1"),
     (re.compile(r"stopping_early: (\w+)(.*)"), r"stopping_early reason:\1\2"),
 )
-TEXT_KEYS = ("value", "path", "pattern", "sha256", "code_sha256", "detail", "run_id")  # never converted to numbers
+TEXT_KEYS = ("value", "path", "pattern", "sha256", "code_sha256", "source_sha256", "detail", "run_id")  # never converted to numbers
 UNITS = ("ms", "s")  # `train_time:123ms` -> train_time_ms: 123.0
 
 
@@ -163,6 +163,16 @@ class RunLog:
     @property
     def code_sha256(self) -> str | None:
         return self.event("code_bytes").get("code_sha256")
+
+    @property
+    def source_sha256(self) -> str | None:
+        """sha256 of the readable source (= code_sha256 for a run of the readable file, absent in older logs)."""
+        return self.event("code_bytes").get("source_sha256")
+
+    @property
+    def code_form(self) -> str | None:
+        """`readable` or `packed`: which form of train_gpt.py ran (absent in older logs)."""
+        return self.event("code_bytes").get("code")
 
     @property
     def post_training_ms(self) -> float | None:

@@ -3,12 +3,20 @@
 
     python3 tools/make_record.py --name ExactNgram11L --author "A B" --github-id ab logs/s1337.txt logs/s42.txt logs/s2024.txt
 
-Creates <out>/<date>_<name>/ holding README.md (results, reconstructed launch command, compliance checklist
-backed by log lines), submission.json, train_seed<S>.log per log and train_gpt.py (a copy of --script).
+Creates <out>/<date>_<name>/ holding README.md (results, setup lines, reconstructed launch command, compliance
+checklist backed by log lines), submission.json, train_seed<S>.log per log, train_gpt.py (the packed form of
+--script, see tools/pack.py; a --script that is already packed is copied as it is) and requirements.txt (the
+repository's requirements, torch pinned to the build the logs ran with, plus the FlashAttention-3 wheel when the
+logs used it).
 
-Refuses (exit 1, clear message, nothing created) when: a log is foreign or truncated; the script's sha256 differs
-from code_sha256 in ANY log; two logs share a seed; the logs differ in settings other than seed/run_id; the folder
-exists (unless --force); with --strict, any compliance check fails. Usage errors exit 2.
+The logs must come from the packed file the folder ships: the counted code is the file that runs, so only a run of
+that file shows the submission size the record claims (its `Total submission` line counts the packed bytes) and
+only its logs let a reviewer match the folder's train_gpt.py to them byte for byte (code_sha256). Logs of the
+readable script are refused with the commands that make the packed run.
+
+Refuses (exit 1, clear message, nothing created) when: a log is foreign or truncated; the packed script's sha256
+or size differs from code_sha256 / code_bytes in ANY log; two logs share a seed; the logs differ in settings other
+than seed/run_id; the folder exists (unless --force); with --strict, any compliance check fails. Usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -35,6 +43,11 @@ TRAIN_TIME_LIMIT_S = tg.Hyperparameters.max_wallclock_seconds
 EVAL_TIME_LIMIT_S = tg.EVAL_TIME_LIMIT_S
 PER_RUN_KEYS = ("seed", "run_id", "artifact_path")  # settings allowed to differ between the seeds of one record
 NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"  # the packages train_gpt.py imports
+FINEWEB_DATA_PATH = tg.Hyperparameters.data_path
+FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80"
+TORCH_INDEX = "https://download.pytorch.org/whl/{tag}"  # the PyTorch wheel index of a local build tag (cu128, cpu)
+FA3_WHEELS = "https://windreamer.github.io/flash-attention3-wheels/{tag}_torch{version}"  # prebuilt FA3, per build
 
 # Prints {field: logged text of its default} for the script's Hyperparameters, using its own formatter.
 DEFAULTS_PROBE = r"""
@@ -58,17 +71,37 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_code(runs, script: Path) -> str:
-    """The script must be the code that produced every log (sha256 and size); returns its sha256."""
+def packed_script(script: Path) -> tuple[bytes, str]:
+    """(bytes of the packed form of the script, sha256 of the readable source it carries)."""
     if not script.is_file():
         raise RecordError(f"script not found: {script}")
-    digest, size = sha256_file(script), script.stat().st_size
+    try:
+        code = tg.code_identity(str(script))
+    except (UnicodeDecodeError, ValueError, OSError) as exc:  # not UTF-8, a packed file that does not decode
+        raise RecordError(f"{script}: not a readable or packed train_gpt.py ({exc})") from None
+    packed = script.read_bytes() if code.packed else tg.pack_source(code.source).encode("utf-8")
+    return packed, code.source_sha256
+
+
+def check_code(runs, script: Path, packed: bytes, source_sha: str) -> str:
+    """The packed script must be the code that produced every log (sha256 and size); returns its sha256."""
+    digest, size = hashlib.sha256(packed).hexdigest(), len(packed)
+    readable = [r for r in runs if r.code_form == "readable" or (r.code_sha256 == source_sha != digest)]
+    if readable:
+        raise RecordError(
+            f"{', '.join(str(r.path) for r in readable)}: produced by the readable train_gpt.py; a record's logs come "
+            f"from the packed file it ships (its bytes are the counted code): python3 tools/pack.py pack {script} -o "
+            "packed/train_gpt.py, run torchrun ... packed/train_gpt.py, and pass those logs")
     bad = [f"  {r.path}: code_sha256:{r.code_sha256 or '(no code_sha256 line)'}" for r in runs if r.code_sha256 != digest]
     if bad:
-        raise RecordError(f"{script} (sha256 {digest}) is not the code of these logs:\n" + "\n".join(bad))
+        same_source = any(r.source_sha256 == source_sha for r in runs if r.code_sha256 != digest)
+        hint = ("\n(they ran a packed file of this same source whose bytes differ from the one packed here: pass the "
+                "file that ran with --script)" if same_source else "")
+        raise RecordError(f"the packed {script} (sha256 {digest}) is not the code of these logs:\n" + "\n".join(bad)
+                          + hint)
     wrong_size = [f"  {r.path}: code_bytes:{r.code_bytes}" for r in runs if r.code_bytes != size]
     if wrong_size:
-        raise RecordError(f"{script} has {size} bytes but the logs say otherwise:\n" + "\n".join(wrong_size))
+        raise RecordError(f"the packed {script} has {size} bytes but the logs say otherwise:\n" + "\n".join(wrong_size))
     return digest
 
 
@@ -184,15 +217,64 @@ def launch_env(runs, defaults: dict[str, str] | None) -> dict[str, str]:
     return {k.upper(): hp[k] for k in keys}
 
 
-def launch_command(env: dict[str, str], seed: int, world_size: int | None) -> str:
+def launch_command(env: dict[str, str], seed: int, world_size: int | None, script: str = "train_gpt.py") -> str:
     """Shell command for one seed."""
     parts = [f"{k}={_shell_quote(v)}" for k, v in env.items()] + [f"SEED={seed}"]
-    return " ".join(parts + [f"torchrun --standalone --nproc_per_node={world_size or 8} train_gpt.py"])
+    return " ".join(parts + [f"torchrun --standalone --nproc_per_node={world_size or 8} {script}"])
 
 
 def _shell_quote(value: str) -> str:
     """Quote a value for a POSIX shell when it has special characters."""
     return value if re.fullmatch(r"[A-Za-z0-9_.,:/+=-]+", value) else "'" + value.replace("'", "'\\''") + "'"
+
+
+# ------------------------------------------------------------------ setup
+
+def torch_build(runs) -> tuple[str | None, str | None]:
+    """(version, local build tag) of the torch the first log ran, e.g. ('2.9.1', 'cu128'); None when not logged."""
+    text = str(runs[0].runtime.get("torch") or "")
+    version, _, tag = text.partition("+")
+    return version or None, tag or None
+
+
+def uses_fa3(runs) -> bool:
+    return any(r.runtime.get("attention") == "fa3" for r in runs)
+
+
+def requirements(runs) -> str:
+    """requirements.txt: the wheel indexes, torch pinned to the logs' build, FA3 if used, the script's packages."""
+    version, tag = torch_build(runs)
+    fa3 = uses_fa3(runs) and version and tag
+    lines = ["# pip install -r requirements.txt: the torch build the logs ran with"
+             + (", the FlashAttention-3 wheel they used" if fa3 else "") + " and the packages train_gpt.py imports"]
+    if tag:
+        lines.append(f"--extra-index-url {TORCH_INDEX.format(tag=tag)}")
+    if fa3:
+        lines.append(f"--find-links {FA3_WHEELS.format(tag=tag, version=version.replace('.', ''))}")
+    lines.append(f"torch=={version}" if version else "torch")
+    if fa3:
+        lines.append("flash_attn_3")
+    for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines():
+        req = line.split("#", 1)[0].strip()
+        if req and not re.match(r"torch\b", req):
+            lines.append(req)
+    return "\n".join(lines) + "\n"
+
+
+def setup_lines(runs, data_command: str | None, folder: str) -> list[str]:
+    """The shell lines that prepare a machine for the launch commands (run from the repository root)."""
+    version, tag = torch_build(runs)
+    build = f"torch {version}" + (f"+{tag}" if tag else "") if version else "torch"
+    lines = [f"python3 -m pip install -r {folder}/requirements.txt   # {build}"
+             + (", FlashAttention-3" if uses_fa3(runs) else "") + ", the script's packages"]
+    data_path = runs[0].hparams.get("data_path", FINEWEB_DATA_PATH)
+    if data_command:
+        lines.append(data_command)
+    elif data_path == FINEWEB_DATA_PATH:
+        lines.append(f"{FINEWEB_DOWNLOAD}   # FineWeb sp1024 shards + tokenizer")
+    else:
+        lines.append(f"# DATA_PATH={data_path} is not FineWeb sp1024: make it as the runs did (--data-command)")
+    return lines
 
 
 # ------------------------------------------------------------------ outputs
@@ -219,25 +301,33 @@ def submission(runs, args) -> dict:
     return out
 
 
-def readme(runs, args, sub: dict, env: dict, defaults_known: bool, checks: list[dict], sha: str) -> str:
+def readme(runs, args, sub: dict, env: dict, defaults_known: bool, checks: list[dict], sha: str, source_sha: str,
+           folder: Path) -> str:
     """README.md text."""
     score_line, _, _ = headline(runs)
     summary = summarize_logs.summarize(runs)
+    script = f"{folder.as_posix()}/train_gpt.py"
     out = [f"# {args.name}", "", args.blurb or "", "",
            f"**val_bpb {sub['val_bpb']:.8f}** (mean of {len(runs)} seeds, `{score_line}`"
            + (f", std {sub['val_bpb_std']:.8f}" if "val_bpb_std" in sub else "") + f"), val_loss {sub['val_loss']:.8f} nats; "
            f"largest artifact {sub['bytes_total']:,} bytes (code {sub['bytes_code']:,} bytes).", "",
            "## Results per seed", "", summarize_logs.render_markdown(summary), "",
-           "## Launch", "",
+           "## Setup", "", "From the root of a checkout of the repository (its `data/` scripts make the data):", "",
+           "```bash", *setup_lines(runs, args.data_command, folder.as_posix()), "```",
+           "", "## Launch", "",
            ("Settings that differ from the defaults of `train_gpt.py`:" if defaults_known else
             "The script's defaults could not be read, so every logged setting is listed:"), "", "```bash"]
-    out += [launch_command(env, r.seed, r.world_size) for r in runs]
-    out += ["```", "", f"Code: `train_gpt.py`, sha256 `{sha}` (equal to `code_sha256` in every log).", "",
+    out += [launch_command(env, r.seed, r.world_size, script) for r in runs]
+    out += ["```", "", f"Code: `train_gpt.py` is the packed script ({sub['bytes_code']:,} bytes counted), sha256 "
+            f"`{sha}` (equal to `code_sha256` in every log, whose `code:packed` says the packed file ran). It carries "
+            f"the readable source, sha256 `{source_sha}` (`source_sha256` in the logs); `python3 tools/pack.py unpack "
+            f"{script} -o train_gpt_readable.py` writes it back byte for byte.", "",
             "## Compliance checklist", "", "Each item is backed by the quoted log lines.", ""]
     for item in checks:
         out.append(f"- [{'x' if item['ok'] else ' '}] {'PASS' if item['ok'] else 'FAIL'}: {item['rule']}")
         out += [f"  - {ev}" for ev in item["evidence"]]
-    out += ["", "## Files", "", "- `train_gpt.py`: the script that produced the logs",
+    out += ["", "## Files", "", "- `train_gpt.py`: the packed script that produced the logs",
+            "- `requirements.txt`: the torch build and packages of the runs (see Setup)",
             *[f"- `train_seed{r.seed}.log`: log of seed {r.seed} (from `{r.path.name}`)" for r in runs],
             "- `submission.json`: record metadata", ""]
     return "\n".join(out)
@@ -263,7 +353,8 @@ def build(args) -> Path:
         raise RecordError(f"--name {args.name!r}: use letters, digits, '_', '.', '-'")
     runs = logparse.load_runs(args.logs, complete=not args.allow_incomplete)
     script = Path(args.script)
-    sha = check_code(runs, script)
+    packed, source_sha = packed_script(script)
+    sha = check_code(runs, script, packed, source_sha)
     check_seeds_and_settings(runs)
     folder = Path(args.out) / f"{args.date}_{args.name}"
     if folder.exists() and not args.force:
@@ -277,9 +368,10 @@ def build(args) -> Path:
     defaults = script_defaults(script)
     env = launch_env(runs, defaults)
     sub = submission(runs, args)
-    files = {"README.md": readme(runs, args, sub, env, defaults is not None, checks, sha),
-             "submission.json": json.dumps(sub, indent=2) + "\n"}
-    copies = {f"train_seed{r.seed}.log": r.path for r in runs} | {"train_gpt.py": script}
+    files = {"README.md": readme(runs, args, sub, env, defaults is not None, checks, sha, source_sha, folder),
+             "submission.json": json.dumps(sub, indent=2) + "\n", "requirements.txt": requirements(runs),
+             "train_gpt.py": packed.decode("utf-8")}
+    copies = {f"train_seed{r.seed}.log": r.path for r in runs}
     write_record(folder, files, copies, args.force)
     return folder
 
@@ -293,7 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--author", default="", help="author name for submission.json")
     p.add_argument("--github-id", default="", help="GitHub user id for submission.json")
     p.add_argument("--blurb", default="", help="one-paragraph description for submission.json and README.md")
-    p.add_argument("--script", default="train_gpt.py", help="the script that produced the logs (default train_gpt.py)")
+    p.add_argument("--script", default="train_gpt.py",
+                   help="the readable train_gpt.py (packed here) or the packed file that produced the logs "
+                        "(default train_gpt.py)")
+    p.add_argument("--data-command", default=None,
+                   help="the setup line that makes DATA_PATH (default: the FineWeb sp1024 download when DATA_PATH is "
+                        "the default)")
     p.add_argument("--out", default="records/track_10min_16mb", help="parent folder (default records/track_10min_16mb)")
     p.add_argument("--force", action="store_true", help="replace an existing record folder")
     p.add_argument("--strict", action="store_true", help="refuse when any compliance check fails")
