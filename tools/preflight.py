@@ -559,7 +559,8 @@ def report_json(pf: Preflight, checks: list[Check]) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = logparse.cli_parser(__doc__)
-    count, seconds = toolkit.positive_int, toolkit.positive_float
+    count = toolkit.positive_int
+    seconds = toolkit.arg_type(float, lambda v: 0 < v <= 1e9, "a number of seconds in (0, 1e9]")  # a timer's range
     p.add_argument("--steps", type=count, default=20, help="timed training steps per QAT state (default 20)")
     p.add_argument("--warmup", type=toolkit.non_negative_int, default=3,
                    help="untimed steps before each timing, compile included (3)")
