@@ -8,7 +8,9 @@ Files come from the dataset repo willdepueoai/parameter-golf, sub-folder dataset
   datasets/tokenizers/fineweb_1024_bpe.model                           ->  data/tokenizers/
 Files already present and valid are skipped, so the command can be re-run to resume or to add train shards.
 Needs `pip install huggingface-hub` and network access; offline, build a corpus with
-`python3 data/make_dataset.py --input sample --name sample` instead.
+`python3 data/make_dataset.py --input sample --name sample` instead. Every file appears whole or not at all. Exit
+codes (tools/toolkit.py): 2 with one `error:` line when the hub cannot be used, an option is wrong or --out-dir is
+not writable; 4 when a file stays invalid after a fresh download; 130/143 when interrupted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT.parent / "tools"))
+import toolkit  # noqa: E402  (exit codes, one-line errors, interrupts)
 import train_gpt  # noqa: E402  (the shard reader validates what we download)
 
 REPO_ID = "willdepueoai/parameter-golf"
@@ -29,15 +33,15 @@ REMOTE_PREFIX = "datasets"
 OFFLINE_HINT = "offline, build a local corpus instead: python3 data/make_dataset.py --input sample --name sample"
 
 
-class DownloadError(RuntimeError):
-    """The hub cannot be used or a file is missing; main() prints it and exits with status 1."""
+class DownloadError(toolkit.ToolError):
+    """The hub cannot be used or a file is missing; main() prints it and exits with status 2."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; every flag has help text."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = toolkit.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="sp1024", help="tokenizer variant spN (default sp1024)")
-    p.add_argument("--train-shards", type=int, default=80,
+    p.add_argument("--train-shards", type=toolkit.non_negative_int, default=80,
                    help="number of train shards to fetch, from index 0 (default 80 = 8B tokens)")
     p.add_argument("--out-dir", default=str(ROOT), help="local root for datasets/ and tokenizers/ (default: data/)")
     p.add_argument("--repo-id", default=REPO_ID, help=f"Hugging Face dataset repo (default {REPO_ID})")
@@ -46,8 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not re.fullmatch(r"sp[1-9][0-9]*", args.variant):
         p.error(f"--variant must look like sp1024, got {args.variant!r}")
-    if args.train_shards < 0:
-        p.error("--train-shards must be >= 0")
     return args
 
 
@@ -144,7 +146,7 @@ def fetch_one(repo_id: str, remote: str, dest: Path) -> None:
         place_file(download_file(repo_id, remote, force=force), dest)
         if is_valid_local(dest):
             return
-    raise DownloadError(f"{dest}: the downloaded file is not valid (even after a fresh download)")
+    raise toolkit.CheckFailed(f"{dest}: the downloaded file is not valid (even after a fresh download)")
 
 
 def fetch(args: argparse.Namespace) -> tuple[int, int]:
@@ -164,18 +166,16 @@ def fetch(args: argparse.Namespace) -> tuple[int, int]:
     return downloaded, skipped
 
 
+@toolkit.entry(OSError)
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 on success, 1 with a one-line error when the hub or a file cannot be used."""
+    """Entry point: 0 on success, 2 with a one-line error when the hub, an option or --out-dir cannot be used, 4 when a
+    download stays invalid."""
     args = parse_args(argv)
-    try:
-        downloaded, skipped = fetch(args)
-    except DownloadError as e:
-        print(f"cached_challenge_fineweb: error: {e}", file=sys.stderr)
-        return 1
+    downloaded, skipped = fetch(args)
     dataset_dir, tokenizer = variant_paths(args.variant)
     print(f"cached_challenge_fineweb: downloaded {downloaded}, already present {skipped}\n"
           f"  DATA_PATH={Path(args.out_dir) / dataset_dir}\n  TOKENIZER_PATH={Path(args.out_dir) / tokenizer}")
-    return 0
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":

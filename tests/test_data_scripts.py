@@ -7,9 +7,12 @@ import hashlib
 import importlib.util
 import json
 import lzma
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -201,6 +204,51 @@ def test_interrupted_rebuild_keeps_the_old_dataset(built, tmp_path, monkeypatch,
     assert "existing dataset is unchanged" in capsys.readouterr().err
 
 
+def test_interrupt_at_the_swap_keeps_shards_and_tokenizer_together(built, tmp_path, monkeypatch, capsys):
+    """SIGINT right after the new folder is renamed into place (before the tokenizer is written) must neither pair
+    the new shards with the old tokenizer nor claim that the old dataset is unchanged."""
+    common = ["--name", "tiny", "--val-docs", 10, "--vocab-size", VOCAB, "--out-dir", tmp_path]
+    assert run_builder("--input", built.src, *common) == 0
+    data, tok = tmp_path / "datasets" / f"tiny_sp{VOCAB}", tmp_path / "tokenizers" / f"tiny_{VOCAB}_bpe.model"
+    old_tokenizer = tok.read_bytes()
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(make_docs(60, seed=1)[::-1]) + "\n", encoding="utf-8")
+    rename = Path.rename
+
+    def rename_then_sigint(self, target):
+        out = rename(self, target)
+        if Path(target) == data:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # an unblocked signal is handled here
+        return out
+
+    monkeypatch.setattr(Path, "rename", rename_then_sigint)
+    assert run_builder("--input", other, *common) == 130
+    err = capsys.readouterr().err
+    manifest = json.loads((data / tg.DATASET_MANIFEST).read_text())
+    assert manifest["tokenizer_sha256"] == hashlib.sha256(tok.read_bytes()).hexdigest()  # they belong together
+    assert tok.read_bytes() != old_tokenizer and "the new dataset was complete and is in place" in err, err
+    assert "unchanged" not in err and len(err.strip().splitlines()) == 1
+    leftovers = [p.name for p in (tmp_path / "datasets").iterdir()] + [p.name for p in tok.parent.iterdir()]
+    assert sorted(leftovers) == sorted([data.name, tok.name])  # no temporary or old folder, no temporary tokenizer
+
+
+def test_input_folder_is_a_literal_path_not_a_pattern(built, tmp_path):
+    """A folder named `ds[1]` next to `ds1`: the documents come from `ds[1]` (a glob would read `ds1`)."""
+    (tmp_path / "ds[1]").mkdir()
+    (tmp_path / "ds1").mkdir()
+    (tmp_path / "ds[1]" / "a.txt").write_text("\n".join(built.docs) + "\n", encoding="utf-8")
+    (tmp_path / "ds1" / "b.txt").write_text("\n".join(make_docs(60, seed=3)) + "\n", encoding="utf-8")
+    assert md.read_documents(str(tmp_path / "ds[1]")) == built.docs
+    assert run_builder("--input", tmp_path / "ds[1]", "--name", "lit[1]", "--val-docs", 10, "--vocab-size", VOCAB,
+                       "--tokenizer", built.tok, "--out-dir", tmp_path / "out[x]") == 0
+    folder = tmp_path / "out[x]" / "datasets" / f"lit[1]_sp{VOCAB}"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([
+        tg.DATASET_MANIFEST, "lit[1]_train_000000.bin", "lit[1]_val_000000.bin"])
+    np.testing.assert_array_equal(tg.read_shard(folder / "lit[1]_val_000000.bin"),
+                                  read_split(built.data, "tiny", "val")[1])
+
+
 def test_non_utf8_input_names_the_file(tmp_path, capsys):
     src = tmp_path / "latin1.txt"
     src.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 20)
@@ -358,12 +406,12 @@ def test_download_gives_up_on_a_file_that_stays_invalid(fake_repo, capsys):
     bad = "datasets/datasets/fineweb10B_sp1024/fineweb_val_000001.bin"
     (fake_repo.pristine / bad).write_bytes(b"not a shard")
     (fake_repo.repo / bad).write_bytes(b"not a shard")
-    assert cc.main(["--train-shards", "1", "--out-dir", str(fake_repo.out)]) == 1
+    assert cc.main(["--train-shards", "1", "--out-dir", str(fake_repo.out)]) == 4  # a failed check
     assert "fineweb_val_000001.bin: the downloaded file is not valid" in capsys.readouterr().err
 
 
 def test_download_more_train_shards_than_exist(fake_repo, capsys):
-    assert cc.main(["--train-shards", "9", "--out-dir", str(fake_repo.out)]) == 1
+    assert cc.main(["--train-shards", "9", "--out-dir", str(fake_repo.out)]) == 2
     assert "only 3 train shards" in capsys.readouterr().err
 
 
@@ -376,7 +424,7 @@ def test_unreachable_hub_is_a_clean_error(monkeypatch, tmp_path, capsys):
         raise ConnectionError("Failed to resolve 'huggingface.co'")
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=Api, hf_hub_download=hf_hub_download))
-    assert cc.main(["--out-dir", str(tmp_path)]) == 1
+    assert cc.main(["--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "cannot list willdepueoai/parameter-golf" in err and "make_dataset.py --input sample" in err
     assert "Traceback" not in err and not any(tmp_path.iterdir())
@@ -386,7 +434,7 @@ def test_unreachable_hub_is_a_clean_error(monkeypatch, tmp_path, capsys):
 
 def test_missing_huggingface_hub_is_a_clean_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes `import huggingface_hub` raise ImportError
-    assert cc.main(["--out-dir", str(tmp_path)]) == 1
+    assert cc.main(["--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "pip install huggingface-hub" in err and "make_dataset.py --input sample" in err
 
@@ -395,5 +443,5 @@ def test_download_cli_exit_code_without_hub(tmp_path):
     code = ("import sys, runpy; sys.modules['huggingface_hub'] = None; sys.argv = ['x', '--out-dir', sys.argv[1]]; "
             f"runpy.run_path({str(ROOT / 'data' / 'cached_challenge_fineweb.py')!r}, run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "cached_challenge_fineweb: error:" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
     assert "Traceback" not in proc.stderr

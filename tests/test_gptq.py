@@ -218,5 +218,5 @@ def test_bench_gptq_reports_both_quantizers_on_the_same_weights(tiny_corpus, tmp
         assert res[name]["model_bytes"] > 0 and f"bench_gptq quantizer:{name} " in out.stderr
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_gptq.py")], capture_output=True, text=True,
                          env=dict(env, DATA_PATH=str(tmp_path / "missing")), timeout=120)
-    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1

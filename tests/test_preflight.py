@@ -195,7 +195,7 @@ def test_user_error_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         preflight.main(TINY_ARGS)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: ") and "NUM_HEADS=5" in err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and "NUM_HEADS=5" in err
 
 
 def test_h100_left_on_sdpa_is_not_ready_unless_accepted(tmp_path, tiny_corpus, monkeypatch):
@@ -235,3 +235,19 @@ def test_eval_projection_fits_the_growing_ngram_cost():
     assert linear == pytest.approx(total * large[1] / large[0]) and linear < got
     noisy = (262_144, 1.2 * timed(262_144))  # the small pass measured slower per target: no negative growth
     assert preflight.project_eval_seconds(noisy, large, total, grows=True) == pytest.approx(linear)
+
+
+def test_not_ready_and_a_hang_exit_4(monkeypatch, capsys):
+    """A negative verdict is exit 4 (a failed check), not 1 (a bug) or 2 (a user error)."""
+    monkeypatch.setattr(preflight, "start", lambda args: None)
+    monkeypatch.setattr(preflight, "run_checks", lambda pf: [])
+    monkeypatch.setattr(preflight, "finish", lambda pf, checks: True)
+    with pytest.raises(SystemExit) as e:
+        preflight.main(TINY_ARGS)
+    assert e.value.code == 4
+    monkeypatch.setattr(preflight, "finish", lambda pf, checks: False)
+    assert preflight.main(TINY_ARGS) == 0
+    exits = []
+    monkeypatch.setattr(preflight.os, "_exit", exits.append)
+    preflight._exit_on_timeout("preflight: a collective did not finish")
+    assert exits == [4] and "verdict:not_ready reason:timeout" in capsys.readouterr().out

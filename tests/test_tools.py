@@ -210,7 +210,7 @@ def test_summarize_skips_unusable_logs_with_a_warning(tmp_path, capsys, kind, re
     assert len(warning) == 1 and str(bad) in warning[0]
     assert {"truncated": "truncated", "killed_in_ngram": "n-gram", "failed": "run failed",
             "foreign": "no 'hparam"}[kind] in warning[0]
-    assert summarize_logs.main([str(bad)]) == 1 and "error: none of the 1 log(s)" in capsys.readouterr().err
+    assert summarize_logs.main([str(bad)]) == 2 and "error: none of the 1 log(s)" in capsys.readouterr().err
 
 
 def test_json_option_means_the_same_in_every_tool(tmp_path, capsys, real_log):
@@ -225,7 +225,7 @@ def test_json_option_means_the_same_in_every_tool(tmp_path, capsys, real_log):
         out = tmp_path / f"{name}.json"
         assert main([*args, "--json", str(out)]) == 0
         assert json.loads(out.read_text()) == data and capsys.readouterr().out.strip() == captured.err.strip()
-        assert main([*args, "--json", str(tmp_path / "missing" / "x.json")]) == 1  # user error: exit 1, one line
+        assert main([*args, "--json", str(tmp_path / "missing" / "x.json")]) == 2  # user error: exit 2, one line
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: --json") and not list((tmp_path / "missing").glob("*")) if (
             tmp_path / "missing").exists() else err[-1].startswith("error: --json")
@@ -235,11 +235,11 @@ def test_json_option_means_the_same_in_every_tool(tmp_path, capsys, real_log):
     assert json.loads(bench.stdout)["tokens"] == 3000 and "tokens_per_s:" in bench.stderr
 
 
-def test_bench_train_user_error_exits_1_in_one_line():
+def test_bench_train_user_error_exits_2_in_one_line():
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("NUM_", "MODEL_"))}
     out = subprocess.run([sys.executable, str(TOOLS / "bench_train.py"), "--synthetic"], capture_output=True,
                          text=True, timeout=120, env=dict(env, NUM_HEADS="0", DEVICE="cpu"))
-    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "error: invalid settings: NUM_HEADS=0" in out.stderr
 
 
@@ -248,7 +248,7 @@ def test_make_record_refuses_incomplete_logs_unless_allowed(tmp_path, capsys, re
     logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
     killed = tmp_path / "logs" / "run2024.txt"
     killed.write_text(seed_log(real_log, 2024, truncate_at="ngram_eval "))  # killed during the n-gram eval
-    assert make_record.main(record_args(tmp_path, script, [*logs, killed])) == 1
+    assert make_record.main(record_args(tmp_path, script, [*logs, killed])) == 2
     err = capsys.readouterr().err
     assert str(killed) in err and "n-gram" in err and not (tmp_path / "records").exists()
     assert make_record.main(record_args(tmp_path, script, [*logs, killed], "--allow-incomplete")) == 0
@@ -298,16 +298,14 @@ def test_significance_cli_verdicts_and_exit_codes(tmp_path, capsys, real_log):
     assert significance.main(["--baseline", "1.92", "--logs", *paths]) == 0
     out = capsys.readouterr().out
     assert "verdict: PASS" in out and "n: 3" in out and "df: 2" in out and "Student t-test" in out
-    assert significance.main(["--baseline", "0.48", "--metric", "ngram", "--logs", *paths]) == 0
+    assert significance.main(["--baseline", "0.48", "--metric", "ngram", "--logs", *paths]) == 4  # a negative verdict
     assert "verdict: FAIL" in capsys.readouterr().out
-    assert significance.main(["--baseline", "0.48", "--metric", "ngram", "--strict", "--logs", *paths]) == 1
-    capsys.readouterr()
     assert significance.main(["--baseline", "1.92", "--logs", *paths[:2]]) == 0
     assert "records need >= 3" in capsys.readouterr().err
-    assert significance.main(["--baseline", "1.92", "--logs", paths[0]]) == 1
+    assert significance.main(["--baseline", "1.92", "--logs", paths[0]]) == 2
     hashed = tmp_path / "h.txt"
     hashed.write_text(seed_log(real_log, 1337, hashed=True))
-    assert significance.main(["--baseline", "0.48", "--metric", "ngram", "--logs", paths[0], str(hashed)]) == 1
+    assert significance.main(["--baseline", "0.48", "--metric", "ngram", "--logs", paths[0], str(hashed)]) == 2
     assert "ngram_eval_exact" in capsys.readouterr().err
 
 
@@ -335,7 +333,7 @@ def test_spread_labels_keeps_order_gap_and_bounds():
 def test_plot_rejects_foreign(tmp_path, capsys):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello\n")
-    assert plot_logs.main([str(bad), "-o", str(tmp_path / "x.png")]) == 1
+    assert plot_logs.main([str(bad), "-o", str(tmp_path / "x.png")]) == 2
     assert "notes.txt" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
@@ -346,7 +344,7 @@ def test_make_record_refuses_sha_mismatch_and_creates_nothing(tmp_path, capsys, 
     logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
     logs.append(tmp_path / "other.txt")
     logs[-1].write_text(seed_log(real_log, 2024, sha="0" * 64))  # one seed ran other code
-    assert make_record.main(record_args(tmp_path, script, logs)) == 1
+    assert make_record.main(record_args(tmp_path, script, logs)) == 2
     err = capsys.readouterr().err
     assert "other.txt" in err and "0" * 64 in err and "nothing was created" in err
     assert not (tmp_path / "records").exists()
@@ -435,7 +433,7 @@ def test_make_record_builds_folder(tmp_path, capsys, real_log):
     assert "sum_min:1.000000000" in readme and f"Total submission int6+zstd: {run.total_bytes} bytes" in readme
     assert f"seed 2024: `{run.step_lines[-1]['line']}`" in readme  # no stopping_early line: the last step line
     # an existing folder is kept unless --force
-    assert make_record.main(record_args(tmp_path, script, logs)) == 1
+    assert make_record.main(record_args(tmp_path, script, logs)) == 2
     assert "already exists" in capsys.readouterr().err
     assert make_record.main(record_args(tmp_path, script, logs[:2], "--force")) == 0
     assert not (folder / "train_seed2024.log").exists()
@@ -468,16 +466,16 @@ def test_make_record_refuses_duplicate_seeds_mixed_settings_and_strict_failures(
     a, b = write_logs(tmp_path, real_log, seeds=(1337, 42))
     dup = tmp_path / "dup.txt"
     dup.write_text(a.read_text())
-    assert make_record.main(record_args(tmp_path, script, [a, dup])) == 1
+    assert make_record.main(record_args(tmp_path, script, [a, dup])) == 2
     assert "one log per seed" in capsys.readouterr().err
     mixed = tmp_path / "mixed.txt"
     mixed.write_text(seed_log(real_log, 2024, hparams={"ngram_max_order": "7"}))
-    assert make_record.main(record_args(tmp_path, script, [a, mixed])) == 1
+    assert make_record.main(record_args(tmp_path, script, [a, mixed])) == 2
     assert "ngram_max_order: 9 vs 7" in capsys.readouterr().err
     slow = tmp_path / "slow.txt"
     slow.write_text(re.sub(r"^post_training_time:\S+$", "post_training_time:700000ms", seed_log(real_log, 2024),
                            flags=re.M))
-    assert make_record.main(record_args(tmp_path, script, [a, slow], "--strict")) == 1
+    assert make_record.main(record_args(tmp_path, script, [a, slow], "--strict")) == 4  # a failed check
     assert "post-training time" in capsys.readouterr().err and not (tmp_path / "records").exists()
     assert make_record.main(record_args(tmp_path, script, [a, slow])) == 0
     assert "warning: compliance check failed" in capsys.readouterr().err
@@ -536,3 +534,113 @@ def test_peak_memory_is_the_largest_phase():
     assert run.peak_memory_mib == 22669 and [e["phase"] for e in run.events["peak_memory"]] == ["train", "eval"]
     assert logparse.parse_text("peak_memory rss_mib:900 phase:train\n").peak_memory_mib == 900
     assert logparse.parse_text("").peak_memory_mib is None
+
+
+# ------------------------------------------------------------------ failed runs and bad input, every tool
+
+def nan_log(real_log: str, seed: int, value: str = "nan") -> str:
+    """A seed's log whose final scores are not finite (what a run with NaN weights printed), otherwise complete."""
+    text = seed_log(real_log, seed)
+    for event in ("final_int6_zstd_roundtrip", "final_int8_zlib_roundtrip", "ngram_eval"):
+        text = re.sub(rf"^({event}(?:_exact)?) val_loss:\S+ val_bpb:\S+", rf"\1 val_loss:{value} val_bpb:{value}", text,
+                      flags=re.M)
+    return text
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_score_is_a_failed_run_for_every_tool(tmp_path, capsys, real_log, value):
+    script, _, _ = real_script(tmp_path)
+    good = write_logs(tmp_path, real_log, seeds=(1337, 42))
+    bad = tmp_path / "logs" / "run2024.txt"
+    bad.write_text(nan_log(real_log, 2024, value))
+    assert "non-finite score" in logparse.incomplete_reason(logparse.parse_log(bad))
+    # summarize: skipped with a warning, never averaged; alone it leaves nothing to summarize
+    assert summarize_logs.main([*map(str, good), str(bad), "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    assert [r["seed"] for r in json.loads(captured.out)["rows"]] == [1337, 42] and "non-finite score" in captured.err
+    assert summarize_logs.main([str(bad)]) == 2
+    one_error_line(capsys.readouterr().err)
+    # --allow-incomplete keeps it, with blank cells and strict JSON
+    assert summarize_logs.main([str(good[0]), str(bad), "--allow-incomplete", "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert data["rows"][1]["roundtrip_bpb"] is None and data["mean"]["roundtrip_bpb"] == SEEDS[1337]["rt_bpb"]
+    # make_record: refused in one line, even with --allow-incomplete; nothing created
+    for extra in ((), ("--allow-incomplete",)):
+        assert make_record.main(record_args(tmp_path, script, [*good, bad], *extra)) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert str(bad) in line and "non-finite" in line and "nothing was created" in line
+        assert not (tmp_path / "records").exists()
+    # significance: refused in one line (it crashed on NaN)
+    for metric in ("val_loss", "ngram_bpb"):
+        assert significance.main(["--baseline", "1.92", "--metric", metric, "--logs", *map(str, good), str(bad)]) == 2
+        assert str(bad) in one_error_line(capsys.readouterr().err)
+
+
+def test_make_record_allow_incomplete_refuses_a_log_without_a_score(tmp_path, capsys, real_log):
+    script, _, _ = real_script(tmp_path)
+    logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
+    early = tmp_path / "logs" / "run2024.txt"
+    early.write_text(seed_log(real_log, 2024, truncate_at="final_int6_zstd_roundtrip"))  # killed before its score
+    assert make_record.main(record_args(tmp_path, script, [*logs, early], "--allow-incomplete")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(early) in line and "no 'final_int6_zstd_roundtrip_exact' score" in line
+    assert not (tmp_path / "records").exists()
+
+
+def test_significance_refuses_repeated_logs_seeds_and_scores(tmp_path, capsys, real_log):
+    a, b = map(str, write_logs(tmp_path, real_log, seeds=(1337, 42)))
+    copy = tmp_path / "copy.txt"
+    copy.write_text(Path(a).read_text())
+    same_scores = tmp_path / "same.txt"
+    same_scores.write_text(seed_log(real_log, 1337).replace("hparam seed:1337\n", "hparam seed:7\n"))
+    for logs, words in (([a, a], "same file"), ([a, b, str(copy)], "one log per seed"),
+                        ([a, str(same_scores)], "no spread")):
+        assert significance.main(["--baseline", "1.92", "--logs", *logs]) == 2, logs  # it said PASS p=0
+        assert words in one_error_line(capsys.readouterr().err)
+
+
+def test_plot_to_a_missing_folder_is_one_line_and_writes_nothing(tmp_path, capsys, real_log):
+    paths = write_logs(tmp_path, real_log, seeds=(1337,))
+    out = tmp_path / "missing" / "curves.png"
+    assert plot_logs.main([*map(str, paths), "-o", str(out)]) == 2
+    assert f"-o {out}: cannot write" in one_error_line(capsys.readouterr().err)
+    assert plot_logs.main([*map(str, paths), "-o", str(tmp_path / "curves.svg")]) == 0  # the format of the extension
+    assert (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.svg", "logs"]  # no temporary file
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_interrupted_make_record_leaves_no_temporary_folder_and_the_old_record(tmp_path, capsys, real_log,
+                                                                              monkeypatch, force):
+    script, _, _ = real_script(tmp_path)
+    logs = write_logs(tmp_path, real_log)
+    parent = tmp_path / "records"
+    if force:
+        assert make_record.main(record_args(tmp_path, script, logs[:2])) == 0
+    before = {p.relative_to(parent): p.read_bytes() for p in parent.rglob("*") if p.is_file()} if force else None
+    copies, copyfile = [], make_record.shutil.copyfile
+
+    def copy_then_interrupt(src, dst):
+        copies.append(dst)
+        if len(copies) == 2:
+            raise KeyboardInterrupt
+        return copyfile(src, dst)
+
+    monkeypatch.setattr(make_record.shutil, "copyfile", copy_then_interrupt)
+    try:
+        code = make_record.main(record_args(tmp_path, script, logs, *(("--force",) if force else ())))
+    except KeyboardInterrupt:
+        code = "KeyboardInterrupt escaped"
+    assert code == 130
+    assert one_error_line(capsys.readouterr().err) == "error: stopped by SIGINT"
+    if force:
+        assert {p.relative_to(parent): p.read_bytes() for p in parent.rglob("*") if p.is_file()} == before
+        assert [p.name for p in parent.iterdir()] == ["2026-03-30_ExactNgram"]
+    else:
+        assert not parent.exists() or list(parent.iterdir()) == []

@@ -12,6 +12,8 @@ ratio (target <= 1.15). Because a shared machine drifts between runs, the n-gram
 combined run (scorer calls incl. entropy and mixing, chunk updates, audit; synchronized timers): ratio_within_run =
 pass time / (pass time - n-gram time), with cache lookups and updates reported separately. Tokens: a Zipf-like i.i.d. stream (many distinct long contexts: a hard case for the
 exact cache) or the first --tokens targets of the val shards under --val-shards. Model compile is off (CPU).
+An argument out of range, a model shape train_gpt.py refuses, missing or too few val shards, or --device cuda
+without a GPU is one `error:` line, exit 2 (tools/toolkit.py).
 """
 import statistics
 import sys
@@ -24,15 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
 from bench_ngram_cache import make_stream  # noqa: E402
-from logparse import cli_parser, emit_status  # noqa: E402
+import toolkit  # noqa: E402
+from logparse import cli_parser, emit  # noqa: E402
 
 
-def hparams(args) -> tg.Hyperparameters:
-    return tg.Hyperparameters(
+def hparams(args, device) -> tg.Hyperparameters:
+    """The flags as train_gpt settings, checked by its own validation (shape divisibility, stride <= seq_len)."""
+    h = tg.Hyperparameters(
         vocab_size=args.vocab, num_layers=args.layers, model_dim=args.dim, num_heads=args.heads,
         num_kv_heads=args.kv_heads, xsa_last_n=min(2, args.layers), bigram_dim=32, eval_seq_len=args.seq_len,
         eval_stride=args.stride, eval_batch_windows=args.batch_windows, ngram_chunk_tokens=args.chunk,
-        ngram_log_every=0, device=args.device, compile="0", run_id="bench_eval")
+        ngram_log_every=0, device=device.type, compile="0", run_id="bench_eval")
+    h.validate(1)
+    return h
 
 
 def load_tokens(args) -> torch.Tensor:
@@ -41,7 +47,8 @@ def load_tokens(args) -> torch.Tensor:
     files = tg.find_shards(args.val_shards, "val")
     tokens = torch.cat([torch.from_numpy(tg.read_shard(f, args.vocab).astype("int64")) for f in files])
     if tokens.numel() < args.tokens + 1:
-        raise SystemExit(f"--val-shards {args.val_shards}: {tokens.numel() - 1} targets < --tokens {args.tokens}")
+        raise toolkit.ToolError(f"--val-shards {args.val_shards}: {tokens.numel() - 1} targets < --tokens "
+                                f"{args.tokens}; lower --tokens")
     return tokens[:args.tokens + 1]
 
 
@@ -93,8 +100,9 @@ def timed_pass(model, val, h, rt, ngram: bool) -> dict:
 
 
 def run(args) -> dict:
-    h = hparams(args)
-    rt = tg.single_process_runtime("cpu" if args.device == "auto" else args.device)
+    device = toolkit.torch_device(args.device)
+    h = hparams(args, device)
+    rt = tg.single_process_runtime(device)
     torch.manual_seed(args.seed)
     model = tg.build_model(h, rt)
     tokens = load_tokens(args)
@@ -124,27 +132,31 @@ def run(args) -> dict:
                             "roundtrip_plus_ngram": [round(r["seconds"], 3) for r in together]}}
 
 
+@toolkit.entry(tg.UserError)
 def main(argv=None) -> int:
     p = cli_parser(__doc__)
-    p.add_argument("--tokens", type=int, default=131_072, help="validation targets (>= 100,000 for the figure)")
+    count = toolkit.positive_int
+    p.add_argument("--tokens", type=count, default=131_072, help="validation targets (>= 100,000 for the figure)")
     p.add_argument("--val-shards", default="", help="DATA_PATH-style folder: use its val tokens instead of Zipf")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--stride", type=int, default=64)
-    p.add_argument("--batch-windows", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=8192, help="NGRAM_CHUNK_TOKENS")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=count, default=4)
+    p.add_argument("--dim", type=count, default=128)
+    p.add_argument("--heads", type=count, default=4)
+    p.add_argument("--kv-heads", type=count, default=2)
+    p.add_argument("--vocab", type=toolkit.int_in(2, 2**16), default=1024, help="2..65536 (uint16 token shards)")
+    p.add_argument("--seq-len", type=toolkit.int_in(2), default=256)
+    p.add_argument("--stride", type=count, default=64, help="1..--seq-len")
+    p.add_argument("--batch-windows", type=count, default=32)
+    p.add_argument("--chunk", type=count, default=8192, help="NGRAM_CHUNK_TOKENS")
+    p.add_argument("--repeats", type=count, default=3)
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    p.add_argument("--seed", type=toolkit.non_negative_int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
     args = p.parse_args(argv)
+    toolkit.check_writable(args.json)
     res = run(args)
     text = " ".join(f"{k}:{v}" for k, v in res.items() if not isinstance(v, dict))
-    return emit_status(text, res, args.json)
+    emit(text, res, args.json)
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ takes the export weights (EXPORT_WEIGHTS), scores them unquantized with the slid
 exports them once per quantizer, rebuilds the model from each artifact's bytes and scores it the same way.
 gap = round-trip val_bpb − fp_bpb of the same weights. export_s is the whole export: for gptq the calibration
 (GPTQ_CALIB_SEQS × GPTQ_CALIB_LEN self-generated tokens, no data read) plus quantization, for both the int6 + zstd
-packing. The n-gram cache is not involved. A setting or path problem prints one `error: ...` line and exits 1.
+packing. The n-gram cache is not involved. A setting or path problem prints one `error: ...` line and exits 2
+(tools/toolkit.py).
 """
 import contextlib
 import dataclasses
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_config  # noqa: E402
 import logparse  # noqa: E402
+import toolkit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 CPU_DEMO = dict(demo_config.CPU_DEMO_ENV, ITERATIONS="80", WARMUP_STEPS="0", WARMDOWN_ITERS="30", VAL_LOSS_EVERY="0",
@@ -87,18 +89,16 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+@toolkit.entry(tg.UserError)
 def main(argv=None) -> int:
     p = logparse.cli_parser(__doc__)
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
     args = p.parse_args(argv)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # train_gpt's log lines; stdout may carry the JSON
-            res = run(os.environ)
-        logparse.emit(report(res), res, args.json)
-    except (tg.UserError, logparse.ToolError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    toolkit.check_writable(args.json)
+    with contextlib.redirect_stdout(sys.stderr):  # train_gpt's log lines; stdout may carry the JSON
+        res = run(os.environ)
+    logparse.emit(report(res), res, args.json)
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":

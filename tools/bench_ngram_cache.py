@@ -19,6 +19,9 @@ dispatched aten call (views included). A host sync is an op that makes the host 
 output whose size depends on the data (nonzero, unique*, masked_select, bincount, boolean-mask indexing or
 assignment, repeat_interleave without output_size), or a copy from the device to the host. lookup_checksum sums
 the looked-up orders and probabilities, so two versions of the cache can be checked for the same answers.
+
+An argument out of range or inconsistent (--min-order > --max-order, --buckets not a power of two) or --device cuda
+without a GPU is one `error:` line, exit 2 (tools/toolkit.py).
 """
 import argparse
 import collections
@@ -36,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import logparse  # noqa: E402
+import toolkit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
@@ -184,7 +188,7 @@ def look_up_chunk(scorer, share: range, batch_positions: int, counts: Counts) ->
 
 
 def run(args) -> dict:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = toolkit.torch_device(args.device)
     tokens = make_stream(args.tokens, args.vocab, args.dist, args.seed, device)
     kw = dict(min_order=args.min_order, max_order=args.max_order, min_count=args.min_count, device=device)
     cache = (tg.HashedNgramCache(num_buckets=args.buckets, **kw) if args.mode == "hashed"
@@ -234,37 +238,44 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=62_021_632, help="number of targets (default: the val set)")
-    p.add_argument("--vocab", type=int, default=1024)
+    p = toolkit.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = toolkit.positive_int
+    p.add_argument("--tokens", type=count, default=62_021_632, help="number of targets (default: the val set)")
+    p.add_argument("--vocab", type=toolkit.int_in(2, 2**16), default=1024, help="2..65536 (uint16 token shards)")
     p.add_argument("--dist", choices=("zipf", "uniform"), default="zipf")
     p.add_argument("--mode", choices=("exact", "hashed"), default="exact")
-    p.add_argument("--buckets", type=int, default=4_194_304, help="hashed mode only")
-    p.add_argument("--chunk", type=int, default=65_536)
-    p.add_argument("--min-order", type=int, default=2)
-    p.add_argument("--max-order", type=int, default=9)
-    p.add_argument("--min-count", type=int, default=2)
-    p.add_argument("--batch-positions", type=int, default=2048, help="scored targets per batch (32 windows x 64)")
-    p.add_argument("--world", type=int, default=1, help="look up 1/world of each chunk (one rank's share)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100, help="progress to stderr every N chunks (0: off)")
-    p.add_argument("--edge-chunks", type=int, default=8, help="updated chunks averaged at the start and the end")
+    p.add_argument("--buckets", type=count, default=4_194_304, help="hashed mode only; a power of two")
+    p.add_argument("--chunk", type=count, default=65_536)
+    p.add_argument("--min-order", type=toolkit.int_in(2), default=2, help=">= 2 (a context of at least one token)")
+    p.add_argument("--max-order", type=toolkit.int_in(2), default=9, help=">= --min-order")
+    p.add_argument("--min-count", type=count, default=2)
+    p.add_argument("--batch-positions", type=count, default=2048, help="scored targets per batch (32 windows x 64)")
+    p.add_argument("--world", type=count, default=1, help="look up 1/world of each chunk (one rank's share)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=toolkit.non_negative_int, default=0)
+    p.add_argument("--log-every", type=toolkit.non_negative_int, default=100,
+                   help="progress to stderr every N chunks (0: off)")
+    p.add_argument("--edge-chunks", type=count, default=8, help="updated chunks averaged at the start and the end")
     p.add_argument("--count", action="store_true", help="count aten ops and host syncs (slow: times are not speeds)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-': JSON on stdout, "
                                                    "text on stderr)")
     args = p.parse_args(argv)
-    if args.tokens < 1 or args.chunk < 1 or args.edge_chunks < 1 or args.world < 1 or args.batch_positions < 1:
-        p.error("--tokens, --chunk, --edge-chunks, --world and --batch-positions must be >= 1")
+    if args.min_order > args.max_order:
+        p.error(f"--min-order {args.min_order} must be <= --max-order {args.max_order}")
+    if args.buckets & (args.buckets - 1):
+        p.error(f"--buckets {args.buckets} must be a power of two (the hashed tables mask with buckets - 1)")
+    toolkit.check_writable(args.json)
     return args
 
 
+@toolkit.entry(tg.UserError)
 def main(argv=None) -> int:
     args = parse_args(argv)
     res = run(args)
     text = " ".join(f"{k}:{v}" for k, v in res.items() if k not in ("tables", "sync_ops"))
     text += f"\ntables {json.dumps(res['tables'])}" + (f"\nsync_ops {json.dumps(res['sync_ops'])}" if args.count else "")
-    return logparse.emit_status(text, res, args.json)
+    logparse.emit(text, res, args.json)
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":

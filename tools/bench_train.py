@@ -29,6 +29,9 @@ CUDA device name) or --peak-flops. On CPU, or on an unknown GPU without --peak-f
 
 The rig (build_rig) and the timed measurement (time_training) are shared with tools/preflight.py, which reports the
 same figures for QAT off and on; compile_s = warm-up time minus the warm-up steps at the measured rate.
+
+A bad setting, path or argument (--steps 0, --peak-flops that is not a finite number > 0) is one `error:` line and
+exit 2 (tools/toolkit.py).
 """
 import argparse
 import os
@@ -44,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import logparse  # noqa: E402
+import toolkit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 # Dense bf16 tensor-core peak FLOP/s by (substring of) CUDA device name; first match wins.
@@ -105,17 +109,16 @@ def peak_memory_mib(rt: tg.Runtime) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the clock, compile included (default 5)")
+    p = toolkit.ArgParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=toolkit.positive_int, default=20, help="timed training steps (default 20)")
+    p.add_argument("--warmup", type=toolkit.non_negative_int, default=5,
+                   help="untimed steps before the clock, compile included (default 5)")
     p.add_argument("--synthetic", action="store_true", help="random tokens in memory instead of DATA_PATH shards")
     p.add_argument("--qat", action="store_true", help="benchmark the late-QAT graph (int6 fake-quant on)")
-    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per device for MFU (overrides table)")
+    p.add_argument("--peak-flops", type=toolkit.positive_float, default=None,
+                   help="peak FLOP/s per device for MFU (overrides table)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON to PATH ('-' = stdout)")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
-    return args
+    return p.parse_args(argv)
 
 
 class TrainingRig(NamedTuple):
@@ -214,20 +217,22 @@ def report(res: dict) -> str:
             f"final_loss:{res['final_loss']:.4f}")
 
 
-def main(argv=None) -> int:
+@toolkit.entry(tg.UserError)
+def measure(argv=None) -> int:
+    """Parse, check, run and report (rank 0); returns the exit code."""
     args = parse_args(argv)
-    try:
-        h = tg.Hyperparameters.from_env(os.environ)
-        rt = tg.init_runtime(h)
-        h.validate(rt.world_size)
-        res = run(args, h, rt)
-        if rt.is_main:
-            logparse.emit(report(res), res, args.json)
-    except (tg.UserError, logparse.ToolError) as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        tg.shutdown(1)
-    tg.shutdown(0)
+    toolkit.check_writable(args.json)
+    h = tg.Hyperparameters.from_env(os.environ)
+    rt = tg.init_runtime(h)
+    h.validate(rt.world_size)
+    res = run(args, h, rt)
+    if rt.is_main:
+        logparse.emit(report(res), res, args.json)
+    return toolkit.EXIT_OK
+
+
+def main(argv=None) -> int:
+    tg.shutdown(measure(argv))
     return 0
 
 

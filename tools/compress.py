@@ -44,8 +44,11 @@ forward per token (K forwards; with --ngram also one lookup of V candidates per 
 time of one forward and the resulting decode estimate; the default K is small (1000). One thread is the default:
 these small forwards run fastest without thread hand-offs.
 
-Errors (a corrupted file, a wrong artifact or tokenizer, settings that cannot code): one `error:` line on stderr,
-exit 1. `--json PATH|-` as in every tool (with `-` only the JSON goes to stdout).
+Errors (a corrupted file, a wrong artifact or tokenizer, an artifact whose logits are not finite, text with no
+bytes to code, an output path that is one of the inputs, settings that cannot code): one `error:` line on stderr,
+exit 2, nothing written. A failed check (logits not bit-reproducible on this machine, decoded tokens that differ
+from the encoded ones): one `error:` line, exit 4. Exit codes: tools/toolkit.py. `--json PATH|-` as in every tool
+(with `-` only the JSON goes to stdout).
 """
 import argparse
 import contextlib
@@ -66,8 +69,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import toolkit  # noqa: E402
 import train_gpt as tg  # noqa: E402
-from logparse import ToolError, emit  # noqa: E402
+from logparse import emit  # noqa: E402
 
 MAGIC = b"PGAC"
 FORMAT_VERSION = 1
@@ -81,8 +85,8 @@ PAD_TOKEN = 0  # what the decoder feeds at positions it has not decoded yet (nev
 UNCODED_SETTINGS = {"run_id", "log_dir", "data_path", "artifact", "artifact_path", "eval_only", "val_max_tokens"}
 
 
-class CompressError(ToolError):
-    """A problem the user can fix (file, artifact, tokenizer, settings): one `error:` line on stderr, exit 1."""
+class CompressError(toolkit.ToolError):
+    """A problem the user can fix (file, artifact, tokenizer, settings): one `error:` line on stderr, exit 2."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,11 +319,14 @@ def check_causal(model: tg.GPT, length: int, vocab: int) -> float:
         t0 = time.perf_counter()
         a = model(x)
         seconds = time.perf_counter() - t0
+        if not bool(torch.isfinite(a).all()):
+            raise CompressError("the artifact's logits are not finite (NaN or infinite weights): it is no model to "
+                                "code with; use the artifact of a run that finished with a finite score")
         same = torch.equal(a, model(x))
         causal = torch.equal(a[:, :m], model(y)[:, :m])
     if not (same and causal):
-        raise CompressError(f"logits are not reproducible bit for bit on this machine (repeat:{int(same)} "
-                            f"causal:{int(causal)}); decoding could not follow the encoder")
+        raise toolkit.CheckFailed(f"logits are not reproducible bit for bit on this machine (repeat:{int(same)} "
+                                  f"causal:{int(causal)}); decoding could not follow the encoder")
     return seconds
 
 
@@ -498,8 +505,8 @@ def decode_file(blob: bytes, name: str, artifact: str, tokenizer: str | None) ->
     check_causal(model, dists.length, h.vocab_size)
     decode_tokens(dists, payload)
     if tokens_sha256(tokens) != hd.tokens_sha256:
-        raise CompressError(f"{name}: decoded tokens differ from the encoded ones (sha256): the distributions were "
-                            "not reproduced bit for bit")
+        raise toolkit.CheckFailed(f"{name}: decoded tokens differ from the encoded ones (sha256): the distributions "
+                                  "were not reproduced bit for bit")
     return tokens, text_of(tokens, load_sp(h.tokenizer_path))
 
 
@@ -518,8 +525,8 @@ def encode_command(args, env) -> dict:
     h = settings_from(env)
     flags = code_flags(args, h)
     threads = args.threads
-    if threads < 1:
-        raise CompressError(f"--threads {threads}: give at least 1")
+    for flag, path in (("-o", args.output), ("--json", args.json)):
+        toolkit.refuse_overwrite(path, (args.artifact, args.text, h.tokenizer_path), flag)
     set_deterministic(threads)
     model, h = load_model(args.artifact, h, env)
     try:
@@ -527,6 +534,11 @@ def encode_command(args, env) -> dict:
     except tg.UserError as e:
         raise CompressError(" ".join(str(e).split())) from None
     source = read_source(args, h, sp)
+    tables = tg.build_byte_luts(sp, h.vocab_size)
+    if int(tg.count_bytes(source.tokens[:-1], source.tokens[1:], tables).sum()) == 0:  # bpb would divide by 0
+        raise CompressError(f"{'--text ' + args.text if args.text else f'--tokens {args.tokens}'}: its "
+                            f"{source.tokens.numel() - 1} targets hold no byte of text (only blank lines or "
+                            "document starts); nothing to code")
     dists = Distributions(model, h, source.tokens.clone(), flags)
     forward_s = check_causal(model, dists.length, h.vocab_size)
     t0 = time.perf_counter()
@@ -543,11 +555,13 @@ def encode_command(args, env) -> dict:
         t0 = time.perf_counter()
         identical = decode_file(Path(args.output).read_bytes(), args.output, args.artifact, None)[1] == source.text
         times["decode_s"] = time.perf_counter() - t0
-    claimed = evaluator_bits(model, h, source.tokens, tg.build_byte_luts(sp, h.vocab_size), flags)
+    claimed = evaluator_bits(model, h, source.tokens, tables, flags)
     return report(claimed, len(payload), len(blob) - len(payload), identical, times)
 
 
 def decode_command(args, env) -> dict:
+    for flag, path in (("-o", args.output), ("--json", args.json)):
+        toolkit.refuse_overwrite(path, (args.input, args.artifact, args.tokenizer), flag)
     try:
         blob = Path(args.input).read_bytes()
     except OSError as e:
@@ -567,18 +581,18 @@ def format_report(event: str, r: dict) -> str:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = toolkit.ArgParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="code K validation targets (or a text file) into OUT")
     enc.add_argument("--artifact", required=True)
     src = enc.add_mutually_exclusive_group()
-    src.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+    src.add_argument("--tokens", type=toolkit.positive_int, default=DEFAULT_TOKENS,
                      help=f"the first K targets of the val split (default {DEFAULT_TOKENS})")
     src.add_argument("--text", help="a UTF-8 text file (one document per line) instead of the val split")
     enc.add_argument("--ngram", action="store_true", help="the exact n-gram mixture (as ngram_eval)")
     enc.add_argument("--ttt", action="store_true", help="legal score-first TTT (as the USE_TTT=1 pass, TTT_* settings)")
-    enc.add_argument("--threads", type=int, default=1, help="CPU threads for encode and decode (default 1: "
-                     "decoding runs many small forwards, fastest on one thread)")
+    enc.add_argument("--threads", type=toolkit.positive_int, default=1, help="CPU threads for encode and decode "
+                     "(default 1: decoding runs many small forwards, fastest on one thread)")
     enc.add_argument("--no-verify", dest="verify", action="store_false", help="skip decoding the file back")
     enc.add_argument("-o", "--output", required=True)
     dec = sub.add_parser("decode", help="decode IN back to text")
@@ -591,16 +605,13 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+@toolkit.entry(tg.UserError)
 def main(argv=None, env=None) -> int:
     args = parse_args(argv)
     env = os.environ if env is None else env
-    try:
-        r = encode_command(args, env) if args.command == "encode" else decode_command(args, env)
-        emit(format_report(f"compress_{args.command}", r), r, args.json)
-    except ToolError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    r = encode_command(args, env) if args.command == "encode" else decode_command(args, env)
+    emit(format_report(f"compress_{args.command}", r), r, args.json)
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -10,20 +10,23 @@ become numbers where they are numbers, `N/M` counters become `key` and `key_of`,
 Public API: `parse_log(path) -> RunLog`, `require_complete(run)`, `LogError`, `load_runs(paths, complete=True)`,
 `emit(text, result, json_dest)`, `emit_status(...)` (the same, as an exit status).
 
-Conventions shared by every tool: a user error (a file, a log, an option value) prints one `error: ...` line and
-exits 1; `--json PATH` writes the JSON result to PATH (temporary file + rename) and prints the usual text, while
-`--json -` prints only the JSON on stdout and sends the text to stderr.
+Conventions shared by every tool (exit codes and error lines: toolkit.py): `--json PATH` writes the JSON result to
+PATH (temporary file + rename; non-finite figures become null) and prints the usual text, while `--json -` prints
+only the JSON on stdout and sends the text to stderr. A log whose scores are not finite is a failed run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import toolkit
+from toolkit import ToolError
 
 NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf|-inf"  # what Python's float formatting can print
 INT = r"-?\d+"
@@ -39,10 +42,7 @@ UPSTREAM_LINES = (
 )
 TEXT_KEYS = ("value", "path", "pattern", "sha256", "code_sha256", "source_sha256", "detail", "run_id")  # never converted to numbers
 UNITS = ("ms", "s")  # `train_time:123ms` -> train_time_ms: 123.0
-
-
-class ToolError(ValueError):
-    """A user error in a tool (file, option value); the tool prints `error: <message>` and exits 1."""
+SCORE_KEYS = ("val_loss", "val_bpb", "train_loss")  # a non-finite value in any of them: the run failed
 
 
 class LogError(ToolError):
@@ -257,6 +257,9 @@ def incomplete_reason(run: RunLog) -> str | None:
     (round trip; the n-gram score when NGRAM_ENABLED; post_training_time, the last line of every finished run)."""
     if run.event("run_failed"):
         return f"the run failed ({run.lines['run_failed']})"
+    bad = non_finite_line(run)
+    if bad:
+        return f"non-finite score, the run failed ({bad})"
     if not run.roundtrip_exact:
         return f"truncated log (no 'final_int6_zstd_roundtrip_exact' line); last event: {_last_event(run)}"
     wants_ngram = run.hparams.get("ngram_enabled", "1") == "1"
@@ -264,6 +267,15 @@ def incomplete_reason(run: RunLog) -> str | None:
         return "truncated log (no n-gram score: stopped during the n-gram eval)"
     if run.post_training_ms is None:
         return "truncated log (no 'post_training_time' line)"
+    return None
+
+
+def non_finite_line(run: RunLog) -> str | None:
+    """The first line with a NaN or infinite loss or bpb (a diverged run, broken weights); None when all are finite."""
+    for found in run.events.values():
+        for e in found:
+            if any(isinstance(e.get(k), float) and not math.isfinite(e[k]) for k in SCORE_KEYS):
+                return e["line"]
     return None
 
 
@@ -295,14 +307,14 @@ def emit(text: str, result, json_dest: str | None) -> None:
     """Print `text` and the JSON `result` as `--json PATH|-` says (see the module docstring)."""
     if json_dest == "-":
         print(text, file=sys.stderr, flush=True)
-        print(json.dumps(result, indent=2), flush=True)
+        print(json.dumps(toolkit.json_safe(result), indent=2), flush=True)
         return
     print(text, flush=True)
     if json_dest:
         path = Path(json_dest)
         tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
         try:
-            tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(toolkit.json_safe(result), indent=2) + "\n", encoding="utf-8")
             os.replace(tmp, path)
         except OSError as exc:
             raise ToolError(f"--json {json_dest}: cannot write ({exc.strerror or exc})") from None
@@ -311,19 +323,11 @@ def emit(text: str, result, json_dest: str | None) -> None:
 
 
 def emit_status(text: str, result, json_dest: str | None) -> int:
-    """emit(), as a tool's exit status: 0, or 1 after one `error:` line when the JSON cannot be written."""
-    try:
-        emit(text, result, json_dest)
-    except ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """emit(), as a tool's exit status: 0, or 2 after one `error:` line when the JSON cannot be written."""
+    return toolkit.exit_code(emit, text, result, json_dest)
 
 
-def cli_parser(doc: str) -> argparse.ArgumentParser:
-    """ArgumentParser whose description is the module docstring's first paragraph and epilog the rest."""
-    head, _, rest = doc.partition("\n\n")
-    return argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+cli_parser = toolkit.cli_parser  # the tools' ArgumentParser: one-line errors, exit 2
 
 
 def mean_std(values) -> tuple[float | None, float | None]:

@@ -14,9 +14,11 @@ that file shows the submission size the record claims (its `Total submission` li
 only its logs let a reviewer match the folder's train_gpt.py to them byte for byte (code_sha256). Logs of the
 readable script are refused with the commands that make the packed run.
 
-Refuses (exit 1, clear message, nothing created) when: a log is foreign or truncated; the packed script's sha256
-or size differs from code_sha256 / code_bytes in ANY log; two logs share a seed; the logs differ in settings other
-than seed/run_id; the folder exists (unless --force); with --strict, any compliance check fails. Usage errors exit 2.
+Refuses with one `error:` line and nothing created (exit 2, tools/toolkit.py) when: a log is foreign, truncated,
+failed or has a non-finite score (with --allow-incomplete: a log without a finite headline score); a file is given
+twice; the packed script's sha256 or size differs from code_sha256 / code_bytes in ANY log; two logs share a seed;
+the logs differ in settings other than seed/run_id; the folder exists (unless --force). With --strict, a failed
+compliance check is exit 4.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import logparse  # noqa: E402
 import summarize_logs  # noqa: E402
+import toolkit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 # the challenge limits as the script's defaults and constants state them (one source)
@@ -60,8 +64,8 @@ print(json.dumps({f.name: fmt(getattr(h, f.name)) for f in dataclasses.fields(h)
 """
 
 
-class RecordError(Exception):
-    """A reason to refuse building the record."""
+class RecordError(toolkit.ToolError):
+    """A reason to refuse building the record (exit 2)."""
 
 
 # ------------------------------------------------------------------ checks before anything is written
@@ -280,11 +284,16 @@ def setup_lines(runs, data_command: str | None, folder: str) -> list[str]:
 # ------------------------------------------------------------------ outputs
 
 def headline(runs) -> tuple[str, list[float], list[float]]:
-    """Which score the record reports (n-gram exact if every log has it, else round trip) and its values."""
-    if all(r.ngram_exact for r in runs):
-        return "ngram_eval_exact", [r.ngram_exact["val_loss"] for r in runs], [r.ngram_exact["val_bpb"] for r in runs]
-    return ("final_int6_zstd_roundtrip_exact", [r.roundtrip_exact["val_loss"] for r in runs],
-            [r.roundtrip_exact["val_bpb"] for r in runs])
+    """Which score the record reports (n-gram exact if every log has it, else round trip) and its values; a log
+    without that score, or with a non-finite one, is refused (submission.json never holds NaN)."""
+    name = "ngram_eval_exact" if all(r.ngram_exact for r in runs) else "final_int6_zstd_roundtrip_exact"
+    for r in runs:
+        score = r.event(name)
+        if not all(isinstance(score.get(k), (int, float)) and math.isfinite(score[k]) for k in ("val_loss", "val_bpb")):
+            raise RecordError(f"{r.path}: {'non-finite' if score else 'no'} '{name}' score "
+                              f"({score.get('line', 'the run stopped before it')}): a record needs a finite score "
+                              "from every seed")
+    return name, [r.event(name)["val_loss"] for r in runs], [r.event(name)["val_bpb"] for r in runs]
 
 
 def submission(runs, args) -> dict:
@@ -333,25 +342,30 @@ def readme(runs, args, sub: dict, env: dict, defaults_known: bool, checks: list[
     return "\n".join(out)
 
 
-def write_record(folder: Path, files: dict[str, str], copies: dict[str, Path], force: bool) -> None:
-    """Write into a temporary sibling folder, then move it into place (replacing the old one with --force)."""
+def write_record(folder: Path, files: dict[str, str], copies: dict[str, Path]) -> None:
+    """Write into a temporary sibling folder, then move it into place (replacing the old one with --force); a
+    failure or an interrupt leaves no temporary folder and the old record, if any, as it was."""
     tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, text in files.items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    for name, src in copies.items():
-        shutil.copyfile(src, tmp / name)
-    if folder.exists() and force:
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        for name, src in copies.items():
+            shutil.copyfile(src, tmp / name)
+        with toolkit.interrupts_held():  # the swap completes once begun
+            toolkit.swap_in(tmp, folder)  # build() refused an existing folder unless --force
+    except OSError as e:
+        raise RecordError(f"cannot write {e.filename or folder} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build(args) -> Path:
     """All checks first, then write the folder; raises RecordError or LogError to refuse."""
     if not NAME_RX.fullmatch(args.name):
         raise RecordError(f"--name {args.name!r}: use letters, digits, '_', '.', '-'")
-    runs = logparse.load_runs(args.logs, complete=not args.allow_incomplete)
+    runs = logparse.load_runs(toolkit.distinct_files(args.logs), complete=not args.allow_incomplete)
     script = Path(args.script)
     packed, source_sha = packed_script(script)
     sha = check_code(runs, script, packed, source_sha)
@@ -362,17 +376,17 @@ def build(args) -> Path:
     checks = compliance(runs)
     failed = [c["rule"] for c in checks if not c["ok"]]
     if failed and args.strict:
-        raise RecordError("compliance checks failed (--strict):\n  " + "\n  ".join(failed))
+        raise toolkit.CheckFailed("compliance checks failed (--strict): " + "; ".join(failed) + "; nothing was created")
     for rule in failed:
         print(f"warning: compliance check failed: {rule}", file=sys.stderr)
     defaults = script_defaults(script)
     env = launch_env(runs, defaults)
     sub = submission(runs, args)
     files = {"README.md": readme(runs, args, sub, env, defaults is not None, checks, sha, source_sha, folder),
-             "submission.json": json.dumps(sub, indent=2) + "\n", "requirements.txt": requirements(runs),
+             "submission.json": json.dumps(sub, indent=2, allow_nan=False) + "\n", "requirements.txt": requirements(runs),
              "train_gpt.py": packed.decode("utf-8")}
     copies = {f"train_seed{r.seed}.log": r.path for r in runs}
-    write_record(folder, files, copies, args.force)
+    write_record(folder, files, copies)
     return folder
 
 
@@ -399,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@toolkit.entry()
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -408,11 +423,10 @@ def main(argv=None) -> int:
         build_parser().error(f"--date {args.date!r} is not a YYYY-MM-DD date")
     try:
         folder = build(args)
-    except (RecordError, logparse.LogError) as exc:
-        print(f"error: {exc}\nnothing was created.", file=sys.stderr)
-        return 1
+    except toolkit.ToolError as exc:
+        raise RecordError(f"{exc}; nothing was created") from None
     print(folder)
-    return 0
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":

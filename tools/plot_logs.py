@@ -6,12 +6,15 @@
 Panels: train loss vs step, train loss vs training wall-clock, val_bpb vs step, val_bpb vs wall-clock.
 Each run is labelled at the end of its line (seed, or run id when seeds repeat), so no legend is needed; the final
 int6 round-trip bpb is drawn as a hollow marker at the last step in the val_bpb panels. Truncated logs (runs still
-in progress) are plotted too; foreign files are an error (exit 1, names the file).
+in progress) are plotted too. The format follows the output's extension (.png, .pdf, .svg, ...); the file is
+written whole or not at all. A foreign file, a file given twice, an unknown extension or an output that cannot be
+written is one `error:` line, exit 2 (tools/toolkit.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,9 +22,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import logparse  # noqa: E402
+import toolkit  # noqa: E402
 
 PANELS = [  # (row, col, series kind, x key, y key, title)
     (0, 0, "train_step", "step", "train_loss", "train loss vs step"),
@@ -129,9 +134,24 @@ def plot(runs, out: Path, title: str | None = None) -> Path:
         draw_panel(axes[panel[0]][panel[1]], runs, labels, colors, panel)
     fig.suptitle(title or default_title(runs), fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=120, format=out.suffix[1:].lower())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise toolkit.ToolError(f"-o {out}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def check_output(out: Path) -> None:
+    """The extension names a format matplotlib writes (without one, savefig would append .png to another name)."""
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise toolkit.ToolError(f"-o {out}: unknown image format {out.suffix or '(no extension)'}; use one of "
+                                + ", ".join("." + f for f in sorted(formats)))
 
 
 def default_title(runs) -> str:
@@ -149,16 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@toolkit.entry()
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        runs = logparse.load_runs(args.logs, complete=False)
-    except logparse.LogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    check_output(Path(args.output))
+    toolkit.refuse_overwrite(args.output, toolkit.distinct_files(args.logs), "-o")
+    runs = logparse.load_runs(args.logs, complete=False)
     print(plot(runs, Path(args.output), args.title))
-    return 0
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ Projected steps = f·T/ms_qat + (1−f)·T/ms, T = MAX_WALLCLOCK_SECONDS, f = QA
 capped at ITERATIONS. Train tokens needed = steps × grad-accum × world × (micro-batch + 1), as the loader reads.
 
 A hang (process-group start-up, a collective) becomes, after --collective-timeout / --timeout seconds, one line
-naming the NCCL settings to try and exit code 1. Output: the Markdown table and a verdict line (rank 0), JSON with
---json PATH|- (the table then goes to stderr for '-'). Exit 0: ready (warnings allowed); 1: a check failed, or a
-user error (bad setting, bad path), reported in one line.
+naming the NCCL settings to try and exit code 4. Output: the Markdown table and a verdict line (rank 0), JSON with
+--json PATH|- (the table then goes to stderr for '-'). Exit codes (tools/toolkit.py): 0 ready (warnings allowed);
+4 not_ready (a check failed, or a hang); 2 a user error (bad setting, path or argument), reported in one line.
 """
 import argparse
 import contextlib
@@ -61,6 +61,7 @@ import train_gpt as tg  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402
 import logparse  # noqa: E402
+import toolkit  # noqa: E402
 
 SECTIONS = ("environment", "attention", "collectives", "training", "evaluation", "data")
 REFERENCE_STEPS, REFERENCE_MS_PER_STEP = 6772, 88.6  # the reference record on 8×H100 (600 s training cap)
@@ -102,14 +103,14 @@ def one_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Watchdog: a hang becomes a message and exit code 1 (gloo and NCCL alike)
+# Watchdog: a hang becomes a message and exit code 4 (gloo and NCCL alike)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _exit_on_timeout(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
     print("preflight verdict:not_ready reason:timeout", flush=True)
-    os._exit(1)
+    os._exit(toolkit.EXIT_FAILED)
 
 
 @contextlib.contextmanager
@@ -584,25 +585,26 @@ def report_json(pf: Preflight, checks: list[Check]) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = logparse.cli_parser(__doc__)
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per QAT state (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing, compile included (3)")
-    p.add_argument("--eval-tokens", type=int, default=524_288, help="validation targets timed for the eval projection")
-    p.add_argument("--collective-iters", type=int, default=5, help="timed calls per collective (default 5)")
-    p.add_argument("--collective-timeout", type=float, default=120.0, help="seconds before process-group start-up "
+    count = toolkit.positive_int
+    seconds = toolkit.arg_type(float, lambda v: 0 < v <= 1e9, "a number of seconds in (0, 1e9]")  # a timer's range
+    p.add_argument("--steps", type=count, default=20, help="timed training steps per QAT state (default 20)")
+    p.add_argument("--warmup", type=toolkit.non_negative_int, default=3,
+                   help="untimed steps before each timing, compile included (3)")
+    p.add_argument("--eval-tokens", type=count, default=524_288,
+                   help="validation targets timed for the eval projection")
+    p.add_argument("--collective-iters", type=count, default=5, help="timed calls per collective (default 5)")
+    p.add_argument("--collective-timeout", type=seconds, default=120.0, help="seconds before process-group start-up "
                    "or the collectives section counts as hung (default 120)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds before the whole tool counts as hung")
-    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per device for MFU (overrides table)")
+    p.add_argument("--timeout", type=seconds, default=900.0, help="seconds before the whole tool counts as hung")
+    p.add_argument("--peak-flops", type=toolkit.positive_float, default=None,
+                   help="peak FLOP/s per device for MFU (overrides table)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the checks as JSON to PATH ('-' = stdout)")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.eval_tokens < 1 or args.collective_iters < 1:
-        p.error("--steps, --eval-tokens and --collective-iters must be >= 1 and --warmup >= 0")
-    return args
+    return p.parse_args(argv)
 
 
 def start(args: argparse.Namespace) -> Preflight:
     """Settings, runtime and the JSON destination, checked before minutes of measurements."""
-    if args.json not in (None, "-") and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
-        raise logparse.ToolError(f"--json {args.json}: the folder does not exist or is not writable")
+    toolkit.check_writable(args.json)
     h = tg.Hyperparameters.from_env(os.environ)
     rt = tg.init_runtime(h)
     h.validate(rt.world_size)
@@ -625,18 +627,19 @@ def finish(pf: Preflight, checks: list[Check]) -> bool:
     return failed
 
 
-def main(argv=None) -> int:
+@toolkit.entry(tg.UserError)
+def preflight(argv=None) -> int:
+    """Parse, start, run every check and report; returns the exit code (0 ready, 4 not_ready)."""
     args = parse_args(argv)
-    try:
-        with watchdog(args.timeout, "preflight"):
-            with watchdog(args.collective_timeout, "process-group start-up"):
-                pf = start(args)
-            failed = finish(pf, run_checks(pf))
-    except (tg.UserError, logparse.ToolError) as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        tg.shutdown(1)
-    tg.shutdown(1 if failed else 0)
+    with watchdog(args.timeout, "preflight"):
+        with watchdog(args.collective_timeout, "process-group start-up"):
+            pf = start(args)
+        failed = finish(pf, run_checks(pf))
+    return toolkit.EXIT_FAILED if failed else toolkit.EXIT_OK
+
+
+def main(argv=None) -> int:
+    tg.shutdown(preflight(argv))
     return 0
 
 

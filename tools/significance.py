@@ -2,7 +2,7 @@
 """Is our mean score better than a baseline by at least a margin? One-sided one-sample Student t-test.
 
     python3 tools/significance.py --baseline 1.9200 --logs logs/seed*.txt
-    python3 tools/significance.py --baseline 0.4800 --metric ngram --logs logs/seed*.txt --strict
+    python3 tools/significance.py --baseline 0.4800 --metric ngram --logs logs/seed*.txt   # exit 4 unless PASS
 
 H0: mean >= baseline - min_improvement;  H1: mean < baseline - min_improvement.
 t = (mean - (baseline - min_improvement)) / (s / sqrt(n)),  df = n - 1,  p = P(T_df <= t).
@@ -12,8 +12,10 @@ scipy is needed.
 Metrics: val_loss (final_int6_zstd_roundtrip_exact val_loss, nats; the default), ngram (ngram_eval_exact val_loss),
 val_bpb / ngram_bpb (the same lines' val_bpb; the margin is then in bits per byte).
 
-Exit status: 0 when the test was computed (whatever the verdict); with --strict, 1 on FAIL. 1 for unusable logs
-(truncated, foreign, metric line missing) or fewer than 2 logs; 2 for usage errors.
+Exit status (tools/toolkit.py): 0 on PASS; 4 on FAIL (the figures are printed either way); 2 with one `error:` line
+for unusable input: a truncated, failed or foreign log, a missing metric line, fewer than 2 logs, a file given twice,
+two logs of one seed, identical scores (std 0: no t-test), a baseline or margin that is not a finite positive
+number, an alpha outside (0, 1).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import logparse  # noqa: E402
+import toolkit  # noqa: E402
 
 METRICS = {  # name -> (event, field, unit)
     "val_loss": ("final_int6_zstd_roundtrip_exact", "val_loss", "nats"),
@@ -99,15 +102,32 @@ def one_sided_ttest(values, baseline: float, min_improvement: float) -> dict:
 
 
 def metric_values(runs, metric: str) -> list[float]:
-    """The chosen metric from each run; LogError when a log lacks its line."""
+    """The chosen metric from each run; LogError when a log lacks its line or its value is not finite."""
     event, key, _ = METRICS[metric]
     values = []
     for run in runs:
         found = run.event(event)
         if not found:
             raise logparse.LogError(f"{run.path}: no '{event}' line (needed for --metric {metric})")
+        if not math.isfinite(float(found[key])):
+            raise logparse.LogError(f"{run.path}: non-finite {key} ({found['line']}): a failed run has no score")
         values.append(float(found[key]))
     return values
+
+
+def one_run_per_seed(runs) -> None:
+    """The logs are independent runs: one per seed (a copied or repeated log would shrink the variance)."""
+    seeds = [r.seed for r in runs]
+    dupes = sorted({s for s in seeds if s is not None and seeds.count(s) > 1})
+    if dupes:
+        raise logparse.LogError(f"several logs for seed(s) {dupes}: the test needs one log per seed")
+
+
+def check_args(args) -> None:
+    """Ranges the parser cannot see: the margin stays below the baseline (a score is > 0)."""
+    if args.min_improvement >= args.baseline:
+        raise toolkit.ToolError(f"--min-improvement {args.min_improvement} must be below --baseline {args.baseline} "
+                                "(the threshold baseline - min_improvement must stay > 0)")
 
 
 def report(result: dict, args, values) -> str:
@@ -130,38 +150,42 @@ def report(result: dict, args, values) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface (every flag has help)."""
     p = logparse.cli_parser(__doc__)
-    p.add_argument("--baseline", type=float, required=True, help="score of the record to beat, in the metric's unit")
+    p.add_argument("--baseline", type=toolkit.positive_float, required=True,
+                   help="score of the record to beat, in the metric's unit")
     p.add_argument("--logs", nargs="+", required=True, metavar="LOG", help="our train_gpt.py logs, one per seed (>= 2)")
     p.add_argument("--metric", choices=sorted(METRICS), default="val_loss",
                    help="which final score to test (default: val_loss = int6 round-trip exact val_loss)")
-    p.add_argument("--min-improvement", type=float, default=0.005,
+    p.add_argument("--min-improvement", type=toolkit.non_negative_float, default=0.005,
                    help="required margin below the baseline (default 0.005, nats for loss metrics)")
-    p.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
-    p.add_argument("--strict", action="store_true", help="exit 1 when the verdict is FAIL (for scripts and CI)")
+    p.add_argument("--alpha", type=toolkit.probability, default=0.01,
+                   help="significance level in (0, 1) (default 0.01)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-': JSON on stdout, "
                                                    "text on stderr)")
     return p
 
 
+@toolkit.entry()
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        values = metric_values(logparse.load_runs(args.logs), args.metric)
-    except logparse.LogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    check_args(args)
+    toolkit.refuse_overwrite(args.json, toolkit.distinct_files(args.logs), "--json")
+    runs = logparse.load_runs(args.logs)
+    values = metric_values(runs, args.metric)
     if len(values) < 2:
-        print(f"error: need at least 2 logs for a t-test, got {len(values)}", file=sys.stderr)
-        return 1
+        raise toolkit.ToolError(f"need at least 2 logs for a t-test, got {len(values)}")
+    one_run_per_seed(runs)
+    if len(set(values)) == 1:
+        raise toolkit.ToolError(f"all {len(values)} scores are {values[0]}: with no spread there is no t-test "
+                                "(are these logs of one run?)")
     if len(values) < RECORD_MIN_SEEDS:
         print(f"warning: records need >= {RECORD_MIN_SEEDS} seeds; this test uses {len(values)}", file=sys.stderr)
     result = one_sided_ttest(values, args.baseline, args.min_improvement)
+    passed = result["p"] < args.alpha
     figures = dict(result, metric=args.metric, values=values, baseline=args.baseline, alpha=args.alpha,
-                   verdict="PASS" if result["p"] < args.alpha else "FAIL")
-    if logparse.emit_status(report(result, args, values), figures, args.json):
-        return 1
-    return 1 if args.strict and not result["p"] < args.alpha else 0
+                   verdict="PASS" if passed else "FAIL")
+    logparse.emit(report(result, args, values), figures, args.json)
+    return toolkit.EXIT_OK if passed else toolkit.EXIT_FAILED
 
 
 if __name__ == "__main__":

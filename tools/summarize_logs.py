@@ -5,10 +5,11 @@
     python3 tools/summarize_logs.py logs/*.txt --markdown      # GitHub Markdown table
     python3 tools/summarize_logs.py logs/*.txt --json out.json # also write JSON ('-': JSON on stdout, table on stderr)
 
-Logs of failed or unfinished runs (a `run_failed` line, or a missing final line) and files that are not
-train_gpt.py logs are skipped with a warning naming the file. `--allow-incomplete` keeps unfinished logs
-(their missing scores are left blank and excluded from mean/std). Exit status: 0 on success; 1 when no usable
-log is left or the JSON cannot be written; 2 for usage errors.
+Logs of failed or unfinished runs (a `run_failed` line, a non-finite score, or a missing final line) and files that
+are not train_gpt.py logs are skipped with a warning naming the file. `--allow-incomplete` keeps unfinished logs
+(their missing or non-finite scores are left blank and excluded from mean/std). Exit status (tools/toolkit.py): 0 on
+success; 2 with one `error:` line when no usable log is left, a file is given twice, the JSON cannot be written or
+an argument is wrong.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import logparse  # noqa: E402
+import toolkit  # noqa: E402
 
 # (key, header, format, getter). Keys are the JSON field names.
 COLUMNS = [
@@ -48,13 +50,18 @@ TEXT_KEYS = ("run", "seed")  # no mean/std for these
 
 def summarize(runs) -> dict:
     """{'rows': [...], 'mean': {...}, 'std': {...}, 'n': N}; numeric columns only in mean/std."""
-    rows = [dict({"file": str(r.path)}, **{key: get(r) for key, _, _, get in COLUMNS}) for r in runs]
+    rows = [dict({"file": str(r.path)}, **{key: _finite(get(r)) for key, _, _, get in COLUMNS}) for r in runs]
     mean, std = {}, {}
     for key, _, _, _ in COLUMNS:
         if key in TEXT_KEYS:
             continue
         mean[key], std[key] = logparse.mean_std(row[key] for row in rows)
     return {"n": len(rows), "rows": rows, "mean": mean, "std": std}
+
+
+def _finite(value):
+    """A cell value; a non-finite number (a diverged run kept by --allow-incomplete) is blank, never averaged."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def used_columns(summary: dict) -> list[tuple]:
@@ -64,7 +71,7 @@ def used_columns(summary: dict) -> list[tuple]:
 
 def fmt(value, spec: str) -> str:
     """Format a cell; blanks for missing values."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return ""
     try:
         return spec.format(value)
@@ -137,16 +144,17 @@ def usable_runs(paths, allow_incomplete: bool) -> list:
     return runs
 
 
+@toolkit.entry()
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
+    toolkit.refuse_overwrite(args.json, toolkit.distinct_files(args.logs), "--json")
     runs = usable_runs(args.logs, args.allow_incomplete)
     if not runs:
-        print(f"error: none of the {len(args.logs)} log(s) is a finished run (see the warnings)", file=sys.stderr)
-        return 1
+        raise toolkit.ToolError(f"none of the {len(args.logs)} log(s) is a finished run (see the warnings)")
     summary = summarize(runs)
-    return logparse.emit_status(render_markdown(summary) if args.markdown else render_text(summary), summary,
-                                args.json)
+    logparse.emit(render_markdown(summary) if args.markdown else render_text(summary), summary, args.json)
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":
