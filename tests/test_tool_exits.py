@@ -21,13 +21,17 @@ from conftest import load_data_script
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import bench_codec  # noqa: E402
 import bench_eval  # noqa: E402
 import bench_gptq  # noqa: E402
 import bench_ngram_cache  # noqa: E402
 import bench_train  # noqa: E402
+import bench_windows  # noqa: E402
 import compress  # noqa: E402
 import logparse  # noqa: E402
+import install_flash_attn  # noqa: E402
 import make_record  # noqa: E402
+import pack  # noqa: E402
 import plot_logs  # noqa: E402
 import preflight  # noqa: E402
 import significance  # noqa: E402
@@ -130,10 +134,22 @@ BAD_ARGUMENTS = [
     ("make_dataset", ["--input", "{d}/a.txt", "--name", "x", "--out-dir", "{d}/a.txt/out"], 2, ["a.txt"]),
     ("cached_challenge_fineweb", ["--train-shards", "-1"], 2, ["--train-shards"]),
     ("cached_challenge_fineweb", ["--variant", "1024"], 2, ["--variant"]),
+    ("bench_windows", ["--targets", "0"], 2, ["--targets", ">= 1"]),
+    ("bench_windows", ["--rank", "8", "--world", "8"], 2, ["--rank < --world"]),
+    ("bench_windows", ["--stride", "4096"], 2, ["--stride <= --seq-len"]),
+    ("bench_windows", ["--json", "{d}/missing/x.json"], 2, ["--json"]),
+    ("bench_codec", ["--synthetic", "--synthetic-std", "nan"], 2, ["--synthetic-std", "finite number > 0"]),
+    ("bench_codec", ["--synthetic", "--threads", "0"], 2, ["--threads"]),
+    ("bench_codec", ["--artifact", "{d}/missing"], 2, ["missing", "cannot read"]),
+    ("bench_codec", ["--artifact", "{d}/a.txt"], 2, ["a.txt", "not an artifact"]),
+    ("pack", ["pack", "{d}/missing", "-o", "{d}/p.py"], 2, ["missing"]),
+    ("pack", ["shrink", "{d}/a.txt"], 2, ["mode", "invalid choice"]),
+    ("install_flash_attn", ["--yes"], 2, ["unrecognized arguments: --yes"]),
 ]
 MAINS = {"make_dataset": make_dataset.main, "cached_challenge_fineweb": cached.main,
-         **{m.__name__: m.main for m in (bench_eval, bench_gptq, bench_ngram_cache, bench_train, compress, make_record,
-                                         plot_logs, preflight, significance, summarize_logs)}}
+         **{m.__name__: m.main for m in (bench_codec, bench_eval, bench_gptq, bench_ngram_cache, bench_train, bench_windows,
+                                         compress, install_flash_attn, make_record, pack, plot_logs, preflight,
+                                         significance, summarize_logs)}}
 
 
 def exit_of(main, argv) -> int:

@@ -357,7 +357,7 @@ def test_make_record_refuses_logs_of_the_readable_script(tmp_path, capsys, real_
                       f"source_sha256:{hashlib.sha256(source).hexdigest()} packed_bytes:{len(packed)}")
     logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
     logs[1].write_text(re.sub(r"^code_bytes:.*$", readable_ident, logs[1].read_text(), count=1, flags=re.M))
-    assert make_record.main(record_args(tmp_path, script, logs)) == 1
+    assert make_record.main(record_args(tmp_path, script, logs)) == 2
     err = capsys.readouterr().err
     assert f"{logs[1]}: produced by the readable train_gpt.py" in err and "tools/pack.py pack" in err
     assert str(logs[0]) not in err.split("nothing was created")[0] and not (tmp_path / "records").exists()
@@ -374,7 +374,7 @@ def test_make_record_takes_the_packed_file_as_it_is_and_names_a_repacked_one(tmp
     other = tmp_path / "other" / "train_gpt.py"  # the same source, packed into other bytes (another bz2 build, say)
     other.parent.mkdir()
     other.write_bytes(packed.replace(b"; to read it,", b"; to read  it,", 1))
-    assert make_record.main(record_args(tmp_path, other, logs, "--force")) == 1
+    assert make_record.main(record_args(tmp_path, other, logs, "--force")) == 2
     assert "packed file of this same source whose bytes differ" in capsys.readouterr().err
 
 
@@ -555,7 +555,7 @@ def one_error_line(err: str) -> str:
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_a_non_finite_score_is_a_failed_run_for_every_tool(tmp_path, capsys, real_log, value):
-    script, _, _ = real_script(tmp_path)
+    script, _ = real_script(tmp_path)
     good = write_logs(tmp_path, real_log, seeds=(1337, 42))
     bad = tmp_path / "logs" / "run2024.txt"
     bad.write_text(nan_log(real_log, 2024, value))
@@ -583,7 +583,7 @@ def test_a_non_finite_score_is_a_failed_run_for_every_tool(tmp_path, capsys, rea
 
 
 def test_make_record_allow_incomplete_refuses_a_log_without_a_score(tmp_path, capsys, real_log):
-    script, _, _ = real_script(tmp_path)
+    script, _ = real_script(tmp_path)
     logs = write_logs(tmp_path, real_log, seeds=(1337, 42))
     early = tmp_path / "logs" / "run2024.txt"
     early.write_text(seed_log(real_log, 2024, truncate_at="final_int6_zstd_roundtrip"))  # killed before its score
@@ -618,7 +618,7 @@ def test_plot_to_a_missing_folder_is_one_line_and_writes_nothing(tmp_path, capsy
 @pytest.mark.parametrize("force", [False, True])
 def test_interrupted_make_record_leaves_no_temporary_folder_and_the_old_record(tmp_path, capsys, real_log,
                                                                               monkeypatch, force):
-    script, _, _ = real_script(tmp_path)
+    script, _ = real_script(tmp_path)
     logs = write_logs(tmp_path, real_log)
     parent = tmp_path / "records"
     if force:

@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import logparse  # noqa: E402
+import toolkit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 # matrix type (substring of the name) -> (std relative to attn.c_q, row log-std spread, column log-std spread,
@@ -150,32 +151,30 @@ def render(source: str, info: dict, rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = logparse.cli_parser(__doc__)
+    p = toolkit.cli_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--artifact", help="an artifact written by train_gpt.py (any codec)")
     src.add_argument("--synthetic", action="store_true", help="the record's shape with trained-like values")
-    p.add_argument("--synthetic-std", type=float, default=0.205, help="global weight std of --synthetic (default 0.205)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one CPU core)")
+    p.add_argument("--synthetic-std", type=toolkit.positive_float, default=0.205, help="global weight std of --synthetic (default 0.205)")
+    p.add_argument("--seed", type=toolkit.non_negative_int, default=0, help="seed of --synthetic (default 0)")
+    p.add_argument("--threads", type=toolkit.int_in(1, 1024), default=1, help="torch threads (default 1: one CPU core)")
     p.add_argument("--json", default=None, metavar="PATH|-", help="also write the figures as JSON (- = stdout only)")
     return p
 
 
+@toolkit.entry(tg.UserError)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    toolkit.check_writable(args.json)
     torch.set_num_threads(args.threads)
-    try:
-        if args.synthetic:
-            obj, source = synthetic_object(args.synthetic_std, args.seed), f"synthetic(std={args.synthetic_std})"
-        else:
-            obj, source = tg.decode_artifact(tg.load_artifact(args.artifact).blob), args.artifact
-        info = describe(obj)
-        rows = measure(obj)
-        logparse.emit(render(source, info, rows), {"source": source, **info, "rows": rows}, args.json)
-    except (tg.UserError, logparse.ToolError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    if args.synthetic:
+        obj, source = synthetic_object(args.synthetic_std, args.seed), f"synthetic(std={args.synthetic_std})"
+    else:
+        obj, source = tg.decode_artifact(tg.load_artifact(args.artifact).blob), args.artifact
+    info = describe(obj)
+    rows = measure(obj)
+    logparse.emit(render(source, info, rows), {"source": source, **info, "rows": rows}, args.json)
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":

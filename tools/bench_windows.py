@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
-from logparse import cli_parser, emit_status  # noqa: E402
+import logparse  # noqa: E402
+import toolkit  # noqa: E402
 
 
 def plan_once(args) -> tuple[dict, dict]:
@@ -44,24 +45,27 @@ def run(args) -> dict:
             **runs[0][1], **times, "target_s": 0.5, "ok": times["total_s"] <= 0.5}
 
 
+@toolkit.entry()
 def main(argv=None) -> int:
-    p = cli_parser(__doc__)
-    p.add_argument("--targets", type=int, default=62_021_632, help="validation targets (default: the full split)")
-    p.add_argument("--seq-len", type=int, default=2048, help="EVAL_SEQ_LEN")
-    p.add_argument("--stride", type=int, default=64, help="EVAL_STRIDE")
-    p.add_argument("--chunk", type=int, default=65_536, help="NGRAM_CHUNK_TOKENS")
-    p.add_argument("--world", type=int, default=8)
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--batch-windows", type=int, default=32, help="EVAL_BATCH_WINDOWS")
-    p.add_argument("--repeats", type=int, default=3)
+    p = toolkit.cli_parser(__doc__)
+    count = toolkit.positive_int
+    p.add_argument("--targets", type=count, default=62_021_632, help="validation targets (default: the full split)")
+    p.add_argument("--seq-len", type=count, default=2048, help="EVAL_SEQ_LEN")
+    p.add_argument("--stride", type=count, default=64, help="EVAL_STRIDE, <= --seq-len")
+    p.add_argument("--chunk", type=count, default=65_536, help="NGRAM_CHUNK_TOKENS")
+    p.add_argument("--world", type=count, default=8)
+    p.add_argument("--rank", type=toolkit.non_negative_int, default=0, help="< --world")
+    p.add_argument("--batch-windows", type=count, default=32, help="EVAL_BATCH_WINDOWS")
+    p.add_argument("--repeats", type=count, default=3)
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
     args = p.parse_args(argv)
-    if min(args.targets, args.chunk, args.world, args.batch_windows, args.repeats) < 1 or \
-            not 0 <= args.rank < args.world or not 1 <= args.stride <= args.seq_len:
-        p.error("--targets, --chunk, --world, --batch-windows and --repeats must be >= 1, 0 <= --rank < --world, "
-                "1 <= --stride <= --seq-len")
+    if args.rank >= args.world or args.stride > args.seq_len:
+        p.error(f"need --rank < --world and --stride <= --seq-len (got {args.rank}, {args.world}, {args.stride}, "
+                f"{args.seq_len})")
+    toolkit.check_writable(args.json)
     res = run(args)
-    return emit_status(" ".join(f"{k}:{v}" for k, v in res.items()), res, args.json)
+    logparse.emit(" ".join(f"{k}:{v}" for k, v in res.items()), res, args.json)
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":

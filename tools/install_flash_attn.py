@@ -19,13 +19,16 @@ imports, and prints one line `flash_attn_3 status:<status> detail:<what it did o
   failed             pip failed, or the module still does not import
 Exit code 0 for the first three, 4 for the last two (the run then uses SDPA and train_gpt.py logs attention_warning).
 """
-import argparse
 import importlib
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402
 
 MODULE = "flash_attn_interface"
 WHEEL = "https://download.pytorch.org/whl/{build}/flash_attn_3-3.0.0-cp39-abi3-manylinux_2_28_x86_64.whl"
@@ -82,9 +85,9 @@ def report(status: str, detail: str) -> int:
     return 0 if status in ("already_installed", "installed", "skipped") else 4
 
 
+@toolkit.entry()
 def main(argv=None) -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    toolkit.cli_parser(__doc__).parse_args(argv)
     if importable():
         return report("already_installed", f"{MODULE} imports; nothing to install")
     status, what = choose_wheel(facts())

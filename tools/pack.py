@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import logparse  # noqa: E402
+import toolkit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def convert(mode: str, src: Path, out: Path) -> dict:
 
 
 def build_parser():
-    p = logparse.cli_parser(__doc__)
+    p = toolkit.cli_parser(__doc__)
     p.add_argument("mode", choices=("pack", "unpack"), help="pack a readable script, or unpack a packed one")
     p.add_argument("script", nargs="?", default="train_gpt.py", help="input file (default train_gpt.py)")
     p.add_argument("-o", "--out", default=None,
@@ -69,17 +70,14 @@ def build_parser():
     return p
 
 
+@toolkit.entry()
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out or ("packed/train_gpt.py" if args.mode == "pack" else "train_gpt.unpacked.py"))
-    try:
-        result = convert(args.mode, Path(args.script), out)
-        text = " ".join([args.mode, *(f"{k}:{v}" for k, v in result.items() if k != "mode")])
-        logparse.emit(text, result, args.json)
-    except logparse.ToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    toolkit.check_writable(args.json)
+    result = convert(args.mode, Path(args.script), out)
+    logparse.emit(" ".join([args.mode, *(f"{k}:{v}" for k, v in result.items() if k != "mode")]), result, args.json)
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":
