@@ -2,8 +2,8 @@
 # The main job, set-up included, on a fresh machine:
 #   with NVIDIA GPUs: CUDA torch stays as installed, FlashAttention-3 is installed for it on Hopper GPUs when it is
 #                     missing (tools/install_flash_attn.py says in one line what it did or why it could not; without
-#                     it training runs on SDPA, slower), FineWeb sp1024 is downloaded, the record configuration runs
-#                     on every visible GPU (torchrun);
+#                     it training runs on SDPA, slower), FineWeb sp1024 is downloaded, and the record configuration
+#                     runs from the packed train_gpt.py (tools/pack.py: the file a record counts) on every visible GPU;
 #   without:          the CPU torch wheel is installed, the offline sample corpus is built, and a small
 #                     configuration runs end to end on the CPU (train, export, round trip, n-gram eval). The demo is
 #                     step-based (fixed ITERATIONS, no wall-clock cap), so every machine computes the same numbers.
@@ -18,7 +18,8 @@ if [ "$mode" = gpu ]; then
   python3 -m pip install -q -r requirements.txt
   python3 tools/install_flash_attn.py || true  # a missing wheel is reported, not fatal: the run falls back to SDPA
   python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards "${TRAIN_SHARDS:-80}"
-  exec torchrun --standalone --nproc_per_node="${NPROC:-$(nvidia-smi -L | wc -l)}" train_gpt.py
+  python3 tools/pack.py pack train_gpt.py -o packed/train_gpt.py  # the counted code is the file that runs: run the packed form
+  exec torchrun --standalone --nproc_per_node="${NPROC:-$(nvidia-smi -L | wc -l)}" packed/train_gpt.py
 fi
 python3 -m pip install -q torch==2.13.0 -r requirements.txt -r requirements-dev.txt
 if [ -z "${DATA_PATH:-}" ] && [ ! -f data/datasets/sample_sp1024/manifest.json ]; then
