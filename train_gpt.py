@@ -3577,8 +3577,7 @@ def main() -> None:
     """A user error (setting, path, data: exit 2), a failed run (divergence, non-finite weights or score, failed
     audit, failed write: exit 4) or SIGINT/SIGTERM (128 + signal) ends the run with one line; an artifact over the
     limit exits 3 after the evals; anything else is a bug and keeps its traceback (exit 1)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, raise_interrupted)
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = run()
     except UserError as e:
@@ -3587,6 +3586,9 @@ def main() -> None:
         code = fail_run(e.reason, str(e), EXIT_RUN_FAILED)
     except RunInterrupted as e:
         code = fail_run("interrupted", str(e), e.exit_code)
+    finally:  # a caller in the same process (a test, a tool) gets its own handlers back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     shutdown(code)
 
 

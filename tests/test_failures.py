@@ -144,3 +144,17 @@ def test_a_log_that_fails_after_training_keeps_the_artifact_and_fails_the_run(ti
     art = tg.load_artifact(env["ARTIFACT_PATH"])  # the trained weights were exported and scored all the same
     assert f"artifact path:{art.path} sha256:{hashlib.sha256(art.blob).hexdigest()} " in out.stdout
     assert re.search(r"^final_int6_zstd_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", out.stdout, re.M)
+
+
+def test_main_gives_the_callers_signal_handlers_back(monkeypatch, tmp_path):
+    """main() installs its SIGINT/SIGTERM handlers for the run only: an in-process caller keeps its own."""
+    import signal
+    mine = {s: (lambda signum, frame: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, h) for s, h in mine.items()}
+    try:
+        monkeypatch.setattr(tg, "run", lambda: 0)
+        tg.main()
+        assert {s: signal.getsignal(s) for s in mine} == mine
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
