@@ -46,15 +46,6 @@ def test_table_of_one_pass_with_both_mixers(tiny_corpus, trained, tmp_path, monk
     assert "| 2,048 | " in text and text.count("ngram_audit positions:") == 4  # both mixers audited, both sizes
 
 
-def test_missing_dataset_or_corpus_is_one_error_line(tmp_path, capsys):
-    assert bench.main(["--data", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "t.model")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "--bench" in err and err.count("\n") == 1
-    assert bench.main(["--data", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "t.model"),
-                       "--bench", str(tmp_path)]) == 2  # a folder without the bench corpus
-    assert "english_mix_v1.jsonl.xz" in capsys.readouterr().err
-
-
 def test_training_environment_is_the_cpu_demo_with_steps(tmp_path):
     env = bench.train_env(Path("d"), Path("t.model"), 400, tmp_path / "bench400.int6.ptz")
     h = tg.Hyperparameters.from_env(env)

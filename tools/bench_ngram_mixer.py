@@ -16,7 +16,8 @@ VAL_MAX_TOKENS cuts them) in one evaluate() pass of the demo's eval shape (seq 2
 NGRAM_CHUNK_TOKENS (default 65,536): round trip, NGRAM_MIXER=seed and NGRAM_MIXER=learned (each with its own exact
 cache and normalization audit). Reports bpb, the difference to the model, the share of targets by the highest order
 each mixer used, what the learned mixer learned (its ngram_mixer fields), and whether learned <= model + 0.0005 bpb
-(`never_worse`). Exit 4 when it is not; 2 on a user error. Settings (NGRAM_*, EVAL_*) come from the environment.
+(`never_worse`). Exit 4 when it is not, or when training fails; 2 on a user error (tools/toolkit.py). Settings
+(NGRAM_*, EVAL_*) come from the environment.
 """
 import os
 import subprocess
@@ -24,14 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+import toolkit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 from demo_config import CPU_DEMO_ENV  # noqa: E402
-from logparse import ToolError, cli_parser, emit  # noqa: E402
+from logparse import cli_parser, emit  # noqa: E402
+from toolkit import CheckFailed, ToolError  # noqa: E402
 
 WORK = ROOT / "bench_data"
 BENCH_CORPUS, BENCH_TOKENIZER = "english_mix_v1.jsonl.xz", "english_mix_sp1024.model"
@@ -39,10 +41,6 @@ BENCH_VAL_DOCS = 4000
 NEVER_WORSE_BPB = 0.0005
 EVAL_ENV = {k: CPU_DEMO_ENV[k] for k in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "XSA_LAST_N",
                                           "BIGRAM_DIM", "EVAL_SEQ_LEN", "EVAL_STRIDE", "KEEP_FLOAT_MAX_NUMEL")}
-
-
-class TrainingFailed(RuntimeError):
-    """train_gpt.py did not produce the benchmark model (exit 4: a failed run)."""
 
 
 def default_paths() -> tuple[Path, Path]:
@@ -88,7 +86,7 @@ def ensure_artifact(args, data: Path, tokenizer: Path) -> Path:
         out = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=ROOT,
                              env=train_env(data, tokenizer, args.steps, artifact))
         if out.returncode != 0:
-            raise TrainingFailed(f"training the benchmark model failed (train_gpt.py exit {out.returncode})")
+            raise CheckFailed(f"training the benchmark model failed (train_gpt.py exit {out.returncode})")
     return artifact
 
 
@@ -143,31 +141,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@toolkit.entry(tg.UserError)
 def main(argv=None) -> int:
     p = cli_parser(__doc__)
     p.add_argument("--bench", default=None, help="folder of the bench corpus: build the dataset when it is missing")
     p.add_argument("--data", default=None, help="DATA_PATH of the dataset (default: bench_data/datasets/bench_sp1024)")
     p.add_argument("--tokenizer", default=None, help="its tokenizer (default: bench_data/tokenizers/bench_1024_bpe.model)")
     p.add_argument("--artifact", default=None, help="score this artifact instead of training one")
-    p.add_argument("--steps", type=int, default=400, help="training steps of the benchmark model (default 400)")
-    p.add_argument("--targets", type=int, nargs="+", default=[262_144, 1_000_000], help="first N val targets")
+    p.add_argument("--steps", type=toolkit.positive_int, default=400,
+                   help="training steps of the benchmark model (default 400)")
+    p.add_argument("--targets", type=toolkit.positive_int, nargs="+", default=[262_144, 1_000_000],
+                   help="first N val targets, one pass each (default 262144 1000000)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
     args = p.parse_args(argv)
+    toolkit.check_writable(args.json)
     data_default, tok_default = default_paths()
     data, tokenizer = Path(args.data or data_default), Path(args.tokenizer or tok_default)
-    try:
-        ensure_dataset(data, tokenizer, args.bench)
-        art = tg.load_artifact(str(ensure_artifact(args, data, tokenizer)))
-        rows = [dict(evaluate(settings(data, tokenizer, art, n), art), requested=n) for n in args.targets]
-        text = table(rows) + "".join(f"\nlearned mixer, {r['targets']:,} targets: {r['learned_fields']}" for r in rows)
-        emit(text, {"artifact": art.path, "data": str(data), "rows": rows}, args.json)
-    except (ToolError, tg.UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    return 0 if all(r["never_worse"] for r in rows) else 4
+    ensure_dataset(data, tokenizer, args.bench)
+    art = tg.load_artifact(str(ensure_artifact(args, data, tokenizer)))
+    rows = [dict(evaluate(settings(data, tokenizer, art, n), art), requested=n) for n in args.targets]
+    text = table(rows) + "".join(f"\nlearned mixer, {r['targets']:,} targets: {r['learned_fields']}" for r in rows)
+    emit(text, {"artifact": art.path, "data": str(data), "rows": rows}, args.json)
+    worse = [f"{r['targets']:,} targets: {r['learned_delta']:+.4f}" for r in rows if not r["never_worse"]]
+    if worse:
+        raise CheckFailed(f"the learned mixer is worse than the model by more than {NEVER_WORSE_BPB} bpb "
+                          f"({', '.join(worse)})")
+    return toolkit.EXIT_OK
 
 
 if __name__ == "__main__":
