@@ -501,6 +501,8 @@ def test_ngram_eval_hashed_mode_uses_its_own_prefix(tiny, capsys):
     assert re.search(r"^ngram_hashed_unnormalized_exact val_loss:\S+ val_bpb:\S+$", out, re.M)
     assert re.search(r"^ngram_audit positions:32 ", out, re.M)
     assert not re.search(r"^ngram_eval", out, re.M)
+    assert re.search(r"^ngram_start .* mode:hashed .* mixer:seed$", out, re.M)  # the reference's whole rule
+    assert re.search(r"^ngram_mixer mixer:seed score:ngram_hashed_unnormalized targets:1200 ", out, re.M)
 
 
 def test_host_to_device_pins_and_does_not_block_on_cuda(monkeypatch):
