@@ -164,10 +164,14 @@ class Hyperparameters:
     eval_stride: int = 64
     eval_batch_windows: int = 32
     ngram_enabled: bool = True
-    ngram_mode: str = "exact"  # exact (scored) | hashed (reference rule, comparison only)
+    ngram_mode: str = "exact"  # exact (scored) | hashed (reference rule: its counts + the seed mixer, comparison only)
     ngram_min_order: int = 2
     ngram_max_order: int = 9
-    ngram_min_count: int = 2
+    ngram_min_count: int = 2  # the seed rule's gate; the learned mixer weighs every seen context by its count
+    ngram_mixer: str = "learned"  # learned (online weights per bucket) | seed (the reference's entropy rule)
+    ngram_mixer_prior: float = 0.75  # learned: starting weight of the model; the rest is shared by the orders
+    ngram_mixer_smooth: float = 10.0  # learned: a bucket with n targets in a chunk steps by n / (n + this)
+    ngram_mixer_guard: float = 0.9  # learned: prior of "the model alone" in the Bayes mixture with the mixer
     ngram_chunk_tokens: int = 65_536
     ngram_buckets: int = 4_194_304  # hashed mode only
     ngram_alpha_min: float = 0.05
@@ -267,6 +271,7 @@ class Hyperparameters:
         yield self.ngram_alpha_min <= self.ngram_alpha_max, f"NGRAM_ALPHA_MIN={self.ngram_alpha_min} must be <= NGRAM_ALPHA_MAX={self.ngram_alpha_max}"
         yield self.ngram_mode in ("exact", "hashed"), f"NGRAM_MODE={self.ngram_mode!r} must be 'exact' or 'hashed'"
         yield self.ngram_buckets & (self.ngram_buckets - 1) == 0, f"NGRAM_BUCKETS={self.ngram_buckets} must be a power of two"
+        yield self.ngram_mixer in ("learned", "seed"), f"NGRAM_MIXER={self.ngram_mixer!r} must be 'learned' or 'seed'"
         yield self.ttt_chunk_tokens >= self.eval_seq_len, f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be >= EVAL_SEQ_LEN={self.eval_seq_len} (a chunk trains on whole sequences)"
         yield self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be in [0, NUM_LAYERS={self.num_layers}]"
         yield self.export_weights in ("ema", "swa", "raw"), f"EXPORT_WEIGHTS={self.export_weights!r} must be ema, swa or raw"
@@ -317,6 +322,8 @@ FIELD_RANGES = {  # every numeric field (each element of a tuple): its interval;
     "ngram_alpha_max": "[0, 1]", "ngram_entropy_center": "(-inf, inf)", "ngram_entropy_scale": "[0, inf)",
     "ngram_center_shift": "(-inf, inf)", "ngram_order_mults": "[0, inf)", "ngram_alpha_clip": "[0, 1)",
     "ngram_audit_positions": "[0, inf)", "ngram_log_every": "[0, inf)",
+    "ngram_mixer_prior": "(0, 1)",  # the model and the orders both start with weight
+    "ngram_mixer_smooth": "(0, inf)", "ngram_mixer_guard": "(0, 1)",  # every step < 1; the guard's prior
     "ttt_lr": "[0, inf)", "ttt_epochs": "(0, inf)", "ttt_chunk_tokens": "(0, inf)", "ttt_batch_seqs": "(0, inf)",
     "ttt_momentum": "[0, 1)", "ttt_grad_clip": "[0, inf)", "ttt_freeze_blocks": "[0, inf)", "ttt_log_every": "[0, inf)",
 }
@@ -2767,12 +2774,13 @@ def report_eval(name: str, r: EvalResult) -> list[str]:
 # end) under their context of every order; stats(tokens, pos, cand) reads every order's counts at once (NgramStats).
 # Exact: one table of context keys for all orders (token ids packed with the order in bits 60..62 while they fit in
 # 60 bits, else a splitmix64 chain with the sign bit set: two chained contexts of the 62 M validation tokens coincide
-# with probability < 1e-3, merging their counts, still normalized) with counts and dense ids, and one table of pair
-# keys id*V + token with counts, so sum_v pair(c, v) = ctx(c) and p_ngram is a distribution. Each table is a few
-# sorted runs (SortedRuns, a log-structured merge): a chunk's new keys become a new run, merged into the previous
-# one until that is LSM_GROWTH times larger, so no chunk copies everything. An update makes 2 host syncs, a lookup
-# none. Memory, worst case (every context new): 28 B per position per order (ctx 8+4+4, pair 8+4) = < 14 GB for
-# orders 2..9 at 62 M tokens, + 16 B per entry of the run being merged (< 8 GB): fits one H100 with the model.
+# with probability < 1e-3, merging their counts, still normalized) with counts, dense ids and distinct continuations,
+# and one table of pair keys id*V + token with counts, so sum_v pair(c, v) = ctx(c) and p_ngram is a distribution.
+# Each table is a few sorted runs (SortedRuns, a log-structured merge): a chunk's new keys become a new run, merged
+# into the previous one until that is LSM_GROWTH times larger, so no chunk copies everything. An update makes 2 host
+# syncs, a lookup none. Memory, worst case (every context new): 32 B per position per order (ctx 8+4+4+4, pair 8+4)
+# = < 16 GB for orders 2..9 at 62 M tokens, + 16 B per entry of the run being merged (< 8 GB): fits one H100 with the
+# model. Mixers (below) turn the counts and the model's distribution into p_final.
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64, 0x9E3779B97F4A7C15 - 2**64
 _HASHED = -2**63  # sign bit of a chained key: packed keys are >= 0
 
@@ -2881,10 +2889,12 @@ class SortedRuns:
 class NgramStats(NamedTuple):
     """The tables at n positions, for every order min_order + k (k < K): ctx [n, K] = how often the position's context
     of that order was seen (0 if never, or if p < order - 1); pair = how often that context was followed by the
-    candidate: [n, K] for one candidate per position (the target), [n, K, c] for c candidates. int64. Exact mode:
-    pair <= ctx, and pair summed over all V candidates == ctx."""
+    candidate: [n, K] for one candidate per position (the target), [n, K, c] for c candidates; types [n, K] = how
+    many distinct tokens followed the context (exact mode only). int64. Exact mode: pair <= ctx, and pair summed over
+    all V candidates == ctx."""
     ctx: torch.Tensor
     pair: torch.Tensor
+    types: torch.Tensor | None = None
 
     def backoff(self, min_order: int, min_count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The seed rule's estimate: (order [n], p [n] or [n, c] fp64) of the highest order with ctx >= min_count,
@@ -2909,7 +2919,7 @@ class ExactNgramCache:
         j = torch.arange(1, self.packed + 1, device=device)
         self.shifts, self.tags = self.bits * (j - 1), (j + 1) << 60
         self.first_pos = torch.arange(min_order - 1, max_order, device=device)  # order n needs p >= n - 1
-        self.ctx = SortedRuns((torch.int32, torch.int32), device)  # context key -> count, dense id
+        self.ctx = SortedRuns((torch.int32, torch.int32, torch.int32), device)  # key -> count, dense id, types
         self.pairs = SortedRuns((torch.int32,), device)  # id*V + token -> count
         self.num_ids = 0
 
@@ -2946,9 +2956,11 @@ class ExactNgramCache:
         pair = torch.where(found.hit, self.ctx.gather(2, found), new_ids)[pair_ctx] * self.V + pair_tgt
         pair_found = self.pairs.find(pair)
         self.pairs.add(1, pair_found, pair_cnt)
+        types = torch.zeros_like(ctx_cnt).index_add_(0, pair_ctx, (~pair_found.hit).long())  # new continuations
+        self.ctx.add(3, found, types)
         n_ctx, n_pair = torch.stack([fresh.sum(), (~pair_found.hit).sum()]).tolist()
-        ctx, ctx_cnt, new_ids = _compact(fresh, n_ctx, ctx, ctx_cnt, new_ids)
-        self.ctx.insert(ctx, (ctx_cnt, new_ids))
+        ctx, ctx_cnt, new_ids, types = _compact(fresh, n_ctx, ctx, ctx_cnt, new_ids, types)
+        self.ctx.insert(ctx, (ctx_cnt, new_ids, types))
         pair, pair_cnt = _compact(~pair_found.hit, n_pair, pair, pair_cnt)
         pair, order = torch.sort(pair)  # ids are not in key order
         self.pairs.insert(pair, (pair_cnt[order],))
@@ -2961,7 +2973,7 @@ class ExactNgramCache:
         extra = (1,) * (cand.dim() - 1)
         pair = self.ctx.gather(2, found).view(*ctx.shape, *extra) * self.V + cand.view(-1, 1, *cand.shape[1:])
         pair = torch.where(ctx.view(*ctx.shape, *extra) > 0, self.pairs.gather(1, self.pairs.find(pair)), 0)
-        return NgramStats(ctx, pair)
+        return NgramStats(ctx, pair, torch.where(ctx > 0, self.ctx.gather(3, found), 0))
 
     def probs(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor):
         """The seed rule's (order [n], p_ngram of each candidate [n] or [n, c], fp64; 0 where unmatched)."""
@@ -3022,15 +3034,46 @@ def row_entropy(logp: torch.Tensor) -> torch.Tensor:
 
 
 class NgramMixer:
-    """The seed rule: entropy-adaptive alpha on the backed-off order's estimate; the higher the model's entropy, the
-    more weight the n-gram gets; alpha = 0 for unmatched positions (order 0). A mixer has three methods:
+    """What every mixer shares. A mixer turns the model's distribution and the tables' counts into p_final:
     prepare(stats [n, K] of the targets) -> a tuple of [n, ...] tensors, once per chunk for this rank's targets;
-    nll(logp [S, V], tgt [S], rows of those tensors) -> -log p_final(target) [S] fp64, per batch;
-    distribution(logits [m, V], stats [m, K, V] of every candidate) -> p_final [m, V] fp64 (audits, the coder)."""
+    nll(logp [S, V], tgt [S], rows of those tensors) -> -log p_final(target) [S] fp64, per batch (a learning mixer
+    also records what the targets teach it); distribution(logits [m, V], stats [m, K, V] of every candidate) ->
+    p_final [m, V] fp64 (audits, the coder); after_chunk() once every rank scored the chunk; report(score) at the
+    end of the pass: one `ngram_mixer` line with the share of targets whose highest used order is n (used_oN)."""
+
+    kind = ""
 
     def __init__(self, h: Hyperparameters, device):
+        self.h = h
+        self.used = torch.zeros(h.ngram_max_order - h.ngram_min_order + 2, dtype=torch.float64, device=device)
+
+    def count_used(self, top: torch.Tensor) -> None:
+        """top [S]: 1 + index of the highest order used at each target (0: none, the model alone)."""
+        self.used.index_add_(0, top, torch.ones_like(top, dtype=torch.float64))
+
+    def after_chunk(self) -> None:
+        pass
+
+    def learned(self) -> dict:
+        return {}
+
+    def report(self, score: str) -> None:
+        all_reduce_sum(self.used)
+        share = (self.used / self.used.sum().clamp(min=1)).tolist()
+        used = {f"used_o{self.h.ngram_min_order + k}": f"{x:.4f}" for k, x in enumerate(share[1:])}
+        log_event("ngram_mixer", mixer=self.kind, score=score, targets=int(self.used.sum()), **used, **self.learned())
+
+
+class SeedMixer(NgramMixer):
+    """The seed rule: entropy-adaptive alpha on the backed-off order's estimate; the higher the model's entropy, the
+    more weight the n-gram gets; alpha = 0 for unmatched positions (order 0)."""
+
+    kind = "seed"
+
+    def __init__(self, h: Hyperparameters, device):
+        super().__init__(h, device)
         mults = [0.0] * h.ngram_min_order + list(h.ngram_order_mults[:h.ngram_max_order - h.ngram_min_order + 1])
-        self.h, self.mults = h, torch.tensor(mults, dtype=torch.float64, device=device)
+        self.mults = torch.tensor(mults, dtype=torch.float64, device=device)
 
     def alpha(self, entropy: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         h = self.h
@@ -3050,6 +3093,7 @@ class NgramMixer:
 
     def nll(self, logp: torch.Tensor, tgt: torch.Tensor, rows: tuple) -> torch.Tensor:
         order, p_ngram = rows
+        self.count_used(torch.where(order > 0, order - (self.h.ngram_min_order - 1), 0))
         lp_model = logp.gather(1, tgt[:, None]).squeeze(1).double()
         return -self.mix_logprob(lp_model, p_ngram, self.alpha(row_entropy(logp), order))
 
@@ -3057,6 +3101,115 @@ class NgramMixer:
         order, p_ngram = self.prepare(stats)
         alpha = self.alpha(row_entropy(F.log_softmax(logits.float(), dim=-1)), order)[:, None]
         return (1 - alpha) * torch.softmax(logits.double(), dim=-1) + alpha * p_ngram
+
+
+MIXER_COUNT_BINS, MIXER_TYPE_BINS, MIXER_ENTROPY_BINS, MIXER_ENTROPY_NATS = 12, 4, 4, 2.0
+
+
+class LearnedMixer(NgramMixer):
+    """p_mix(v) = sum_j w_j q_j(v) / sum_j w_j over the components j a position has: the model (j = 0) and every
+    order whose context was seen, q(v) = pair(v) / ctx (a distribution), so p_mix is one too. w is the row of the
+    position's bucket: its highest seen order x log2 of that context's count x the share of distinct tokens among
+    its continuations (types / ctx, quarters) x the model's entropy (2-nat bins); all known before the target.
+    Rows start at the prior (the model NGRAM_MIXER_PRIOR, the rest shared evenly by the orders) and learn from
+    scored targets only: a target adds g_j = q_j(target) / p_mix(target) to its bucket (1 for a component it
+    lacks); after each chunk, summed over ranks, a bucket with n targets steps w_j <- w_j (1 + r (mean g_j - 1)),
+    r = n / (n + NGRAM_MIXER_SMOOTH) < 1: the multiplicative exponentiated-gradient step for mixture weights under
+    log loss, which keeps sum_j w_j = 1 and every w_j > 0. The guard: p_final = g p_model + (1 - g) p_mix, g the
+    Bayes posterior of "the model alone" (prior NGRAM_MIXER_GUARD) given every earlier chunk's targets, so a
+    mixer that does not pay is switched off after its first chunk. Every rank holds the same weights."""
+
+    kind = "learned"
+
+    def __init__(self, h: Hyperparameters, device):
+        super().__init__(h, device)
+        self.K = h.ngram_max_order - h.ngram_min_order + 1
+        per_top = MIXER_COUNT_BINS * MIXER_TYPE_BINS * MIXER_ENTROPY_BINS
+        self.per_top, buckets = per_top, (self.K + 1) * per_top
+        prior = torch.full((self.K + 1,), (1 - h.ngram_mixer_prior) / self.K, dtype=torch.float64, device=device)
+        prior[0] = h.ngram_mixer_prior
+        self.weights = prior.repeat(buckets, 1)  # [buckets, 1 + K]
+        self.grad, self.seen = torch.zeros_like(self.weights), torch.zeros(buckets, dtype=torch.float64, device=device)
+        self.count = torch.zeros_like(self.seen)
+        self.gain, self.chunk_gain = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
+        self.guard_logit = math.log(h.ngram_mixer_guard / (1 - h.ngram_mixer_guard))
+
+    def guard(self) -> torch.Tensor:
+        """Posterior weight of the model alone (a 0-dim tensor: no host sync)."""
+        return torch.sigmoid(self.guard_logit - self.gain)
+
+    def buckets(self, stats: NgramStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(bucket without the entropy bin [n], components present [n, 1 + K], 1 + highest seen order index [n])."""
+        seen = stats.ctx > 0
+        top = (seen * torch.arange(1, self.K + 1, device=seen.device)).amax(1)
+        k = (top - 1).clamp(min=0)[:, None]
+        c, t = stats.ctx.gather(1, k).squeeze(1).clamp(min=1), stats.types.gather(1, k).squeeze(1)
+        count_bin = torch.log2(c.double()).floor().long().clamp(max=MIXER_COUNT_BINS - 1)
+        type_bin = (MIXER_TYPE_BINS * t // c).clamp(max=MIXER_TYPE_BINS - 1)
+        bucket = ((top * MIXER_COUNT_BINS + count_bin) * MIXER_TYPE_BINS + type_bin) * MIXER_ENTROPY_BINS
+        return bucket, torch.cat([torch.ones_like(seen[:, :1]), seen], 1), top
+
+    @staticmethod
+    def entropy_bin(logp: torch.Tensor) -> torch.Tensor:
+        return (row_entropy(logp) / MIXER_ENTROPY_NATS).floor().long().clamp(0, MIXER_ENTROPY_BINS - 1)
+
+    def prepare(self, stats: NgramStats) -> tuple:
+        return (*self.buckets(stats), stats.pair.double() / stats.ctx.clamp(min=1).double())
+
+    def nll(self, logp: torch.Tensor, tgt: torch.Tensor, rows: tuple) -> torch.Tensor:
+        bucket, present, top, q = rows
+        bucket = bucket + self.entropy_bin(logp)
+        lp_model = logp.gather(1, tgt[:, None]).squeeze(1).double()
+        w = self.weights[bucket] * present
+        x = torch.cat([lp_model.exp()[:, None], q], 1)
+        p_mix = (w * x).sum(1) / w.sum(1)
+        matched = (top > 0).double()
+        self.grad.index_add_(0, bucket, torch.where(present, x / p_mix[:, None], 1.0) * matched[:, None])
+        self.count.index_add_(0, bucket, matched)
+        self.chunk_gain += ((torch.log(p_mix) - lp_model) * matched).sum()  # log(p_mix / p_model)
+        self.count_used(top)
+        g = self.guard()
+        return torch.where(top > 0, -torch.log(g * x[:, 0] + (1 - g) * p_mix), -lp_model)
+
+    def distribution(self, logits: torch.Tensor, stats: NgramStats) -> torch.Tensor:
+        bucket, present, _ = self.buckets(stats)
+        w = self.weights[bucket + self.entropy_bin(F.log_softmax(logits.float(), dim=-1))] * present
+        q = stats.pair.double() / stats.ctx.clamp(min=1).double()[:, :, None]
+        p_model = torch.softmax(logits.double(), dim=-1)
+        p_mix = (w[:, :1] * p_model + (w[:, 1:, None] * q).sum(1)) / w.sum(1, keepdim=True)
+        g = self.guard()
+        return g * p_model + (1 - g) * p_mix
+
+    def after_chunk(self) -> None:
+        all_reduce_sum(self.grad, self.count, self.chunk_gain)
+        self.gain += self.chunk_gain
+        step = (self.count / (self.count + self.h.ngram_mixer_smooth))[:, None]
+        w = self.weights * (1 + step * (self.grad / self.count.clamp(min=1)[:, None] - 1))
+        self.weights = w / w.sum(1, keepdim=True)
+        self.seen += self.count
+        for t in (self.grad, self.count, self.chunk_gain):
+            t.zero_()
+
+    def learned(self) -> dict:
+        """Per highest seen order n: the weights of the model and orders min..n (renormalized over them, as a
+        position with those components uses them), averaged over the buckets by their targets."""
+        out = {"model_alone": f"{float(self.guard()):.3g}", "buckets_used": int((self.seen > 0).sum())}
+        for t in range(1, self.K + 1):
+            rows = slice(t * self.per_top, (t + 1) * self.per_top)
+            n = self.seen[rows]
+            if n.sum() > 0:
+                w = (n[:, None] * self.weights[rows, :t + 1]).sum(0)
+                out[f"w_o{self.h.ngram_min_order + t - 1}"] = ",".join(f"{x:.3f}" for x in (w / w.sum()).tolist())
+        return out
+
+
+def ngram_mixer_kind(h: Hyperparameters) -> str:
+    """NGRAM_MIXER; the hashed comparison mode is the reference's whole rule (its counts + the seed mixer)."""
+    return h.ngram_mixer if h.ngram_mode == "exact" else "seed"
+
+
+def make_ngram_mixer(h: Hyperparameters, device) -> NgramMixer:
+    return {"learned": LearnedMixer, "seed": SeedMixer}[ngram_mixer_kind(h)](h, device)
 
 
 class NgramScorer:
@@ -3102,8 +3255,16 @@ class NgramScorer:
             self.audit_sums[slots] = self.full_distribution(logits[r], pos[r]).sum(-1)
             self.audit_found[slots] = 1.0
 
+    def observe(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """-log p_final of the (known) targets at pos from their logits [n, V], outside a batched pass (the coder
+        calls it once a target is coded): what __call__ does for a batch, so the mixer learns alike."""
+        tgt = self.tokens[pos]
+        rows = self.mixer.prepare(self.cache.stats(self.tokens, pos, tgt))
+        return self.mixer.nll(F.log_softmax(logits.float(), dim=-1), tgt, rows)
+
     def after_chunk(self, start: int, end: int) -> None:
         self.span = None  # the tables change: the next chunk reads them again
+        self.mixer.after_chunk()
         if end < self.tokens.numel():  # the last chunk's statistics would never be read
             self.cache.update(self.tokens, start, end)
 
@@ -3122,7 +3283,7 @@ class NgramScorer:
 
 def make_ngram_scorer(tokens: torch.Tensor, h: Hyperparameters, rt: Runtime) -> NgramScorer:
     audit = np.unique(np.linspace(1, tokens.numel() - 1, h.ngram_audit_positions).round().astype(np.int64))
-    return NgramScorer(make_ngram_cache(h, rt.device), NgramMixer(h, rt.device), tokens, audit)
+    return NgramScorer(make_ngram_cache(h, rt.device), make_ngram_mixer(h, rt.device), tokens, audit)
 
 
 # Legal score-first test-time training: an after_chunk hook of the TTT pass. Chunk k (TTT_CHUNK_TOKENS targets) is
@@ -3254,6 +3415,7 @@ def scored_pass(model, val: ValData, h: Hyperparameters, rt: Runtime, trainer=No
         raise RunFailed("nonfinite_score", f"non-finite score ({', '.join(bad)})")
     if h.ngram_enabled:
         scorers["ngram"].audit_report(exact=h.ngram_mode == "exact")
+        scorers["ngram"].mixer.report(("ttt_" if trainer is not None else "") + NGRAM_SCORE_NAMES[h.ngram_mode])
     return results
 
 
@@ -3261,7 +3423,7 @@ def roundtrip_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> dict
     """The plain pass on the artifact's weights: the round-trip score and (NGRAM_ENABLED) the n-gram mixture."""
     if h.ngram_enabled:
         log_event("ngram_start", min_order=h.ngram_min_order, max_order=h.ngram_max_order, mode=h.ngram_mode,
-                  chunk_tokens=h.ngram_chunk_tokens)
+                  chunk_tokens=h.ngram_chunk_tokens, mixer=ngram_mixer_kind(h))
     results = scored_pass(model, val, h, rt)
     report_eval(ROUNDTRIP_EVAL_NAME, results["model"])
     if "ngram" in results:

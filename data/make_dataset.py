@@ -2,6 +2,7 @@
 
     python3 data/make_dataset.py --input sample --name sample            # offline Wikipedia corpus (~10k docs)
     python3 data/make_dataset.py --input corpus.jsonl.xz --name mycorpus --val-docs 5000
+    python3 data/make_dataset.py --input corpus.jsonl.xz --name mix --val-docs 4000 --val-from last --tokenizer t.model
     python3 data/make_dataset.py --input docs/ --name mine --tokenizer data/tokenizers/fineweb_1024_bpe.model
 
 Inputs (one document = one training example, prefixed with BOS, no EOS):
@@ -13,7 +14,8 @@ Inputs (one document = one training example, prefixed with BOS, no EOS):
 
 Outputs (under --out-dir, default: the folder of this script):
   tokenizers/NAME_{V}_bpe.model                     (trained on the train split only, or copied from --tokenizer)
-  datasets/NAME_sp{V}/NAME_{train,val}_000000.bin   (the first --val-docs documents form the val split)
+  datasets/NAME_sp{V}/NAME_{train,val}_000000.bin   (the first --val-docs documents, or the last with
+                                                     --val-from last, form the val split)
   datasets/NAME_sp{V}/manifest.json                 (tokenizer sha256, vocab, documents/tokens/bytes per split;
                                                      train_gpt.py refuses a tokenizer whose sha256 differs)
 A rebuild is all-or-nothing: the dataset is built in a temporary folder and the tokenizer written under a temporary
@@ -76,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "or the word 'sample' for the offline Wikipedia corpus")
     p.add_argument("--name", required=True, help="dataset name used in file names, e.g. 'sample' or 'mycorpus'")
     p.add_argument("--val-docs", type=toolkit.positive_int, default=500,
-                   help="the first K documents form the val split (default 500)")
+                   help="K documents form the val split (default 500)")
+    p.add_argument("--val-from", choices=("first", "last"), default="first",
+                   help="take the val split from the first or the last K documents (default first)")
     p.add_argument("--tokenizer", default=None,
                    help="reuse this SentencePiece .model instead of training one (its vocab must equal --vocab-size)")
     p.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary size (default 1024)")
@@ -194,10 +198,12 @@ def read_documents(source: str, text_field: str = "text") -> list[str]:
     return docs
 
 
-def split_documents(docs: list[str], val_docs: int) -> tuple[list[str], list[str]]:
-    """(val, train): the first val_docs documents and the rest; both must be non-empty."""
+def split_documents(docs: list[str], val_docs: int, val_from: str = "first") -> tuple[list[str], list[str]]:
+    """(val, train): the first (or last) val_docs documents and the rest, each in input order; both non-empty."""
     if val_docs >= len(docs):
         raise DatasetError(f"--val-docs {val_docs} leaves no training documents (the input has {len(docs)})")
+    if val_from == "last":
+        return docs[-val_docs:], docs[:-val_docs]
     return docs[:val_docs], docs[val_docs:]
 
 
@@ -374,7 +380,7 @@ def build(args: argparse.Namespace) -> dict[str, dict]:
     tok_path, data_dir = output_paths(args)
     given = read_tokenizer_file(args.tokenizer, args.vocab_size) if args.tokenizer else None
     docs = read_documents(args.input, args.text_field)
-    val, train = split_documents(docs, args.val_docs)
+    val, train = split_documents(docs, args.val_docs, args.val_from)
     print(f"make_dataset: {len(docs)} documents from {args.input} (val {len(val)}, train {len(train)})", flush=True)
     data = given if given is not None else train_tokenizer(train, args.vocab_size, args.threads)
     sp = load_tokenizer_bytes(data, args.vocab_size, args.tokenizer or "trained tokenizer")

@@ -18,7 +18,7 @@ def test_bench_eval_json_figures_are_consistent(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["tokens"] == 3000 and res["model"]["layers"] == 1 and res["chunk"] == 1024
+    assert res["tokens"] == 3000 and res["model"]["layers"] == 1 and res["chunk"] == 1024 and res["mixer"] == "learned"
     assert res["ratio"] == pytest.approx(res["roundtrip_plus_ngram_s"] / res["roundtrip_s"], rel=1e-2)  # seconds are rounded
     assert 0 < res["ngram_lookup_s"] and 0 < res["ngram_update_s"]
     assert res["ngram_lookup_s"] + res["ngram_update_s"] < res["ngram_s"] < res["roundtrip_plus_ngram_s"]

@@ -91,6 +91,28 @@ def test_encode_decode_round_trip(setup, mode, capsys):
     assert (root / "x.txt").read_text(encoding="utf-8") == compress.text_of(tokens, sp)
 
 
+def test_ngram_coder_reads_the_evaluator_s_distributions(setup):
+    """With --ngram the coder's fp64 distributions give the evaluator's score target by target (summed): the learned
+    mixer learns from each coded target and steps after each chunk exactly as in the evaluator's pass."""
+    root, env, artifact, _ = setup
+    model, h = compress.load_model(artifact, compress.settings_from(env), env)
+    tokens = compress.validation_tokens(h, TARGETS)
+    dists = compress.Distributions(model, h, tokens.clone(), compress.FLAG_NGRAM)
+    nll = 0.0
+    for c0, c1, pieces in dists.chunks:
+        for w in map(tg.Window._make, pieces.tolist()):
+            logits = dists.logits(w)
+            for p in range(w.score_from, w.end + 1):
+                dist = dists.scorer.full_distribution(logits[p - w.start - 1][None], torch.tensor([p]))
+                nll -= float(torch.log(dist[0, tokens[p]]))
+                dists.coded(logits, w, p)
+        dists.after_chunk(c0, c1)
+    assert dists.scorer.mixer.kind == "learned" and float(dists.scorer.mixer.seen.sum()) > 0
+    tables = tg.build_byte_luts(compress.load_sp(env["TOKENIZER_PATH"]), h.vocab_size)
+    claimed = compress.evaluator_bits(model, h, tokens, tables, compress.FLAG_NGRAM)
+    assert nll == pytest.approx(claimed.loss * claimed.tokens, rel=1e-6)
+
+
 def test_ngram_and_ttt_change_the_code(setup):
     """The mixture and the adapted weights are really used: each mode codes the same targets differently."""
     root, env, artifact, _ = setup

@@ -97,6 +97,17 @@ def test_builder_layout_bos_and_document_split(built):
         assert [sp.decode(d) for d in docs] == expected
 
 
+def test_builder_val_from_last_takes_the_last_documents(built):
+    import sentencepiece as spm
+    out = built.root / "last"
+    assert run_builder("--input", built.src, "--name", "tiny", "--val-docs", 10, "--val-from", "last",
+                       "--vocab-size", VOCAB, "--tokenizer", built.tok, "--out-dir", out) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(built.tok))
+    data = out / "datasets" / f"tiny_sp{VOCAB}"
+    for split, expected in (("val", built.docs[-10:]), ("train", built.docs[:-10])):
+        assert [sp.decode(d) for d in split_on_bos(read_split(data, "tiny", split)[1])] == expected
+
+
 def test_builder_summary_and_byte_count(built, capsys):
     out = built.root / "again"
     assert run_builder("--input", built.src, "--name", "tiny", "--val-docs", 10, "--vocab-size", VOCAB,

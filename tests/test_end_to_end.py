@@ -37,6 +37,9 @@ def check_log(log: str, env) -> dict:
     assert ng and re.search(r"^post_training_time:\d+ms$", log, re.M)
     phases = re.findall(r"^peak_memory rss_mib:\d+ phase:(\w+)$", log, re.M)
     assert phases == ["train", "eval"] and log.index("phase:eval") > log.index("ngram_eval_exact")  # after the evals
+    assert re.search(r"^ngram_start .* mixer:learned$", log, re.M)
+    assert re.search(r"^ngram_mixer mixer:learned score:ngram_eval targets:\d+ used_o2:", log, re.M)
+    assert float(ng.group(2)) <= float(rt.group(2)) + 0.0005  # the learned mixture never loses to the model
     return {"roundtrip_bpb": float(rt.group(2)), "ngram_bpb": float(ng.group(2))}
 
 
@@ -111,6 +114,7 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
         assert pick(first, key) == pick(again, key)  # the TTT pass (USE_TTT=1) leaves the plain scores alone
     for key in ("legal_ttt_exact", "ttt_ngram_eval_exact"):
         assert pick(again, key) and not re.search(rf"^{key} ", first, re.M)
+    assert re.search(r"^ngram_mixer mixer:learned score:ttt_ngram_eval targets:2048 ", again, re.M)  # the same mixer
     assert re.search(r"^ttt_start chunks:4 chunk_tokens:512 ", again, re.M)
     assert not re.search(r"^step:\d+/\d+ train_loss:", again, re.M)
     assert not re.search(r"^serialized ", again, re.M)

@@ -3,6 +3,7 @@
 Run: python3 -m pytest tests/test_eval.py -q      (slow 2-process test included; -m "not slow" skips it)
 """
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -20,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-from conftest import (CPU, RT1, FakeCudaTransfers, UniformLM, random_stream, random_tables, tiny_model,  # noqa: E402
-                      unit_tables)
+from conftest import (CPU, RT1, FakeCudaTransfers, UniformLM, random_stream, random_tables, repeating_stream,  # noqa: E402
+                      tiny_model, unit_tables)
 
 def ngram_eval(model, val, h, rt=RT1):
     """The n-gram score of the one plain pass."""
@@ -121,7 +122,7 @@ def test_sliding_with_stride_equal_seq_len_is_plain_eval(tiny):
 @pytest.mark.parametrize("chunk", [64, 50])
 def test_ngram_with_alpha_zero_equals_sliding(tiny, chunk):
     vocab, n = 16, 1000
-    h = tiny(vocab_size=vocab, ngram_alpha_min=0.0, ngram_alpha_max=0.0, ngram_chunk_tokens=chunk)
+    h = tiny(vocab_size=vocab, ngram_mixer="seed", ngram_alpha_min=0.0, ngram_alpha_max=0.0, ngram_chunk_tokens=chunk)
     val, model = tg.ValData(random_stream(n, vocab, 1), random_tables(vocab)), tiny_model(h)
     s, g = tg.sliding_eval(model, val, h, RT1), ngram_eval(model, val, h, RT1)
     assert (g.tokens, g.bytes) == (s.tokens, s.bytes) == (n, g.bytes)
@@ -216,13 +217,17 @@ def test_exact_stats_give_every_order_s_counts(vocab, lo, hi):
     pos = torch.arange(1, n + 1)
     st = cache.stats(tokens, pos, tokens[pos])
     full = cache.stats(tokens, pos, torch.arange(vocab).expand(n, vocab))
-    assert st.ctx.shape == st.pair.shape == (n, hi - lo + 1) and full.pair.shape == (n, hi - lo + 1, vocab)
+    assert st.ctx.shape == st.pair.shape == st.types.shape == (n, hi - lo + 1)
+    assert full.pair.shape == (n, hi - lo + 1, vocab) and torch.equal(full.types, st.types)
     assert torch.equal(full.ctx, st.ctx) and torch.equal(full.pair.sum(2), st.ctx)  # exact: sum_v pair = ctx
+    assert torch.equal((full.pair > 0).sum(2), st.types)  # types = distinct continuations
+    types_refs = [collections.Counter(key[:-1] for key in pair_ref) for _, pair_ref in refs]
     for q in range(1, n + 1):
         for k, (ctx_ref, pair_ref) in enumerate(refs):
             c = tuple(t[q - (lo + k) + 1:q]) if q >= lo + k - 1 else None
             assert st.ctx[q - 1, k] == (ctx_ref[c] if c is not None else 0), (q, k)
             assert st.pair[q - 1, k] == (pair_ref[c + (t[q],)] if c is not None else 0), (q, k)
+            assert st.types[q - 1, k] == (types_refs[k][c] if c is not None else 0), (q, k)
             if c is not None and q % 17 == 0:
                 assert full.pair[q - 1, k].tolist() == [pair_ref[c + (v,)] for v in range(vocab)]
     assert (st.ctx[:, -1] > 0).sum() > n // 4  # the longest order is matched often (repeats)
@@ -287,15 +292,113 @@ def null_eval(tiny, mode):
 
 def test_null_uniform_stream_exact_cannot_compress_but_hashed_does(tiny):
     exact = null_eval(tiny, "exact")
-    assert exact.bpb >= 10 - 0.01  # unit bytes: bpb = bits per token
+    assert 10 - 0.01 <= exact.bpb <= 10 + 0.0005  # unit bytes: bpb = bits per token; the learned mixer never loses
     hashed = null_eval(tiny, "hashed")
     assert hashed.bpb < 5.0, hashed.bpb
+
+
+# ------------------------------------------------------------------------------------------- the learned mixer
+
+def plain_and_mixed(model, tokens, h):
+    """(round trip, n-gram) results of one plain pass over tokens (unit byte tables)."""
+    r = tg.roundtrip_eval(model, tg.ValData(tokens, unit_tables(h.vocab_size)), h, RT1)
+    return r["model"], r["ngram"]
+
+
+def test_learned_mixer_gains_on_repeats_never_loses_without(tiny, capsys):
+    vocab = 64
+    h = tiny(vocab_size=vocab, ngram_chunk_tokens=64)
+    model = tiny_model(h)
+    plain, mixed = plain_and_mixed(model, repeating_stream(1500, vocab, period=37, seed=3), h)
+    assert mixed.bpb < plain.bpb - 1.0  # a repetitive text: the cache predicts it after one period
+    assert re.search(r"^ngram_mixer mixer:learned .* model_alone:0 ", capsys.readouterr().out, re.M)
+    perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(5))
+    plain, mixed = plain_and_mixed(model, perm, h)  # no repeats: no context was seen before, the model alone
+    assert (mixed.loss, mixed.bpb) == (plain.loss, plain.bpb)
+    for seed in (1, 2):  # random text: the counts carry no information the model lacks
+        plain, mixed = plain_and_mixed(model, random_stream(3000, vocab, seed), h)
+        assert mixed.bpb <= plain.bpb + 0.0005, (mixed.bpb, plain.bpb)
+    seed_rule = dataclasses.replace(h, ngram_mixer="seed")
+    assert plain_and_mixed(model, random_stream(3000, vocab, 2), seed_rule)[1].bpb > plain.bpb + 0.01  # it loses
+
+
+def learned_reference(tokens, logp, h):
+    """Straightforward Python version of the learned mixer over the chunks of h, from dict counts: -log p_final
+    of every target p, given the model's log-probabilities logp[p] (a [V] row)."""
+    t, orders = tokens.tolist(), range(h.ngram_min_order, h.ngram_max_order + 1)
+    K, n = len(orders), len(t) - 1
+    prior = np.r_[h.ngram_mixer_prior, np.full(K, (1 - h.ngram_mixer_prior) / K)]
+    weights, ctx, pair, gain, out = {}, collections.Counter(), collections.Counter(), 0.0, {}
+    for c0 in range(1, n + 1, h.ngram_chunk_tokens):
+        c1 = min(c0 + h.ngram_chunk_tokens, n + 1)
+        grad, count, chunk_gain = collections.defaultdict(lambda: np.zeros(K + 1)), collections.Counter(), 0.0
+        for p in range(c0, c1):
+            lp = logp[p]
+            contexts = [tuple(t[p - m + 1:p]) if p >= m - 1 else None for m in orders]
+            cc = np.array([ctx[c] if c is not None else 0 for c in contexts], dtype=np.float64)
+            if not cc.any():
+                out[p] = -float(lp[t[p]])
+                continue
+            top = int(np.nonzero(cc)[0].max())
+            types = sum(1 for key in pair if key[:-1] == contexts[top])
+            ent = float(tg.row_entropy(torch.from_numpy(lp)))
+            bucket = (top + 1, min(int(math.floor(math.log2(cc[top]))), 11), min(4 * types // int(cc[top]), 3),
+                      min(max(int(math.floor(ent / 2)), 0), 3))
+            present = np.r_[True, cc > 0]
+            x = np.r_[math.exp(float(lp[t[p]])),
+                      [pair[c + (t[p],)] / cc[k] if cc[k] else 0.0 for k, c in enumerate(contexts)]]
+            w = weights.get(bucket, prior) * present
+            p_mix = (w * x).sum() / w.sum()
+            g = 1 / (1 + math.exp(-(math.log(h.ngram_mixer_guard / (1 - h.ngram_mixer_guard)) - gain)))
+            out[p] = -math.log(g * x[0] + (1 - g) * p_mix)
+            grad[bucket] += np.where(present, x / p_mix, 1.0)
+            count[bucket] += 1
+            chunk_gain += math.log(p_mix / x[0])
+        for bucket, m in count.items():
+            r = m / (m + h.ngram_mixer_smooth)
+            w = weights.get(bucket, prior) * (1 + r * (grad[bucket] / m - 1))
+            weights[bucket] = w / w.sum()
+        gain += chunk_gain
+        for p in range(c0, c1):
+            for m in orders:
+                if p >= m - 1:
+                    ctx[tuple(t[p - m + 1:p])] += 1
+                    pair[tuple(t[p - m + 1:p + 1])] += 1
+    return out
+
+
+def test_learned_mixer_matches_a_plain_python_reference(tiny):
+    """Every target's NLL equals the reference's: buckets, weights, the guard and the step after each chunk."""
+    vocab, n = 10, 900
+    h = tiny(vocab_size=vocab, ngram_chunk_tokens=100, eval_batch_windows=3)
+    g = torch.Generator().manual_seed(8)
+    tokens = torch.where(torch.rand(n + 1, generator=g) < 0.3, torch.randint(0, vocab, (n + 1,), generator=g),
+                         repeating_stream(n, vocab, period=23, seed=2))  # repeats with noise: every order, many buckets
+    model = tiny_model(h)
+    scorer = tg.make_ngram_scorer(tokens, h, RT1)
+    nll_at, logp_at = {}, {}
+
+    def recording(logp, batch):
+        nll = scorer(logp, batch)
+        for i, p in enumerate(batch.sel_pos.tolist()):
+            nll_at[p], logp_at[p] = float(nll[i]), logp[i].numpy().copy()
+        return nll
+
+    windows = tg.plan_windows(n, h.eval_seq_len, h.eval_stride)
+    tg.evaluate(model, tg.ValData(tokens, unit_tables(vocab)), windows, {"ngram": recording}, h, RT1,
+                h.ngram_chunk_tokens, scorer.after_chunk)
+    want = learned_reference(tokens, logp_at, h)
+    assert sorted(want) == sorted(nll_at) == list(range(1, n + 1))
+    np.testing.assert_allclose([nll_at[p] for p in want], list(want.values()), rtol=1e-9, atol=1e-12)
+    used = scorer.mixer.seen > 0
+    assert int(used.sum()) >= 20 and float(scorer.mixer.guard()) < 1e-6  # many buckets; the mixer paid
+    assert (scorer.mixer.weights[used, 0] < h.ngram_mixer_prior - 0.05).any()  # and the weights moved
 
 
 def recorded_ngram_run(model, tokens, h):
     """Run the n-gram driver, recording each target's NLL and checking it reads a normalized distribution."""
     val = tg.ValData(tokens, unit_tables(h.vocab_size))
-    scorer = tg.NgramScorer(tg.make_ngram_cache(h, CPU), tg.NgramMixer(h, CPU), tokens, np.zeros(0, np.int64))
+    scorer = tg.NgramScorer(tg.make_ngram_cache(h, CPU), tg.make_ngram_mixer(h, CPU), tokens, np.zeros(0, np.int64))
     nll_at, dist_at = {}, {}
 
     def scorer_with_record(logp, batch):
@@ -315,9 +418,10 @@ def recorded_ngram_run(model, tokens, h):
     return nll_at, dist_at
 
 
-def test_prefix_only_scores_and_target_independent_distribution(tiny):
+@pytest.mark.parametrize("mixer", ["learned", "seed"])
+def test_prefix_only_scores_and_target_independent_distribution(tiny, mixer):
     vocab, n = 12, 700
-    h = tiny(vocab_size=vocab, ngram_chunk_tokens=64, ngram_alpha_min=0.3)
+    h = tiny(vocab_size=vocab, ngram_chunk_tokens=64, ngram_alpha_min=0.3, ngram_mixer=mixer)
     model, tokens = tiny_model(h), random_stream(n, vocab, 9)
     base_nll, base_dist = recorded_ngram_run(model, tokens, h)
     assert sorted(base_nll) == list(range(1, n + 1))
@@ -337,9 +441,9 @@ def test_chunk_reads_equal_reading_the_tables_at_every_batch(tiny, mode):
     (cache.probs, the seed rule's estimate) and mixing in the same way."""
     vocab, n = 12, 900
     h = tiny(vocab_size=vocab, ngram_chunk_tokens=100, ngram_alpha_min=0.3, ngram_mode=mode, ngram_buckets=64,
-             eval_batch_windows=2)
+             eval_batch_windows=2, ngram_mixer="seed")
     tokens, model = random_stream(n, vocab, 4), tiny_model(h)
-    scorer = tg.NgramScorer(tg.make_ngram_cache(h, CPU), tg.NgramMixer(h, CPU), tokens, np.zeros(0, np.int64))
+    scorer = tg.NgramScorer(tg.make_ngram_cache(h, CPU), tg.SeedMixer(h, CPU), tokens, np.zeros(0, np.int64))
     checked = collections.Counter()
 
     def scorer_checked(logp, batch):
@@ -347,7 +451,7 @@ def test_chunk_reads_equal_reading_the_tables_at_every_batch(tiny, mode):
         order, p = scorer.cache.probs(tokens, batch.pos, batch.tgt)
         alpha = scorer.mixer.alpha(tg.row_entropy(logp), order)
         lp = logp.gather(1, batch.tgt[:, None]).squeeze(1).double()
-        assert torch.equal(nll, -tg.NgramMixer.mix_logprob(lp, p, alpha))
+        assert torch.equal(nll, -tg.SeedMixer.mix_logprob(lp, p, alpha))
         checked[batch.span] += 1
         checked["matched"] += int((order > 0).sum())
         return nll
@@ -397,6 +501,8 @@ def test_ngram_eval_hashed_mode_uses_its_own_prefix(tiny, capsys):
     assert re.search(r"^ngram_hashed_unnormalized_exact val_loss:\S+ val_bpb:\S+$", out, re.M)
     assert re.search(r"^ngram_audit positions:32 ", out, re.M)
     assert not re.search(r"^ngram_eval", out, re.M)
+    assert re.search(r"^ngram_start .* mode:hashed .* mixer:seed$", out, re.M)  # the reference's whole rule
+    assert re.search(r"^ngram_mixer mixer:seed score:ngram_hashed_unnormalized targets:1200 ", out, re.M)
 
 
 def test_host_to_device_pins_and_does_not_block_on_cuda(monkeypatch):

@@ -1,8 +1,9 @@
 """Every command in README.md's ```bash blocks works as written, run in order in a temporary copy of the repository
 with CPU-sized settings from the environment (README commands set their own variables on top of these).
 
-Skipped, and only these: commands that need the network (the FineWeb download) or that run this test suite itself
-(the test command of "The two commands"). Commands written for GPUs run as written on the CPU (gloo), with one
+Skipped, and only these: commands that need the network (the FineWeb download), the bench corpus that lives outside
+the repository (tools/bench_ngram_mixer.py: ../shared/bench and about an hour of CPU; tests/test_bench_ngram_mixer.py
+runs the tool on the tiny corpus) or that run this test suite itself (the test command of "The two commands"). Commands written for GPUs run as written on the CPU (gloo), with one
 CPU-sized change besides the settings: a `torchrun` first on PATH caps `--nproc_per_node` at 2 processes (8 ranks
 would cost CI minutes and test nothing more than 2). Run: python3 -m pytest tests/test_readme_commands.py
 """
@@ -18,6 +19,7 @@ from conftest import ROOT, tiny_run_env
 SKIP = {  # substring of a command -> why it cannot run here
     "cached_challenge_fineweb.py": "downloads FineWeb from the Hugging Face hub (network)",
     "pytest": "runs this test suite itself",
+    "bench_ngram_mixer.py": "needs the bench corpus outside the repository (tests/test_bench_ngram_mixer.py runs it)",
 }
 EXPECTED_EXIT = {  # substring of a command -> the exit codes that mean it worked as documented (README's table)
     "tools/significance.py": (0, 4),  # 4 = not significant: the tiny CPU runs do not beat the record's baseline

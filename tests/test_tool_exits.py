@@ -25,6 +25,7 @@ import bench_codec  # noqa: E402
 import bench_eval  # noqa: E402
 import bench_gptq  # noqa: E402
 import bench_ngram_cache  # noqa: E402
+import bench_ngram_mixer  # noqa: E402
 import bench_train  # noqa: E402
 import bench_windows  # noqa: E402
 import compress  # noqa: E402
@@ -99,6 +100,14 @@ BAD_ARGUMENTS = [
     ("bench_ngram_cache", ["--seed", "-1"], 2, ["--seed"]),
     ("bench_ngram_cache", ["--device", "gpu"], 2, ["--device", "invalid choice"]),
     ("bench_ngram_cache", ["--tokens", "10", "--json", "{d}/missing/x.json"], 2, ["--json"]),
+    ("bench_ngram_mixer", ["--targets", "0"], 2, ["--targets", ">= 1"]),
+    ("bench_ngram_mixer", ["--steps", "-1"], 2, ["--steps"]),
+    ("bench_ngram_mixer", ["--json", "{d}/missing/x.json"], 2, ["--json"]),
+    ("bench_ngram_mixer", ["--data", "{d}/missing", "--tokenizer", "{d}/t.model"], 2, ["no dataset", "--bench"]),
+    ("bench_ngram_mixer", ["--data", "{d}/missing", "--tokenizer", "{d}/t.model", "--bench", "{d}"], 2,
+     ["english_mix_v1.jsonl.xz"]),
+    ("bench_ngram_mixer", ["--data", "{d}", "--tokenizer", "{d}/a.txt", "--artifact", "{d}/missing"], 2,
+     ["--artifact", "no such file"]),
     ("bench_train", ["--steps", "0"], 2, ["--steps", ">= 1"]),
     ("bench_train", ["--warmup", "-1"], 2, ["--warmup", ">= 0"]),
     ("bench_train", ["--peak-flops", "nan"], 2, ["--peak-flops", "finite number > 0"]),
@@ -147,9 +156,9 @@ BAD_ARGUMENTS = [
     ("install_flash_attn", ["--yes"], 2, ["unrecognized arguments: --yes"]),
 ]
 MAINS = {"make_dataset": make_dataset.main, "cached_challenge_fineweb": cached.main,
-         **{m.__name__: m.main for m in (bench_codec, bench_eval, bench_gptq, bench_ngram_cache, bench_train, bench_windows,
-                                         compress, install_flash_attn, make_record, pack, plot_logs, preflight,
-                                         significance, summarize_logs)}}
+         **{m.__name__: m.main for m in (bench_codec, bench_eval, bench_gptq, bench_ngram_cache, bench_ngram_mixer,
+                                         bench_train, bench_windows, compress, install_flash_attn, make_record, pack,
+                                         plot_logs, preflight, significance, summarize_logs)}}
 
 
 def exit_of(main, argv) -> int:

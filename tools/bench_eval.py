@@ -36,7 +36,7 @@ def hparams(args, device) -> tg.Hyperparameters:
         vocab_size=args.vocab, num_layers=args.layers, model_dim=args.dim, num_heads=args.heads,
         num_kv_heads=args.kv_heads, xsa_last_n=min(2, args.layers), bigram_dim=32, eval_seq_len=args.seq_len,
         eval_stride=args.stride, eval_batch_windows=args.batch_windows, ngram_chunk_tokens=args.chunk,
-        ngram_log_every=0, device=device.type, compile="0", run_id="bench_eval")
+        ngram_mixer=args.mixer, ngram_log_every=0, device=device.type, compile="0", run_id="bench_eval")
     h.validate(1)
     return h
 
@@ -123,7 +123,7 @@ def run(args) -> dict:
             "model": {"layers": args.layers, "dim": args.dim, "vocab": args.vocab, "seq_len": args.seq_len,
                       "stride": args.stride, "batch_windows": args.batch_windows,
                       "params": sum(p.numel() for p in model.parameters())},
-            "chunk": args.chunk, "repeats": args.repeats, "roundtrip_s": round(t_alone, 4),
+            "chunk": args.chunk, "mixer": args.mixer, "repeats": args.repeats, "roundtrip_s": round(t_alone, 4),
             "roundtrip_plus_ngram_s": round(t_both, 4), "ratio": round(t_both / t_alone, 4),
             "ratio_within_run": round(within, 4), "ngram_s": round(med(together, "ngram_s"), 3),
             "ngram_lookup_s": round(lookup, 3), "ngram_update_s": round(update, 3),
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=count, default=64, help="1..--seq-len")
     p.add_argument("--batch-windows", type=count, default=32)
     p.add_argument("--chunk", type=count, default=8192, help="NGRAM_CHUNK_TOKENS")
+    p.add_argument("--mixer", choices=("learned", "seed"), default="learned", help="NGRAM_MIXER (default learned)")
     p.add_argument("--repeats", type=count, default=3)
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     p.add_argument("--seed", type=toolkit.non_negative_int, default=0)

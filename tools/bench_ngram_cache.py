@@ -195,7 +195,7 @@ def run(args) -> dict:
              else tg.ExactNgramCache(args.vocab, **kw))
     h = tg.Hyperparameters(vocab_size=args.vocab, ngram_min_order=args.min_order, ngram_max_order=args.max_order,
                            ngram_min_count=args.min_count)
-    scorer = tg.NgramScorer(cache, tg.NgramMixer(h, device), tokens, np.zeros(0, dtype=np.int64))
+    scorer = tg.NgramScorer(cache, tg.SeedMixer(h, device), tokens, np.zeros(0, dtype=np.int64))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     lookup_s, update_times, counts, sums = 0.0, [], Counts(args.count), []

@@ -16,9 +16,10 @@ byte-identical. --json PATH|- also writes the report as JSON.
 Distributions. Target p (1..K) is predicted as evaluate() predicts it: by the window that scores it in
 plan_windows(K, EVAL_SEQ_LEN, EVAL_STRIDE), split at chunk boundaries by group_by_chunk (pieces keep their start, so
 every target keeps its context); the model's fp32 soft-capped logits, then an fp64 softmax, or with --ngram the
-exact n-gram mixture NgramScorer.full_distribution with the tables of earlier chunks only. After each chunk the
-evaluator's own hooks run: the n-gram table update, then (--ttt) ScoreFirstTTT's training step on a copy of the
-model. Chunks are NGRAM_CHUNK_TOKENS, or TTT_CHUNK_TOKENS with --ttt, as in the script's passes. The fp64
+exact n-gram mixture NgramScorer.full_distribution with the tables of earlier chunks only. Once a target is coded
+the n-gram mixer records it (NgramScorer.observe, what the evaluator's batches record); after each chunk the
+evaluator's own hooks run: the mixer's learning step and the n-gram table update, then (--ttt) ScoreFirstTTT's
+training step on a copy of the model. Chunks are NGRAM_CHUNK_TOKENS, or TTT_CHUNK_TOKENS with --ttt, as in the script's passes. The fp64
 distribution becomes integer frequencies with total 2^24 and every token >= 1 (floor(p (2^24 - V)) + 1, the rest to
 the first most probable token), coded by an exact integer arithmetic coder (64-bit low/high; a carry never reaches
 emitted bits: an interval straddling the middle is narrowed and its bit deferred, "bit-plus-follow"). A token of
@@ -390,7 +391,7 @@ class Distributions:
         windows = tg.plan_windows(k, h.eval_seq_len, h.eval_stride)
         self.length = int((windows[:, 1] - windows[:, 0]).max())
         if flags & FLAG_NGRAM:
-            cache, mixer = tg.make_ngram_cache(h, tokens.device), tg.NgramMixer(h, tokens.device)
+            cache, mixer = tg.make_ngram_cache(h, tokens.device), tg.make_ngram_mixer(h, tokens.device)
             self.scorer = tg.NgramScorer(cache, mixer, tokens, np.zeros(0, dtype=np.int64))
             self.hooks.append(self.scorer.after_chunk)
         if flags & FLAG_TTT:
@@ -415,6 +416,12 @@ class Distributions:
                 dist = self.scorer.full_distribution(row, torch.tensor([p]))
         return frequencies(dist[0])
 
+    def coded(self, logits: torch.Tensor, w: tg.Window, p: int) -> None:
+        """Target p is coded (its token known to both sides): the n-gram mixer learns from it as the evaluator's does."""
+        if self.scorer is not None:
+            with torch.inference_mode():
+                self.scorer.observe(logits[p - w.start - 1][None], torch.tensor([p]))
+
     def after_chunk(self, start: int, end: int) -> None:
         for hook in self.hooks:
             hook(start, end)
@@ -428,6 +435,7 @@ def encode_tokens(dists: Distributions) -> bytes:
             for p in range(w.score_from, w.end + 1):
                 cum, s = dists.distribution(logits, w, p), int(tokens[p])
                 enc.encode(int(cum[s]), int(cum[s + 1]), FREQ_TOTAL)
+                dists.coded(logits, w, p)
         dists.after_chunk(c0, c1)
     return enc.finish()
 
@@ -438,7 +446,9 @@ def decode_tokens(dists: Distributions, payload: bytes) -> None:
     for c0, c1, pieces in dists.chunks:
         for w in map(tg.Window._make, pieces.tolist()):
             for p in range(w.score_from, w.end + 1):
-                tokens[p] = dec.decode(dists.distribution(dists.logits(w), w, p))
+                logits = dists.logits(w)
+                tokens[p] = dec.decode(dists.distribution(logits, w, p))
+                dists.coded(logits, w, p)
         dists.after_chunk(c0, c1)
 
 
