@@ -81,12 +81,20 @@ def interrupts_raised():
 @contextlib.contextmanager
 def interrupts_held():
     """SIGINT/SIGTERM arriving inside the block are held and delivered when it has finished (for a commit of several
-    renames that must happen together)."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPT_SIGNALS)
+    renames that must happen together). Recorded by a Python handler, not masked: a thread mask does not hold a
+    signal that the kernel hands to another thread (torch's, a reader's), and Python runs its handler anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in INTERRUPT_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # now, to the handler the caller had
 
 
 def exit_code(fn, *args, user_errors: tuple = (), **kwargs) -> int:
