@@ -10,7 +10,7 @@ Every setting is a field of `Hyperparameters`; override it with the upper-cased 
 Final log lines (grep these):
   final_int6_zstd_roundtrip_exact val_loss:… val_bpb:…   sliding-window score of the model rebuilt from the artifact
   ngram_eval_exact val_loss:… val_bpb:…                   the same model mixed with the exact, normalized n-gram cache
-  legal_ttt_exact val_loss:… val_bpb:…                    USE_TTT=1: score-first test-time training on a copy
+  legal_ttt_exact val_loss:… val_bpb:…                    TTT_ENABLED=1: score-first test-time training on a copy
   ttt_ngram_eval_exact val_loss:… val_bpb:…               the adapted model mixed with the exact n-gram cache
   Total submission int6+zstd: … bytes                     compressed model + UTF-8 bytes of this file (limit 16,000,000)
 
@@ -58,6 +58,8 @@ from torch.overrides import TorchFunctionMode
 # Hyperparameters
 # One frozen dataclass; every field maps to the upper-cased environment variable; defaults = record configuration.
 # `from_env` parses by field type and validates everything that does not need the runtime or the tokenizer.
+# Switches: a feature's master switch is <PREFIX>_ENABLED and its knobs share the prefix (EMA_ENABLED, EMA_DECAY);
+# a mode or option that is no feature's master switch says what it does (EVAL_ONLY, LN_SCALE, VAL_LAST_STEP).
 # ---------------------------------------------------------------------------------------------------------------
 
 INT6_CLIP_CANDIDATES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite per-row clip quantiles
@@ -112,11 +114,11 @@ class Hyperparameters:
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
     # optional model features
-    use_smeargate: bool = True
+    smeargate_enabled: bool = True
     bigram_vocab_size: int = 1024  # 0 removes BigramHash
     bigram_dim: int = 128
-    use_value_residual: bool = True
-    use_gated_attention: bool = True
+    value_residual_enabled: bool = True
+    gated_attention_enabled: bool = True
     xsa_last_n: int = 4
     ln_scale: bool = False
     control_tensor_name_patterns: tuple[str, ...] = CONTROL_PATTERNS
@@ -135,12 +137,12 @@ class Hyperparameters:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3  # per rank, before averaging (reference numerics); 0 disables
     # averaging and QAT
-    use_ema: bool = True
+    ema_enabled: bool = True
     ema_decay: float = 0.997
     swa_enabled: bool = True
     swa_every: int = 50
     swa_lr_threshold: float = 0.2
-    use_late_qat: bool = True
+    qat_enabled: bool = True
     qat_time_frac: float = 0.15
     export_weights: str = "ema"  # ema | swa | raw: chosen by configuration, never by a validation score
     diag_eval_candidates: bool = False  # also score the weights not exported (diagnostic; never changes the choice)
@@ -183,7 +185,7 @@ class Hyperparameters:
     ngram_alpha_clip: float = 0.95
     ngram_audit_positions: int = 256
     ngram_log_every: int = 20
-    use_ttt: bool = False  # a second pass: legal score-first test-time training on a copy of the artifact's weights
+    ttt_enabled: bool = False  # a second pass: legal score-first test-time training on a copy of the artifact's weights
     ttt_lr: float = 0.002  # cosine over chunks: lr * 0.5 * (1 + cos(pi * k / (K - 1)))
     ttt_epochs: int = 3
     ttt_chunk_tokens: int = 32_768  # targets per chunk; also the n-gram chunk of the TTT pass
@@ -275,8 +277,8 @@ class Hyperparameters:
         yield self.ttt_chunk_tokens >= self.eval_seq_len, f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be >= EVAL_SEQ_LEN={self.eval_seq_len} (a chunk trains on whole sequences)"
         yield self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be in [0, NUM_LAYERS={self.num_layers}]"
         yield self.export_weights in ("ema", "swa", "raw"), f"EXPORT_WEIGHTS={self.export_weights!r} must be ema, swa or raw"
-        yield self.export_weights != "ema" or self.use_ema, "EXPORT_WEIGHTS=ema needs USE_EMA=1"
-        yield self.export_weights != "swa" or (self.swa_enabled and self.use_ema), "EXPORT_WEIGHTS=swa needs SWA_ENABLED=1 and USE_EMA=1 (SWA averages EMA snapshots)"
+        yield self.export_weights != "ema" or self.ema_enabled, "EXPORT_WEIGHTS=ema needs EMA_ENABLED=1"
+        yield self.export_weights != "swa" or (self.swa_enabled and self.ema_enabled), "EXPORT_WEIGHTS=swa needs SWA_ENABLED=1 and EMA_ENABLED=1 (SWA averages EMA snapshots)"
         yield self.device in ("auto", "cuda", "cpu") and self.compile in ("auto", "0", "1"), "DEVICE must be auto|cuda|cpu and COMPILE auto|0|1"
         yield self.tokenizer_path.endswith(".model"), f"TOKENIZER_PATH={self.tokenizer_path} must be a SentencePiece .model file"
         yield self.artifact_codec in ARTIFACT_MAGIC, f"ARTIFACT_CODEC={self.artifact_codec!r} must be one of {sorted(ARTIFACT_MAGIC)}"
@@ -289,7 +291,7 @@ class Hyperparameters:
     def chunked_passes(self) -> list[tuple[str, int]]:
         """(setting, targets per chunk) of every score-then-update pass this configuration runs."""
         return [("NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens)] * self.ngram_enabled + [
-            ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens)] * self.use_ttt
+            ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens)] * self.ttt_enabled
 
     def log_lines(self) -> list[str]:
         return [f"hparam {f.name}:{format_setting(getattr(self, f.name))}"
@@ -399,9 +401,13 @@ REFERENCE_ONLY_SETTINGS = {
     "VAL_BATCH_SIZE": (None, "unused by the reference's evaluation; see EVAL_BATCH_WINDOWS"),
     "VE_ENABLED": ("0", "value embeddings are not implemented"),
     "ARTIFACT": (None, "renamed ARTIFACT_PATH: one setting names the artifact training writes and EVAL_ONLY=1 reads"),
+    **{f"USE_{old}": (None, f"renamed {new}_ENABLED") for old, new in (
+        ("EMA", "EMA"), ("LATE_QAT", "QAT"), ("TTT", "TTT"), ("SMEARGATE", "SMEARGATE"),
+        ("VALUE_RESIDUAL", "VALUE_RESIDUAL"), ("GATED_ATTENTION", "GATED_ATTENTION"))},
 }
 CHECKED_PREFIXES = ("NGRAM_", "EMA_", "SWA_", "QAT_", "MUON_", "BIGRAM_", "XSA_", "ROPE_", "EVAL_", "TRAIN_",
-                    "USE_", "ADAM_", "EXPORT_", "ARTIFACT", "INT6_", "TIED_", "VAL_", "TTT_", "VE_")
+                    "USE_", "ADAM_", "EXPORT_", "ARTIFACT", "INT6_", "TIED_", "VAL_", "TTT_", "VE_", "SMEARGATE_",
+                    "VALUE_RESIDUAL_", "GATED_ATTENTION_")
 NEAR_MISS_RATIO = 0.85  # difflib similarity above which an unknown name is taken for a typo of a real setting
 
 
@@ -1373,11 +1379,11 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
         self.xsa, self.attn_fn = spec.xsa, attn_fn
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.attn_gate = nn.Linear(h.model_dim, h.num_heads) if h.use_gated_attention else None
+        self.attn_gate = nn.Linear(h.model_dim, h.num_heads) if h.gated_attention_enabled else None
         if self.attn_gate is not None:  # gate = sigmoid(0·x + 4) ≈ 0.982 at init
             nn.init.zeros_(self.attn_gate.weight)
             nn.init.constant_(self.attn_gate.bias, 4.0)
-        self.vr_lambda = nn.Parameter(torch.full((2,), 0.5)) if h.use_value_residual else None
+        self.vr_lambda = nn.Parameter(torch.full((2,), 0.5)) if h.value_residual_enabled else None
 
     def forward(self, x, w, v0, rope):
         """x [B,T,d] normalized; w = (W_q, W_k, W_v, W_o); v0 = layer 0's values or None. Returns (out, raw v)."""
@@ -1474,10 +1480,10 @@ class GPT(nn.Module):
         super().__init__()
         n, d = h.num_layers, h.model_dim
         self.softcap, self.clips = h.logit_softcap, tuple(h.int6_clip_candidates)
-        self.num_encoder, self.capture_v0 = n // 2, h.use_value_residual
+        self.num_encoder, self.capture_v0 = n // 2, h.value_residual_enabled
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size > 0 else None
-        self.smear = SmearGate(d) if h.use_smeargate else None
+        self.smear = SmearGate(d) if h.smeargate_enabled else None
         self.qo_bank = nn.Parameter(torch.empty(2 * n, d, d))
         self.kv_bank = nn.Parameter(torch.empty(2 * n, h.kv_dim, d))
         self.mlp_up_bank = nn.Parameter(torch.empty(n, h.mlp_hidden, d))
@@ -1873,7 +1879,7 @@ def training_progress(step: int, elapsed_ms: float, h: Hyperparameters) -> float
 
 def qat_should_start(step: int, elapsed_ms: float, h: Hyperparameters) -> bool:
     """Late QAT begins once the share of the run done reaches 1 - QAT_TIME_FRAC."""
-    return h.use_late_qat and training_progress(step, elapsed_ms, h) >= 1.0 - h.qat_time_frac
+    return h.qat_enabled and training_progress(step, elapsed_ms, h) >= 1.0 - h.qat_time_frac
 
 
 def cast_like(state: dict, reference: dict) -> dict:
@@ -1947,9 +1953,12 @@ BANK_LAYOUT = {  # bank -> per-layer names; slice k * num_layers + i of the bank
 
 
 MODEL_CONFIG_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
-                       "rope_dims", "rope_train_len", "logit_softcap", "use_smeargate", "bigram_vocab_size",
-                       "bigram_dim", "use_value_residual", "use_gated_attention", "xsa_last_n", "ln_scale")
+                       "rope_dims", "rope_train_len", "logit_softcap", "smeargate_enabled", "bigram_vocab_size",
+                       "bigram_dim", "value_residual_enabled", "gated_attention_enabled", "xsa_last_n", "ln_scale")
 # ^ every setting that changes the function the weights compute (init-only settings are not needed to rebuild it)
+ARTIFACT_CONFIG_NAMES = {"smeargate_enabled": "use_smeargate", "value_residual_enabled": "use_value_residual",
+                         "gated_attention_enabled": "use_gated_attention"}
+# ^ the format records these switches under their names from before the rename, so older artifacts still load
 
 
 class ArtifactError(UserError):
@@ -2390,7 +2399,7 @@ def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, row_qua
     """Unbank, quantize (row_quantizer: see quantize_state), encode with ARTIFACT_CODEC."""
     flat = unbank_state({k: v.detach().cpu() for k, v in state.items()}, h.num_layers)
     obj, payload = quantize_state(flat, h, row_quantizer)
-    obj["__model_config__"] = model_config(h)
+    obj["__model_config__"] = {ARTIFACT_CONFIG_NAMES.get(k, k): v for k, v in model_config(h).items()}
     blob = encode_artifact(obj, h)
     return blob, PackStats(payload, len(torch_bytes(obj)), len(blob), sum(tensor_bytes(t) for t in flat.values()))
 
@@ -2441,7 +2450,8 @@ def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     missing = [k for k in (*QUANT_OBJECT_KEYS, "__model_config__") if not isinstance(obj.get(k), dict)]
     if missing:
         raise ArtifactError(f"artifact object lacks {missing}")
-    config = obj["__model_config__"]
+    fields = {stored: name for name, stored in ARTIFACT_CONFIG_NAMES.items()}
+    config = {fields.get(k, k): v for k, v in obj["__model_config__"].items()}
     if sorted(config) != sorted(MODEL_CONFIG_FIELDS):
         raise ArtifactError(f"artifact records model settings {sorted(config)}, expected {sorted(MODEL_CONFIG_FIELDS)}")
     check_model_config(config)
@@ -3432,7 +3442,7 @@ def roundtrip_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> dict
 
 
 def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, compile_fn=None) -> dict:
-    """The TTT pass (USE_TTT=1) on a deep copy of `model`, whose own weights never change: 'model' is
+    """The TTT pass (TTT_ENABLED=1) on a deep copy of `model`, whose own weights never change: 'model' is
     `legal_ttt`, 'ngram' (NGRAM_ENABLED) is `ttt_ngram_eval`, the adapted logits mixed with the same tables."""
     adapted = copy.deepcopy(model)
     runner = compile_fn(adapted) if compile_fn is not None else adapted
@@ -3486,7 +3496,7 @@ def warmup_and_restore(model, base_model, opt, h: Hyperparameters, rt: Runtime) 
     opt_state = opt.state_dict()  # already an independent copy
     loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
     for i in range(h.warmup_steps):
-        base_model.qat_active = h.use_late_qat and i == h.warmup_steps - 1
+        base_model.qat_active = h.qat_enabled and i == h.warmup_steps - 1
         train_step(model, opt, loader, h, rt, i, 1.0)
         if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
             log_event(f"warmup_step:{i + 1}/{h.warmup_steps}")
@@ -3550,7 +3560,7 @@ def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime,
     Each step has one blocking sync (reduce_step_status); the loss is read back only on log steps. QAT is switched
     off at the end: evaluation graphs compiled before it started stay valid (no recompile)."""
     loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
-    ema = EMA(base_model, h.ema_decay) if h.use_ema else None
+    ema = EMA(base_model, h.ema_decay) if h.ema_enabled else None
     swa, cap_ms = SWA(), 1000.0 * h.max_wallclock_seconds
     step, train_ms, status = 0, 0.0, StepStatus(0.0, False, False)
     synchronize(rt)
@@ -3601,7 +3611,7 @@ def log_peak_memory(rt: Runtime, phase: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # main
 # Orchestration only: config → runtime → header → data → model → warm-up → train → export → rebuild from the
-# artifact bytes → one pass (round trip + n-gram) → TTT pass (USE_TTT=1) → timing. An artifact over the limit
+# artifact bytes → one pass (round trip + n-gram) → TTT pass (TTT_ENABLED=1) → timing. An artifact over the limit
 # fails the run after the evals.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -3688,7 +3698,7 @@ def evaluate_artifact(art: LoadedArtifact, h, rt, val) -> None:
     model = build_model(h, rt)
     model.load_state_dict(art.state, strict=True)
     roundtrip_eval(compile_model(model, rt.use_compile), val, h, rt)
-    if h.use_ttt:
+    if h.ttt_enabled:
         ttt_eval(model, val, h, rt, lambda m: compile_model(m, rt.use_compile))
 
 

@@ -22,10 +22,10 @@ def test_defaults_are_the_record_configuration():
 
 
 def test_env_parsing_by_type():
-    h = tg.Hyperparameters.from_env({"SEED": "42", "EMA_DECAY": "0.99", "USE_SMEARGATE": "false", "LN_SCALE": "1",
+    h = tg.Hyperparameters.from_env({"SEED": "42", "EMA_DECAY": "0.99", "SMEARGATE_ENABLED": "false", "LN_SCALE": "1",
                                      "NGRAM_ORDER_MULTS": "1,2,3,4,5,6,7,8", "DATA_PATH": "/d",
                                      "CONTROL_TENSOR_NAME_PATTERNS": "a, b"})
-    assert h.seed == 42 and h.ema_decay == 0.99 and h.use_smeargate is False and h.ln_scale is True
+    assert h.seed == 42 and h.ema_decay == 0.99 and h.smeargate_enabled is False and h.ln_scale is True
     assert h.ngram_order_mults == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
     assert h.data_path == "/d" and h.control_tensor_name_patterns == ("a", "b")
     assert h.run_id  # a fresh UUID when RUN_ID is absent
@@ -33,7 +33,7 @@ def test_env_parsing_by_type():
 
 @pytest.mark.parametrize("env, words", [
     ({"SEED": "abc"}, ["SEED", "int"]),
-    ({"USE_EMA": "yes"}, ["USE_EMA", "0, 1, true or false"]),
+    ({"EMA_ENABLED": "yes"}, ["EMA_ENABLED", "0, 1, true or false"]),
 ])
 def test_unparseable_values_name_the_variable(env, words):
     with pytest.raises(ValueError) as e:
@@ -54,10 +54,21 @@ def test_typos_and_reference_only_settings_are_reported():
 
 
 @pytest.mark.parametrize("name, suggestion", [("NGRAM_MAX_ORDR", "NGRAM_MAX_ORDER"), ("EVAL_STRIDES", "EVAL_STRIDE"),
-                                              ("TRAIN_SEQLEN", "TRAIN_SEQ_LEN"), ("USE_EMAS", "USE_EMA")])
+                                              ("TRAIN_SEQLEN", "TRAIN_SEQ_LEN"), ("EMA_ENABLEDS", "EMA_ENABLED")])
 def test_near_misses_of_real_settings_stay_errors(name, suggestion):
     with pytest.raises(tg.UserError, match=f"{name} is not a setting; did you mean {suggestion}"):
         tg.Hyperparameters.from_env({name: "1"})
+
+
+@pytest.mark.parametrize("old, new", [("USE_EMA", "EMA_ENABLED"), ("USE_LATE_QAT", "QAT_ENABLED"),
+                                      ("USE_TTT", "TTT_ENABLED"), ("USE_SMEARGATE", "SMEARGATE_ENABLED"),
+                                      ("USE_VALUE_RESIDUAL", "VALUE_RESIDUAL_ENABLED"),
+                                      ("USE_GATED_ATTENTION", "GATED_ATTENTION_ENABLED")])
+def test_the_old_switch_names_are_refused_naming_the_new_one(old, new):
+    for value in ("0", "1"):  # never accepted, not even with the value the new switch has by default
+        with pytest.raises(tg.UserError, match=f"^unknown or unsupported settings in the environment: "
+                                               f"{old}={value}: renamed {new}$"):
+            tg.Hyperparameters.from_env({old: value})
 
 
 def test_unrelated_names_with_our_prefixes_are_only_reported():
@@ -164,7 +175,7 @@ def test_every_field_is_logged_once_sorted():
     names = [line.split()[1].split(":")[0] for line in lines]
     assert names == sorted(f.name for f in dataclasses.fields(h))
     assert "hparam ngram_order_mults:0.3,0.3,0.97,2.0,2.0,2.0,2.0,2.0,2.0,2.0,2.0" in lines
-    assert "hparam use_ema:1" in lines
+    assert "hparam ema_enabled:1" in lines
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -332,7 +343,7 @@ def test_small_chunks_are_refused_naming_their_cost(world):
 
 
 def test_small_ttt_chunks_are_refused_and_fewer_batch_windows_fit():
-    h = tg.Hyperparameters.from_env({"USE_TTT": "1", "TTT_CHUNK_TOKENS": "4096", "RUN_ID": "x"})
+    h = tg.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096", "RUN_ID": "x"})
     h.validate(1)
     with pytest.raises(tg.UserError, match=r"TTT_CHUNK_TOKENS=4096 .* cost 4x .* or EVAL_BATCH_WINDOWS <= 8"):
         h.validate(8)
@@ -341,6 +352,6 @@ def test_small_ttt_chunks_are_refused_and_fewer_batch_windows_fit():
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_record_and_demo_chunks_fill_their_batches(world):
-    tg.Hyperparameters(use_ttt=True).validate(world)
+    tg.Hyperparameters(ttt_enabled=True).validate(world)
     if world == 1:
-        tg.Hyperparameters.from_env(dict(CPU_DEMO_ENV, RUN_ID="demo", USE_TTT="1", TTT_CHUNK_TOKENS="8192")).validate(1)
+        tg.Hyperparameters.from_env(dict(CPU_DEMO_ENV, RUN_ID="demo", TTT_ENABLED="1", TTT_CHUNK_TOKENS="8192")).validate(1)

@@ -99,7 +99,7 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
     shape = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ROPE_DIMS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
              "BIGRAM_DIM", "VOCAB_SIZE")
     env2 = {k: v for k, v in env.items() if k not in shape}  # the model is rebuilt from the artifact's record
-    env2.update(EVAL_ONLY="1", RUN_ID="again", USE_TTT="1", TTT_CHUNK_TOKENS="512",
+    env2.update(EVAL_ONLY="1", RUN_ID="again", TTT_ENABLED="1", TTT_CHUNK_TOKENS="512",
                 TTT_LR="0.01")
     out = run_script(env2)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -111,7 +111,7 @@ def test_eval_only_rescores_an_existing_artifact(tiny_corpus, tmp_path):
     assert re.search(r"^Total submission int6\+zstd: \d+ bytes$", again, re.M) and "hparam num_layers:2" in again
     pick = lambda log, key: re.search(rf"^{key} val_loss:\S+ val_bpb:\S+$", log, re.M).group(0)
     for key in ("final_int6_zstd_roundtrip_exact", "ngram_eval_exact"):
-        assert pick(first, key) == pick(again, key)  # the TTT pass (USE_TTT=1) leaves the plain scores alone
+        assert pick(first, key) == pick(again, key)  # the TTT pass (TTT_ENABLED=1) leaves the plain scores alone
     for key in ("legal_ttt_exact", "ttt_ngram_eval_exact"):
         assert pick(again, key) and not re.search(rf"^{key} ", first, re.M)
     assert re.search(r"^ngram_mixer mixer:learned score:ttt_ngram_eval targets:2048 ", again, re.M)  # the same mixer

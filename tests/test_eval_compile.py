@@ -91,7 +91,7 @@ def graphs_after_training(tiny, tiny_corpus, tmp_path, monkeypatch, **overrides)
     record run starts after the last periodic validation); the warm-up compiles the plain and the QAT graph."""
     data, tok, vocab = tiny_corpus
     h = tiny(data_path=data, tokenizer_path=tok, vocab_size=vocab, compile="1", iterations=8, warmup_steps=2,
-             use_late_qat=True, qat_time_frac=0.5, val_max_tokens=512, ngram_audit_positions=8, ngram_log_every=0,
+             qat_enabled=True, qat_time_frac=0.5, val_max_tokens=512, ngram_audit_positions=8, ngram_log_every=0,
              artifact_path=str(tmp_path / "model.ptz"), **overrides)
     rt = dataclasses.replace(RT1, use_compile=True, attention=tg.AttentionChoice("sdpa", tg.sdpa_attention, ()))
     rec = Recorder()

@@ -384,6 +384,13 @@ def test_only_the_current_format_is_read(small_h):
     tg.build_model(dataclasses.replace(tg.Hyperparameters(), **config)).load_state_dict(state, strict=True)
 
 
+def test_the_format_keeps_the_switch_names_it_was_defined_with(small_h):
+    blob, _ = tg.pack_artifact(contract_state(small_h), small_h)
+    recorded = tg.decode_artifact(blob)["__model_config__"]  # artifacts written before the switches were renamed load
+    assert {"use_smeargate", "use_value_residual", "use_gated_attention"} <= set(recorded)
+    assert "smeargate_enabled" not in recorded and tg.unpack_artifact(blob)[0] == tg.model_config(small_h)
+
+
 # ---- hostile and inconsistent artifacts -------------------------------------------------------------------------
 
 def zstd_frame(raw: bytes, declare_size: bool = True) -> bytes:
@@ -455,7 +462,7 @@ def repack(obj) -> bytes:
     (lambda o: o["passthrough"].pop("smear.gate"), "1 missing (first: smear.gate)"),
     (lambda o: o["passthrough"].update(extra=torch.zeros(3)), "1 unexpected (first: extra)"),
     (lambda o: o["__model_config__"].update(num_layers="2"), "records NUM_LAYERS='2' (str), expected int"),
-    (lambda o: o["__model_config__"].update(use_smeargate=1), "records USE_SMEARGATE=1 (int), expected bool"),
+    (lambda o: o["__model_config__"].update(use_smeargate=1), "records SMEARGATE_ENABLED=1 (int), expected bool"),
     (lambda o: o["__model_config__"].update(num_heads=0), "settings that are not valid (invalid settings: NUM_HEADS=0"),
     (lambda o: o["scales"].update({next(iter(o["scales"])): "x"}), "artifact tensors are inconsistent"),
 ])

@@ -70,10 +70,10 @@ def test_logits_are_soft_capped_tied_projection(tiny):
 
 
 FEATURES = [
-    (dict(use_smeargate=False), lambda n: n.startswith("smear.")),
+    (dict(smeargate_enabled=False), lambda n: n.startswith("smear.")),
     (dict(bigram_vocab_size=0), lambda n: n.startswith("bigram.")),
-    (dict(use_value_residual=False), lambda n: n.endswith("attn.vr_lambda")),
-    (dict(use_gated_attention=False), lambda n: ".attn.attn_gate." in n),
+    (dict(value_residual_enabled=False), lambda n: n.endswith("attn.vr_lambda")),
+    (dict(gated_attention_enabled=False), lambda n: ".attn.attn_gate." in n),
 ]
 
 
@@ -102,7 +102,7 @@ def test_features_off_still_run(tiny, override):
     loss.backward()
     assert torch.isfinite(loss)
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
-    assert no_grad == ({"blocks.0.attn.vr_lambda"} if h.use_value_residual else set())  # layer 0 has no v0
+    assert no_grad == ({"blocks.0.attn.vr_lambda"} if h.value_residual_enabled else set())  # layer 0 has no v0
 
 
 def test_layer_specs(tiny):

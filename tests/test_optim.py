@@ -58,7 +58,7 @@ def test_routing_covers_every_parameter_once(tg):
     scalar = {n for n, _ in routes["adam_scalar"]}
     assert {"bigram.proj.weight", "bigram.scale", "smear.gate", "skip_weights", "blocks.2.attn.attn_gate.weight",
             "blocks.0.resid_mix", "blocks.1.attn.vr_lambda"} <= scalar
-    optional_off = tg.route_parameters(tiny_model(tiny_hparams(bigram_vocab_size=0, use_smeargate=False)))
+    optional_off = tg.route_parameters(tiny_model(tiny_hparams(bigram_vocab_size=0, smeargate_enabled=False)))
     assert [n for n, _ in optional_off["adam_tok"]] == ["tok_emb.weight"]
 
 

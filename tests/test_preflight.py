@@ -67,7 +67,7 @@ def check_every_section(report, text, world):
 
 
 def test_one_process_every_section_with_ttt(tmp_path, tiny_corpus):
-    report, text = run_tool(tmp_path, tiny_corpus, USE_TTT="1", TTT_CHUNK_TOKENS="512")
+    report, text = run_tool(tmp_path, tiny_corpus, TTT_ENABLED="1", TTT_CHUNK_TOKENS="512")
     checks = check_every_section(report, text, 1)
     assert set(checks["evaluation", "throughput"]["figures"]["seconds"]) == {"one_pass", "ttt"}
     for kind in ("all_reduce", "reduce_scatter", "all_gather"):
@@ -181,12 +181,12 @@ def test_watchdog_turns_a_hang_into_nccl_advice():
 def test_formulas():
     assert preflight.bus_bandwidth("all_reduce", 8e9, 1.0, 8) == pytest.approx(14e9)
     assert preflight.bus_bandwidth("all_gather", 8e9, 1.0, 8) == pytest.approx(7e9)
-    h = tiny_hparams(max_wallclock_seconds=600.0, iterations=20000, qat_time_frac=0.15, use_late_qat=True)
+    h = tiny_hparams(max_wallclock_seconds=600.0, iterations=20000, qat_time_frac=0.15, qat_enabled=True)
     # the reference's 88.6 ms/step everywhere gives its 6,772 steps
     assert preflight.projected_steps(h, 88.6, 88.6) == 6772
     assert preflight.projected_steps(h, 100.0, 200.0) == int(0.85 * 6000 + 0.15 * 3000)
     assert preflight.projected_steps(dataclasses.replace(h, iterations=10), 1.0, 1.0) == 10
-    assert preflight.projected_steps(dataclasses.replace(h, use_late_qat=False), 100.0, 1.0) == 6000
+    assert preflight.projected_steps(dataclasses.replace(h, qat_enabled=False), 100.0, 1.0) == 6000
 
 
 def test_user_error_is_one_line(monkeypatch, capsys):

@@ -41,14 +41,14 @@ def test_qat_trigger_follows_the_wall_clock_budget():
     h = tg.Hyperparameters()
     assert not tg.qat_should_start(10_000, 509_000.0, h)  # the step count does not matter under a time budget
     assert tg.qat_should_start(1, 510_000.0, h)
-    assert not tg.qat_should_start(1, 599_000.0, dataclasses.replace(h, use_late_qat=False))
+    assert not tg.qat_should_start(1, 599_000.0, dataclasses.replace(h, qat_enabled=False))
 
 
 def test_qat_trigger_follows_iterations_in_step_based_runs():
     h = dataclasses.replace(tg.Hyperparameters(), max_wallclock_seconds=0.0, iterations=200)
     assert not tg.qat_should_start(169, 1e9, h)  # elapsed time does not matter without a time budget
     assert tg.qat_should_start(170, 0.0, h)
-    assert not tg.qat_should_start(199, 0.0, dataclasses.replace(h, use_late_qat=False))
+    assert not tg.qat_should_start(199, 0.0, dataclasses.replace(h, qat_enabled=False))
 
 
 class Tiny(torch.nn.Module):

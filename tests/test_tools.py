@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # QAT, SWA, the exact n-gram eval and score-first TTT, on top of the suite's tiny configuration.
 REAL_RUN = dict(ITERATIONS="16", WARMDOWN_ITERS="8", VAL_LOSS_EVERY="8", VAL_LAST_STEP="1", TRAIN_LOG_EVERY="4",
                 VAL_MAX_TOKENS="1024", DIAG_EVAL_CANDIDATES="1", SWA_EVERY="2", QAT_TIME_FRAC="0.25",
-                NGRAM_LOG_EVERY="4", NGRAM_AUDIT_POSITIONS="32", USE_TTT="1", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="256",
+                NGRAM_LOG_EVERY="4", NGRAM_AUDIT_POSITIONS="32", TTT_ENABLED="1", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="256",
                 TTT_BATCH_SEQS="4", RUN_ID="real", SEED="1337")
 
 
@@ -137,7 +137,7 @@ def test_every_event_line_of_a_real_run_is_parsed_and_no_source_line(real_log):
 def test_fields_the_tools_report_are_found_in_a_real_log(real_log, tmp_path):
     run = logparse.parse_text(real_log, "real.txt")
     last = re.findall(r"^step:(\d+)/16 .*step_avg:([\d.]+)ms$", real_log, re.M)[-1]
-    assert run.seed == 1337 and run.run_id == "real" and run.world_size == 1 and run.hparams["use_ttt"] == "1"
+    assert run.seed == 1337 and run.run_id == "real" and run.world_size == 1 and run.hparams["ttt_enabled"] == "1"
     assert run.steps == int(last[0]) == 16 and run.step_avg_ms == float(last[1])
     assert run.tokens_per_s == pytest.approx(256 / (float(last[1]) / 1000))
     assert len(run.step_events("train_step")) >= 5 and len(run.step_events("val_step")) == 2
@@ -423,7 +423,7 @@ def test_make_record_builds_folder(tmp_path, capsys, real_log):
     assert {k: sub[k] for k in ("author", "github_id", "name", "blurb", "date")} == {
         "author": "Ann", "github_id": "ann", "name": "ExactNgram", "blurb": "exact cache", "date": "2026-03-30"}
     readme = (folder / "README.md").read_text()
-    assert "ITERATIONS=16 " in readme and " SEED=42 " in readme and " USE_TTT=1 " in readme
+    assert "ITERATIONS=16 " in readme and " SEED=42 " in readme and " TTT_ENABLED=1 " in readme
     assert f"torchrun --standalone --nproc_per_node=1 {folder.as_posix()}/train_gpt.py" in readme
     assert "NGRAM_MODE=" not in readme
     assert f"python3 -m pip install -r {folder.as_posix()}/requirements.txt" in readme

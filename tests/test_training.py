@@ -102,7 +102,7 @@ def test_each_next_micro_batch_is_loaded_before_the_steps_sync(tiny, tiny_corpus
     """The host work and copy of the next batch overlap the device's work: within a step, micro-batch k+1 is loaded
     once micro-step k is queued; across steps, the next step's first micro-batch is loaded before the step's one
     blocking sync (reduce_step_status). Every batch comes from a prefetch but the very first."""
-    h, rt, model, opt = setup(tiny, tiny_corpus, iterations=3, use_ema=True)
+    h, rt, model, opt = setup(tiny, tiny_corpus, iterations=3, ema_enabled=True)
     events, loader = [], tg.DistributedTokenLoader
     real_load, real_take, real_sync = loader._load, loader.next_batch, tg.reduce_step_status
 

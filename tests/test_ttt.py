@@ -1,4 +1,4 @@
-"""Legal score-first TTT (USE_TTT=1) and the one-pass engine's compiled path.
+"""Legal score-first TTT (TTT_ENABLED=1) and the one-pass engine's compiled path.
 
 Run: python3 -m pytest tests/test_ttt.py -q      (the 1-rank = 2-rank TTT check is in test_eval.py, marked slow)
 """
@@ -21,7 +21,7 @@ PLAIN_NLL, NGRAM_CALL = tg.model_nll, tg.NgramScorer.__call__
 
 def ttt_hparams(tiny, **overrides):
     base = dict(vocab_size=16, eval_seq_len=32, eval_stride=8, eval_batch_windows=4, ngram_chunk_tokens=128,
-                ngram_audit_positions=48, ngram_log_every=0, use_ttt=True, ttt_chunk_tokens=128, ttt_batch_seqs=3,
+                ngram_audit_positions=48, ngram_log_every=0, ttt_enabled=True, ttt_chunk_tokens=128, ttt_batch_seqs=3,
                 ttt_epochs=2, ttt_lr=0.05, ttt_log_every=0)
     base.update(overrides)
     return tiny(**base)
@@ -125,7 +125,7 @@ def test_ttt_batch_shape_is_fixed_and_reads_only_scored_tokens(tiny):
 
 def test_freeze_blocks_keeps_their_bank_rows(tiny):
     h = tiny(vocab_size=64, eval_seq_len=32, eval_stride=16, eval_batch_windows=4, ngram_enabled=False,
-             use_ttt=True, ttt_chunk_tokens=64, ttt_batch_seqs=2, ttt_epochs=1, ttt_lr=0.05, ttt_freeze_blocks=1,
+             ttt_enabled=True, ttt_chunk_tokens=64, ttt_batch_seqs=2, ttt_epochs=1, ttt_lr=0.05, ttt_freeze_blocks=1,
              ttt_log_every=0)
     model = tg.build_model(h)
     trainer = tg.ScoreFirstTTT(model, model, random_stream(400, 64, 7), h, RT1)
@@ -141,14 +141,14 @@ def test_freeze_blocks_keeps_their_bank_rows(tiny):
     assert frozen > 0 and trainable + frozen == sum(p.numel() for p in model.parameters())
 
 
-def test_use_ttt_is_a_setting_and_ttt_settings_are_checked(tiny):
-    h = tg.Hyperparameters.from_env({"USE_TTT": "1", "TTT_LR": "0.001", "TTT_EPOCHS": "2", "RUN_ID": "x"})
-    assert h.use_ttt and h.ttt_lr == 0.001 and h.ttt_epochs == 2
+def test_ttt_enabled_is_a_setting_and_ttt_settings_are_checked(tiny):
+    h = tg.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_LR": "0.001", "TTT_EPOCHS": "2", "RUN_ID": "x"})
+    assert h.ttt_enabled and h.ttt_lr == 0.001 and h.ttt_epochs == 2
     d = tg.Hyperparameters()
-    assert (d.use_ttt, d.ttt_lr, d.ttt_epochs, d.ttt_chunk_tokens, d.ttt_batch_seqs, d.ttt_momentum,
+    assert (d.ttt_enabled, d.ttt_lr, d.ttt_epochs, d.ttt_chunk_tokens, d.ttt_batch_seqs, d.ttt_momentum,
             d.ttt_grad_clip, d.ttt_freeze_blocks) == (False, 0.002, 3, 32768, 32, 0.9, 1.0, 0)
     with pytest.raises(ValueError, match="TTT_CHUNK_TOKENS=100 must be >= EVAL_SEQ_LEN=2048"):
-        tg.Hyperparameters.from_env({"USE_TTT": "1", "TTT_CHUNK_TOKENS": "100"})
+        tg.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "100"})
     with pytest.raises(ValueError, match="TTT_FREEZE_BLOCKS=12"):
         tg.Hyperparameters.from_env({"TTT_FREEZE_BLOCKS": "12"})
     with pytest.raises(ValueError, match="TTT_MOMENTUM"):

@@ -25,7 +25,7 @@ class FakeClock:
 
 def main(data_path: str, vocab: int, out_prefix: str) -> None:
     h = tiny_hparams(data_path=data_path, vocab_size=vocab, iterations=60, max_wallclock_seconds=1.0,
-                     warmdown_iters=10, qat_time_frac=0.5, use_late_qat=True, swa_enabled=False,
+                     warmdown_iters=10, qat_time_frac=0.5, qat_enabled=True, swa_enabled=False,
                      train_batch_tokens=128, train_micro_batch_tokens=64, run_id="skew")
     rt = tg.init_runtime(h)
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ FLOPs per token (training = forward + backward, 3 × the forward's 2 FLOPs per m
   N = L·(2·d² + 2·d·kv_dim + 2·d·mlp_hidden + d·H·[gated attention]) + d·bigram_dim·[bigram] + V·d
 
 N counts the weights of every matrix multiply a token goes through: per layer W_q, W_o (d×d), W_k, W_v (kv_dim×d),
-MLP up/down (mlp_hidden×d), the attention gate (H×d) when USE_GATED_ATTENTION; the BigramHash projection; and the
+MLP up/down (mlp_hidden×d), the attention gate (H×d) when GATED_ATTENTION_ENABLED; the BigramHash projection; and the
 tied output head (V×d). Embedding lookups (tok_emb as input, the bigram table) are not matrix multiplies and are
 excluded. The attention term: per layer, QKᵀ and AV cost 2·T·d multiply-adds per token for full attention; causal
 masking halves that to T·d multiply-adds = 2·T·d FLOPs forward, ×3 for forward+backward = 6·T·d (GQA does not change
@@ -63,7 +63,7 @@ def matmul_params(h: tg.Hyperparameters) -> int:
     """N of the docstring: weights of the matrix multiplies per token (tied head included, lookups excluded)."""
     d = h.model_dim
     per_layer = 2 * d * d + 2 * d * h.kv_dim + 2 * d * h.mlp_hidden
-    if h.use_gated_attention:
+    if h.gated_attention_enabled:
         per_layer += d * h.num_heads
     n = h.num_layers * per_layer + h.vocab_size * d
     if h.bigram_vocab_size > 0:
@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 class TrainingRig(NamedTuple):
     """What a timed training measurement drives: the model (raw and as run), its optimizers, a token loader and the
-    EMA train() keeps (None with USE_EMA=0)."""
+    EMA train() keeps (None with EMA_ENABLED=0)."""
     base_model: torch.nn.Module
     model: torch.nn.Module
     opt: tg.Optimizers
@@ -142,7 +142,7 @@ def build_rig(h: tg.Hyperparameters, rt: tg.Runtime, synthetic: bool) -> Trainin
         loader = SyntheticTokenLoader(rt, h.vocab_size, h.seed)
     else:
         loader = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
-    return TrainingRig(base_model, model, opt, loader, tg.EMA(base_model, h.ema_decay) if h.use_ema else None)
+    return TrainingRig(base_model, model, opt, loader, tg.EMA(base_model, h.ema_decay) if h.ema_enabled else None)
 
 
 def _timed_steps(rig: TrainingRig, h: tg.Hyperparameters, rt: tg.Runtime, first: int, count: int):

@@ -600,7 +600,7 @@ def parse_args(argv):
                      help=f"the first K targets of the val split (default {DEFAULT_TOKENS})")
     src.add_argument("--text", help="a UTF-8 text file (one document per line) instead of the val split")
     enc.add_argument("--ngram", action="store_true", help="the exact n-gram mixture (as ngram_eval)")
-    enc.add_argument("--ttt", action="store_true", help="legal score-first TTT (as the USE_TTT=1 pass, TTT_* settings)")
+    enc.add_argument("--ttt", action="store_true", help="legal score-first TTT (as the TTT_ENABLED=1 pass, TTT_* settings)")
     enc.add_argument("--threads", type=toolkit.positive_int, default=1, help="CPU threads for encode and decode "
                      "(default 1: decoding runs many small forwards, fastest on one thread)")
     enc.add_argument("--no-verify", dest="verify", action="store_false", help="skip decoding the file back")

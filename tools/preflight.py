@@ -302,7 +302,7 @@ def projected_steps(h: tg.Hyperparameters, ms_plain: float, ms_qat: float) -> in
     """Steps that fit MAX_WALLCLOCK_SECONDS: late QAT runs the last QAT_TIME_FRAC of the time; capped at ITERATIONS."""
     if h.max_wallclock_seconds <= 0:
         return h.iterations
-    f = h.qat_time_frac if h.use_late_qat else 0.0
+    f = h.qat_time_frac if h.qat_enabled else 0.0
     cap_ms = 1000.0 * h.max_wallclock_seconds
     return min(h.iterations, int((1.0 - f) * cap_ms / ms_plain + f * cap_ms / ms_qat))
 
@@ -385,12 +385,12 @@ def eval_slice(pf: Preflight, targets: int) -> tg.ValData:
 
 def _timed_evals(pf: Preflight, raw_model, val: tg.ValData) -> dict:
     """Seconds of each post-training pass on `val`, as evaluate_artifact runs them: the one pass (round trip +
-    n-gram from the same logits) on the compiled model, then TTT (USE_TTT=1) on a copy. The time is the one each
+    n-gram from the same logits) on the compiled model, then TTT (TTT_ENABLED=1) on a copy. The time is the one each
     eval measures and reports itself; their log lines are swallowed."""
     h, rt = pf.h, pf.rt
     compiled = tg.compile_model(raw_model, pf.rt.use_compile)
     passes = {"one_pass": lambda: tg.roundtrip_eval(compiled, val, h, rt)}
-    if h.use_ttt:
+    if h.ttt_enabled:
         passes["ttt"] = lambda: tg.ttt_eval(raw_model, val, h, rt, lambda m: tg.compile_model(m, pf.rt.use_compile))
     with contextlib.redirect_stdout(io.StringIO()):
         return {name: run()["model"].time_ms / 1000.0 for name, run in passes.items()}
@@ -404,7 +404,7 @@ def check_evaluation(pf: Preflight) -> None:
     model = tg.build_model(h, pf.rt)  # a fresh model with the trained weights, as after export
     model.load_state_dict(pf.rig.base_model.state_dict(), strict=True)
     t0 = time.perf_counter()
-    _timed_evals(pf, model, eval_slice(pf, 2 * (h.ttt_chunk_tokens if h.use_ttt else h.eval_seq_len)))  # compiles
+    _timed_evals(pf, model, eval_slice(pf, 2 * (h.ttt_chunk_tokens if h.ttt_enabled else h.eval_seq_len)))  # compiles
     compile_s = time.perf_counter() - t0
     n_large = min(pf.args.eval_tokens, pf.data.get("val_targets") or pf.args.eval_tokens)
     small, large = eval_slice(pf, n_large // 2), eval_slice(pf, n_large)
@@ -438,7 +438,7 @@ def _check_eval_projection(pf: Preflight, timings: dict, compile_s: float) -> No
     linear = compile_s + sum(total * large[1] / large[0] for _, large in timings.values())
     seconds = compile_s + sum(passes.values())
     parts = " + ".join(f"{k} {s:.0f} s" for k, s in passes.items())
-    ttt = "" if pf.h.use_ttt else "; TTT off"
+    ttt = "" if pf.h.ttt_enabled else "; TTT off"
     how = (f"n-gram tables growing: fitted a + b·ln(targets) per target from 2 slice sizes, {linear:,.0f} s if linear"
            if grows else "linear from the slice")
     over = seconds > EVAL_BUDGET_S
