@@ -54,6 +54,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+# The names tools/, tests/ and data/ may use (tests/test_public_api.py enforces it); everything else may change.
+__all__ = (
+    "UserError", "RunFailed",  # errors (every user error is a UserError)
+    "Hyperparameters", "Runtime", "init_runtime", "single_process_runtime", "with_attention", "AttentionCandidate",
+    "synchronize", "shutdown", "main",  # config and runtime
+    "read_shard", "write_shard", "find_shards", "DATASET_MANIFEST", "load_tokenizer", "build_byte_luts", "ByteTables",
+    "count_bytes", "ValData", "load_val_data", "DistributedTokenLoader",  # data and bytes
+    "GPT", "build_model", "sdpa_attention", "custom_attention",  # model and attention; then optimizer and training
+    "compile_model", "build_optimizers", "newton_schulz5", "EMA", "SWA", "train_step", "finish_step", "train",
+    "quantize_int6_rows", "dequantize_rows", "fake_quantize_int6", "calibrate_gptq", "pack_artifact",
+    "unpack_artifact", "encode_artifact", "decode_artifact", "export_artifact", "load_artifact",
+    "adopt_artifact_config",  # export and artifact
+    "plan_windows", "split_for_rank", "group_by_chunk", "evaluate", "sliding_eval", "scored_pass", "roundtrip_eval",
+    "ttt_eval", "ScoreFirstTTT", "make_ngram_scorer", "ExactNgramCache",  # evaluation
+    "code_identity", "pack_source", "unpack_source",  # code identity and packing
+)
+
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters
 # One frozen dataclass; every field maps to the upper-cased environment variable; defaults = record configuration.
