@@ -35,7 +35,6 @@ exit 2 (tools/toolkit.py).
 """
 import argparse
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -101,13 +100,6 @@ def reset_peak_memory(rt: tg.Runtime) -> None:
         torch.cuda.reset_peak_memory_stats(rt.device)
 
 
-def peak_memory_mib(rt: tg.Runtime) -> dict:
-    if rt.is_cuda:
-        return {"peak_memory_allocated_mib": torch.cuda.max_memory_allocated(rt.device) / 2**20,
-                "peak_memory_reserved_mib": torch.cuda.max_memory_reserved(rt.device) / 2**20}
-    return {"peak_memory_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = toolkit.ArgParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=toolkit.positive_int, default=20, help="timed training steps (default 20)")
@@ -126,7 +118,7 @@ class TrainingRig(NamedTuple):
     EMA train() keeps (None with EMA_ENABLED=0)."""
     base_model: torch.nn.Module
     model: torch.nn.Module
-    opt: tg.Optimizers
+    opt: object  # build_optimizers' bundle
     loader: object
     ema: tg.EMA | None
 
@@ -134,7 +126,7 @@ class TrainingRig(NamedTuple):
 def build_rig(h: tg.Hyperparameters, rt: tg.Runtime, synthetic: bool) -> TrainingRig:
     """The training script's own model (on the runtime's device and attention backend), compile wrapper,
     optimizers, EMA and loader (or synthetic tokens)."""
-    tg.seed_everything(h.seed)
+    torch.manual_seed(h.seed)
     base_model = tg.build_model(h, rt)
     model = tg.compile_model(base_model, rt.use_compile)
     opt = tg.build_optimizers(base_model, h, rt)
@@ -177,7 +169,7 @@ def time_training(rig: TrainingRig, h: tg.Hyperparameters, rt: tg.Runtime, warmu
         "tokens_per_step": tokens_per_step, "ms_per_step": ms_per_step,
         "tokens_per_s": per_device * rt.world_size, "tokens_per_s_per_device": per_device,
         "achieved_flops_per_device": achieved, "peak_flops": peak, "mfu": achieved / peak if peak else None,
-        "final_loss": float(loss.item()), **peak_memory_mib(rt),
+        "final_loss": float(loss.item()), **toolkit.peak_memory_mib(rt.device),
     }
 
 
