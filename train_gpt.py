@@ -61,7 +61,7 @@ __all__ = (  # the names tools and tests may use, in the order of the sections b
     "load_artifact", "adopt_artifact_config",
     "plan_windows", "split_for_rank", "group_by_chunk", "evaluate", "sliding_eval", "ExactNgramCache",
     "make_ngram_scorer", "ScoreFirstTTT", "scored_pass", "roundtrip_eval", "ttt_eval",
-    "compile_model", "main", "shutdown",
+    "log_header", "compile_model", "main", "shutdown",
 )
 
 
@@ -3516,6 +3516,7 @@ def main() -> None:
     """A user error (exit 2), a failed run (4) or SIGINT/SIGTERM (128 + signal) ends the run with one line; over the
     limit exits 3 after the evals; a bug keeps its traceback (1)."""
     previous = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    LOG.path = LOG.failure = None  # nothing of an earlier run in this process: neither its log nor its failure
     try:
         code = run()
     except UserError as e:

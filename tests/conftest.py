@@ -91,6 +91,16 @@ def tg():
     return train_gpt
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a tool run in-process, as its command line runs in the tests (OMP_NUM_THREADS=1):
+    far less contention on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def settings_env(fields: dict) -> dict:
     """Hyperparameters fields as the environment variables the script reads."""
     return {name.upper(): str(value) for name, value in fields.items()}
@@ -127,19 +137,30 @@ def run_script(env, nproc=1, timeout=600):
                           timeout=timeout)
 
 
-def main_in_process(env: dict, monkeypatch, cwd=None) -> int:
-    """train_gpt.main() in this process with exactly `env` as the environment, started in `cwd` (default LOG_DIR's
-    parent folder); returns its exit code (0 or the SystemExit code)."""
+def main_in_process(env: dict, monkeypatch, cwd=None, main=None, argv=None) -> int:
+    """train_gpt.main() (or a tool's `main(argv)`) in this process with exactly `env` as the environment, started in
+    `cwd` (default LOG_DIR's parent folder); returns its exit code (its return value or the SystemExit code)."""
     for key in list(os.environ):
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(cwd or env["LOG_DIR"].rsplit("/", 1)[0])
     try:
-        train_gpt.main()
+        return main(argv) if main else train_gpt.main() or 0
     except SystemExit as e:
         return e.code
-    return 0
+
+
+class FakeClock:
+    """A clock for train(clock=...) that advances `tick_s` seconds per reading (train reads it once before the first
+    step and once after each)."""
+
+    def __init__(self, tick_s: float):
+        self.now, self.tick_s = 0.0, tick_s
+
+    def __call__(self) -> float:
+        self.now += self.tick_s
+        return self.now
 
 
 # ---------------------------------------------------------------------------------------- a fake CUDA device

@@ -329,7 +329,7 @@ def test_sample_end_to_end(tmp_path, capsys):
     assert "val: docs:500 " in text and "train: docs:9533 " in text
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizers" / "sample_1024_bpe.model"))
-    assert sp.vocab_size() == 1024
+    assert sp.vocab_size() == tg.Hyperparameters().vocab_size  # by default the record's vocabulary
     data = tmp_path / "datasets" / "sample_sp1024"
     val = tg.read_shard(data / "sample_val_000000.bin", 1024)
     train = tg.read_shard(data / "sample_train_000000.bin", 1024)

@@ -13,6 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PINNED = {  # private name -> the contract a test pins through it
     "_row_quantile": "bit-exact equality with torch.quantile: the QAT and export grids depend on it",
     "LSM_GROWTH": "the n-gram tables' sorted runs grow geometrically (the cost bound of an update)",
+    "host_to_device": "the n-gram audit moves its positions to the GPU in one copy per batch (no CPU-visible effect)",
+    "ATTENTION_CANDIDATES": "the shipped FA3/FA4 loaders, which only a CUDA device reaches (probed here with fakes)",
+    "top_values_needed": "the top-k of each row that _row_quantile's bit-exact quantile needs",
+    "gptq_quantize_matrix": "GPTQ's error feedback on a Hessian the test chooses (calibration cannot)",
+    "GPTQQuantizer": "the per-matrix quantizer and its fallbacks on a Hessian the test chooses",
+    "BANK_LAYOUT": "the banks' unbanked matrix names are the reference's state-dict keys (artifact compatibility)",
+    "bank_slice_names": "the same names, per bank",
+    "unbank_state": "the artifact holds the reference's unbanked state dict; rebank_state inverts it",
+    "rebank_state": "the inverse of unbank_state",
+    "autocast": "CUDA's bf16 autocast, simulated on the CPU (the one switch training and evaluation use)",
+    "ARTIFACT_RAW_LIMIT_BYTES": "the decoded-size bound (1 GiB): tests lower it to reach it",
 }
 MODULE_DUNDERS = {"__file__", "__name__", "__all__", "__doc__"}
 FILES = sorted(p for folder in ("tests", "tools", "data") for p in (ROOT / folder).glob("*.py"))
@@ -35,10 +46,14 @@ def script_references(path: Path):
             yield from ((node.lineno, a.name) for a in node.names)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
             yield node.lineno, node.attr
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr in (
+                "train_gpt", "tg"):  # the script through a tool's module: preflight.tg.name
+            yield node.lineno, node.attr
         elif (isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)) and len(node.args) >= 2
               and (node.func.id if isinstance(node.func, ast.Name) else node.func.attr) in (
                   "getattr", "setattr", "hasattr", "delattr")
-              and isinstance(node.args[0], ast.Name) and node.args[0].id in aliases
+              and (isinstance(node.args[0], ast.Name) and node.args[0].id in aliases
+                   or isinstance(node.args[0], ast.Attribute) and node.args[0].attr in ("train_gpt", "tg"))
               and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
             yield node.lineno, node.args[1].value
 
@@ -61,6 +76,8 @@ def test_the_checker_sees_every_way_of_reaching_into_the_script(tmp_path):
     source = tmp_path / "uses.py"
     source.write_text("import sys\nimport train_gpt as script\nfrom train_gpt import read_shard, _hidden\n"
                       "m = sys.modules['train_gpt']\nscript.GPT, m._other, script._row_quantile  # pinned: bit-exact\n"
-                      "monkeypatch.setattr(script, '_patched', 1)\ngetattr(m, 'Hyperparameters')\n")
+                      "monkeypatch.setattr(script, '_patched', 1)\ngetattr(m, 'Hyperparameters')\n"
+                      "import preflight\npreflight.tg._through_a_tool\nmonkeypatch.setattr(preflight.tg, '_set')\n")
     found = sorted(name for _, name in script_references(source))
-    assert found == ["GPT", "Hyperparameters", "_hidden", "_other", "_patched", "_row_quantile", "read_shard"]
+    assert found == ["GPT", "Hyperparameters", "_hidden", "_other", "_patched", "_row_quantile", "_set",
+                     "_through_a_tool", "read_shard"]

@@ -251,11 +251,50 @@ def test_bench_eval_refuses_more_tokens_than_the_val_shards_hold(tiny_corpus, ca
     assert err.startswith(f"error: --val-shards {data}: ") and "< --tokens 100000000" in err and "Traceback" not in err
 
 
+NGRAM_BENCH = ["--tokens", "2000000", "--chunk", "500", "--vocab", "64", "--device", "cpu", "--log-every", "1"]
+
+
+class SignalAfterFirstProgressLine:
+    """sys.stderr that passes writes on and sends `signum` to this process once the first progress line is out."""
+
+    def __init__(self, stream, signum):
+        self.stream, self.signum, self.written, self.sent = stream, signum, "", False
+
+    def write(self, text):
+        self.stream.write(text)
+        self.written += text
+        if not self.sent and self.written.startswith("chunk 1/") and "\n" in self.written:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)  # a real signal, handled by the tool's own handlers
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_tool_returns_128_plus_the_signal_with_one_line(tmp_path, signum, capsys, monkeypatch,
+                                                                       one_thread):
+    """In this process: the signal arrives while the benchmark runs; main returns 128 + signal after one line, no
+    output file is left, and the handlers are restored (the process's own exit status: the slow test below)."""
+    handlers = [signal.getsignal(s) for s in toolkit.INTERRUPT_SIGNALS]
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stderr", SignalAfterFirstProgressLine(sys.stderr, signum))
+    code = bench_ngram_cache.main([*NGRAM_BENCH, "--json", str(tmp_path / "figures.json")])
+    err = capsys.readouterr().err
+    assert sys.stderr.sent and err.startswith("chunk 1/"), err
+    assert code == 128 + signum, err
+    assert err.strip().splitlines()[1:] == [f"error: stopped by {signal.Signals(signum).name}"]
+    assert list(tmp_path.iterdir()) == []  # no JSON, no temporary file
+    assert [signal.getsignal(s) for s in toolkit.INTERRUPT_SIGNALS] == handlers
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_tool_exits_128_plus_the_signal_with_one_line(tmp_path, signum):
     out = tmp_path / "figures.json"
-    cmd = [sys.executable, str(ROOT / "tools" / "bench_ngram_cache.py"), "--tokens", "2000000", "--chunk", "500",
-           "--vocab", "64", "--device", "cpu", "--log-every", "1", "--json", str(out)]
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_ngram_cache.py"), *NGRAM_BENCH, "--json", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     first = proc.stderr.readline()  # the first progress line: the benchmark is running

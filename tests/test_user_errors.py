@@ -47,6 +47,8 @@ BEFORE_TRAINING = {
     "log_dir_under_a_file": (lambda d: {"LOG_DIR": str(d / "a_file" / "logs")}, ["LOG_DIR="], ["a_file"]),
     "not_a_tokenizer": (lambda d: {"TOKENIZER_PATH": not_a_model(d)}, ["tok.model", "not a SentencePiece model"],
                         ["a_file", "logs", "logs/e2e.txt", "tok.model"]),
+    "no_shards": (lambda d: {"DATA_PATH": str(d / "nothing")}, ["no val shards match", "make_dataset.py --input sample"],
+                  ["a_file", "logs", "logs/e2e.txt"]),
 }
 
 
@@ -58,9 +60,21 @@ def test_user_errors_stop_the_run_in_one_line_before_training(tiny_corpus, tmp_p
     assert main_in_process(tiny_run_env(tiny_corpus, tmp_path, **settings(tmp_path)), monkeypatch, tmp_path) == 2
     one_error_line(capsys.readouterr().err, *words)
     assert left_files(tmp_path) == left
-    if "logs/e2e.txt" in left:
-        assert (tmp_path / "logs" / "e2e.txt").read_text().splitlines()[-1].startswith(
-            "run_failed reason:user_error detail:tokenizer ")
+    if "logs/e2e.txt" in left:  # the log ends with the same message
+        last = (tmp_path / "logs" / "e2e.txt").read_text().splitlines()[-1]
+        assert last.startswith("run_failed reason:user_error detail:") and all(w in last for w in words), last
+
+
+def test_eval_only_settings_that_conflict_with_the_artifact_are_one_line(tiny_corpus, tmp_path, monkeypatch, capsys):
+    env = tiny_run_env(tiny_corpus, tmp_path, EVAL_ONLY="1")
+    artifact = Path(env["ARTIFACT_PATH"])
+    artifact.write_bytes(tg.pack_artifact(tg.build_model(tg.Hyperparameters.from_env(env)).state_dict(),
+                                          tg.Hyperparameters.from_env(env))[0])
+    before = artifact.read_bytes()
+    assert main_in_process(dict(env, XSA_LAST_N="0", NUM_LAYERS="3"), monkeypatch, tmp_path) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: EVAL_ONLY: NUM_LAYERS=3 (artifact: 2), XSA_LAST_N=0 (artifact: 1) conflict"), line
+    assert left_files(tmp_path) == [artifact.name] and artifact.read_bytes() == before
 
 
 def test_reused_run_id_never_appends_to_the_old_log(tiny_corpus, tmp_path, monkeypatch, capsys):

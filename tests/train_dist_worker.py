@@ -9,18 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
-from conftest import tiny_hparams  # noqa: E402
-
-
-class FakeClock:
-    """Advances `tick_s` seconds per reading: rank 1's clock runs 3.7x faster than rank 0's."""
-
-    def __init__(self, tick_s: float):
-        self.now, self.tick_s = 0.0, tick_s
-
-    def __call__(self) -> float:
-        self.now += self.tick_s
-        return self.now
+from conftest import FakeClock, tiny_hparams  # noqa: E402
 
 
 def main(data_path: str, vocab: int, out_prefix: str) -> None:

@@ -84,15 +84,21 @@ def peak_flops_for(device: torch.device, override: float | None) -> float | None
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
+class SyntheticTokenStream:
+    """Uniform random tokens in memory, the same stream on every rank (as the shards are): `take(n)` like theirs."""
+
+    def __init__(self, vocab_size: int, seed: int = 0):
+        self.vocab, self.gen = vocab_size, torch.Generator().manual_seed(seed)
+
+    def take(self, n: int) -> np.ndarray:
+        return torch.randint(0, self.vocab, (n,), generator=self.gen, dtype=torch.int32).numpy()
+
+
 class SyntheticTokenLoader(tg.DistributedTokenLoader):
-    """DistributedTokenLoader (same batches, copies and prefetch) on uniform random tokens; each rank its own seed."""
+    """DistributedTokenLoader (same batches, rank spans, copies and prefetch) on a SyntheticTokenStream."""
 
     def __init__(self, rt: tg.Runtime, vocab_size: int, seed: int = 0):
-        self.rt, self.vocab, self.pending = rt, vocab_size, None
-        self.gen = torch.Generator().manual_seed(seed + 1000 * rt.rank)
-
-    def _span(self, local_tokens: int) -> np.ndarray:
-        return torch.randint(0, self.vocab, (local_tokens + 1,), generator=self.gen).numpy()
+        self.stream, self.rt, self.pending = SyntheticTokenStream(vocab_size, seed), rt, None
 
 
 def reset_peak_memory(rt: tg.Runtime) -> None:
