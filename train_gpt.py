@@ -1,22 +1,15 @@
 """Parameter Golf: 11-layer GQA transformer + Parallel Muon + int6 rANS artifact + exact n-gram evaluation.
 
-Launch (record configuration, 8xH100):   torchrun --standalone --nproc_per_node=8 train_gpt.py
-One GPU (gradient accumulation 8):       torchrun --standalone --nproc_per_node=1 train_gpt.py
-CPU smoke run:                           see README.md (small settings via environment variables)
+Record run (8xH100): torchrun --standalone --nproc_per_node=8 train_gpt.py   (one GPU: --nproc_per_node=1)
+Every setting is a field of `Hyperparameters`, set by the upper-cased environment variable (SEED=42); the defaults
+are the record configuration, and all are logged. CPU runs: see README.md.
 
-Every setting is a field of `Hyperparameters`; override it with the upper-cased environment variable
-(e.g. SEED=42, NGRAM_MODE=hashed). Defaults reproduce the record configuration. All fields are logged.
+Final log lines, each `val_loss:… val_bpb:…`: final_int6_zstd_roundtrip_exact (the model rebuilt from the artifact),
+ngram_eval_exact (mixed with the exact n-gram cache), legal_ttt_exact and ttt_ngram_eval_exact (TTT_ENABLED=1);
+then `Total submission int6+zstd: … bytes` (compressed model + this file; the limit is 16,000,000).
 
-Final log lines (grep these):
-  final_int6_zstd_roundtrip_exact val_loss:… val_bpb:…   sliding-window score of the model rebuilt from the artifact
-  ngram_eval_exact val_loss:… val_bpb:…                   the same model mixed with the exact, normalized n-gram cache
-  legal_ttt_exact val_loss:… val_bpb:…                    USE_TTT=1: score-first test-time training on a copy
-  ttt_ngram_eval_exact val_loss:… val_bpb:…               the adapted model mixed with the exact n-gram cache
-  Total submission int6+zstd: … bytes                     compressed model + UTF-8 bytes of this file (limit 16,000,000)
-
-Compliance contract: every reported score is the code length of a distribution over the whole vocabulary that sums
-to 1, depends only on earlier tokens, is scored before any statistic is updated with the token, counts every target
-exactly once, and is computed on the model rebuilt from the artifact bytes. Nothing is selected on validation data.
+Every score is the code length of a distribution over the whole vocabulary that sums to 1, depends only on earlier
+tokens, is taken before any update with the token, counts every target once and comes from the artifact's bytes.
 """
 
 from __future__ import annotations
@@ -54,20 +47,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+__all__ = (  # the names tools and tests may use, in the order of the sections below
+    "UserError", "RunFailed", "Hyperparameters",
+    "Runtime", "init_runtime", "single_process_runtime", "synchronize", "pack_source", "unpack_source",
+    "code_identity",
+    "read_shard", "write_shard", "find_shards", "DistributedTokenLoader", "ByteTables", "build_byte_luts",
+    "count_bytes", "DATASET_MANIFEST", "load_tokenizer", "ValData", "load_val_data",
+    "quantize_int6_rows", "dequantize_rows", "fake_quantize_int6", "sdpa_attention", "custom_attention",
+    "AttentionCandidate", "with_attention", "GPT", "build_model",
+    "newton_schulz5", "build_optimizers",
+    "EMA", "SWA", "train_step", "finish_step", "train",
+    "calibrate_gptq", "encode_artifact", "decode_artifact", "pack_artifact", "unpack_artifact", "export_artifact",
+    "load_artifact", "adopt_artifact_config",
+    "plan_windows", "split_for_rank", "group_by_chunk", "evaluate", "sliding_eval", "ExactNgramCache",
+    "make_ngram_scorer", "ScoreFirstTTT", "scored_pass", "roundtrip_eval", "ttt_eval",
+    "log_header", "compile_model", "main", "shutdown",
+)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Hyperparameters
-# One frozen dataclass; every field maps to the upper-cased environment variable; defaults = record configuration.
-# `from_env` parses by field type and validates everything that does not need the runtime or the tokenizer.
+# Config
+# One frozen dataclass; every field is the upper-cased environment variable; defaults = the record configuration.
+# `from_env` parses by field type and validates everything that needs neither the runtime nor the tokenizer.
+# Switches: a feature's master switch is <PREFIX>_ENABLED and its knobs share the prefix (EMA_ENABLED, EMA_DECAY);
+# a mode or option that is no feature's master switch says what it does (EVAL_ONLY, LN_SCALE, VAL_LAST_STEP).
 # ---------------------------------------------------------------------------------------------------------------
 
-INT6_CLIP_CANDIDATES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite per-row clip quantiles
+
 class UserError(ValueError):
     """A problem the user controls (a setting, path, permission or data): main reports it in one line, exit 2."""
 
 
 class RunFailed(Exception):
-    """The run cannot give an honest result (diverged, non-finite weights or score, failed normalization audit, a
-    failed write): main reports it in one line, ends the log with `run_failed reason:<reason>`, exit 4."""
+    """The run cannot give an honest result (divergence, non-finite weights or score, failed audit or write)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -76,6 +88,7 @@ class RunFailed(Exception):
 
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_weights", "smear",
                     "bigram_scale", "vr_lambda", "attn_gate", "ve_layer_scales", "ve_shared.scale")
+INT6_CLIP_CANDIDATES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite per-row clip quantiles
 
 
 @dataclass(frozen=True)
@@ -87,17 +100,17 @@ class Hyperparameters:
     log_dir: str = "logs"
     seed: int = 1337
     vocab_size: int = 1024
-    val_max_tokens: int = 0  # cap on validation targets for smoke tests; 0 = the whole split (scored runs)
+    val_max_tokens: int = 0  # smoke tests: cap on validation targets (0 = all)
     # schedule
     iterations: int = 20000
     warmdown_iters: int = 3500
     warmup_steps: int = 20
     train_batch_tokens: int = 786_432  # global tokens per optimizer step
-    train_micro_batch_tokens: int = 0  # per device per micro-step; 0 = derived (8 micro-steps over the world)
+    train_micro_batch_tokens: int = 0  # per device per micro-step; 0 = derived
     train_seq_len: int = 2048
     max_wallclock_seconds: float = 600.0
-    val_loss_every: int = 4000  # periodic validation of the raw weights during training (0 = none)
-    val_last_step: bool = False  # also validate after the last step (costs a full eval pass; nothing uses its score)
+    val_loss_every: int = 4000  # periodic validation of the raw weights (0 = none)
+    val_last_step: bool = False  # also validate after the last step (a full eval pass)
     train_log_every: int = 500
     # model shape
     num_layers: int = 11
@@ -112,11 +125,11 @@ class Hyperparameters:
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
     # optional model features
-    use_smeargate: bool = True
+    smeargate_enabled: bool = True
     bigram_vocab_size: int = 1024  # 0 removes BigramHash
     bigram_dim: int = 128
-    use_value_residual: bool = True
-    use_gated_attention: bool = True
+    value_residual_enabled: bool = True
+    gated_attention_enabled: bool = True
     xsa_last_n: int = 4
     ln_scale: bool = False
     control_tensor_name_patterns: tuple[str, ...] = CONTROL_PATTERNS
@@ -133,45 +146,45 @@ class Hyperparameters:
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.3  # per rank, before averaging (reference numerics); 0 disables
+    grad_clip_norm: float = 0.3  # per rank, before averaging; 0 disables
     # averaging and QAT
-    use_ema: bool = True
+    ema_enabled: bool = True
     ema_decay: float = 0.997
     swa_enabled: bool = True
     swa_every: int = 50
     swa_lr_threshold: float = 0.2
-    use_late_qat: bool = True
+    qat_enabled: bool = True
     qat_time_frac: float = 0.15
-    export_weights: str = "ema"  # ema | swa | raw: chosen by configuration, never by a validation score
-    diag_eval_candidates: bool = False  # also score the weights not exported (diagnostic; never changes the choice)
+    export_weights: str = "ema"  # ema | swa | raw
+    diag_eval_candidates: bool = False  # also score the weights not exported
     # export
     artifact_path: str = "final_model.int6.ptz"
     artifact_limit_bytes: int = 16_000_000
-    artifact_codec: str = "rans"  # rans (int6 values range-coded per tensor, the rest lzma) | zstd (zstd of everything)
+    artifact_codec: str = "rans"  # rans | zstd
     zstd_level: int = 22
     keep_float_max_numel: int = 65_536
     int6_clip_candidates: tuple[float, ...] = INT6_CLIP_CANDIDATES
-    export_quantizer: str = "gptq_lite"  # gptq_lite (per-row clip search) | gptq (full-Hessian, self-generated calib)
-    gptq_calib_seqs: int = 32  # sequences the export weights generate after training (no data is read)
-    gptq_calib_len: int = 512  # tokens per calibration sequence
+    export_quantizer: str = "gptq_lite"  # gptq_lite (per-row clip search) | gptq (full-Hessian)
+    gptq_calib_seqs: int = 32  # sequences the export weights generate
+    gptq_calib_len: int = 512
     gptq_calib_temperature: float = 0.8
     gptq_calib_seed: int = 1234  # rank r samples with seed + r
     gptq_damp: float = 0.01  # H += damp * mean(diag H) * I
-    gptq_block_size: int = 128  # columns per block of lazy error propagation
-    eval_only: bool = False  # EVAL_ONLY=1: evaluate the artifact at ARTIFACT_PATH, no training
+    gptq_block_size: int = 128
+    eval_only: bool = False  # score the artifact at ARTIFACT_PATH, no training
     # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_windows: int = 32
     ngram_enabled: bool = True
-    ngram_mode: str = "exact"  # exact (scored) | hashed (reference rule: its counts + the seed mixer, comparison only)
+    ngram_mode: str = "exact"  # exact | hashed (the reference's rule, comparison only)
     ngram_min_order: int = 2
     ngram_max_order: int = 9
-    ngram_min_count: int = 2  # the seed rule's gate; the learned mixer weighs every seen context by its count
-    ngram_mixer: str = "learned"  # learned (online weights per bucket) | seed (the reference's entropy rule)
-    ngram_mixer_prior: float = 0.75  # learned: starting weight of the model; the rest is shared by the orders
-    ngram_mixer_smooth: float = 10.0  # learned: a bucket with n targets in a chunk steps by n / (n + this)
-    ngram_mixer_guard: float = 0.9  # learned: prior of "the model alone" in the Bayes mixture with the mixer
+    ngram_min_count: int = 2  # the seed rule's gate
+    ngram_mixer: str = "learned"  # learned | seed (the reference's entropy rule)
+    ngram_mixer_prior: float = 0.75  # learned: the model's starting weight
+    ngram_mixer_smooth: float = 10.0  # learned: step damping n / (n + this)
+    ngram_mixer_guard: float = 0.9  # learned: prior of "the model alone"
     ngram_chunk_tokens: int = 65_536
     ngram_buckets: int = 4_194_304  # hashed mode only
     ngram_alpha_min: float = 0.05
@@ -183,19 +196,19 @@ class Hyperparameters:
     ngram_alpha_clip: float = 0.95
     ngram_audit_positions: int = 256
     ngram_log_every: int = 20
-    use_ttt: bool = False  # a second pass: legal score-first test-time training on a copy of the artifact's weights
-    ttt_lr: float = 0.002  # cosine over chunks: lr * 0.5 * (1 + cos(pi * k / (K - 1)))
+    ttt_enabled: bool = False  # a second pass: score-first test-time training on a copy of the weights
+    ttt_lr: float = 0.002  # cosine over chunks
     ttt_epochs: int = 3
-    ttt_chunk_tokens: int = 32_768  # targets per chunk; also the n-gram chunk of the TTT pass
-    ttt_batch_seqs: int = 32  # EVAL_SEQ_LEN sequences per SGD step, over all ranks
+    ttt_chunk_tokens: int = 32_768  # targets per chunk
+    ttt_batch_seqs: int = 32  # sequences per SGD step, over all ranks
     ttt_momentum: float = 0.9
     ttt_grad_clip: float = 1.0  # 0 disables
-    ttt_freeze_blocks: int = 0  # the first N blocks (and their bank rows) stay fixed
+    ttt_freeze_blocks: int = 0  # the first N blocks stay fixed
     ttt_log_every: int = 10
     # runtime
     device: str = "auto"  # auto | cuda | cpu
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
-    accept_sdpa: bool = False  # an H100 (sm_90) without FlashAttention-3 runs SDPA without attention_warning
+    accept_sdpa: bool = False  # an H100 without FlashAttention-3 runs SDPA without attention_warning
 
     @property
     def head_dim(self) -> int:
@@ -210,8 +223,7 @@ class Hyperparameters:
         return int(self.mlp_mult * self.model_dim)
 
     def micro_batch_tokens(self, world_size: int) -> int:
-        """Tokens per device per micro-step: TRAIN_MICRO_BATCH_TOKENS, or the upstream convention of 8 micro-steps
-        spread over the world (fewer when the batch holds fewer sequences) so that batch = world x accum x micro."""
+        """TRAIN_MICRO_BATCH_TOKENS, or upstream's 8 micro-steps over the world (fewer for a small batch)."""
         if self.train_micro_batch_tokens:
             return self.train_micro_batch_tokens
         for accum in range(max(DEFAULT_MICRO_STEPS // world_size, 1), 0, -1):
@@ -238,7 +250,7 @@ class Hyperparameters:
         return h
 
     def validate(self, world_size: int | None = None) -> None:
-        for checks in (self._range_checks(), self._checks(world_size)):  # ranges first: sizes below divide
+        for checks in (self._range_checks(), self._checks(world_size)):  # ranges first: sizes below divide by them
             problems = [msg for ok, msg in checks if not ok]
             if problems:
                 raise UserError("invalid settings: " + "; ".join(problems))
@@ -253,8 +265,9 @@ class Hyperparameters:
         yield not self.run_id or SAFE_RUN_ID.fullmatch(self.run_id) is not None, (
             f"RUN_ID={self.run_id!r} must be a plain file name (letters, digits, '.', '_', '-'; at most 100 "
             "characters, not starting with '.')")
-        yield names_a_file(self.artifact_path), (
-            f"ARTIFACT_PATH={self.artifact_path!r} must name a file (not empty, not a folder or ending in a separator)")
+        path = self.artifact_path  # the folder itself is checked at start-up
+        yield os.path.basename(path) not in ("", ".", "..") and not path.endswith(("/", os.sep)), (
+            f"ARTIFACT_PATH={path!r} must name a file (not empty, not a folder or ending in a separator)")
 
     def _checks(self, world_size):
         yield self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}"
@@ -275,29 +288,25 @@ class Hyperparameters:
         yield self.ttt_chunk_tokens >= self.eval_seq_len, f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be >= EVAL_SEQ_LEN={self.eval_seq_len} (a chunk trains on whole sequences)"
         yield self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be in [0, NUM_LAYERS={self.num_layers}]"
         yield self.export_weights in ("ema", "swa", "raw"), f"EXPORT_WEIGHTS={self.export_weights!r} must be ema, swa or raw"
-        yield self.export_weights != "ema" or self.use_ema, "EXPORT_WEIGHTS=ema needs USE_EMA=1"
-        yield self.export_weights != "swa" or (self.swa_enabled and self.use_ema), "EXPORT_WEIGHTS=swa needs SWA_ENABLED=1 and USE_EMA=1 (SWA averages EMA snapshots)"
+        yield self.export_weights != "ema" or self.ema_enabled, "EXPORT_WEIGHTS=ema needs EMA_ENABLED=1"
+        yield self.export_weights != "swa" or (self.swa_enabled and self.ema_enabled), "EXPORT_WEIGHTS=swa needs SWA_ENABLED=1 and EMA_ENABLED=1 (SWA averages EMA snapshots)"
         yield self.device in ("auto", "cuda", "cpu") and self.compile in ("auto", "0", "1"), "DEVICE must be auto|cuda|cpu and COMPILE auto|0|1"
         yield self.tokenizer_path.endswith(".model"), f"TOKENIZER_PATH={self.tokenizer_path} must be a SentencePiece .model file"
         yield self.artifact_codec in ARTIFACT_MAGIC, f"ARTIFACT_CODEC={self.artifact_codec!r} must be one of {sorted(ARTIFACT_MAGIC)}"
         yield self.export_quantizer in ("gptq_lite", "gptq"), f"EXPORT_QUANTIZER={self.export_quantizer!r} must be gptq_lite or gptq"
         if world_size is not None:
-            yield batch_fits(self, world_size), batch_problem(self, world_size)
-            for name, chunk_tokens in self.chunked_passes():
-                yield chunk_fills_batches(self, chunk_tokens, world_size), chunk_problem(self, name, chunk_tokens, world_size)
-
-    def chunked_passes(self) -> list[tuple[str, int]]:
-        """(setting, targets per chunk) of every score-then-update pass this configuration runs."""
-        return [("NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens)] * self.ngram_enabled + [
-            ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens)] * self.use_ttt
+            passes = [("NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens)] * self.ngram_enabled + [
+                ("TTT_CHUNK_TOKENS", self.ttt_chunk_tokens)] * self.ttt_enabled  # the score-then-update passes
+            for problem in [batch_problem(self, world_size)] + [chunk_problem(self, *p, world_size) for p in passes]:
+                yield problem is None, problem
 
     def log_lines(self) -> list[str]:
         return [f"hparam {f.name}:{format_setting(getattr(self, f.name))}"
                 for f in sorted(dataclasses.fields(self), key=lambda f: f.name)]
 
 
-DEFAULT_MICRO_STEPS = 8  # upstream convention: grad accumulation = 8 / WORLD_SIZE unless the batch is too small
-FIELD_RANGES = {  # every numeric field (each element of a tuple): its interval; NaN and inf are never inside one
+DEFAULT_MICRO_STEPS = 8  # upstream: grad accumulation = 8 / WORLD_SIZE unless the batch is too small
+FIELD_RANGES = {  # each numeric field's interval (each element of a tuple); NaN and inf never lie in one
     "seed": "[0, 4294967295]", "vocab_size": "[2, 65536]", "val_max_tokens": "[0, inf)", "iterations": "(0, inf)",
     "warmdown_iters": "[0, inf)", "warmup_steps": "[0, inf)", "train_batch_tokens": "(0, inf)",
     "train_micro_batch_tokens": "[0, inf)", "train_seq_len": "[2, inf)", "max_wallclock_seconds": "[0, inf)",
@@ -313,17 +322,16 @@ FIELD_RANGES = {  # every numeric field (each element of a tuple): its interval;
     "ema_decay": "(0, 1)", "swa_every": "(0, inf)", "swa_lr_threshold": "[0, 1]", "qat_time_frac": "[0, 1]",
     "artifact_limit_bytes": "(0, inf)", "zstd_level": "[1, 22]", "keep_float_max_numel": "[0, inf)",
     "int6_clip_candidates": "(0, 1]", "gptq_calib_seqs": "(0, inf)", "gptq_calib_len": "[2, inf)",
-    "gptq_calib_temperature": "[0.001, inf)",  # lower: logits / T overflows float32 (sampling fails)
+    "gptq_calib_temperature": "[0.001, inf)",  # lower: logits / T overflows float32
     "gptq_calib_seed": "[0, 4294967295]", "gptq_block_size": "(0, inf)",
-    "gptq_damp": "[0.0001, inf)",  # lower: H + damp * mean(diag H) * I is not positive definite in float32
+    "gptq_damp": "[0.0001, inf)",  # lower: H is not positive definite in float32
     "eval_seq_len": "[2, inf)", "eval_stride": "(0, inf)", "eval_batch_windows": "(0, inf)",
     "ngram_min_order": "[2, inf)", "ngram_max_order": "[2, inf)", "ngram_min_count": "(0, inf)",
     "ngram_chunk_tokens": "(0, inf)", "ngram_buckets": "(0, inf)", "ngram_alpha_min": "[0, 1]",
     "ngram_alpha_max": "[0, 1]", "ngram_entropy_center": "(-inf, inf)", "ngram_entropy_scale": "[0, inf)",
     "ngram_center_shift": "(-inf, inf)", "ngram_order_mults": "[0, inf)", "ngram_alpha_clip": "[0, 1)",
     "ngram_audit_positions": "[0, inf)", "ngram_log_every": "[0, inf)",
-    "ngram_mixer_prior": "(0, 1)",  # the model and the orders both start with weight
-    "ngram_mixer_smooth": "(0, inf)", "ngram_mixer_guard": "(0, 1)",  # every step < 1; the guard's prior
+    "ngram_mixer_prior": "(0, 1)", "ngram_mixer_smooth": "(0, inf)", "ngram_mixer_guard": "(0, 1)",
     "ttt_lr": "[0, inf)", "ttt_epochs": "(0, inf)", "ttt_chunk_tokens": "(0, inf)", "ttt_batch_seqs": "(0, inf)",
     "ttt_momentum": "[0, 1)", "ttt_grad_clip": "[0, inf)", "ttt_freeze_blocks": "[0, inf)", "ttt_log_every": "[0, inf)",
 }
@@ -331,34 +339,26 @@ SAFE_RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
 def in_interval(value: float, interval: str) -> bool:
-    """value lies in an interval written "[lo, hi)" etc. ('[' and ']' include the bound); False for NaN."""
+    """value lies in an interval written "[lo, hi)" (brackets include the bound); False for NaN."""
     lo, hi = (float(x) for x in interval[1:-1].split(","))
     above = lo <= value if interval[0] == "[" else lo < value
     return above and (value <= hi if interval[-1] == "]" else value < hi)
 
 
 def describe_interval(interval: str) -> str:
-    """'> 0', '>= 2' for intervals open to infinity, else 'in [0, 1)' (finite: NaN and inf are refused)."""
+    """'> 0', '>= 2' for intervals open to infinity, else 'in [0, 1)' ('finite' for (-inf, inf))."""
     lo, hi = interval[1:-1].split(", ")
     if hi == "inf" and lo != "-inf":
         return f"{'>=' if interval[0] == '[' else '>'} {lo}"
     return "finite" if lo == "-inf" else f"in {interval}"
 
 
-def names_a_file(path: str) -> bool:
-    """Not empty, no trailing separator, not '.' or '..' at the end (the folder itself is checked at start-up)."""
-    return os.path.basename(path) not in ("", ".", "..") and not path.endswith(("/", os.sep))
-
-
-def batch_fits(h: Hyperparameters, world_size: int) -> bool:
-    """Every rank gets a whole number of sequences per micro-step and the micro-steps add up to the batch."""
+def batch_problem(h: Hyperparameters, world_size: int) -> str | None:
+    """None when every rank gets whole sequences and the micro-steps add up to the batch, else the fix."""
     micro = h.micro_batch_tokens(world_size)
     accum = h.train_batch_tokens // (world_size * micro) if micro > 0 else 0
-    return micro > 0 and micro % h.train_seq_len == 0 and accum >= 1 and world_size * accum * micro == h.train_batch_tokens
-
-
-def batch_problem(h: Hyperparameters, world_size: int) -> str:
-    """What is wrong with the batch settings on this world size, and values that would work."""
+    if micro > 0 and micro % h.train_seq_len == 0 and accum >= 1 and world_size * accum * micro == h.train_batch_tokens:
+        return None
     unit = world_size * h.train_seq_len
     lower = max(h.train_batch_tokens // unit, 1) * unit
     have = f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} on WORLD_SIZE={world_size} with TRAIN_SEQ_LEN={h.train_seq_len}"
@@ -372,13 +372,10 @@ def batch_problem(h: Hyperparameters, world_size: int) -> str:
             f"TRAIN_SEQ_LEN = {unit}); use TRAIN_BATCH_TOKENS={lower} or {lower + unit}")
 
 
-def chunk_fills_batches(h: Hyperparameters, chunk_tokens: int, world_size: int) -> bool:
-    """A score-then-update chunk gives every rank at least one full batch of windows (EVAL_STRIDE targets each)."""
-    return chunk_tokens >= h.eval_stride * h.eval_batch_windows * world_size
-
-
-def chunk_problem(h: Hyperparameters, name: str, chunk_tokens: int, world_size: int) -> str:
-    """What a too-small chunk costs (each chunk runs at least one padded batch per rank) and values that work."""
+def chunk_problem(h: Hyperparameters, name: str, chunk_tokens: int, world_size: int) -> str | None:
+    """None when a chunk gives every rank at least one full batch of windows, else the cost and the fix."""
+    if chunk_tokens >= h.eval_stride * h.eval_batch_windows * world_size:
+        return None
     windows = chunk_tokens / (h.eval_stride * world_size)
     cost = h.eval_batch_windows / windows
     return (f"{name}={chunk_tokens} gives each of WORLD_SIZE={world_size} ranks {windows:.3g} windows of "
@@ -388,8 +385,8 @@ def chunk_problem(h: Hyperparameters, name: str, chunk_tokens: int, world_size: 
             + (f" or EVAL_BATCH_WINDOWS <= {int(windows)}" if windows >= 1 else ""))
 
 
-# Settings of the reference script (and our own retired names) that this one does not have. A value equal to what we always do is accepted
-# (and logged as ignored); anything else is an error, so no one believes they changed something they did not.
+# Settings of the reference (and our retired names) that this script does not have: a value equal to what we always
+# do is accepted; anything else is an error, so no one believes they changed something they did not.
 REFERENCE_ONLY_SETTINGS = {
     "NGRAM_EVAL": ("1", "renamed NGRAM_ENABLED"),
     "NGRAM_TWO_PASS": ("0", "two-pass rescoring scores tokens with statistics of later tokens; not offered"),
@@ -399,23 +396,31 @@ REFERENCE_ONLY_SETTINGS = {
     "VAL_BATCH_SIZE": (None, "unused by the reference's evaluation; see EVAL_BATCH_WINDOWS"),
     "VE_ENABLED": ("0", "value embeddings are not implemented"),
     "ARTIFACT": (None, "renamed ARTIFACT_PATH: one setting names the artifact training writes and EVAL_ONLY=1 reads"),
+    **{old: (None, f"renamed {new}") for old, new in (
+        ("USE_EMA", "EMA_ENABLED"), ("USE_LATE_QAT", "QAT_ENABLED"), ("USE_TTT", "TTT_ENABLED"),
+        ("USE_SMEARGATE", "SMEARGATE_ENABLED"), ("USE_VALUE_RESIDUAL", "VALUE_RESIDUAL_ENABLED"),
+        ("USE_GATED_ATTENTION", "GATED_ATTENTION_ENABLED"))},
 }
 CHECKED_PREFIXES = ("NGRAM_", "EMA_", "SWA_", "QAT_", "MUON_", "BIGRAM_", "XSA_", "ROPE_", "EVAL_", "TRAIN_",
-                    "USE_", "ADAM_", "EXPORT_", "ARTIFACT", "INT6_", "TIED_", "VAL_", "TTT_", "VE_")
-NEAR_MISS_RATIO = 0.85  # difflib similarity above which an unknown name is taken for a typo of a real setting
+                    "USE_", "ADAM_", "EXPORT_", "ARTIFACT", "INT6_", "TIED_", "VAL_", "TTT_", "VE_", "SMEARGATE_",
+                    "VALUE_RESIDUAL_", "GATED_ATTENTION_")
+NEAR_MISS_RATIO = 0.85  # difflib similarity of a typo
 
 
 def check_unknown_settings(env: Mapping[str, str]) -> list[str]:
-    """Refuse unsupported reference settings and near-misses of any setting whatever their prefix (SEEDS, NUM_LAYER,
-    num_layers); return the other unknown names that share one of our prefixes: they are only logged. What
-    containers and CI set (HOSTNAME, CUDA_VERSION, NCCL_*, LOCAL_RANK, ...) is no near-miss (tests hold a list)."""
+    """Refuse reference-only settings and near-misses of any setting; return the other unknown names with our
+    prefixes (only logged)."""
     known = {f.name.upper() for f in dataclasses.fields(Hyperparameters)}
     errors, ignored = [], []
     for name, value in sorted(env.items()):
         if name in known:
             continue
         accepted, why = REFERENCE_ONLY_SETTINGS.get(name, (None, None))
-        close = near_miss(name, known) if why is None else None
+        close = None
+        if why is None:  # the same name in other case, or a close spelling
+            upper = name.upper()
+            close = upper if upper in known else next(
+                iter(difflib.get_close_matches(upper, known, n=1, cutoff=NEAR_MISS_RATIO)), None)
         if why is not None and (accepted is None or value.strip() != accepted):
             errors.append(f"{name}={value}: {why}")
         elif close:
@@ -427,17 +432,10 @@ def check_unknown_settings(env: Mapping[str, str]) -> list[str]:
     return ignored
 
 
-def near_miss(name: str, known: set[str]) -> str | None:
-    """The setting `name` was probably meant to be: the same name in other case, or a close spelling."""
-    upper = name.upper()
-    close = [upper] if upper in known else difflib.get_close_matches(upper, known, n=1, cutoff=NEAR_MISS_RATIO)
-    return close[0] if close else None
-
-
 def parse_setting(name: str, type_name, raw: str):
     t = str(type_name)
     try:
-        raw.encode("utf-8")  # a byte that is not UTF-8 arrives as a lone surrogate, which no log line can hold
+        raw.encode("utf-8")  # a non-UTF-8 byte arrives as a lone surrogate
     except UnicodeEncodeError:
         raise UserError(f"{name.upper()}={ascii(raw)} is not valid UTF-8; rename the path or fix the value") from None
     try:
@@ -481,8 +479,8 @@ class Runtime:
     local_rank: int
     device: torch.device
     distributed: bool
-    use_compile: bool = False  # torch.compile the model: COMPILE=1, or COMPILE=auto on CUDA
-    attention: AttentionChoice | None = None  # chosen once per run by with_attention; None = SDPA
+    use_compile: bool = False
+    attention: AttentionChoice | None = None  # None = SDPA
 
     @property
     def is_main(self) -> bool:
@@ -506,26 +504,24 @@ def init_runtime(h: Hyperparameters) -> Runtime:
         device = torch.device("cpu")
     if world > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    _LOG_RANK[0] = rank
+    LOG.rank = rank
     use_compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
     return Runtime(rank, world, local_rank, device, world > 1, use_compile)
 
 
 def single_process_runtime(device: str | torch.device = "cpu") -> Runtime:
-    """The runtime of one process without a process group (tools and tests)."""
     return Runtime(0, 1, 0, torch.device(device), False)
 
 
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
-    """In-place SUM over ranks; a no-op without a process group."""
+    """In-place; a no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def broadcast_bytes(data: bytes | None, rt: Runtime) -> bytes | None:
-    """Rank 0's bytes on every rank: the length, then the bytes as one uint8 tensor (NCCL or gloo), so no other rank
-    needs rank 0's files; None on rank 0 gives None everywhere. Without a process group: `data` itself."""
+    """Rank 0's bytes (or None) on every rank."""
     if not rt.distributed:
         return data
     size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64, device=rt.device)
@@ -541,29 +537,11 @@ def broadcast_bytes(data: bytes | None, rt: Runtime) -> bytes | None:
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if flag is true on any rank (one MAX all-reduce), so all ranks branch alike."""
+    """True on every rank if flag is true on any rank."""
     t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-class StepStatus(NamedTuple):
-    elapsed_ms: float  # the largest training time of any rank: every rank schedules LR and QAT from it
-    stop: bool  # some rank asked to stop (wall-clock cap)
-    nonfinite: bool  # some rank's loss is NaN or inf
-
-
-def reduce_step_status(loss: torch.Tensor, elapsed_ms: float, stop: bool) -> StepStatus:
-    """A training step's one blocking host sync: MAX over ranks of (elapsed ms, stop flag, non-finite loss flag).
-    The tensor is filled on the device (no host-to-device copy); only the reduced result is read back."""
-    t = torch.full((3,), float(elapsed_ms), dtype=torch.float64, device=loss.device)
-    t[1] = float(stop)
-    t[2] = (~torch.isfinite(loss.detach())).to(torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    elapsed, stop_flag, nonfinite = t.tolist()
-    return StepStatus(elapsed, stop_flag > 0, nonfinite > 0)
 
 
 def synchronize(rt: Runtime) -> None:
@@ -572,30 +550,31 @@ def synchronize(rt: Runtime) -> None:
 
 
 def autocast(rt: Runtime):
-    """bf16 autocast on CUDA (training, evaluation, TTT); plain fp32 on CPU."""
     return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.is_cuda)
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to CUDA through pinned memory and a non-blocking copy (a copy from pageable
-    memory would block the host until the device has caught up)."""
+    """To CUDA through pinned memory, non-blocking."""
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
-_LOG_FILE: list = []  # [path] once setup_logging ran on rank 0; emptied when a write to it fails
-_LOG_RANK: list = [0]  # this process's rank, recorded by init_runtime; only rank 0 logs
-_LOG_FAILURE: list = []  # why the log could not be written: the run goes on (console only), then fails
+@dataclass
+class LogState:
+    rank: int = 0  # this process's rank (init_runtime): only rank 0 logs
+    path: str | None = None  # logs/<run_id>.txt once created; None again after a failed write
+    failure: str | None = None  # why the file could not be written: the run goes on, then fails
+
+
+LOG = LogState()
 
 
 def errno_text(e: OSError) -> str:
-    """'ENOSPC: No space left on device' (the errno's name and its text)."""
     return f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
 
 
 def check_writable_folder(folder: str, setting: str) -> None:
-    """Create `folder` and write and remove a probe file in it, so an unusable location fails before training."""
     probe = os.path.join(folder, f".probe.{os.getpid()}.tmp")
     try:
         os.makedirs(folder, exist_ok=True)
@@ -608,17 +587,13 @@ def check_writable_folder(folder: str, setting: str) -> None:
             os.remove(probe)
 
 
-def check_output_paths(h: Hyperparameters) -> None:
-    """The log folder and (when training) the artifact's folder are writable and the artifact path is a file."""
+def prepare_outputs(h: Hyperparameters) -> None:
+    """Writable log and artifact folders; logs/<run_id>.txt is created new (never appended to)."""
     check_writable_folder(h.log_dir, f"LOG_DIR={h.log_dir}")
     if not h.eval_only:
         if os.path.isdir(h.artifact_path):
             raise UserError(f"ARTIFACT_PATH={h.artifact_path} is a folder; give a file path")
         check_writable_folder(os.path.dirname(os.path.abspath(h.artifact_path)), f"ARTIFACT_PATH={h.artifact_path}")
-
-
-def create_log_file(h: Hyperparameters) -> None:
-    """Create logs/<run_id>.txt as a new file: a reused RUN_ID is refused, never appended to an old log."""
     path = os.path.join(h.log_dir, f"{h.run_id}.txt")
     try:
         with open(path, "x", encoding="utf-8"):
@@ -626,17 +601,16 @@ def create_log_file(h: Hyperparameters) -> None:
     except FileExistsError:
         raise UserError(f"log {path} already exists: RUN_ID={h.run_id} was used before; choose a new RUN_ID "
                         "(or move the old log away)") from None
-    _LOG_FILE[:] = [path]
+    LOG.path = path
     print(path, flush=True)
 
 
 def setup_logging(h: Hyperparameters, rt: Runtime) -> None:
-    """Rank 0 checks the output locations and creates the log; every rank stops if rank 0 found a problem."""
+    """Rank 0 prepares the outputs; every rank stops if it found a problem."""
     problem = None
     if rt.is_main:
         try:
-            check_output_paths(h)
-            create_log_file(h)
+            prepare_outputs(h)
         except UserError as e:
             problem = e
     if any_rank(problem is not None, rt.device):
@@ -644,40 +618,37 @@ def setup_logging(h: Hyperparameters, rt: Runtime) -> None:
 
 
 def log0(msg: str, console: bool = True) -> None:
-    """Rank-0 log line: console (unless console=False) and the run's log file. When the file cannot be written
-    (disk full, quota, file-size limit) the run keeps its weights and goes on on the console; raise_if_log_failed
-    then fails it."""
-    if _LOG_RANK[0] != 0:
+    """Rank 0: console (unless console=False) and log file; a failed write lets the run go on (on the console)."""
+    if LOG.rank != 0:
         return
-    msg = msg.encode("utf-8", "backslashreplace").decode("utf-8")  # a name that is not UTF-8 cannot cut the log
+    msg = msg.encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 name cannot cut the log
     if console:
         print(msg, flush=True)
-    if _LOG_FILE:
+    if LOG.path:
         try:
-            with open(_LOG_FILE[0], "a", encoding="utf-8") as f:
+            with open(LOG.path, "a", encoding="utf-8") as f:
                 print(msg, file=f)
         except OSError as e:
-            path = _LOG_FILE.pop()
-            _LOG_FAILURE.append(f"cannot write the log {path} ({errno_text(e)}); its lines from then on are only on "
-                                "the console")
+            path, LOG.path = LOG.path, None
+            LOG.failure = (f"cannot write the log {path} ({errno_text(e)}); its lines from then on are only on the "
+                           "console")
             log_event("log_write_failed", path=path, errno=errno.errorcode.get(e.errno, e.errno))
 
 
 def raise_if_log_failed(rt: Runtime) -> None:
-    """Every rank: fail the run (exit 4) once rank 0 could not write its log; called before training and at the end."""
-    if any_rank(bool(_LOG_FAILURE), rt.device):
-        raise RunFailed("write_failed", (_LOG_FAILURE or ["rank 0 could not write the log"])[0])
+    """Every rank: exit 4 once rank 0 could not write its log."""
+    if any_rank(LOG.failure is not None, rt.device):
+        raise RunFailed("write_failed", LOG.failure or "rank 0 could not write the log")
 
 
-# Upstream prefixes that existing grep tooling matches byte for byte (their "zstd" / "int8_zlib" are names, whatever
-# ARTIFACT_CODEC is); every other machine-read line is `event key:value key:value ...` written by log_event.
+# Upstream lines that grep tooling matches byte for byte ("zstd" / "int8_zlib" are names, whatever ARTIFACT_CODEC
+# is); every other machine-read line is `event key:value ...` written by log_event.
 TOTAL_SUBMISSION = "Total submission int6+zstd:"
-STOPPING_EARLY = "stopping_early:"
-LEADERBOARD_ALIAS = "final_int8_zlib_roundtrip_exact"  # kept: leaderboard parsers grep it (format: int6, ARTIFACT_CODEC)
+STOPPING_EARLY = "stopping_early: wallclock_cap"
+LEADERBOARD_ALIAS = "final_int8_zlib_roundtrip_exact"  # leaderboard parsers grep it
 
 
 def log_value(value) -> str:
-    """One spelling per type: booleans 0/1, floats with 8 significant digits, everything else as str()."""
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, float):
@@ -685,16 +656,14 @@ def log_value(value) -> str:
     return str(value)
 
 
-def log_event(event: str, console: bool = True, **fields) -> str:
-    """Log `event key:value ...`; values hold no blanks, except a last field named `detail` (free text)."""
-    line = " ".join([event, *(f"{key}:{log_value(value)}" for key, value in fields.items())])
+def log_event(event: str | None, console: bool = True, **fields) -> str:
+    """`event key:value ...`, or the fields alone (event None); values hold no blanks but a last `detail` field."""
+    line = " ".join(([] if event is None else [event]) + [f"{k}:{log_value(v)}" for k, v in fields.items()])
     log0(line, console)
     return line
 
 
-# The counted code is the file that runs: this readable source, or its packed form (pack_source: the same source,
-# bz2-compressed and base85-encoded, run by a four-line wrapper; about a third of the bytes). Either file logs the bytes it
-# counts, the sha256 of the readable source and the bytes the packed form counts, so the headroom is known up front.
+# The counted code is the file that runs: this source, or its packed form (bz2 + base85 run by a 4-line wrapper).
 PACKED_HEAD = "# train_gpt.py, packed: bz2 + base85 of the readable source"
 PACKED_TEMPLATE = PACKED_HEAD + """ (sha256 {sha256}); to read it, print(source) instead of exec
 import base64, bz2, linecache
@@ -705,14 +674,13 @@ exec(compile(source, __file__, "exec"))
 
 
 def pack_source(source: str) -> str:
-    """The packed form of a readable source; deterministic (same source, same text), unpack_source inverts it."""
     raw = source.encode("utf-8")
     data = base64.b85encode(bz2.compress(raw, 9)).decode("ascii")
     return PACKED_TEMPLATE.format(sha256=hashlib.sha256(raw).hexdigest(), data=data)
 
 
 def unpack_source(packed: str) -> str:
-    """The readable source a packed file carries; ValueError when `packed` is not the output of pack_source."""
+    """ValueError unless `packed` is the output of pack_source."""
     data = re.search(r'b85decode\("([^"]*)"\)', packed)
     if not packed.startswith(PACKED_HEAD) or data is None:
         raise ValueError("not a packed train_gpt.py (it does not start with the packed header)")
@@ -720,12 +688,12 @@ def unpack_source(packed: str) -> str:
 
 
 class CodeIdentity(NamedTuple):
-    source: str  # the readable source (the one the packed form carries)
+    source: str  # the readable source
     code_bytes: int  # bytes of the file that runs: what the size limit counts
-    code_sha256: str  # sha256 of the file that runs
-    source_sha256: str  # sha256 of the readable source (= code_sha256 when the readable file runs)
+    code_sha256: str
+    source_sha256: str
     packed: bool  # the file that runs is the packed form
-    packed_bytes: int  # bytes the packed form counts (= code_bytes when packed)
+    packed_bytes: int  # bytes of the packed form
 
     @property
     def form(self) -> str:
@@ -733,7 +701,6 @@ class CodeIdentity(NamedTuple):
 
 
 def code_identity(path: str = __file__) -> CodeIdentity:
-    """Identity of this file (or of the script at `path`), readable or packed."""
     data = Path(path).read_bytes()
     text = data.decode("utf-8")
     packed = text.startswith(PACKED_HEAD)
@@ -744,7 +711,7 @@ def code_identity(path: str = __file__) -> CodeIdentity:
 
 
 class RunInterrupted(Exception):
-    """SIGINT or SIGTERM arrived; main ends the run with exit code 128 + signal number."""
+    """SIGINT or SIGTERM arrived: exit 128 + signal number."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
@@ -756,7 +723,7 @@ def raise_interrupted(signum, frame) -> None:
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a reader never sees a partial file."""
+    """A reader never sees a partial file (temporary file, fsync, rename)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
@@ -773,10 +740,11 @@ def write_file_atomic(path: str, data: bytes) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data
-# Shards: 256 little-endian int32 header words (magic 20240520, version 1, token count) then uint16 tokens.
-# Training reads a cyclic token stream; each rank takes its own contiguous span of every global micro-batch.
-# Validation is all val shards concatenated, truncated to a whole number of training sequences (+1 for targets).
+# Shards: 256 little-endian int32 header words (magic 20240520, version 1, token count), then uint16 tokens. Each
+# rank takes its own span of every global micro-batch of a cyclic token stream. bytes(y | x) = base_bytes[y] +
+# (has_leading_space[y] and not is_boundary[x]) is the only byte count, bits_per_byte the only bpb formula.
 # ---------------------------------------------------------------------------------------------------------------
+
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -791,7 +759,7 @@ class ShardError(UserError):
 
 
 def shard_token_count(path) -> int:
-    """The token count of a shard whose header and file size are valid (reads 1 KB); else ShardError naming it."""
+    """The token count of a shard whose header and size are valid (reads 1 KB)."""
     path = str(path)
     try:
         with open(path, "rb") as f:
@@ -814,7 +782,7 @@ def shard_token_count(path) -> int:
 
 
 def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
-    """Validated shard contents as a uint16 array; any violation raises ShardError naming the file and the problem."""
+    """Validated shard contents (uint16); a problem raises ShardError naming the file."""
     count = shard_token_count(path)
     tokens = np.fromfile(str(path), dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
     if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
@@ -825,7 +793,6 @@ def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
 
 
 def write_shard(path, tokens) -> None:
-    """Write tokens (ids < 65536) in the shard format, atomically."""
     arr = np.asarray(tokens)
     if arr.ndim != 1 or (arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 2**16)):
         raise ShardError(f"{path}: tokens must be a 1-D array of ids in [0, 65535]")
@@ -835,8 +802,7 @@ def write_shard(path, tokens) -> None:
 
 
 def find_shards(data_path: str, split: str) -> list[str]:
-    """Sorted `*_{split}_*.bin` files in the folder data_path, taken literally (never a pattern: `ds[1]` is not
-    `ds1`); none is an error that says how to make them."""
+    """Sorted `*_{split}_*.bin` files in data_path, taken literally; none is a UserError."""
     pattern = f"*_{split}_*.bin"
     try:
         names = os.listdir(data_path)
@@ -851,16 +817,13 @@ def find_shards(data_path: str, split: str) -> list[str]:
 
 
 class TokenStream:
-    """Cyclic stream over the train shards in name order; identical on every rank. Every shard's header and size are
-    checked up front (before step 1); the next shard is read (and, the first time only, its token ids checked
-    against the vocabulary) in a background thread while the current one is consumed, so neither the read nor the
-    check sits on the training step's critical path."""
+    """Cyclic stream over the train shards, the same on every rank; the next shard is read in the background."""
 
     def __init__(self, files: list[str], vocab_size: int | None = None):
         for f in files:
             shard_token_count(f)
         self.files, self.vocab_size = files, vocab_size
-        self.checked: set[int] = set()  # indices of shards whose token ids were validated
+        self.checked: set[int] = set()  # shards whose token ids were validated
         self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
         self.file_index, self.pos = 0, 0
         self.tokens = self._read(0)
@@ -894,20 +857,14 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each batch consumes world*(local+1) stream tokens; rank r gets span r as (inputs, targets shifted by one),
-    moved by one host_to_device copy. prefetch() prepares the next batch early (train() calls it before the step's
-    blocking sync, while the device is still busy); batches come out in stream order either way."""
+    """Rank r gets span r of world*(local+1) stream tokens per batch; prefetch() loads the next batch early."""
 
     def __init__(self, files: list[str], rt: Runtime, vocab_size: int | None = None):
         self.stream, self.rt, self.pending = TokenStream(files, vocab_size), rt, None
 
-    def _span(self, local_tokens: int) -> np.ndarray:
-        """This rank's local_tokens + 1 tokens of the next global batch."""
-        span = local_tokens + 1
-        return self.stream.take(span * self.rt.world_size)[self.rt.rank * span:(self.rt.rank + 1) * span]
-
     def _load(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        mine = self._span(local_tokens)
+        span, rank = local_tokens + 1, self.rt.rank
+        mine = self.stream.take(span * self.rt.world_size)[rank * span:(rank + 1) * span]
         xy = host_to_device(torch.from_numpy(np.stack((mine[:-1], mine[1:])).astype(np.int64)), self.rt.device)
         return xy[0].view(-1, seq_len), xy[1].view(-1, seq_len)
 
@@ -926,7 +883,7 @@ class DistributedTokenLoader:
 
 def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int | None = None,
                            max_targets: int = 0) -> torch.Tensor:
-    """All val shards concatenated, cut to a multiple of seq_len targets (+1 token); optional smoke-test cap."""
+    """All val shards, cut to a multiple of seq_len targets (+1 token)."""
     tokens = np.concatenate([read_shard(f, vocab_size) for f in files])
     usable = (tokens.size - 1) // seq_len * seq_len
     if max_targets > 0:
@@ -935,13 +892,6 @@ def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int | Non
         raise ShardError(f"{files[0]}: the validation split has {tokens.size} tokens, fewer than one sequence of "
                          f"EVAL_SEQ_LEN={seq_len} + 1; lower EVAL_SEQ_LEN or add validation documents")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Byte accounting and the bpb metric
-# bytes(y | x) = base_bytes[y] + (has_leading_space[y] and not is_boundary[x]); bpb = (Σ nll / ln 2) / Σ bytes.
-# These tables and `count_bytes` are the only byte counter; `bits_per_byte` is the only bpb formula.
-# ---------------------------------------------------------------------------------------------------------------
 
 
 class ByteTables(NamedTuple):
@@ -954,8 +904,6 @@ class ByteTables(NamedTuple):
 
 
 def build_byte_luts(sp, vocab_size: int) -> ByteTables:
-    """Per-token byte tables from a SentencePiece model (bytes of each piece's UTF-8 text, a leading
-    space counted only after a non-boundary token); ids >= sp vocab are boundary tokens."""
     n = max(int(sp.vocab_size()), vocab_size)
     base = np.zeros(n, dtype=np.int16)
     space = np.zeros(n, dtype=np.bool_)
@@ -975,7 +923,7 @@ def build_byte_luts(sp, vocab_size: int) -> ByteTables:
 
 
 def count_bytes(prev: torch.Tensor, tgt: torch.Tensor, tables: ByteTables) -> torch.Tensor:
-    """UTF-8 bytes of each target given the token before it (int64, same shape as tgt)."""
+    """UTF-8 bytes of each target given the token before it."""
     extra = tables.has_leading_space[tgt] & ~tables.is_boundary[prev]
     return tables.base_bytes[tgt].to(torch.int64) + extra.to(torch.int64)
 
@@ -984,11 +932,10 @@ def bits_per_byte(nll_sum_nats: float, num_bytes: float) -> float:
     return nll_sum_nats / math.log(2.0) / max(num_bytes, 1.0)
 
 
-DATASET_MANIFEST = "manifest.json"  # written by data/make_dataset.py beside the shards
+DATASET_MANIFEST = "manifest.json"  # data/make_dataset.py writes it beside the shards
 
 
 def check_dataset_manifest(h: Hyperparameters, tokenizer_bytes: bytes) -> None:
-    """When DATA_PATH holds a manifest, the tokenizer must be the one the shards were made with (same sha256)."""
     path = os.path.join(h.data_path, DATASET_MANIFEST)
     if not os.path.isfile(path):
         return
@@ -1003,17 +950,17 @@ def check_dataset_manifest(h: Hyperparameters, tokenizer_bytes: bytes) -> None:
 
 
 def load_tokenizer(h: Hyperparameters):
-    """SentencePiece model at TOKENIZER_PATH, checked against VOCAB_SIZE and the dataset manifest."""
-    import sentencepiece as spm  # imported here so tests of other sections need no tokenizer
+    """Checked against VOCAB_SIZE and the dataset manifest."""
+    import sentencepiece as spm
     try:
         data = Path(h.tokenizer_path).read_bytes()
     except OSError as e:
         raise UserError(f"tokenizer {h.tokenizer_path}: cannot read ({e.strerror}); {MAKE_DATA_HINT}") from None
     try:
         sp = spm.SentencePieceProcessor(model_proto=data)
-    except Exception as e:  # sentencepiece raises plain RuntimeError/OSError on a bad model
+    except Exception as e:
         raise UserError(f"tokenizer {h.tokenizer_path} is not a SentencePiece model ({type(e).__name__})") from None
-    if int(sp.vocab_size()) != h.vocab_size:  # EVAL_ONLY: VOCAB_SIZE is the artifact's, so the tokenizer is wrong
+    if int(sp.vocab_size()) != h.vocab_size:  # with EVAL_ONLY, the artifact's VOCAB_SIZE
         fix = (f"set TOKENIZER_PATH to the tokenizer the model in {h.artifact_path} was trained with" if h.eval_only
                else "use the tokenizer the shards were made with or set VOCAB_SIZE")
         raise UserError(f"tokenizer {h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}; {fix}")
@@ -1031,7 +978,6 @@ class ValData(NamedTuple):
 
 
 def load_val_data(h: Hyperparameters, sp) -> ValData:
-    """Validation tokens + byte tables; logs the count and total bytes of the targets that will be scored."""
     files = find_shards(h.data_path, "val")
     tokens = load_validation_tokens(files, h.eval_seq_len, h.vocab_size, h.val_max_tokens)
     tables = build_byte_luts(sp, h.vocab_size)
@@ -1041,43 +987,47 @@ def load_val_data(h: Hyperparameters, sp) -> ValData:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Int6 row grid (shared by late QAT and export)
-# GPTQ-lite without a Hessian: per row, try clip quantiles, keep the one with the least squared error.
-# Values are int8 in [-31, 31], scales fp16 with a floor of 1/31. Fake-quant = dequantize(quantize(w)) exactly.
+# Model
+# GPT(h): ids [B,T] -> hidden [B,T,d] -> tied-embedding logits, soft-capped, fp32 -> cross-entropy. Every matrix
+# lives in one of four fp32 banks whose names are a contract (export, optimizer routing). Optional pieces are built
+# or None at construction; weights are cast at use. `qat_active` sends the banks and the bigram table through the
+# int6 row grid while training (flipping it recompiles once).
 # ---------------------------------------------------------------------------------------------------------------
 
+# The int6 row grid, shared by late QAT (GPT.banks below) and export (quantize_state): it sits here, where a reader
+# first meets it. Per row, the clip quantile of |w| with the least squared error wins; values in [-31, 31], fp16
+# scales >= 1/31. Invariant: QAT's forward value is the exported value bit for bit: both quantize the same fp32
+# weights, the quantile is torch.quantile's (float32 rank, lerp of the top-k values) and the scale is rounded to
+# fp16 by integer ops that no compiler can fuse away.
 INT6_MAX = 31
 
 
 def _quantile_rank(n: int, p: float) -> tuple[int, int, float]:
-    """torch.quantile's linear rule for n sorted values: rank = float32(p)·(n−1) in float32 -> (floor, ceil, weight)."""
+    """torch.quantile's rank float32(p)·(n−1) as (floor, ceil, weight)."""
     rank = np.float32(p) * np.float32(n - 1)
     lo = int(np.floor(rank))
     return lo, int(np.ceil(rank)), float(rank - np.float32(lo))
 
 
 def top_values_needed(n: int, quantiles) -> int:
-    """How many of a row's largest values determine all the given quantiles of the row."""
+    """How many of a row's largest values determine its given quantiles."""
     return n - min(_quantile_rank(n, p)[0] for p in quantiles)
 
 
 def _row_quantile(top: torch.Tensor, n: int, p: float) -> torch.Tensor:
-    """torch.quantile(x, p, dim=-1, keepdim=True), bit for bit (float32 rank, lerp in x's dtype), from
-    top = x.topk(k, dim=-1).values with k >= top_values_needed(n, [p]); ascending index j is top index n−1−j."""
+    """torch.quantile(x, p, dim=-1, keepdim=True) bit for bit, from top = x.topk(k).values."""
     lo, hi, weight = _quantile_rank(n, p)
     return torch.lerp(top[..., n - 1 - lo:n - lo], top[..., n - 1 - hi:n - hi], weight)
 
 
 def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> the nearest fp16 value (ties to even), kept in fp32, by integer ops on the bits (fp16 normal range).
-    Unlike .half().float(), a compiler cannot drop it: inductor keeps fp32 through a fused fp16 round trip."""
+    """fp32 -> nearest fp16 value, kept in fp32, by integer ops that inductor cannot fuse away."""
     bits = x.view(torch.int32)
     return ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
 
 
 def quantize_int6_rows(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES):
-    """Per-row (last dim) int6 quantization: (int8 values in [-31, 31], fp16 scales of shape w.shape[:-1]).
-    The clip candidates (quantiles of |w|) need only the top few |w| of each row, not a sort of the row."""
+    """(int8 values in [-31, 31], fp16 scales) per row of w."""
     w = w.detach().float()
     n = w.shape[-1]
     top = w.abs().topk(top_values_needed(n, clip_candidates), dim=-1).values
@@ -1098,25 +1048,14 @@ def quantize_int6_rows(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES):
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp32 weights from int8 row values and fp16 row scales."""
     return q.float() * scale.float().unsqueeze(-1)
 
 
 def fake_quantize_int6(w: torch.Tensor, clip_candidates=INT6_CLIP_CANDIDATES) -> torch.Tensor:
-    """Straight-through estimator: forward value = the exported int6 grid point, gradient = identity."""
+    """Straight-through estimator: forward = the exported int6 grid point, gradient = identity."""
     wq = dequantize_rows(*quantize_int6_rows(w, clip_candidates)).to(w.dtype)
     return w + (wq - w).detach()
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------------------------
-
-# GPT(h): input ids [B,T] -> hidden [B,T,d] -> tied-embedding logits, soft-capped, fp32 -> cross-entropy.
-# Every matrix lives in one of four fp32 banks whose names are a contract (export, optimizer routing, tests).
-# Optional pieces are built or None from h at construction. Activations use the autocast dtype (CUDA) or fp32 (CPU);
-# weights are cast at use. `qat_active` (plain bool) sends the banks and the bigram table through the export int6
-# grid while training (the same rounding the artifact applies); flipping it makes torch.compile re-guard and recompile once.
 
 class Banks(NamedTuple):
     qo: torch.Tensor  # [2L, d, d]: W_q of layer i at i, W_o at L+i
@@ -1132,32 +1071,24 @@ class LayerSpec(NamedTuple):
 
 
 def layer_specs(h: Hyperparameters) -> tuple[LayerSpec, ...]:
-    """Per-layer choices, fixed once: XSA on the last xsa_last_n layers; norm factor 1/sqrt(i+1) if ln_scale."""
     n = h.num_layers
     return tuple(LayerSpec(i, i >= n - h.xsa_last_n, 1.0 / math.sqrt(i + 1) if h.ln_scale else 1.0)
                  for i in range(n))
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMSNorm over the last dim (eps = dtype epsilon), returned in the input dtype."""
     return F.rms_norm(x, (x.size(-1),)).type_as(x)
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """Activation dtype: the autocast dtype when autocast is on for this device type, else fp32."""
-    kind = device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
-
-
 def rope_base_eff(base: float, dims: int, train_len: int, seq_len: int) -> float:
-    """NTK base rescale: base·(T/train_len)^(dims/(dims−2)) once T exceeds the training length."""
+    """NTK base rescale beyond the training length."""
     if seq_len <= train_len:
         return base
     return base * (seq_len / train_len) ** (dims / max(dims - 2, 1))  # max(): ROPE_DIMS=2 would divide by 0
 
 
 class Rotary(nn.Module):
-    """Partial RoPE tables for the first `dims` dims of a head (0 = the whole head), half-split pairing."""
+    """Partial RoPE on the first ROPE_DIMS dims of a head (0 = all), half-split pairs."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -1166,20 +1097,15 @@ class Rotary(nn.Module):
         exps = torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims
         self.register_buffer("inv_freq", self.base ** -exps, persistent=False)
 
-    def freqs(self, seq_len: int) -> torch.Tensor:
-        """ω_j = base_eff^(−2j/dims); base^(−e)^(ln b'/ln b) = b'^(−e) reuses the buffer."""
-        eff = rope_base_eff(self.base, self.dims, self.train_len, seq_len)
-        return self.inv_freq if eff == self.base else self.inv_freq ** (math.log(eff) / math.log(self.base))
-
     def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each [T, dims/2], for positions 0..T−1."""
-        freqs = self.freqs(seq_len)
+        """(cos, sin) [T, dims/2]; b^(−e)^(ln b'/ln b) = b'^(−e) reuses the buffer."""
+        eff = rope_base_eff(self.base, self.dims, self.train_len, seq_len)
+        freqs = self.inv_freq if eff == self.base else self.inv_freq ** (math.log(eff) / math.log(self.base))
         angles = torch.outer(torch.arange(seq_len, device=freqs.device, dtype=torch.float32), freqs)
         return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate the first 2·len(ω) dims of x [B,T,H,D] as pairs (j, j+half): [x1·c + x2·s, −x1·s + x2·c]."""
     cos, sin = (t.to(x.dtype)[None, :, None, :] for t in rope)
     half = cos.size(-1)
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
@@ -1187,7 +1113,7 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
 
 
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """XSA: remove from each head's output y [B,T,H,D] its component along its own position's unit value vector."""
+    """XSA: remove from each head's output its component along its own position's value."""
     b, t, heads, d = y.shape
     unit = F.normalize(v, dim=-1).unsqueeze(3)  # [B,T,Hkv,1,D]; query head h reads kv head h // (H/Hkv)
     yg = y.reshape(b, t, v.size(2), heads // v.size(2), d)
@@ -1199,22 +1125,16 @@ def mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tens
     return F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
 
 
-# Attention backends: fn(q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D]) -> [B,T,H,D], causal, GQA (head h reads kv head
-# h // (H/Hkv)). select_attention picks the first candidate that really runs: it must load, run forward and
-# backward on bf16 inputs in the model's head layout (inside torch.compile(fullgraph=True) when compiling) and
-# agree with SDPA. Candidates that fail are skipped with a one-line reason; SDPA is the last resort. FA3's
-# interface is made of torch.library custom ops, which torch.compile traces; FA4's kernels are wrapped the same way
-# here (custom_attention).
+# Attention backends: fn(q [B,T,H,D], k, v [B,T,Hkv,D]) -> [B,T,H,D], causal GQA; SDPA is the last resort.
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention with PyTorch SDPA (works on every device)."""
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=True)
     return y.transpose(1, 2)
 
 
 def _flash_backend(module: str):
-    """Loader of a FlashAttention `flash_attn_func` (layout [B,T,H,D]); some versions also return the LSE."""
+    """Loader of `flash_attn_func` (some versions also return the LSE)."""
     def load():
         flash_attn_func = importlib.import_module(module).flash_attn_func
 
@@ -1229,9 +1149,8 @@ _ATTENTION_OPS: dict[str, Callable] = {}  # custom_attention's ops, registered o
 
 
 def custom_attention(name: str, fwd: Callable, bwd: Callable) -> Callable:
-    """fn(q, k, v) made of a kernel pair as torch.library custom ops, so torch.compile traces it as one opaque op
-    (with fake implementations for the shapes) instead of tracing into the kernel's Python:
-    fwd(q, k, v) -> (out [B,T,H,D], lse [B,H,T] fp32); bwd(dout, q, k, v, out, lse) -> (dq, dk, dv)."""
+    """fn(q, k, v) of a kernel pair as torch.library custom ops (one opaque op for torch.compile):
+    fwd(q, k, v) -> (out, lse [B,H,T] fp32); bwd(dout, q, k, v, out, lse) -> (dq, dk, dv)."""
     if name in _ATTENTION_OPS:
         return _ATTENTION_OPS[name]
 
@@ -1256,8 +1175,7 @@ def custom_attention(name: str, fwd: Callable, bwd: Callable) -> Callable:
 
 
 def _fa4_backend() -> Callable:
-    """FlashAttention-4 (plain Python + CuTe DSL, untraceable by torch.compile as it is): its forward and backward
-    kernels as custom ops."""
+    """FlashAttention-4's kernels (untraceable by torch.compile) as custom ops."""
     fa = importlib.import_module("flash_attn.cute.interface")
 
     def fwd(q, k, v):
@@ -1270,14 +1188,14 @@ def _fa4_backend() -> Callable:
 
 class AttentionCandidate(NamedTuple):
     name: str
-    load: Callable[[], Callable]  # returns the backend fn; raises if it is not available
+    load: Callable[[], Callable]  # returns the backend fn or raises
     cuda_only: bool = False
 
 
 class AttentionChoice(NamedTuple):
     name: str
     fn: Callable
-    skipped: tuple[tuple[str, str], ...]  # (candidate name, one-line reason) of every candidate not used
+    skipped: tuple[tuple[str, str], ...]  # (name, reason) of the candidates not used
 
 
 ATTENTION_CANDIDATES = (
@@ -1288,8 +1206,7 @@ ATTENTION_CANDIDATES = (
 
 
 def _probe_attention(fn, device: torch.device, layout: tuple[int, int, int], compile_backend: str | None) -> None:
-    """Forward + backward of fn on bf16 [1, 256, H|Hkv, D] inputs (compiled with fullgraph when a backend is
-    given); raises if anything fails or the output (0.05 abs) or gradients (2% of max) disagree with fp32 SDPA."""
+    """Forward + backward on bf16 inputs; raises unless output (0.05) and gradients (2%) agree with SDPA."""
     heads, kv_heads, head_dim = layout
     g = torch.Generator().manual_seed(0)
     qkv = [torch.randn(1, 256, n, head_dim, generator=g).to(device, torch.bfloat16).requires_grad_()
@@ -1308,8 +1225,7 @@ def _probe_attention(fn, device: torch.device, layout: tuple[int, int, int], com
 
 
 def one_line_error(e: BaseException, max_chars: int | None = 160, innermost: bool = True) -> str:
-    """Type and (first words of the) message on one line; of the innermost cause by default (compiler errors wrap
-    the backend's own exception)."""
+    """Type and first words of the message (of the innermost cause: compilers wrap errors)."""
     while innermost and (e.__cause__ or e.__context__) is not None:
         e = e.__cause__ or e.__context__
     text = " ".join(str(e).split())[:max_chars]
@@ -1318,8 +1234,7 @@ def one_line_error(e: BaseException, max_chars: int | None = 160, innermost: boo
 
 def select_attention(device, use_compile: bool, layout: tuple[int, int, int] = (8, 4, 64), *,
                      candidates=ATTENTION_CANDIDATES, compile_backend: str = "inductor") -> AttentionChoice:
-    """The first candidate that passes _probe_attention for this device, head layout (H, Hkv, D) and compile
-    setting. No candidate passing is an error that names the fix."""
+    """The first candidate that passes _probe_attention here; none is a UserError."""
     device, skipped = torch.device(device), []
     for c in candidates:
         if c.cuda_only and device.type != "cuda":
@@ -1329,22 +1244,15 @@ def select_attention(device, use_compile: bool, layout: tuple[int, int, int] = (
             fn = c.load()
             _probe_attention(fn, device, layout, compile_backend if use_compile else None)
             return AttentionChoice(c.name, fn, tuple(skipped))
-        except Exception as e:  # not installed, untraceable, broken backward, wrong numbers: try the next one
+        except Exception as e:  # not installed, untraceable, wrong: the next one
             skipped.append((c.name, one_line_error(e)))
     fix = "; set COMPILE=0 to run without torch.compile" if use_compile else ""
     raise UserError("no attention backend works here (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")" + fix)
 
 
 def with_attention(rt: Runtime, h: Hyperparameters, **probe_options) -> Runtime:
-    """The runtime with its attention backend decided (once per run) for this device, compile mode and layout."""
     layout = (h.num_heads, h.num_kv_heads, h.head_dim)
     return dataclasses.replace(rt, attention=select_attention(rt.device, rt.use_compile, layout, **probe_options))
-
-
-def log_attention(choice: AttentionChoice) -> str:
-    """`attention backend:<name>`, plus the backends tried first and why they were skipped (free text)."""
-    skipped = {"detail": "; ".join(f"{n} skipped: {r}" for n, r in choice.skipped)} if choice.skipped else {}
-    return log_event("attention", backend=choice.name, **skipped)
 
 
 SDPA_ON_HOPPER = ("FlashAttention-3 is not in use on this H100-class GPU: SDPA costs an estimated +15-25 ms/step "
@@ -1353,16 +1261,18 @@ SDPA_ON_HOPPER = ("FlashAttention-3 is not in use on this H100-class GPU: SDPA c
 
 
 def sdpa_on_hopper(rt: Runtime) -> bool:
-    """A Hopper GPU (sm_90, where FlashAttention-3 runs) ended up on the SDPA fallback."""
+    """A Hopper GPU (sm_90: FlashAttention-3) ended up on SDPA."""
     return (rt.is_cuda and rt.attention is not None and rt.attention.name == "sdpa"
             and tuple(torch.cuda.get_device_capability(rt.device)) == (9, 0))
 
 
-def warn_slow_attention(rt: Runtime, h: Hyperparameters) -> str | None:
-    """One `attention_warning` line naming the cost and the fix, unless ACCEPT_SDPA=1."""
+def log_attention(rt: Runtime, h: Hyperparameters) -> None:
+    """The backend and those skipped; `attention_warning` for an H100 on SDPA unless ACCEPT_SDPA=1."""
+    choice = rt.attention
+    skipped = {"detail": "; ".join(f"{n} skipped: {r}" for n, r in choice.skipped)} if choice.skipped else {}
+    log_event("attention", backend=choice.name, **skipped)
     if sdpa_on_hopper(rt) and not h.accept_sdpa:
-        return log_event("attention_warning", backend="sdpa", device="sm_90", detail=SDPA_ON_HOPPER)
-    return None
+        log_event("attention_warning", backend="sdpa", device="sm_90", detail=SDPA_ON_HOPPER)
 
 
 class Attention(nn.Module):
@@ -1373,14 +1283,14 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
         self.xsa, self.attn_fn = spec.xsa, attn_fn
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.attn_gate = nn.Linear(h.model_dim, h.num_heads) if h.use_gated_attention else None
+        self.attn_gate = nn.Linear(h.model_dim, h.num_heads) if h.gated_attention_enabled else None
         if self.attn_gate is not None:  # gate = sigmoid(0·x + 4) ≈ 0.982 at init
             nn.init.zeros_(self.attn_gate.weight)
             nn.init.constant_(self.attn_gate.bias, 4.0)
-        self.vr_lambda = nn.Parameter(torch.full((2,), 0.5)) if h.use_value_residual else None
+        self.vr_lambda = nn.Parameter(torch.full((2,), 0.5)) if h.value_residual_enabled else None
 
     def forward(self, x, w, v0, rope):
-        """x [B,T,d] normalized; w = (W_q, W_k, W_v, W_o); v0 = layer 0's values or None. Returns (out, raw v)."""
+        """w = (W_q, W_k, W_v, W_o); v0 = layer 0's values or None. Returns (out, raw v)."""
         b, t, _ = x.shape
         w_q, w_k, w_v, w_o = w
         q = F.linear(x, w_q).view(b, t, self.heads, self.head_dim)
@@ -1401,7 +1311,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """x_in = mix(x, x0); x = x_in + s_a·Attn(norm x_in); x = x + s_m·MLP(norm x). Weights come from the banks."""
+    """x_in = mix(x, x0); x = x_in + s_a·Attn(norm x_in); x = x + s_m·MLP(norm x)."""
 
     def __init__(self, h: Hyperparameters, spec: LayerSpec, attn_fn):
         super().__init__()
@@ -1428,15 +1338,14 @@ class Block(nn.Module):
 
 
 def bigram_buckets(ids: torch.Tensor, buckets: int) -> torch.Tensor:
-    """Bucket of (t_{i−1}, t_i): ((36313·t_i) XOR (27191·t_{i−1})) mod (buckets−1), int32 arithmetic.
-    Position 0 of every row gets the last bucket (buckets−1)."""
+    """((36313·t_i) XOR (27191·t_{i−1})) mod (buckets−1) in int32; position 0 gets buckets−1."""
     t = ids.to(torch.int32)
     pair = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (buckets - 1)
     return torch.cat((torch.full_like(t[:, :1], buckets - 1), pair), dim=1).long()
 
 
 class BigramHash(nn.Module):
-    """Hashed token-pair embedding: zero table [buckets, dim] -> orthogonal projection to d -> × scale (0.05)."""
+    """Hashed token-pair embedding: zero table -> orthogonal projection -> × scale (0.05)."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
@@ -1445,7 +1354,7 @@ class BigramHash(nn.Module):
         self.proj = nn.Linear(dim, model_dim, bias=False)
         self.scale = nn.Parameter(torch.tensor(0.05))
         nn.init.zeros_(self.embed.weight)
-        nn.init.orthogonal_(self.proj.weight)  # the reference's model-wide pass; done for any shape here
+        nn.init.orthogonal_(self.proj.weight)  # as the reference's model-wide pass
 
     def forward(self, ids, dtype, qat_clips=None):
         table = self.embed.weight
@@ -1456,7 +1365,7 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_i ← (1−g)⊙x_i + g⊙x_{i−1} with g = sigmoid(gate) per channel (0.5 at init) and x_{−1} = 0."""
+    """x_i ← (1−g)⊙x_i + g⊙x_{i−1}, g = sigmoid(gate) per channel, x_{−1} = 0."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -1468,16 +1377,16 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    """The model: embeddings (+BigramHash, SmearGate) -> U-Net of blocks -> tied soft-capped head."""
+    """Embeddings (+BigramHash, SmearGate) -> U-Net of blocks -> tied soft-capped head."""
 
     def __init__(self, h: Hyperparameters, attn_fn=None):
         super().__init__()
         n, d = h.num_layers, h.model_dim
         self.softcap, self.clips = h.logit_softcap, tuple(h.int6_clip_candidates)
-        self.num_encoder, self.capture_v0 = n // 2, h.use_value_residual
+        self.num_encoder, self.capture_v0 = n // 2, h.value_residual_enabled
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size > 0 else None
-        self.smear = SmearGate(d) if h.use_smeargate else None
+        self.smear = SmearGate(d) if h.smeargate_enabled else None
         self.qo_bank = nn.Parameter(torch.empty(2 * n, d, d))
         self.kv_bank = nn.Parameter(torch.empty(2 * n, h.kv_dim, d))
         self.mlp_up_bank = nn.Parameter(torch.empty(n, h.mlp_hidden, d))
@@ -1490,7 +1399,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, h: Hyperparameters) -> None:
-        """OrthoInit: orthogonal W_q, W_k, W_v, W_up; zero W_o, W_down; tok_emb N(0, std²)."""
+        """OrthoInit: orthogonal W_q, W_k, W_v, W_up; zero W_o, W_down."""
         n = h.num_layers
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         for i in range(n):
@@ -1503,15 +1412,15 @@ class GPT(nn.Module):
         return self.qat_active and self.training
 
     def banks(self, dtype: torch.dtype) -> Banks:
-        """The one place bank weights are prepared for use: int6 fake-quant (QAT, training only), then cast."""
+        """The one place bank weights are prepared: int6 fake-quant (QAT, training only), then cast."""
         ws = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
         if self._qat():
             ws = tuple(fake_quantize_int6(w, self.clips) for w in ws)
         return Banks(*(w.to(dtype) for w in ws))
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Final normalized hidden states [B,T,d] in the activation dtype."""
-        dt = compute_dtype(ids.device)
+        kind = ids.device.type
+        dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
         banks, rope = self.banks(dt), self.rotary(ids.size(1))
         x = self.tok_emb(ids).to(dt)
         if self.bigram is not None:
@@ -1531,14 +1440,13 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """fp32 soft-capped logits [B,T,V] = c·tanh(z·Eᵀ / c) with the tied embedding E."""
+        """fp32 logits c·tanh(z·Eᵀ / c) with the tied embedding E."""
         z = self.hidden(ids)
         logits = F.linear(z, self.tok_emb.weight.to(z.dtype)).float()
         return self.softcap * torch.tanh(logits / self.softcap)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
-        """Without targets: the logits of forward_logits (evals call the compiled module this way). With targets:
-        cross-entropy in nats, 'mean' scalar, 'sum' scalar, or 'none' per token [B,T]."""
+        """Without targets the logits (how evals call the compiled module); with them the cross-entropy."""
         logits = self.forward_logits(ids)
         if targets is None:
             return logits
@@ -1546,36 +1454,29 @@ class GPT(nn.Module):
         return loss.view_as(targets) if reduction == "none" else loss
 
 
-def trains_in_fp32(name: str, param: torch.Tensor, patterns) -> bool:
-    """Training dtype policy: banks, the bigram projection, every ndim<2 tensor and every control-pattern name are
-    kept in fp32 during training (everything else is bf16 at rest)."""
-    return (name.endswith("_bank") or name == "bigram.proj.weight" or param.ndim < 2
-            or any(p in name for p in patterns))
-
-
 def build_model(h: Hyperparameters, rt: Runtime | None = None) -> GPT:
-    """Init on CPU in fp32, round every parameter through bf16 (as the reference's model-wide cast does), keep bf16
-    at rest only where trains_in_fp32 says no, move to the runtime's device (default: CPU) with its attention backend
-    (default: SDPA); `model.attention_backend` names the kernel in use."""
+    """Init in fp32, every parameter rounded through bf16 (as the reference does); banks, bigram projection,
+    ndim < 2 and control tensors then train in fp32, the rest in bf16. On the runtime's device and attention."""
     rt = rt or single_process_runtime()
     choice = rt.attention or AttentionChoice("sdpa", sdpa_attention, ())
     model = GPT(h, choice.fn)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
+        for name, p in model.named_parameters():
             p.data = p.data.to(torch.bfloat16)
-            if trains_in_fp32(pname, p, h.control_tensor_name_patterns):
+            if (name.endswith("_bank") or name == "bigram.proj.weight" or p.ndim < 2
+                    or any(pat in name for pat in h.control_tensor_name_patterns)):
                 p.data = p.data.float()
     model.attention_backend = choice.name
     return model.to(rt.device)
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizers
-# Routing: every parameter matches exactly one rule of OPTIMIZER_ROUTES, else build_optimizers fails naming it.
-# Muon takes the four banks [B, r, c]; AdamW "adam_tok" the token embedding (group 1) and bigram table (group 2);
-# AdamW "adam_scalar" control tensors and the bigram projection. `Optimizers.step()` (after backward + clipping):
-# bank reduce-scatters in flight -> non-bank grads averaged, AdamW steps -> per bank sharded Nesterov momentum,
-# NS5, all-gather, apply. One process: same maths, no collectives. `state_dict()` holds all state.
+# Every parameter matches exactly one rule of OPTIMIZER_ROUTES, else build_optimizers fails naming it: Muon takes
+# the four banks, AdamW "adam_tok" the token embedding and bigram table, AdamW "adam_scalar" the control tensors and
+# the bigram projection.
 # ---------------------------------------------------------------------------------------------------------------
+
 
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)
 BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
@@ -1583,7 +1484,7 @@ OPTIMIZER_GROUPS = ("muon", "adam_tok", "adam_scalar")
 
 
 def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Orthogonalise each matrix of G ([n, r, c] or [r, c]) with quintic Newton-Schulz in bf16; same shape, bf16."""
+    """Orthogonalize each matrix of G by quintic Newton-Schulz in bf16."""
     a, b, c = NS5_COEFFS
     X = G.to(torch.bfloat16).reshape(-1, *G.shape[-2:])
     transposed = X.size(-2) > X.size(-1)
@@ -1596,21 +1497,18 @@ def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.
     return (X.mT if transposed else X).reshape(G.shape)
 
 
-def _is_block_control(name: str, p: torch.Tensor, patterns) -> bool:
-    return name.startswith("blocks.") and (p.ndim < 2 or any(pat in name for pat in patterns))
-
-
 OPTIMIZER_ROUTES = (  # (what, rule(name, param, control patterns), optimizer); rules must be disjoint
     ("parameter bank", lambda n, p, pats: n in BANK_NAMES, "muon"),
     ("token embedding / bigram table", lambda n, p, pats: n in ("tok_emb.weight", "bigram.embed.weight"), "adam_tok"),
     ("model-level control or bigram projection",
      lambda n, p, pats: n in ("bigram.proj.weight", "bigram.scale", "smear.gate", "skip_weights"), "adam_scalar"),
-    ("block control tensor (ndim < 2 or control-pattern name)", _is_block_control, "adam_scalar"),
+    ("block control tensor (ndim < 2 or control-pattern name)",
+     lambda n, p, pats: n.startswith("blocks.") and (p.ndim < 2 or any(pat in n for pat in pats)), "adam_scalar"),
 )
 
 
 def route_parameters(model: nn.Module, patterns=CONTROL_PATTERNS) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Optimizer group -> [(name, param)] in model order; raises if a parameter matches no rule or several."""
+    """Optimizer group -> [(name, param)]; raises unless each matches exactly one rule."""
     routed = {g: [] for g in OPTIMIZER_GROUPS}
     bad = []
     for name, p in model.named_parameters():
@@ -1637,10 +1535,8 @@ class _SlicedWork:
 
 
 class BankCollectives:
-    """The bank collectives, chosen in this one place (SUM; callers scale). torch 2.13 runs reduce-scatter and
-    all-gather natively on NCCL and gloo (async, bf16); it names them `*_single` and deprecates
-    `reduce_scatter_tensor` / `all_gather_into_tensor`, which older versions use. Gloo builds without a native
-    reduce-scatter get an all-reduce of the padded buffer then a slice (same sums); `use_fallback` forces it."""
+    """SUM collectives of the banks (callers scale): torch 2.13's `*_single`, else the older names; a gloo build
+    without reduce-scatter gets an all-reduce and a slice (`use_fallback`)."""
 
     use_fallback = False
 
@@ -1662,8 +1558,13 @@ class BankCollectives:
         return self._ag(full, part, async_op=True)
 
 
+# Parallel Muon, pipelined: launch() starts each bank's gradient reduce-scatter right after backward (the transfers
+# overlap AdamW); finish() goes bank by bank, largest first: wait for this rank's shard of the summed gradient, take
+# the mean, update the momentum shard, orthogonalize (NS5), start the all-gather of the updates, and apply the
+# previous bank's update while this one travels. Invariant: every rank applies the same full update, from the mean
+# gradient, so replicas never drift; a rank keeps momentum only for its own bank rows. One process: no collectives.
 class _Bank:
-    """One bank's Muon buffers (bf16): padded grad [B_pad], local grad shard, momentum shard, padded update."""
+    """One bank's bf16 Muon buffers: padded grad, local grad shard, momentum shard, padded update."""
 
     def __init__(self, name: str, param: torch.Tensor, world: int, rank: int):
         B, r, c = param.shape
@@ -1678,7 +1579,6 @@ class _Bank:
 
 
 class ParallelMuon:
-    """Muon over banks in size order, momentum and NS5 sharded over ranks by leading index."""
 
     def __init__(self, banks, lr: float, wd: float, momentum: float, ns_steps: int, rt: Runtime):
         self.world = rt.world_size if rt.distributed else 1
@@ -1691,7 +1591,6 @@ class ParallelMuon:
 
     @torch.no_grad()
     def launch(self) -> None:
-        """Copy each bank grad into its padded bf16 buffer and start its reduce-scatter (no-op comms for W = 1)."""
         for b in self.banks:
             if b.param.grad is None:
                 b.grad[:b.size].zero_()
@@ -1702,7 +1601,6 @@ class ParallelMuon:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Per bank: wait its shard, Nesterov momentum, NS5, start its all-gather, then apply the previous bank."""
         previous = None
         for b in self.banks:
             if b.work is not None:
@@ -1710,7 +1608,7 @@ class ParallelMuon:
                 b.local.mul_(1.0 / self.world)  # SUM -> mean over ranks
             b.momentum.mul_(self.momentum).add_(b.local)
             u = newton_schulz5(b.local.add(b.momentum, alpha=self.momentum), self.ns_steps)
-            if self.comm is not None:  # collectives want a dense input (no copy when NS5's result is dense)
+            if self.comm is not None:  # collectives want a dense input
                 b.work = self.comm.all_gather(b.update, u.contiguous())
             else:
                 b.update = u
@@ -1721,7 +1619,7 @@ class ParallelMuon:
             self._apply(previous)
 
     def _apply(self, b: _Bank) -> None:
-        """P <- P(1 - lr wd) - lr s U[:B] on every rank (decoupled weight decay, then the orthogonal update)."""
+        """P <- P(1 - lr wd) - lr s U[:B] on every rank."""
         if b.work is not None:
             b.work.wait()
             b.work = None
@@ -1744,7 +1642,7 @@ class ParallelMuon:
 
 
 def _cloned(obj):
-    """Deep copy of a state tree with every tensor cloned (optimizer state dicts alias live tensors)."""
+    """Deep copy with every tensor cloned (optimizer state dicts alias live tensors)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, dict):
@@ -1755,7 +1653,7 @@ def _cloned(obj):
 
 
 def _average_grads(params: list[torch.Tensor], world: int) -> None:
-    """Mean of every non-bank gradient over ranks: one flat SUM all-reduce per dtype, then 1/W (no ReduceOp.AVG)."""
+    """Mean over ranks: one flat SUM all-reduce per dtype, then 1/W."""
     if world == 1:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -1771,14 +1669,14 @@ def _average_grads(params: list[torch.Tensor], world: int) -> None:
 
 
 class Optimizers:
-    """The optimizer bundle the training loop drives: AdamW 'adam_tok' and 'adam_scalar' plus Parallel Muon."""
+    """AdamW 'adam_tok' and 'adam_scalar' plus Parallel Muon, driven as one optimizer."""
 
     def __init__(self, adams: dict[str, torch.optim.Optimizer], muon: ParallelMuon):
         self.adams, self.muon = adams, muon
         self.adam_params = [p for opt in adams.values() for g in opt.param_groups for p in g["params"]]
 
     def step(self) -> None:
-        """Call after backward and clipping: launch bank reduce-scatters, average + AdamW, then the Muon step."""
+        """After backward and clipping: bank reduce-scatters, averaged AdamW, then Muon."""
         self.muon.launch()
         if self.muon.world > 1:
             _average_grads(self.adam_params, self.muon.world)
@@ -1802,7 +1700,7 @@ class Optimizers:
             b.param.grad = None
 
     def state_dict(self) -> dict:
-        """Every optimizer state (AdamW moments and steps, Muon momentum shards, lr, mu) as an independent copy."""
+        """An independent copy."""
         return _cloned({"adam": {k: opt.state_dict() for k, opt in self.adams.items()}, "muon": self.muon.state_dict()})
 
     def load_state_dict(self, sd: dict) -> None:
@@ -1812,13 +1710,7 @@ class Optimizers:
         self.muon.load_state_dict(sd["muon"])
 
 
-def _adamw(groups: list[dict], h: Hyperparameters, rt: Runtime) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
-                             fused=True if rt.is_cuda else None)
-
-
 def build_optimizers(model: nn.Module, h: Hyperparameters, rt: Runtime) -> Optimizers:
-    """Route the parameters (OPTIMIZER_ROUTES) and build the bundle; group lr = base_lr * the scale set each step."""
     routes = route_parameters(model, h.control_tensor_name_patterns)
     tok = dict(routes["adam_tok"])
     groups = {
@@ -1826,28 +1718,32 @@ def build_optimizers(model: nn.Module, h: Hyperparameters, rt: Runtime) -> Optim
                      for n in ("tok_emb.weight", "bigram.embed.weight") if n in tok],
         "adam_scalar": [{"params": [p for _, p in routes["adam_scalar"]], "lr": h.scalar_lr, "base_lr": h.scalar_lr}],
     }
-    adams = {k: _adamw(g, h, rt) for k, g in groups.items() if any(gr["params"] for gr in g)}
+    adams = {k: torch.optim.AdamW(g, betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
+                                  fused=True if rt.is_cuda else None)
+             for k, g in groups.items() if any(gr["params"] for gr in g)}
     muon = ParallelMuon(routes["muon"], h.matrix_lr, h.muon_wd, h.muon_momentum_warmup_start,
                         h.muon_backend_steps, rt)
     return Optimizers(adams, muon)
 
 
 def clip_gradients(model: nn.Module, max_norm: float):
-    """Per-rank clip of the global gradient norm over all parameters, before any averaging; 0 disables."""
+    """Per rank, before any averaging; 0 disables."""
     if max_norm <= 0:
         return None
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
+
 # ---------------------------------------------------------------------------------------------------------------
-# Training extras: schedules, EMA, SWA, late QAT
-# Pure schedules (wall-clock warm-down of the LR multiplier, Muon momentum warm-up) and the weight averagers.
-# EMA keeps an fp32 copy of every parameter; SWA averages EMA snapshots late in the warm-down. QAT is a switch on
-# the model (`qat_active`) flipped once, at 1 - QAT_TIME_FRAC of the wall-clock budget (of ITERATIONS without one).
+# Training
+# Schedules (pure), the averagers (EMA; SWA of EMA snapshots late in the warm-down), late QAT (the model's
+# `qat_active`, flipped once), the step (shared by the compile warm-up, which is then undone exactly) and the timed
+# loop. The clock runs only around steps (periodic validation, the evaluation's sliding_eval, pauses it); one MAX
+# all-reduce per step gives every rank the same elapsed time, stop flag and non-finite flag.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def lr_scale(step: int, elapsed_ms: float, h: Hyperparameters) -> float:
-    """LR multiplier: 1, then linear to 0 over the last WARMDOWN_ITERS (estimated) steps of the time budget."""
+    """1, then linear to 0 over the last WARMDOWN_ITERS (estimated) steps of the time budget (of ITERATIONS)."""
     if h.warmdown_iters <= 0:
         return 1.0
     if h.max_wallclock_seconds <= 0:
@@ -1859,30 +1755,23 @@ def lr_scale(step: int, elapsed_ms: float, h: Hyperparameters) -> float:
 
 
 def muon_momentum(step: int, h: Hyperparameters) -> float:
-    """Linear warm-up of the Muon momentum from MUON_MOMENTUM_WARMUP_START to MUON_MOMENTUM."""
     frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
 
 
 def training_progress(step: int, elapsed_ms: float, h: Hyperparameters) -> float:
-    """Share of the run done: of the wall-clock budget when there is one, else of ITERATIONS (step-based runs)."""
     if h.max_wallclock_seconds > 0:
         return elapsed_ms / (1000.0 * h.max_wallclock_seconds)
     return step / max(h.iterations, 1)
 
 
-def qat_should_start(step: int, elapsed_ms: float, h: Hyperparameters) -> bool:
-    """Late QAT begins once the share of the run done reaches 1 - QAT_TIME_FRAC."""
-    return h.use_late_qat and training_progress(step, elapsed_ms, h) >= 1.0 - h.qat_time_frac
-
-
 def cast_like(state: dict, reference: dict) -> dict:
-    """Copy of `state` with every tensor cast to the dtype of the same-named tensor in `reference`."""
+    """Copy of `state` at the dtypes of `reference`."""
     return {k: v.detach().to(reference[k].dtype).clone() for k, v in state.items()}
 
 
 class EMA:
-    """ema <- decay * ema + (1 - decay) * theta after every optimizer step; fp32, no bias correction."""
+    """ema <- decay * ema + (1 - decay) * theta after every step; fp32, no bias correction."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -1899,7 +1788,7 @@ class EMA:
 
 
 class SWA:
-    """Uniform average of the snapshots it is given (EMA states), accumulated in fp32."""
+    """Uniform fp32 average of the snapshots (EMA states) it is given."""
 
     def __init__(self):
         self.total: dict | None = None
@@ -1920,24 +1809,179 @@ class SWA:
                                                 "below SWA_LR_THRESHOLD; train longer or use EXPORT_WEIGHTS=ema")
         return {k: v / self.count for k, v in self.total.items()}
 
+
+class StepStatus(NamedTuple):
+    elapsed_ms: float  # the largest of any rank
+    stop: bool  # wall-clock cap on some rank
+    nonfinite: bool
+
+
+def reduce_step_status(loss: torch.Tensor, elapsed_ms: float, stop: bool) -> StepStatus:
+    """The step's one blocking sync: MAX over ranks of (elapsed ms, stop, non-finite loss)."""
+    t = torch.full((3,), float(elapsed_ms), dtype=torch.float64, device=loss.device)
+    t[1] = float(stop)
+    t[2] = (~torch.isfinite(loss.detach())).to(torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    elapsed, stop_flag, nonfinite = t.tolist()
+    return StepStatus(elapsed, stop_flag > 0, nonfinite > 0)
+
+
+def train_step(model, opt, loader, h: Hyperparameters, rt: Runtime, step: int, scale: float) -> torch.Tensor:
+    """One global batch, clip, optimizer step; returns the mean loss."""
+    accum, micro = h.grad_accum_steps(rt.world_size), h.micro_batch_tokens(rt.world_size)
+    opt.zero_grad()
+    total = torch.zeros((), device=rt.device)
+    for i in range(accum):
+        x, y = loader.next_batch(micro, h.train_seq_len)
+        with autocast(rt):
+            loss = model(x, y)
+        (loss / accum).backward()
+        total += loss.detach().float()
+        if i + 1 < accum:
+            loader.prefetch(micro, h.train_seq_len)
+    opt.set_muon_momentum(muon_momentum(step, h))
+    opt.set_lr_scale(scale)
+    clip_gradients(model, h.grad_clip_norm)
+    opt.step()
+    return total / accum
+
+
+def warmup_and_restore(model, base_model, opt, h: Hyperparameters, rt: Runtime) -> None:
+    """WARMUP_STEPS real steps (compiling the plain and QAT graphs), then undone exactly."""
+    if h.warmup_steps <= 0:
+        return
+    model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    opt_state = opt.state_dict()  # already an independent copy
+    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
+    for i in range(h.warmup_steps):
+        base_model.qat_active = h.qat_enabled and i == h.warmup_steps - 1
+        train_step(model, opt, loader, h, rt, i, 1.0)
+        if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
+            log_event(None, warmup_step=f"{i + 1}/{h.warmup_steps}")
+    base_model.qat_active = False
+    base_model.load_state_dict(model_state, strict=True)
+    opt.load_state_dict(opt_state)
+    synchronize(rt)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    raw: dict
+    ema: EMA | None
+    swa: SWA
+
+
+def should_validate(step: int, last: bool, h: Hyperparameters) -> bool:
+    """Every VAL_LOSS_EVERY steps (not at 0); after the last step with VAL_LAST_STEP=1."""
+    if last:
+        return h.val_last_step
+    return h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0
+
+
+def validate_during_training(model, val, h, rt, step, train_ms) -> None:
+    res = sliding_eval(model, val, h, rt)
+    log_event(None, step=f"{step}/{h.iterations}", val_loss=f"{res.loss:.4f}", val_bpb=f"{res.bpb:.4f}",
+              train_time=f"{train_ms:.0f}ms", step_avg=f"{train_ms / max(step, 1):.2f}ms")
+
+
+def maybe_start_qat(base_model, step: int, elapsed_ms: float, scale: float, h: Hyperparameters) -> None:
+    """Once the run is 1 - QAT_TIME_FRAC done, by the rank-agreed time: every rank switches on the same step."""
+    progress = training_progress(step, elapsed_ms, h)
+    if h.qat_enabled and not base_model.qat_active and progress >= 1.0 - h.qat_time_frac:
+        base_model.qat_active = True
+        log_event("qat_start", step=step, progress=f"{progress:.3f}", lr_scale=f"{scale:.4f}")
+
+
+def finish_step(loss: torch.Tensor, h: Hyperparameters, rt: Runtime, *, base_model, ema, loader,
+                elapsed_ms: float = 0.0, stop: bool = False) -> StepStatus:
+    """After each step (benchmarks use it too): EMA update, next batch prefetched, the one blocking sync."""
+    if ema is not None:
+        ema.update(base_model)
+    loader.prefetch(h.micro_batch_tokens(rt.world_size), h.train_seq_len)
+    return reduce_step_status(loss, elapsed_ms, stop)
+
+
+def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> TrainResult:
+    """The timed loop: raw weights, EMA and SWA. QAT ends with it, so eval graphs compiled before it stay valid."""
+    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
+    ema = EMA(base_model, h.ema_decay) if h.ema_enabled else None
+    swa, cap_ms = SWA(), 1000.0 * h.max_wallclock_seconds
+    step, train_ms, status = 0, 0.0, StepStatus(0.0, False, False)
+    synchronize(rt)
+    t0 = clock()
+    while step < h.iterations and not status.stop:
+        if should_validate(step, False, h):
+            synchronize(rt)
+            train_ms += 1000.0 * (clock() - t0)
+            validate_during_training(model, val, h, rt, step, train_ms)
+            t0 = clock()
+        scale = lr_scale(step, status.elapsed_ms, h)
+        maybe_start_qat(base_model, step, status.elapsed_ms, scale, h)
+        loss = train_step(model, opt, loader, h, rt, step, scale)
+        step += 1
+        local_ms = train_ms + 1000.0 * (clock() - t0)
+        status = finish_step(loss, h, rt, base_model=base_model, ema=ema, loader=loader, elapsed_ms=local_ms,
+                             stop=cap_ms > 0 and local_ms >= cap_ms)
+        if status.nonfinite:
+            log_event("nonfinite_loss", step=step, train_loss=float(loss))
+            raise RunFailed("diverged", f"training diverged: non-finite loss at step {step}; lower the learning "
+                                        "rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+        if ema is not None and h.swa_enabled and scale < h.swa_lr_threshold and step % h.swa_every == 0:
+            if swa.count == 0:
+                log_event("swa_start", step=step)
+            swa.add(ema.state())
+        if step <= 10 or step % h.train_log_every == 0 or status.stop or step == h.iterations:
+            log_event(None, step=f"{step}/{h.iterations}", train_loss=f"{float(loss):.4f}",
+                      train_time=f"{status.elapsed_ms:.0f}ms", step_avg=f"{status.elapsed_ms / step:.2f}ms")
+    synchronize(rt)
+    train_ms += 1000.0 * (clock() - t0)
+    base_model.qat_active = False
+    if status.stop and step < h.iterations:
+        log_event(STOPPING_EARLY, train_time=f"{train_ms:.0f}ms", step=f"{step}/{h.iterations}")
+    log_peak_memory(rt, "train")
+    raw = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    return TrainResult(step, train_ms, raw, ema, swa)
+
+
+def log_peak_memory(rt: Runtime, phase: str) -> None:
+    """On CUDA since the previous phase; on the CPU the peak RSS."""
+    if rt.is_cuda:
+        log_event("peak_memory", allocated_mib=torch.cuda.max_memory_allocated(rt.device) // 2**20,
+                  reserved_mib=torch.cuda.max_memory_reserved(rt.device) // 2**20, phase=phase)
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    else:
+        import resource
+        log_event("peak_memory", rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, phase=phase)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Export
-# Artifact = the int6 object of the unbanked state dict, compressed by ARTIFACT_CODEC; submission size = artifact
-# bytes + code bytes, checked against ARTIFACT_LIMIT_BYTES with a loud line. Two tables drive it: BANK_LAYOUT (banks
-# <-> per-layer matrices) and EXPORT_POLICY (first match wins); int6 rows use the late-QAT quantizer. Codecs, told
-# apart by the artifact's first bytes (decode_artifact reads every one): rans = every int6 tensor's values rANS-coded
-# with the tensor's own histogram (constriction), the rest lzma; zstd = zstd of the torch.save bytes. A missing
-# package is an error (no fallback); every eval after training runs on the model loaded from these bytes.
+# Artifact = the int6 object of the unbanked state dict, encoded by ARTIFACT_CODEC (told apart by the first bytes);
+# artifact + code bytes are checked against ARTIFACT_LIMIT_BYTES. BANK_LAYOUT (banks <-> per-layer matrices) and
+# EXPORT_POLICY (first match wins) drive it; int6 rows use the model's int6 row grid. Every eval after training
+# runs on the model loaded from these bytes.
 # ---------------------------------------------------------------------------------------------------------------
 
-QUANT_FORMAT = "int6_per_row_v2"  # v2: the object also records the model settings under "__model_config__"
+
+def export_state(result: TrainResult, h: Hyperparameters) -> dict:
+    """The weights EXPORT_WEIGHTS chooses."""
+    log_event(None, export_weights=h.export_weights)
+    if h.export_weights == "raw":
+        return result.raw
+    return cast_like(result.ema.state() if h.export_weights == "ema" else result.swa.state(), result.raw)
+
+
+QUANT_FORMAT = "int6_per_row_v2"  # v2 records the model settings
 QUANT_OBJECT_KEYS = ("quantized", "scales", "dtypes", "passthrough", "qmeta", "passthrough_orig_dtypes")
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # zstd frame: zstd(torch.save(object))
-RANS_MAGIC = b"I6rA"  # then the header length (8 bytes LE), the header = lzma(torch.save(object without the int6
-# values + "__rans__": value order, shapes, histograms, sha256 of the values)), then the rANS words (uint32 LE)
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # zstd(torch.save(object))
+RANS_MAGIC = b"I6rA"  # + header length (8 bytes LE) + lzma(torch.save(the object less its int6 values, plus
+# "__rans__": order, shapes, histograms, values' sha256)) + the rANS words (uint32 LE)
 ARTIFACT_MAGIC = {"rans": RANS_MAGIC, "zstd": ZSTD_MAGIC}
 INT6_SYMBOLS = 2 * INT6_MAX + 1  # int6 value v is coded as symbol v + INT6_MAX
-INT6_TENSOR_CLIP_Q = 0.9999984  # clip quantile of |w| for int6 tensors that are not 2-D (one scale per tensor)
+INT6_TENSOR_CLIP_Q = 0.9999984  # int6 tensors that are not 2-D
 BANK_LAYOUT = {  # bank -> per-layer names; slice k * num_layers + i of the bank is names[k] of layer i
     "qo_bank": ("blocks.{i}.attn.c_q.weight", "blocks.{i}.attn.proj.weight"),
     "kv_bank": ("blocks.{i}.attn.c_k.weight", "blocks.{i}.attn.c_v.weight"),
@@ -1947,9 +1991,12 @@ BANK_LAYOUT = {  # bank -> per-layer names; slice k * num_layers + i of the bank
 
 
 MODEL_CONFIG_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
-                       "rope_dims", "rope_train_len", "logit_softcap", "use_smeargate", "bigram_vocab_size",
-                       "bigram_dim", "use_value_residual", "use_gated_attention", "xsa_last_n", "ln_scale")
-# ^ every setting that changes the function the weights compute (init-only settings are not needed to rebuild it)
+                       "rope_dims", "rope_train_len", "logit_softcap", "smeargate_enabled", "bigram_vocab_size",
+                       "bigram_dim", "value_residual_enabled", "gated_attention_enabled", "xsa_last_n", "ln_scale")
+# ^ the settings that change what the weights compute
+ARTIFACT_CONFIG_NAMES = {"smeargate_enabled": "use_smeargate", "value_residual_enabled": "use_value_residual",
+                         "gated_attention_enabled": "use_gated_attention"}
+# ^ the format records these switches under their names from before the rename, so older artifacts still load
 
 
 class ArtifactError(UserError):
@@ -1961,12 +2008,11 @@ def model_config(h: Hyperparameters) -> dict:
 
 
 def bank_slice_names(bank: str, num_layers: int) -> list[str]:
-    """Flat names of a bank's slices, in slice order."""
     return [name.format(i=i) for name in BANK_LAYOUT[bank] for i in range(num_layers)]
 
 
 def unbank_state(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Each bank replaced in place by its per-layer 2-D matrices (cloned, so torch.save stores only the slice)."""
+    """Each bank replaced in place by its per-layer matrices (cloned: torch.save stores only the slice)."""
     flat = {}
     for key, t in state.items():
         if key not in BANK_LAYOUT:
@@ -1981,7 +2027,6 @@ def unbank_state(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str
 
 
 def rebank_state(flat: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Inverse of unbank_state: each bank is stacked from its slices at the position of its first slice."""
     owner = {name: bank for bank in BANK_LAYOUT for name in bank_slice_names(bank, num_layers)}
     state = {}
     for key, t in flat.items():
@@ -1998,7 +2043,7 @@ def rebank_state(flat: Mapping[str, torch.Tensor], num_layers: int) -> dict[str,
 
 
 def exports_as_float(name: str, t: torch.Tensor, h: Hyperparameters) -> bool:
-    """Export policy: small tensors (<= KEEP_FLOAT_MAX_NUMEL) and the token embedding are stored as floats, not int6."""
+    """Small tensors (<= KEEP_FLOAT_MAX_NUMEL) and the token embedding stay floats."""
     return t.numel() <= h.keep_float_max_numel or "tok_emb.weight" in name
 
 
@@ -2011,16 +2056,12 @@ EXPORT_POLICY = (  # first match wins: (kind, rule(name, tensor, h))
 )
 
 
-def export_kind(name: str, t: torch.Tensor, h: Hyperparameters) -> str:
-    return next(kind for kind, rule in EXPORT_POLICY if rule(name, t, h))
-
-
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-tensor int6: clip at the 0.9999984 quantile of |w|, one fp32 scale (0-dim)."""
+    """Whole-tensor int6: clip at the INT6_TENSOR_CLIP_Q quantile of |w|, one fp32 scale."""
     w = t.detach().float()
     flat = w.abs().flatten()
     top = flat.topk(top_values_needed(flat.numel(), [INT6_TENSOR_CLIP_Q])).values
@@ -2030,20 +2071,13 @@ def quantize_int6_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), scale
 
 
-# Full-Hessian GPTQ (EXPORT_QUANTIZER=gptq). After training, the export weights generate GPTQ_CALIB_SEQS sequences of
-# GPTQ_CALIB_LEN tokens (no shard is read, so this is legal after the training clock stops); one forward over them,
-# under the evaluation's autocast (bf16 on CUDA, which FlashAttention requires), records H = XᵀX of the input of
-# every bank slice in fp32 (SUM over ranks). Each matrix keeps the clip search's per-row fp16 scales (the quantile
-# with the least squared weight error) and GPTQ picks the integer values on that grid:
-# columns in descending diag(H) order, each rounded with its error spread over the columns not yet rounded through
-# the upper Cholesky factor of H⁻¹ (H dampened by GPTQ_DAMP · mean diag). A row keeps the clip search's values when
-# those have the lower output error diag((W−Ŵ)H(W−Ŵ)ᵀ). The bigram table stays with the clip search: its inputs are
-# one-hot bucket rows, so H is diagonal over its rows and GPTQ reduces to rounding. The artifact format is unchanged.
+# Full-Hessian GPTQ (EXPORT_QUANTIZER=gptq): the export weights generate calibration text (no shard is read, legal
+# after the clock stops); one forward records H = XᵀX of the input of every bank slice. GPTQ picks integer values on
+# the clip search's row scales, columns in descending diag(H) order, each rounding error spread over the columns
+# not yet rounded through the upper Cholesky factor of H⁻¹; a row keeps the clip search where that errs less.
 
 @torch.no_grad()
 def generate_calibration(model: GPT, h: Hyperparameters, rt: Runtime) -> torch.Tensor:
-    """This rank's share of the GPTQ_CALIB_SEQS sequences [n, GPTQ_CALIB_LEN], sampled at GPTQ_CALIB_TEMPERATURE by
-    re-running the model on the whole prefix (no KV cache); first tokens uniform over the vocabulary."""
     n = len(range(rt.rank, h.gptq_calib_seqs, rt.world_size))
     g = torch.Generator(device=rt.device).manual_seed(h.gptq_calib_seed + rt.rank)
     ids = torch.randint(0, h.vocab_size, (n, 1), generator=g, device=rt.device)
@@ -2056,8 +2090,7 @@ def generate_calibration(model: GPT, h: Hyperparameters, rt: Runtime) -> torch.T
 
 
 class HessianRecorder(TorchFunctionMode):
-    """While active, adds xᵀx (fp32) of the input of every F.linear whose weight is a bank slice. The slices are known
-    by the data pointers of the weights model.banks() prepares for each forward (cast copies under autocast)."""
+    """While active, adds xᵀx of the input of every F.linear whose weight is a bank slice."""
 
     def __init__(self, model: GPT, num_layers: int):
         super().__init__()
@@ -2073,7 +2106,7 @@ class HessianRecorder(TorchFunctionMode):
         return banks
 
     def __enter__(self):
-        self.model.banks = self._watched_banks  # this forward's bank slices, whatever dtype they are cast to
+        self.model.banks = self._watched_banks
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -2088,32 +2121,9 @@ class HessianRecorder(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@torch.no_grad()
-def collect_hessians(model: GPT, tokens: torch.Tensor, h: Hyperparameters, rt: Runtime, batch_seqs: int = 8) -> dict:
-    """Flat slice name -> H = XᵀX of its input over all ranks' calibration tokens (fp32, SUM all-reduce); the forward
-    runs under the evaluation's autocast, so an attention kernel that takes only bf16/fp16 works."""
-    recorder = HessianRecorder(model, h.num_layers)
-    with recorder, autocast(rt):
-        for lo in range(0, tokens.size(0), batch_seqs):
-            model.forward_logits(tokens[lo:lo + batch_seqs])
-    all_reduce_sum(*recorder.hessians.values())
-    return recorder.hessians
-
-
-def _gptq_block(w: torch.Tensor, q: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Round the block's columns in order (fills q, updates w in place); returns the scaled errors [rows, block]."""
-    err = torch.zeros_like(w)
-    for j in range(w.shape[1]):
-        q[:, j] = torch.clamp(torch.round(w[:, j] / scale), -INT6_MAX, INT6_MAX)
-        err[:, j] = (w[:, j] - q[:, j] * scale) / hinv[j, j]
-        w[:, j + 1:] -= err[:, j:j + 1] * hinv[j:j + 1, j + 1:]
-    return err
-
-
 def gptq_quantize_matrix(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, damp: float,
                          block_size: int) -> torch.Tensor:
-    """GPTQ's int6 values (fp32 in [-31, 31]) of w [rows, cols] on the row grid scale [rows]. Columns whose input
-    is always zero get diag 1 (no error propagates through them)."""
+    """GPTQ's int6 values of w [rows, cols] on the row scales; a column whose input is always 0 gets diag 1."""
     w, hessian = w.float().clone(), hessian.clone()
     diag = hessian.diagonal()
     diag[diag == 0] = 1.0
@@ -2124,21 +2134,24 @@ def gptq_quantize_matrix(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Te
     q = torch.zeros_like(w)
     for lo in range(0, w.shape[1], block_size):
         hi = min(lo + block_size, w.shape[1])
-        err = _gptq_block(w[:, lo:hi], q[:, lo:hi], hinv[lo:hi, lo:hi], scale)
+        err = torch.zeros_like(w[:, lo:hi])
+        for j in range(lo, hi):  # round in order, spreading each error over the block's later columns
+            q[:, j] = torch.clamp(torch.round(w[:, j] / scale), -INT6_MAX, INT6_MAX)
+            err[:, j - lo] = (w[:, j] - q[:, j] * scale) / hinv[j, j]
+            w[:, j + 1:hi] -= err[:, j - lo:j - lo + 1] * hinv[j:j + 1, j + 1:hi]
         w[:, hi:] -= err @ hinv[lo:hi, hi:]
     return q[:, torch.argsort(perm)]
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Per-row calibration loss proxy diag((W−Ŵ) H (W−Ŵ)ᵀ) = ‖X(w−ŵ)ᵀ‖² per row [rows]."""
+    """Per-row proxy diag((W−Ŵ) H (W−Ŵ)ᵀ)."""
     d = w - w_hat
     return ((d @ hessian) * d).sum(dim=1)
 
 
 class GPTQQuantizer:
-    """Row quantizer for quantize_state: GPTQ where a Hessian was recorded, the clip search elsewhere, on every
-    row where GPTQ's output error is higher, and on a whole matrix whose dampened Hessian has no Cholesky factor
-    in float32 or whose GPTQ values are not finite (logged as `gptq_fallback`). Counts rows, fallbacks, its time."""
+    """GPTQ where a Hessian was recorded; the clip search elsewhere, on rows where it errs less, and where GPTQ
+    fails (`gptq_fallback`)."""
 
     def __init__(self, hessians: dict, h: Hyperparameters, calib_ms: float):
         self.hessians, self.h, self.calib_ms = hessians, h, calib_ms
@@ -2179,22 +2192,26 @@ class GPTQQuantizer:
 
 
 def calibrate_gptq(model: GPT, state: Mapping[str, torch.Tensor], h: Hyperparameters, rt: Runtime) -> GPTQQuantizer:
-    """Every rank: load the export weights into the (uncompiled) model, generate, record Hessians."""
+    """Every rank: generate with the export weights and record the Hessians (under autocast: FlashAttention)."""
     t0 = time.perf_counter()
     model.load_state_dict(state, strict=True)
     model.eval()
-    hessians = collect_hessians(model, generate_calibration(model, h, rt), h, rt)
+    tokens, recorder = generate_calibration(model, h, rt), HessianRecorder(model, h.num_layers)
+    with torch.no_grad(), recorder, autocast(rt):
+        for lo in range(0, tokens.size(0), 8):
+            model.forward_logits(tokens[lo:lo + 8])
+    all_reduce_sum(*recorder.hessians.values())
     synchronize(rt)
-    return GPTQQuantizer(hessians, h, 1000.0 * (time.perf_counter() - t0))
+    return GPTQQuantizer(recorder.hessians, h, 1000.0 * (time.perf_counter() - t0))
 
 
 def quantize_state(flat: Mapping[str, torch.Tensor], h: Hyperparameters, row_quantizer=None) -> tuple[dict, int]:
-    """The int6 export object of an unbanked CPU state dict, and its payload bytes (values + scales + passthrough).
-    row_quantizer(name, t) -> (values, scales) replaces the clip search on 2-D int6 tensors (GPTQQuantizer)."""
+    """The int6 object of an unbanked CPU state dict and its payload bytes; row_quantizer replaces the clip search."""
     quantize_rows = row_quantizer or (lambda name, t: quantize_int6_rows(t, h.int6_clip_candidates))
     obj = {"__quant_format__": QUANT_FORMAT, **{k: {} for k in QUANT_OBJECT_KEYS}}
     for name, t in flat.items():
-        kind, dtype = export_kind(name, t, h), str(t.dtype).removeprefix("torch.")
+        kind = next(kind for kind, rule in EXPORT_POLICY if rule(name, t, h))
+        dtype = str(t.dtype).removeprefix("torch.")
         if kind.startswith("int6"):
             rows = kind == "int6_rows"
             q, s = quantize_rows(name, t) if rows else quantize_int6_tensor(t)
@@ -2218,7 +2235,6 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def dequantize_state(obj: dict) -> dict[str, torch.Tensor]:
-    """Flat state dict at the recorded dtypes: int6 values * scale in fp32, then cast; passthrough cast back."""
     flat = {}
     for name, q in obj["quantized"].items():
         if obj["qmeta"].get(name, {}).get("scheme") not in ("per_row", "per_tensor"):
@@ -2230,19 +2246,18 @@ def dequantize_state(obj: dict) -> dict[str, torch.Tensor]:
 
 
 def require_package(name: str):
-    """An artifact codec's package; the codecs have no fallbacks, so a missing package is an error."""
+    """A codec's package; missing is a UserError."""
     try:
         return importlib.import_module(name)
     except ImportError:
         raise UserError(f"the artifact codec needs the `{name}` package (pip install -r requirements.txt)") from None
 
 
-ARTIFACT_RAW_LIMIT_BYTES = 1 << 30  # decoded bound (torch.save bytes, int6 values): ~35x the record artifact
+ARTIFACT_RAW_LIMIT_BYTES = 1 << 30  # decoded bound: ~35x the record artifact
 
 
 def inflate_zstd(blob: bytes) -> bytes:
-    """A zstd frame's bytes, never more than ARTIFACT_RAW_LIMIT_BYTES: a frame that declares a larger size is refused
-    before anything is allocated; one that declares none is inflated 1 KiB of input (<= ~32 MiB) at a time."""
+    """At most ARTIFACT_RAW_LIMIT_BYTES: refused before allocating when declared, else inflated 1 KiB at a time."""
     zstd = require_package("zstandard")
     try:
         declared = zstd.frame_content_size(blob)  # -1: not declared
@@ -2266,7 +2281,6 @@ def inflate_zstd(blob: bytes) -> bytes:
 
 
 def inflate_lzma(data: bytes) -> bytes:
-    """An lzma stream's bytes, stopped (and refused) past ARTIFACT_RAW_LIMIT_BYTES."""
     inflater = lzma.LZMADecompressor()
     try:
         raw = inflater.decompress(data, max_length=ARTIFACT_RAW_LIMIT_BYTES + 1)
@@ -2287,18 +2301,20 @@ def torch_bytes(obj) -> bytes:
 
 
 def torch_object(raw: bytes) -> dict:
-    """A torch.save object read back with weights_only; anything else raises ArtifactError."""
+    """A torch.save dict read with weights_only; anything else raises ArtifactError."""
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors have no common base class
-        raise ArtifactError(f"decoded bytes are not a readable torch.save object ({torch_load_problem(e)})") from None
+        kept = [line.strip() for line in str(e).splitlines()  # without the advice to retry with weights_only=False
+                if line.strip() and "weights_only" not in line.lower().replace(" ", "_")]
+        raise ArtifactError(f"decoded bytes are not a readable torch.save object ({type(e).__name__}: "
+                            f"{'; '.join(kept) or 'refused'})") from None
     if not isinstance(obj, dict):
         raise ArtifactError(f"artifact holds a {type(obj).__name__}, not the int6 object")
     return obj
 
 
 def int6_symbol_model(counts: np.ndarray):
-    """One tensor's static model: its own histogram of the 63 values (constriction keeps every value codable)."""
     constriction = require_package("constriction")
     return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
 
@@ -2311,7 +2327,7 @@ def values_digest(values) -> str:
 
 
 def encode_rans(obj: dict) -> bytes:
-    """RANS_MAGIC container: the int6 values of every tensor rANS-coded with that tensor's histogram, the rest lzma."""
+    """Every tensor's int6 values rANS-coded with its own histogram, the rest lzma."""
     constriction = require_package("constriction")
     names = list(obj["quantized"])
     values = [obj["quantized"][n].numpy().astype(np.int32).ravel() for n in names]
@@ -2331,7 +2347,6 @@ def encode_rans(obj: dict) -> bytes:
 
 
 def decode_rans(blob: bytes) -> dict:
-    """The int6 object of a RANS_MAGIC artifact; a corrupt or truncated one raises ArtifactError."""
     constriction = require_package("constriction")
     start = len(RANS_MAGIC) + 8
     end = start + int.from_bytes(blob[len(RANS_MAGIC):start], "little")
@@ -2351,7 +2366,7 @@ def decode_rans(blob: bytes) -> dict:
         for shape, counts in zip(coder_info["shapes"], coder_info["counts"]):
             n = math.prod(shape)
             values.append(coder.decode(int6_symbol_model(counts.numpy()), n) - INT6_MAX if n else np.zeros(0, np.int32))
-    except ValueError as e:  # constriction's word for words that no encoder wrote
+    except ValueError as e:
         raise ArtifactError(f"rans artifact words are corrupt ({e})") from None
     if values_digest(values) != coder_info["values_sha256"] or not coder.is_empty():
         raise ArtifactError("rans artifact values do not match their recorded sha256 (corrupt words, or a "
@@ -2362,7 +2377,6 @@ def decode_rans(blob: bytes) -> dict:
 
 
 def encode_artifact(obj: dict, h: Hyperparameters) -> bytes:
-    """The artifact bytes of an int6 object with ARTIFACT_CODEC (zstd with a frame checksum)."""
     if h.artifact_codec == "rans":
         return encode_rans(obj)
     zstd = require_package("zstandard")
@@ -2370,7 +2384,7 @@ def encode_artifact(obj: dict, h: Hyperparameters) -> bytes:
 
 
 def decode_artifact(blob: bytes) -> dict:
-    """The int6 object of artifact bytes of any codec (told apart by the first bytes): the one way bytes are read."""
+    """Any codec: the one way artifact bytes are read."""
     if bytes(blob[:4]) == RANS_MAGIC:
         return decode_rans(blob)
     if bytes(blob[:4]) != ZSTD_MAGIC:
@@ -2380,31 +2394,22 @@ def decode_artifact(blob: bytes) -> dict:
 
 
 class PackStats(NamedTuple):
-    payload_bytes: int  # quantized values + scales + passthrough tensors
-    raw_torch_bytes: int  # uncompressed torch.save bytes
+    payload_bytes: int
+    raw_torch_bytes: int
     compressed_bytes: int  # the artifact
-    baseline_bytes: int  # unbanked state dict at its own dtypes (numerator of payload_ratio)
+    baseline_bytes: int  # unbanked state dict at its own dtypes
 
 
 def pack_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, row_quantizer=None) -> tuple[bytes, PackStats]:
-    """Unbank, quantize (row_quantizer: see quantize_state), encode with ARTIFACT_CODEC."""
     flat = unbank_state({k: v.detach().cpu() for k, v in state.items()}, h.num_layers)
     obj, payload = quantize_state(flat, h, row_quantizer)
-    obj["__model_config__"] = model_config(h)
+    obj["__model_config__"] = {ARTIFACT_CONFIG_NAMES.get(k, k): v for k, v in model_config(h).items()}
     blob = encode_artifact(obj, h)
     return blob, PackStats(payload, len(torch_bytes(obj)), len(blob), sum(tensor_bytes(t) for t in flat.values()))
 
 
-def torch_load_problem(e: Exception) -> str:
-    """torch.load's refusal in one line, without its advice to retry with weights_only=False: what weights_only
-    refuses is code, not weights, and an artifact is never loaded that way."""
-    kept = [line.strip() for line in str(e).splitlines()
-            if line.strip() and "weights_only" not in line.lower().replace(" ", "_")]
-    return f"{type(e).__name__}: {'; '.join(kept) or 'refused'}"
-
-
 def check_model_config(config: dict) -> None:
-    """Recorded model settings: every value of its field's type (a str is no int) and together valid."""
+    """Every recorded value has its field's type (a str is no int) and together they are valid."""
     types = {f.name: str(f.type) for f in dataclasses.fields(Hyperparameters)}
     for name, value in sorted(config.items()):
         want = {"bool": bool, "int": int, "float": (int, float)}[types[name]]
@@ -2418,8 +2423,7 @@ def check_model_config(config: dict) -> None:
 
 
 def check_state_matches(config: dict, state: Mapping[str, torch.Tensor]) -> None:
-    """The artifact's tensors are exactly the parameters (names and shapes) of the model its settings describe;
-    the model is built on the meta device, so nothing is allocated."""
+    """The tensors are exactly the parameters of the model the settings describe."""
     with torch.device("meta"):
         model = GPT(dataclasses.replace(Hyperparameters(), **config))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -2433,7 +2437,7 @@ def check_state_matches(config: dict, state: Mapping[str, torch.Tensor]) -> None
 
 
 def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(model settings, banked CPU state dict) from artifact bytes; anything not our format raises ArtifactError."""
+    """(model settings, banked CPU state dict); anything not our format raises ArtifactError."""
     obj = decode_artifact(blob)
     fmt = obj.get("__quant_format__")
     if fmt != QUANT_FORMAT:
@@ -2441,19 +2445,20 @@ def unpack_artifact(blob: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     missing = [k for k in (*QUANT_OBJECT_KEYS, "__model_config__") if not isinstance(obj.get(k), dict)]
     if missing:
         raise ArtifactError(f"artifact object lacks {missing}")
-    config = obj["__model_config__"]
+    fields = {stored: name for name, stored in ARTIFACT_CONFIG_NAMES.items()}
+    config = {fields.get(k, k): v for k, v in obj["__model_config__"].items()}
     if sorted(config) != sorted(MODEL_CONFIG_FIELDS):
         raise ArtifactError(f"artifact records model settings {sorted(config)}, expected {sorted(MODEL_CONFIG_FIELDS)}")
     check_model_config(config)
     try:
         state = rebank_state(dequantize_state(obj), config["num_layers"])
-    except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # entries of the wrong kind in a foreign object
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # a foreign object
         raise ArtifactError(f"artifact tensors are inconsistent ({type(e).__name__}: {e})") from None
     return config, state
 
 
 def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
-    """NaN or inf in any floating-point tensor fails the run (exit 4): such weights can give no honest score."""
+    """NaN or inf in a floating-point tensor fails the run."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise RunFailed("nonfinite_weights", f"{what} hold NaN or inf in {len(bad)} tensors (first: {bad[0]})")
@@ -2470,14 +2475,13 @@ class ArtifactReport(NamedTuple):
 
 
 def over_size_limit(total_bytes: int, limit: int) -> bool:
-    """The size rule: code + compressed model may reach the limit exactly, not exceed it."""
+    """Code + compressed model may reach the limit, not exceed it."""
     return total_bytes > limit
 
 
 def report_artifact_size(path: str, blob: bytes, code: CodeIdentity, h: Hyperparameters,
                          st: PackStats | None = None) -> ArtifactReport:
-    """Log the artifact's size, sha256 and the limit check (the bytes of the file that runs counted, and which form
-    it is; packed_total_bytes = the total with the packed form); used by training and EVAL_ONLY."""
+    """Size, sha256 and the limit check with the bytes of the file that runs."""
     model_bytes, digest = len(blob), hashlib.sha256(blob).hexdigest()
     total, limit = model_bytes + code.code_bytes, h.artifact_limit_bytes
     if st is not None:
@@ -2494,8 +2498,8 @@ def report_artifact_size(path: str, blob: bytes, code: CodeIdentity, h: Hyperpar
 
 
 def write_artifact(h: Hyperparameters, blob: bytes) -> None:
-    """Write the artifact atomically. When that fails (disk full, quota, file-size limit) the same bytes go next to
-    the log, else to the temporary folder, and the run fails naming the paths, the errno and where the weights are."""
+    """Atomically; if that fails, the bytes go next to the log (else to the temporary folder) and the run fails
+    naming where."""
     try:
         return write_file_atomic(h.artifact_path, blob)
     except OSError as e:
@@ -2516,27 +2520,26 @@ def write_artifact(h: Hyperparameters, blob: bytes) -> None:
 
 def export_artifact(state: Mapping[str, torch.Tensor], h: Hyperparameters, code: CodeIdentity,
                     row_quantizer=None) -> ArtifactReport:
-    """Pack, write atomically to ARTIFACT_PATH, log sizes and the limit check (rank 0; load_artifact shares it)."""
+    """Rank 0: pack, write, log the sizes and the limit check."""
     blob, st = pack_artifact(state, h, row_quantizer)
     write_artifact(h, blob)
     log_event("export", quantizer=h.export_quantizer, codec=h.artifact_codec, payload_bytes=st.payload_bytes,
               model_bytes=len(blob))
     if row_quantizer is not None:
         row_quantizer.log()
-    return report_artifact_size(h.artifact_path, blob, code, h, st)  # the bytes just written atomically
+    return report_artifact_size(h.artifact_path, blob, code, h, st)
 
 
 class LoadedArtifact(NamedTuple):
     path: str
     blob: bytes
-    config: dict  # the model settings the weights were trained with (MODEL_CONFIG_FIELDS)
-    state: dict  # banked CPU state dict, ready for load_state_dict(strict=True) on a model built from config
+    config: dict  # MODEL_CONFIG_FIELDS
+    state: dict  # banked, on the CPU
 
 
 def load_artifact(path: str, rt: Runtime | None = None) -> LoadedArtifact:
-    """Artifact file read back by rank 0 and broadcast to every rank (with `rt`; other nodes need no shared storage);
-    an unreadable or foreign file, or tensors that do not fit the model its settings describe, raise ArtifactError
-    naming it on every rank (before any data is loaded)."""
+    """Read by rank 0 and broadcast (with `rt`); an unreadable or foreign file, or tensors that do not fit its
+    settings, raise ArtifactError on every rank."""
     blob, problem = None, None
     if rt is None or rt.is_main:
         try:
@@ -2556,7 +2559,7 @@ def load_artifact(path: str, rt: Runtime | None = None) -> LoadedArtifact:
 
 
 def adopt_artifact_config(h: Hyperparameters, config: dict, env: Mapping[str, str]) -> Hyperparameters:
-    """h with the artifact's model settings; a setting given explicitly with another value is refused."""
+    """h with the artifact's model settings; an explicit setting with another value is refused."""
     conflicts = [f"{k.upper()}={format_setting(getattr(h, k))} (artifact: {format_setting(v)})"
                  for k, v in sorted(config.items()) if k.upper() in env and getattr(h, k) != v]
     if conflicts:
@@ -2566,40 +2569,33 @@ def adopt_artifact_config(h: Hyperparameters, config: dict, env: Mapping[str, st
     adopted.validate()
     return adopted
 
+
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation engine
-# Contract: target p (1..N) is tokens[p], predicted from tokens[<p]. A window (start, end, score_from) feeds
-# tokens[start:end] and predicts targets start+1..end; only targets >= score_from count. Windows live as rows of one
-# int64 array [n, 3] from planning to batching (no Python object per window: ~1 M windows in a full pass).
-# plan_windows partitions 1..N into scored ranges exactly once. evaluate() runs the model (the compiled module,
-# `model(x)`, fixed batch shapes) once per batch and hands the scored log-probabilities to every scorer of the pass
-# (per-target NLL, one EvalTotals each: the only fp64 sums), so every score that uses the same weights comes from
-# the same logits. After a chunk of targets is scored on all ranks, after_chunk(start, end) may update state (n-gram
-# tables, TTT weights) from those targets only: score first, then update. N-gram mode: p_final = (1-a) p_model +
-# a p_ngram with p_ngram a true distribution (exact counts per context).
+# Evaluation
+# Target p (1..N) is tokens[p], predicted from tokens[<p]. evaluate() hands each batch's log-probabilities to every
+# scorer of the pass, so all scores of one set of weights share the logits. Once a chunk is scored on all ranks,
+# after_chunk(start, end) may update state from its targets only: score first, then update.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 class Window(NamedTuple):
-    """One row of a window array, for code that walks windows one at a time."""
     start: int  # first input token
     end: int  # last target position; inputs are tokens[start:end]
     score_from: int  # first scored target position
 
 
 class Batch(NamedTuple):
-    x: torch.Tensor  # [B, L] inputs (padding reads valid tokens but is never scored)
-    sel: torch.Tensor  # [S] row-major flat indices of the scored entries of x's [B, L]
+    x: torch.Tensor  # [B, L] inputs
+    sel: torch.Tensor  # [S] flat indices of the scored entries of x
     pos: torch.Tensor  # [S] their target positions
-    prev: torch.Tensor  # [S] input token at each scored entry (byte rule)
+    prev: torch.Tensor  # [S] token before each target
     tgt: torch.Tensor  # [S] target token
     sel_pos: np.ndarray  # [S] target positions, on the host
-    span: tuple[int, int]  # [lo, hi): every target this rank scores in the batch's chunk (pos lies inside)
+    span: tuple[int, int]  # [lo, hi): this rank's targets of the chunk
 
 
 class WindowTable(NamedTuple):
-    """This rank's windows of one pass as [n, 3] int64 (start, end, score_from), on the host and on the device
-    (one copy per pass); every chunk's share is padded to whole batches with empty windows (0, 0, 1)."""
+    """This rank's windows of one pass [n, 3], on host and device; every chunk's share padded to whole batches."""
     host: np.ndarray
     dev: torch.Tensor
 
@@ -2612,9 +2608,14 @@ class EvalResult(NamedTuple):
     time_ms: float
 
 
+# The batch geometry. A window (start, end, score_from) feeds tokens[start:end] and scores targets score_from..end;
+# windows are rows of one int64 array [n, 3]. Why every target is scored exactly once, with its window's context:
+# plan_windows partitions 1..N into the windows' scored ranges, each after up to seq_len − stride tokens of context;
+# group_by_chunk cuts the partition at chunk boundaries, a straddling window becoming pieces with the same start
+# (same context, disjoint ranges); split_for_rank gives each rank a contiguous share of each chunk; window_table pads
+# shares to whole batches with empty windows (end < score_from); make_batch scores exactly score_from..end per row.
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> np.ndarray:
-    """Windows [n, 3] int64 whose scored ranges partition 1..N in order; the first window scores all its targets,
-    each window is maximal."""
+    """Windows [n, 3] whose scored ranges partition 1..N in order; each window is maximal."""
     if not 1 <= stride <= seq_len:
         raise ValueError(f"stride {stride} must be in [1, seq_len={seq_len}]")
     if num_targets < 1:
@@ -2628,18 +2629,17 @@ def plan_windows(num_targets: int, seq_len: int, stride: int) -> np.ndarray:
 
 
 def split_for_rank(items, rank: int, world: int):
-    """Contiguous, balanced share of rank (sizes differ by at most one)."""
+    """Contiguous, balanced share of rank."""
     base, extra = divmod(len(items), world)
     lo = rank * base + min(rank, extra)
     return items[lo:lo + base + (rank < extra)]
 
 
 def group_by_chunk(windows: np.ndarray, chunk_tokens: int) -> list[tuple[int, int, np.ndarray]]:
-    """[(first target, end target excl., windows [m, 3])] for chunks [1+kC, 1+(k+1)C); a window whose scored range
-    straddles a boundary is split into pieces with the same start, so every target keeps its context."""
+    """[(first target, end target excl., windows)] for chunks [1+kC, 1+(k+1)C)."""
     c, pieces = chunk_tokens, windows
     k, k1 = (windows[:, 2] - 1) // c, (windows[:, 1] - 1) // c
-    if (k1 > k).any():  # some windows straddle a boundary (never with EVAL_STRIDE | NGRAM_CHUNK_TOKENS)
+    if (k1 > k).any():  # some window straddles a boundary
         n = k1 - k + 1
         rep = np.repeat(np.arange(len(windows)), n)
         k = k[rep] + np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n)
@@ -2651,7 +2651,7 @@ def group_by_chunk(windows: np.ndarray, chunk_tokens: int) -> list[tuple[int, in
 
 
 def window_table(shares: list, rows: int, device) -> tuple[WindowTable, list[int]]:
-    """(table, offset of each share): each share (windows [m, 3]) padded to a multiple of `rows` windows."""
+    """(table, offset of each share), each share padded to a multiple of `rows` windows."""
     sizes = np.array([len(share) for share in shares], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(-(-sizes // rows) * rows)])
     host = np.zeros((int(offsets[-1]), 3), dtype=np.int64)
@@ -2661,15 +2661,8 @@ def window_table(shares: list, rows: int, device) -> tuple[WindowTable, list[int
     return WindowTable(host, torch.from_numpy(host).to(device)), offsets.tolist()
 
 
-def scored_span(windows: np.ndarray) -> tuple[int, int]:
-    """[lo, hi) of the targets the windows score (consecutive scored ranges, as in one rank's share of a chunk)."""
-    live = windows[windows[:, 1] >= windows[:, 2]]
-    return (int(live[0, 2]), int(live[-1, 1]) + 1) if len(live) else (0, 0)
-
-
 def make_batch(tokens: torch.Tensor, table: WindowTable, lo: int, hi: int, length: int, span=(0, 0)) -> Batch:
-    """Windows lo..hi-1 of the table as inputs [hi-lo, length] built on the tokens' device: no host-to-device copy
-    and no host sync (the scored count comes from the host copy of the table). span: the chunk's, for Batch.span."""
+    """Windows lo..hi-1 as a batch on the tokens' device, without a host sync."""
     w, wh, dev = table.dev[lo:hi], table.host[lo:hi], tokens.device
     counts_h = np.maximum(wh[:, 1] - wh[:, 2] + 1, 0)
     total = int(counts_h.sum())
@@ -2684,7 +2677,7 @@ def make_batch(tokens: torch.Tensor, table: WindowTable, lo: int, hi: int, lengt
 
 
 class EvalTotals:
-    """fp64 sums (nll nats, tokens, bytes) on the eval device; bpb only through bits_per_byte."""
+    """fp64 sums (nll nats, tokens, bytes); bpb only through bits_per_byte."""
 
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -2693,11 +2686,8 @@ class EvalTotals:
         n = nll.new_full((), nll.numel(), dtype=torch.float64)
         self.sums += torch.stack([nll.double().sum(), n, nbytes])
 
-    def reduce(self) -> None:
-        all_reduce_sum(self.sums)
-
     def running_bpb(self) -> float:
-        """bpb of everything scored so far on all ranks (a collective: every rank must call it)."""
+        """bpb so far on all ranks (a collective)."""
         s = self.sums.clone()
         all_reduce_sum(s)
         return bits_per_byte(float(s[0]), float(s[2]))
@@ -2707,21 +2697,14 @@ class EvalTotals:
         return EvalResult(nll / max(tokens, 1.0), bits_per_byte(nll, nbytes), int(tokens), int(nbytes), time_ms)
 
 
-def scored_logprobs(model, batch: Batch) -> torch.Tensor:
-    """fp32 log-softmax [S, V] of the model at the batch's scored entries (one forward of the whole batch)."""
-    logits = model(batch.x)
-    return F.log_softmax(logits.reshape(-1, logits.size(-1))[batch.sel].float(), dim=-1)
-
-
 def model_nll(logp: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Plain scorer: -log p_model(target)."""
     return -logp.gather(1, batch.tgt[:, None]).squeeze(1)
 
 
 def evaluate(model, val: ValData, windows, scorers: dict, h: Hyperparameters, rt: Runtime, chunk_tokens=None,
              after_chunk=None, progress=None) -> dict[str, EvalResult]:
-    """Chunk -> this rank's batches -> one forward -> every scorer(logp, batch) NLL -> its totals; after_chunk(start,
-    end) runs on every rank, outside inference mode, once all ranks scored targets [start, end)."""
+    """Chunk -> this rank's batches -> one forward -> every scorer -> its totals; after_chunk(start, end) once all
+    ranks scored the chunk."""
     synchronize(rt)
     t0 = time.perf_counter()
     tokens, tables = val.tokens.to(rt.device), val.tables.to(rt.device)
@@ -2731,11 +2714,14 @@ def evaluate(model, val: ValData, windows, scorers: dict, h: Hyperparameters, rt
     totals, was_training = {name: EvalTotals(rt.device) for name in scorers}, model.training
     model.eval()
     for k, (c0, c1, _) in enumerate(chunks):
-        span = scored_span(table.host[offsets[k]:offsets[k + 1]])
+        live = table.host[offsets[k]:offsets[k + 1]]
+        live = live[live[:, 1] >= live[:, 2]]  # this rank's scored ranges of the chunk: consecutive
+        span = (int(live[0, 2]), int(live[-1, 1]) + 1) if len(live) else (0, 0)
         with torch.inference_mode(), autocast(rt):
             for i in range(offsets[k], offsets[k + 1], rows):
                 batch = make_batch(tokens, table, i, i + rows, length, span)
-                logp = scored_logprobs(model, batch)
+                logits = model(batch.x)
+                logp = F.log_softmax(logits.reshape(-1, logits.size(-1))[batch.sel].float(), dim=-1)
                 nbytes = count_bytes(batch.prev, batch.tgt, tables).sum().double()
                 for name, scorer in scorers.items():
                     totals[name].add(scorer(logp, batch), nbytes)
@@ -2744,8 +2730,7 @@ def evaluate(model, val: ValData, windows, scorers: dict, h: Hyperparameters, rt
             after_chunk(c0, c1)
         if progress is not None:
             progress(k, len(chunks), totals)
-    for t in totals.values():
-        t.reduce()
+    all_reduce_sum(*(t.sums for t in totals.values()))
     synchronize(rt)
     model.train(was_training)
     ms = 1000.0 * (time.perf_counter() - t0)
@@ -2753,7 +2738,6 @@ def evaluate(model, val: ValData, windows, scorers: dict, h: Hyperparameters, rt
 
 
 def sliding_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> EvalResult:
-    """Sliding-window score (seq EVAL_SEQ_LEN, stride EVAL_STRIDE), every target exactly once."""
     windows = plan_windows(val.num_targets, h.eval_seq_len, h.eval_stride)
     return evaluate(model, val, windows, {"model": model_nll}, h, rt)["model"]
 
@@ -2762,25 +2746,22 @@ ROUNDTRIP_EVAL_NAME = "final_int6_zstd_roundtrip"
 
 
 def report_eval(name: str, r: EvalResult) -> list[str]:
-    """The one report of an eval result: `<name> val_loss val_bpb eval_time` and `<name>_exact` with 8 decimals
-    (+ the leaderboard alias after the round trip). The time is the one the eval measured itself."""
+    """`<name> val_loss val_bpb eval_time` and `<name>_exact` (+ the alias after the round trip)."""
     lines = [log_event(name, val_loss=f"{r.loss:.4f}", val_bpb=f"{r.bpb:.4f}", eval_time=f"{r.time_ms:.0f}ms")]
     names = [f"{name}_exact"] + ([LEADERBOARD_ALIAS] if name == ROUNDTRIP_EVAL_NAME else [])
     lines += [log_event(n, val_loss=f"{r.loss:.8f}", val_bpb=f"{r.bpb:.8f}") for n in names]
     return lines
 
 
-# N-gram caches. Position p's order-n context is tokens[p-n+1:p]. update(tokens, start, end) counts targets [start,
-# end) under their context of every order; stats(tokens, pos, cand) reads every order's counts at once (NgramStats).
-# Exact: one table of context keys for all orders (token ids packed with the order in bits 60..62 while they fit in
-# 60 bits, else a splitmix64 chain with the sign bit set: two chained contexts of the 62 M validation tokens coincide
-# with probability < 1e-3, merging their counts, still normalized) with counts, dense ids and distinct continuations,
-# and one table of pair keys id*V + token with counts, so sum_v pair(c, v) = ctx(c) and p_ngram is a distribution.
-# Each table is a few sorted runs (SortedRuns, a log-structured merge): a chunk's new keys become a new run, merged
-# into the previous one until that is LSM_GROWTH times larger, so no chunk copies everything. An update makes 2 host
-# syncs, a lookup none. Memory, worst case (every context new): 32 B per position per order (ctx 8+4+4+4, pair 8+4)
-# = < 16 GB for orders 2..9 at 62 M tokens, + 16 B per entry of the run being merged (< 8 GB): fits one H100 with the
-# model. Mixers (below) turn the counts and the model's distribution into p_final.
+# N-gram caches. Position p's order-n context is tokens[p-n+1:p]; update(tokens, start, end) counts targets
+# [start, end) under their context of every order, stats() reads every order's counts at once. Exact mode keeps
+# context key -> (count, dense id, distinct continuations) and pair key id*V + token -> count, so sum_v pair(c, v) =
+# ctx(c). A context key packs the token ids and the order (bits 60..62) while they fit in 60 bits, else it is a
+# splitmix64 chain with the sign bit set (two chained contexts of 62 M tokens coincide with probability < 1e-3).
+# The sorted runs: a table is a list of runs, each sorted with unique keys, and every key lives in exactly one run,
+# so a lookup is one searchsorted per run (absent keys read 0) and an update adds in place where keys are found. A
+# chunk's new keys become a new run, merged into the previous one until that is LSM_GROWTH times larger: no chunk
+# copies the whole table. Worst case 32 B per position per order (< 16 GB at 62 M tokens, orders 2..9).
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64, 0x9E3779B97F4A7C15 - 2**64
 _HASHED = -2**63  # sign bit of a chained key: packed keys are >= 0
 
@@ -2790,15 +2771,13 @@ def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64 finalizer (a bijection of 64-bit words; int64 products wrap)."""
     z = (z ^ _srl(z, 30)) * _M1
     z = (z ^ _srl(z, 27)) * _M2
     return z ^ _srl(z, 31)
 
 
 def _merge(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One sorted run from two runs with disjoint sorted keys (column 0) and their value columns: each entry goes
-    straight to its final place, one column at a time, each old column freed once copied (no host sync)."""
+    """One sorted run from two with disjoint keys, each entry straight to its place (old columns freed as copied)."""
     at = torch.searchsorted(old[0], new[0])  # each new key goes right before old entry `at`
     dest_new = at + torch.arange(at.numel(), device=at.device)
     dest_old = torch.zeros(old[0].numel() + 1, dtype=torch.long, device=at.device)
@@ -2815,14 +2794,13 @@ def _merge(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tenso
 
 
 def _compact(keep: torch.Tensor, count: int, *cols: torch.Tensor) -> list[torch.Tensor]:
-    """cols[keep] in order, given count = keep.sum() from the host (a scatter instead of a data-dependent shape)."""
+    """cols[keep] in order, given count = keep.sum()."""
     dest = torch.where(keep, torch.cumsum(keep, 0) - 1, count)
     return [col.new_empty(count + 1).scatter_(0, dest, col)[:count] for col in cols]
 
 
 def _count_distinct(keys: torch.Tensor, tgt: torch.Tensor, vocab_size: int) -> list[torch.Tensor]:
-    """Distinct contexts (sorted keys, counts) and distinct (context, token) pairs (index of the context in the
-    first list, token, count) of the entries; one host sync for the two sizes."""
+    """Distinct contexts (keys, counts) and pairs (context index, token, count); one host sync."""
     sk, perm = torch.sort(keys)
     lid = torch.cumsum(torch.cat([sk.new_ones(1, dtype=torch.bool), sk[1:] != sk[:-1]]), 0) - 1
     pk = torch.sort(lid * vocab_size + tgt[perm]).values
@@ -2834,17 +2812,16 @@ def _count_distinct(keys: torch.Tensor, tgt: torch.Tensor, vocab_size: int) -> l
     return [sk.new_empty(n_ctx).scatter_(0, lid, sk), ctx_cnt, pairs // vocab_size, pairs % vocab_size, pair_cnt]
 
 
-LSM_GROWTH = 4  # a new run is merged into the run before it until that one is at least this many times larger
+LSM_GROWTH = 4  # see "The sorted runs"
 
 
 class Found(NamedTuple):
-    runs: list  # per run: (index clamped into the run, present?) of every query
+    runs: list  # per run: (clamped index, present?)
     hit: torch.Tensor  # present in any run
 
 
 class SortedRuns:
-    """Exact map int64 key -> value columns, stored as sorted runs of unique keys; every key lives in one run.
-    Column 0 of a run is its keys, columns 1.. its values. No method makes a host sync."""
+    """Exact map int64 key -> value columns as sorted runs (column 0 the keys); no host sync."""
 
     def __init__(self, value_dtypes: tuple[torch.dtype, ...], device):
         self.dtypes, self.device = value_dtypes, device
@@ -2855,7 +2832,6 @@ class SortedRuns:
         return sum(run[0].numel() for run in self.runs)
 
     def find(self, q: torch.Tensor) -> Found:
-        """Where every query key (any shape) lives."""
         runs, hit = [], torch.zeros_like(q, dtype=torch.bool)
         for run in self.runs:
             i = torch.searchsorted(run[0], q).clamp_(max=run[0].numel() - 1)
@@ -2865,19 +2841,18 @@ class SortedRuns:
         return Found(runs, hit)
 
     def gather(self, col: int, found: Found) -> torch.Tensor:
-        """Value column `col` (int64) of every query; 0 where absent."""
+        """Value column `col` of every query (0 where absent)."""
         out = torch.zeros_like(found.hit, dtype=torch.long)
         for run, (i, h) in zip(self.runs, found.runs):
             out = out + torch.where(h, run[col][i].long(), 0)  # at most one run holds each key
         return out
 
     def add(self, col: int, found: Found, amount: torch.Tensor) -> None:
-        """Value column `col` += amount for every (unique) query present; in place, no table copy."""
         for run, (i, h) in zip(self.runs, found.runs):
             run[col].index_add_(0, i, torch.where(h, amount, 0).to(run[col].dtype))
 
     def insert(self, keys: torch.Tensor, values: tuple) -> None:
-        """Add sorted unique absent keys with their value columns as a new run, then merge runs as needed."""
+        """Sorted unique absent keys with their values as a new run, merged as needed."""
         if keys.numel() == 0:
             return
         self.runs.append([keys, *(v.to(d) for v, d in zip(values, self.dtypes))])
@@ -2887,18 +2862,14 @@ class SortedRuns:
 
 
 class NgramStats(NamedTuple):
-    """The tables at n positions, for every order min_order + k (k < K): ctx [n, K] = how often the position's context
-    of that order was seen (0 if never, or if p < order - 1); pair = how often that context was followed by the
-    candidate: [n, K] for one candidate per position (the target), [n, K, c] for c candidates; types [n, K] = how
-    many distinct tokens followed the context (exact mode only). int64. Exact mode: pair <= ctx, and pair summed over
-    all V candidates == ctx."""
+    """int64 counts at n positions per order: ctx [n, K] of the context (0 if unseen or p < order − 1), pair of
+    it followed by the candidate(s) ([n, K] or [n, K, c]), types: its distinct continuations (exact mode)."""
     ctx: torch.Tensor
     pair: torch.Tensor
     types: torch.Tensor | None = None
 
     def backoff(self, min_order: int, min_count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The seed rule's estimate: (order [n], p [n] or [n, c] fp64) of the highest order with ctx >= min_count,
-        p = min(pair, ctx) / ctx there; order 0 and p 0 where no order has."""
+        """The seed rule's (order, min(pair, ctx) / ctx) at the highest order with ctx >= min_count (else 0, 0)."""
         K = self.ctx.size(1)
         top = ((self.ctx >= min_count) * torch.arange(1, K + 1, device=self.ctx.device)).amax(1)  # k + 1, 0: none
         k = (top - 1).clamp(min=0)[:, None]
@@ -2910,7 +2881,7 @@ class NgramStats(NamedTuple):
 
 
 class ExactNgramCache:
-    """Exact next-token counts per context (no bucket hashing); p_ngram(.|c) sums to 1 for every seen context."""
+    """p_ngram(.|c) sums to 1 for every seen context."""
 
     def __init__(self, vocab_size: int, *, min_order: int, max_order: int, min_count: int, device):
         self.V, self.min_order, self.max_order, self.min_count = vocab_size, min_order, max_order, min_count
@@ -2924,7 +2895,7 @@ class ExactNgramCache:
         self.num_ids = 0
 
     def _context_keys(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """int64 key [n, K] of each position's context of every order min..max (garbage where p < order - 1)."""
+        """Key [n, K] of each position's context of every order (garbage where p < order - 1)."""
         back = torch.arange(1, self.max_order, device=pos.device)
         tok = tokens[(pos[:, None] - back).clamp(min=0)]  # column j - 1: the token j places back
         key = (tok[:, :self.packed] << self.shifts).cumsum(1)  # disjoint bit fields: the sum is the bitwise or
@@ -2935,16 +2906,16 @@ class ExactNgramCache:
         return torch.cat(cols, 1)[:, self.min_order - 2:].contiguous()
 
     def _entries(self, tokens: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context key, target) of every (order, position) in [start, end) that has a context of that order."""
+        """(context key, target) of every (order, position) in [start, end) with such a context."""
         keys, tgt = self._context_keys(tokens, torch.arange(start, end, device=tokens.device)), tokens[start:end]
         if start >= self.max_order - 1:  # every order has a context: no slicing
             return keys.reshape(-1), tgt[:, None].expand_as(keys).reshape(-1)
         los = [max(0, n - 1 - start) for n in range(self.min_order, self.max_order + 1)]
         return (torch.cat([keys[lo:, k] for k, lo in enumerate(los)]), torch.cat([tgt[lo:] for lo in los]))
 
-    @torch.inference_mode()  # the runs are updated in place; inference tensors may only be changed in this mode
+    @torch.inference_mode()  # the runs change in place
     def update(self, tokens: torch.Tensor, start: int, end: int) -> None:
-        """Count the targets at positions [start, end) under their context of every order (2 host syncs)."""
+        """Count targets [start, end) under their context of every order (2 host syncs)."""
         keys, tgt = self._entries(tokens, start, end)
         if keys.numel() == 0:
             return
@@ -2967,7 +2938,6 @@ class ExactNgramCache:
         self.num_ids += n_ctx
 
     def stats(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor) -> NgramStats:
-        """NgramStats of positions pos [n] for candidates cand [n] (e.g. the targets) or [n, c]; no host sync."""
         found = self.ctx.find(self._context_keys(tokens, pos))
         ctx = torch.where(pos[:, None] >= self.first_pos, self.ctx.gather(1, found), 0)
         extra = (1,) * (cand.dim() - 1)
@@ -2976,7 +2946,6 @@ class ExactNgramCache:
         return NgramStats(ctx, pair, torch.where(ctx > 0, self.ctx.gather(3, found), 0))
 
     def probs(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor):
-        """The seed rule's (order [n], p_ngram of each candidate [n] or [n, c], fp64; 0 where unmatched)."""
         return self.stats(tokens, pos, cand).backoff(self.min_order, self.min_count)
 
 
@@ -2985,7 +2954,7 @@ NGRAM_PRIMES = (36313, 27191, 51647, 81929, 131071, 174763, 233017, 283721, 3472
 
 
 class HashedNgramCache:
-    """The reference's hashed rule, comparison only: p = min(full, ctx) / max(ctx, 1) is not normalized."""
+    """The reference's hashed rule, comparison only: p = min(full, ctx) / max(ctx, 1) is no distribution."""
 
     def __init__(self, *, min_order: int, max_order: int, min_count: int, num_buckets: int, device):
         self.min_order, self.max_order, self.min_count, self.mask = min_order, max_order, min_count, num_buckets - 1
@@ -3009,7 +2978,7 @@ class HashedNgramCache:
             self.full[i].index_add_(0, self._full_key(h, tokens[pos], n), one)
 
     def stats(self, tokens: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor) -> NgramStats:
-        """NgramStats with bucket counts (collisions add up: pair may exceed ctx)."""
+        """Bucket counts: collisions add up."""
         ctx, pair, extra = [], [], (1,) * (cand.dim() - 1)
         for i, n in enumerate(range(self.min_order, self.max_order + 1)):
             h = self._hash(tokens, pos, n)
@@ -3029,17 +2998,12 @@ def make_ngram_cache(h: Hyperparameters, device):
 
 
 def row_entropy(logp: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row of log-probabilities."""
     return -(logp.exp() * logp).sum(-1)
 
 
 class NgramMixer:
-    """What every mixer shares. A mixer turns the model's distribution and the tables' counts into p_final:
-    prepare(stats [n, K] of the targets) -> a tuple of [n, ...] tensors, once per chunk for this rank's targets;
-    nll(logp [S, V], tgt [S], rows of those tensors) -> -log p_final(target) [S] fp64, per batch (a learning mixer
-    also records what the targets teach it); distribution(logits [m, V], stats [m, K, V] of every candidate) ->
-    p_final [m, V] fp64 (audits, the coder); after_chunk() once every rank scored the chunk; report(score) at the
-    end of the pass: one `ngram_mixer` line with the share of targets whose highest used order is n (used_oN)."""
+    """prepare(stats of a chunk's targets) -> tensors; nll(logp, tgt, rows) -> -log p_final(target) (and learns);
+    distribution(logits, stats of every candidate) -> p_final; after_chunk(); report(score) -> `ngram_mixer`."""
 
     kind = ""
 
@@ -3048,7 +3012,7 @@ class NgramMixer:
         self.used = torch.zeros(h.ngram_max_order - h.ngram_min_order + 2, dtype=torch.float64, device=device)
 
     def count_used(self, top: torch.Tensor) -> None:
-        """top [S]: 1 + index of the highest order used at each target (0: none, the model alone)."""
+        """top [S]: 1 + index of the highest order used (0: the model alone)."""
         self.used.index_add_(0, top, torch.ones_like(top, dtype=torch.float64))
 
     def after_chunk(self) -> None:
@@ -3065,8 +3029,7 @@ class NgramMixer:
 
 
 class SeedMixer(NgramMixer):
-    """The seed rule: entropy-adaptive alpha on the backed-off order's estimate; the higher the model's entropy, the
-    more weight the n-gram gets; alpha = 0 for unmatched positions (order 0)."""
+    """The seed rule: alpha on the backed-off estimate grows with the model's entropy; 0 where unmatched."""
 
     kind = "seed"
 
@@ -3082,11 +3045,6 @@ class SeedMixer(NgramMixer):
             h.ngram_entropy_scale * (entropy.double() - center))
         return (a * self.mults[order]).clamp(0.0, h.ngram_alpha_clip)
 
-    @staticmethod
-    def mix_logprob(lp_model: torch.Tensor, p_ngram: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """log((1-a) p_model + a p_ngram) in log space (no floor: >= log((1-clip) p_model) > -inf)."""
-        mixed = torch.logaddexp(torch.log1p(-alpha) + lp_model, torch.log(alpha) + torch.log(p_ngram))
-        return torch.where(alpha > 0, mixed, lp_model)
 
     def prepare(self, stats: NgramStats) -> tuple[torch.Tensor, torch.Tensor]:
         return stats.backoff(self.h.ngram_min_order, self.h.ngram_min_count)
@@ -3095,7 +3053,9 @@ class SeedMixer(NgramMixer):
         order, p_ngram = rows
         self.count_used(torch.where(order > 0, order - (self.h.ngram_min_order - 1), 0))
         lp_model = logp.gather(1, tgt[:, None]).squeeze(1).double()
-        return -self.mix_logprob(lp_model, p_ngram, self.alpha(row_entropy(logp), order))
+        alpha = self.alpha(row_entropy(logp), order)  # log((1-a) p_model + a p_ngram) >= log((1-clip) p_model)
+        mixed = torch.logaddexp(torch.log1p(-alpha) + lp_model, torch.log(alpha) + torch.log(p_ngram))
+        return -torch.where(alpha > 0, mixed, lp_model)
 
     def distribution(self, logits: torch.Tensor, stats: NgramStats) -> torch.Tensor:
         order, p_ngram = self.prepare(stats)
@@ -3107,17 +3067,8 @@ MIXER_COUNT_BINS, MIXER_TYPE_BINS, MIXER_ENTROPY_BINS, MIXER_ENTROPY_NATS = 12, 
 
 
 class LearnedMixer(NgramMixer):
-    """p_mix(v) = sum_j w_j q_j(v) / sum_j w_j over the components j a position has: the model (j = 0) and every
-    order whose context was seen, q(v) = pair(v) / ctx (a distribution), so p_mix is one too. w is the row of the
-    position's bucket: its highest seen order x log2 of that context's count x the share of distinct tokens among
-    its continuations (types / ctx, quarters) x the model's entropy (2-nat bins); all known before the target.
-    Rows start at the prior (the model NGRAM_MIXER_PRIOR, the rest shared evenly by the orders) and learn from
-    scored targets only: a target adds g_j = q_j(target) / p_mix(target) to its bucket (1 for a component it
-    lacks); after each chunk, summed over ranks, a bucket with n targets steps w_j <- w_j (1 + r (mean g_j - 1)),
-    r = n / (n + NGRAM_MIXER_SMOOTH) < 1: the multiplicative exponentiated-gradient step for mixture weights under
-    log loss, which keeps sum_j w_j = 1 and every w_j > 0. The guard: p_final = g p_model + (1 - g) p_mix, g the
-    Bayes posterior of "the model alone" (prior NGRAM_MIXER_GUARD) given every earlier chunk's targets, so a
-    mixer that does not pay is switched off after its first chunk. Every rank holds the same weights."""
+    """Per-bucket weights over the model and the seen orders, learned from scored targets only (README: "The
+    n-gram mixer")."""
 
     kind = "learned"
 
@@ -3135,11 +3086,11 @@ class LearnedMixer(NgramMixer):
         self.guard_logit = math.log(h.ngram_mixer_guard / (1 - h.ngram_mixer_guard))
 
     def guard(self) -> torch.Tensor:
-        """Posterior weight of the model alone (a 0-dim tensor: no host sync)."""
+        """Posterior weight of the model alone (0-dim: no host sync)."""
         return torch.sigmoid(self.guard_logit - self.gain)
 
     def buckets(self, stats: NgramStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(bucket without the entropy bin [n], components present [n, 1 + K], 1 + highest seen order index [n])."""
+        """(bucket without the entropy bin, components present, 1 + highest seen order index)."""
         seen = stats.ctx > 0
         top = (seen * torch.arange(1, self.K + 1, device=seen.device)).amax(1)
         k = (top - 1).clamp(min=0)[:, None]
@@ -3191,8 +3142,7 @@ class LearnedMixer(NgramMixer):
             t.zero_()
 
     def learned(self) -> dict:
-        """Per highest seen order n: the weights of the model and orders min..n (renormalized over them, as a
-        position with those components uses them), averaged over the buckets by their targets."""
+        """Per highest seen order: the weights of the model and orders, averaged over buckets by targets."""
         out = {"model_alone": f"{float(self.guard()):.3g}", "buckets_used": int((self.seen > 0).sum())}
         for t in range(1, self.K + 1):
             rows = slice(t * self.per_top, (t + 1) * self.per_top)
@@ -3204,7 +3154,7 @@ class LearnedMixer(NgramMixer):
 
 
 def ngram_mixer_kind(h: Hyperparameters) -> str:
-    """NGRAM_MIXER; the hashed comparison mode is the reference's whole rule (its counts + the seed mixer)."""
+    """The hashed mode is the reference's whole rule (with the seed mixer)."""
     return h.ngram_mixer if h.ngram_mode == "exact" else "seed"
 
 
@@ -3213,10 +3163,7 @@ def make_ngram_mixer(h: Hyperparameters, device) -> NgramMixer:
 
 
 class NgramScorer:
-    """Scorer + after_chunk hook for evaluate(): mix with tables built from earlier chunks only, then update.
-    At a chunk's first batch, the stats of every target this rank scores in the chunk (Batch.span) are read in one
-    call and prepared by the mixer; each batch gathers its rows. Audits sum_v p_final(v) at fixed evenly spread
-    target positions (whichever rank scores them)."""
+    """Scorer + after_chunk hook: mix with tables of earlier chunks only, then update; audits sum_v p_final(v)."""
 
     def __init__(self, cache, mixer: NgramMixer, tokens: torch.Tensor, audit_positions: np.ndarray):
         self.cache, self.mixer, self.tokens, self.audit_pos = cache, mixer, tokens, audit_positions
@@ -3229,8 +3176,7 @@ class NgramScorer:
         return self.mixer.nll(logp, batch.tgt, self.lookup(batch.pos, batch.span))
 
     def lookup(self, pos: torch.Tensor, span: tuple[int, int]) -> tuple:
-        """The mixer's prepared inputs at target positions pos, which lie in span = this rank's targets of the
-        current chunk (read from the tables once per chunk)."""
+        """The mixer's inputs at pos within span (this rank's targets of the chunk, prepared once)."""
         if span != self.span:
             lo, hi = span
             at = torch.arange(lo, hi, device=self.tokens.device)
@@ -3240,8 +3186,7 @@ class NgramScorer:
         return tuple(t[rows] for t in self.prepared)
 
     def full_distribution(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """p_final over the whole vocabulary [n, V] (fp64) at positions pos, from their fp32 logits [n, V]
-        (log-probabilities work too: softmax ignores the shift)."""
+        """p_final [n, V] at positions pos from their logits (or log-probs)."""
         cand = torch.arange(logits.size(-1), device=logits.device).expand(pos.numel(), -1)
         return self.mixer.distribution(logits, self.cache.stats(self.tokens, pos, cand))
 
@@ -3250,22 +3195,21 @@ class NgramScorer:
             return
         j = np.minimum(np.searchsorted(self.audit_pos, sel_pos), len(self.audit_pos) - 1)
         rows = np.nonzero(self.audit_pos[j] == sel_pos)[0]
-        if rows.size:  # host-side test: no device sync for batches without audit positions
+        if rows.size:  # host-side: no device sync
             r, slots = host_to_device(torch.from_numpy(np.stack((rows, j[rows]))), pos.device)
             self.audit_sums[slots] = self.full_distribution(logits[r], pos[r]).sum(-1)
             self.audit_found[slots] = 1.0
 
     def observe(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """-log p_final of the (known) targets at pos from their logits [n, V], outside a batched pass (the coder
-        calls it once a target is coded): what __call__ does for a batch, so the mixer learns alike."""
+        """-log p_final of the targets at pos outside a batched pass (the coder)."""
         tgt = self.tokens[pos]
         rows = self.mixer.prepare(self.cache.stats(self.tokens, pos, tgt))
         return self.mixer.nll(F.log_softmax(logits.float(), dim=-1), tgt, rows)
 
     def after_chunk(self, start: int, end: int) -> None:
-        self.span = None  # the tables change: the next chunk reads them again
+        self.span = None
         self.mixer.after_chunk()
-        if end < self.tokens.numel():  # the last chunk's statistics would never be read
+        if end < self.tokens.numel():
             self.cache.update(self.tokens, start, end)
 
     def audit_report(self, exact: bool) -> None:
@@ -3286,23 +3230,19 @@ def make_ngram_scorer(tokens: torch.Tensor, h: Hyperparameters, rt: Runtime) -> 
     return NgramScorer(make_ngram_cache(h, rt.device), make_ngram_mixer(h, rt.device), tokens, audit)
 
 
-# Legal score-first test-time training: an after_chunk hook of the TTT pass. Chunk k (TTT_CHUNK_TOKENS targets) is
-# scored by weights adapted on chunks < k only; then, unless it is the last chunk, the weights train on full
-# EVAL_SEQ_LEN sequences cut from chunk k's targets (every token it reads is already scored).
+# Score-first test-time training: chunk k is scored by weights adapted on chunks < k only; then (but for the last
+# chunk) the weights train on whole EVAL_SEQ_LEN sequences of chunk k's targets, every token already scored.
 def ttt_lr_at(k: int, num_chunks: int, base_lr: float) -> float:
-    """Cosine over chunk index k of K: lr·0.5·(1 + cos(π·k/(K−1)))."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * k / (num_chunks - 1))) if num_chunks > 1 else base_lr
 
 
 def ttt_sequences(start: int, end: int, seq_len: int) -> list[int]:
-    """First input position s of each full sequence of chunk targets [start, end): inputs tokens[s:s+T],
-    targets tokens[s+1:s+T+1], all inside the chunk."""
+    """First input position of each whole sequence of chunk targets [start, end)."""
     return list(range(start - 1, end - seq_len, seq_len))
 
 
 def freeze_first_blocks(model: nn.Module, num_blocks: int) -> list[tuple[nn.Parameter, list[int]]]:
-    """Freeze blocks 0..num_blocks-1: their own parameters stop requiring grad; returns (bank, rows) whose
-    gradients must be zeroed (layer i's slices of the banks: Q/K rows i, O/V rows n+i, MLP rows i)."""
+    """Returns the (bank, rows) whose gradients must be zeroed."""
     if num_blocks <= 0:
         return []
     for block in model.blocks[:num_blocks]:
@@ -3312,11 +3252,13 @@ def freeze_first_blocks(model: nn.Module, num_blocks: int) -> list[tuple[nn.Para
     return [(model.qo_bank, pairs), (model.kv_bank, pairs), (model.mlp_up_bank, first), (model.mlp_down_bank, first)]
 
 
+# The fixed-shape TTT step: TTT_BATCH_SEQS sequences over all ranks, each rank's share as `rows` sequences
+# [rows, T+1] whatever its size (missing rows read clamped tokens with weight 0). Invariants: every step on every
+# rank has one shape (no recompile) and the same collectives; weights world/(num_seqs·T) make the SUM-reduced
+# gradient the mean over the step's real tokens on any world size, so all ranks hold the same weights; indices are
+# clamped below `end`, so no unscored token is read.
 class ScoreFirstTTT:
-    """TTT after_chunk hook: TTT_EPOCHS passes over the chunk's sequences in steps of TTT_BATCH_SEQS sequences
-    (counted over all ranks; each rank takes its contiguous share, padded to a fixed shape with zero weight).
-    Loss = mean NLL over the step's tokens; gradients SUM-reduced over ranks, clipped, SGD with momentum. Every
-    rank takes the same steps whatever the world size, so all ranks hold the same weights."""
+    """The TTT hook: TTT_EPOCHS passes over the chunk's sequences in fixed-shape SGD steps."""
 
     def __init__(self, model, base: nn.Module, tokens: torch.Tensor, h: Hyperparameters, rt: Runtime):
         self.model, self.base, self.tokens, self.h, self.rt = model, base, tokens, h, rt
@@ -3328,13 +3270,12 @@ class ScoreFirstTTT:
         self.rows = -(-per_step // rt.world_size)
 
     def counts(self) -> tuple[int, int]:
-        """(trainable, frozen) parameter counts."""
         frozen = sum(p[rows].numel() for p, rows in self.frozen_rows)
         frozen += sum(p.numel() for p in self.base.parameters() if not p.requires_grad)
         return sum(p.numel() for p in self.base.parameters()) - frozen, frozen
 
     def after_chunk(self, start: int, end: int) -> None:
-        if end >= self.tokens.numel():  # the last chunk: nothing left to score with adapted weights
+        if end >= self.tokens.numel():  # the last chunk
             return
         k, (rank, world) = (start - 1) // self.h.ttt_chunk_tokens, (self.rt.rank, self.rt.world_size)
         for group in self.opt.param_groups:
@@ -3346,7 +3287,6 @@ class ScoreFirstTTT:
                     self._step(split_for_rank(seqs[i:i + step], rank, world), len(seqs[i:i + step]), end)
 
     def _step(self, starts: list[int], num_seqs: int, end: int) -> None:
-        """One SGD step on sequences starting at `starts` (this rank's share of num_seqs); reads tokens < end."""
         T, dev = self.h.eval_seq_len, self.tokens.device
         r = torch.arange(self.rows, device=dev)
         idx = (starts[0] if starts else 0) + r[:, None] * T + torch.arange(T + 1, device=dev)
@@ -3363,12 +3303,12 @@ class ScoreFirstTTT:
         self.opt.step()
 
 
-NGRAM_AUDIT_TOLERANCE = 1e-6  # an exact-mode mixed distribution whose sum is further from 1 fails the run
-EVAL_TIME_LIMIT_S = 600.0  # challenge rule: export + evaluation after training take at most 10 minutes
+NGRAM_AUDIT_TOLERANCE = 1e-6
+EVAL_TIME_LIMIT_S = 600.0  # challenge rule: export + evals
 
 
 def audit_normalized(sums) -> bool:
-    """Every audited mixture sum lies within NGRAM_AUDIT_TOLERANCE of 1 (the rule tools/make_record.py checks too)."""
+    """Every audited sum within NGRAM_AUDIT_TOLERANCE of 1 (tools/make_record.py checks it too)."""
     return float(np.abs(np.asarray(sums, dtype=np.float64) - 1.0).max()) <= NGRAM_AUDIT_TOLERANCE
 
 
@@ -3376,7 +3316,7 @@ NGRAM_SCORE_NAMES = {"exact": "ngram_eval", "hashed": "ngram_hashed_unnormalized
 
 
 def chunk_progress(event: str, score: str, every: int):
-    """progress(k, num, totals) logging `<event> [k/num] running_bpb:… elapsed:…s` every `every` chunks."""
+    """progress(k, num, totals) logging running_bpb every `every` chunks."""
     t0 = time.perf_counter()
 
     def progress(k: int, num: int, totals: dict) -> None:
@@ -3388,8 +3328,8 @@ def chunk_progress(event: str, score: str, every: int):
 
 
 def scored_pass(model, val: ValData, h: Hyperparameters, rt: Runtime, trainer=None) -> dict[str, EvalResult]:
-    """One left-to-right pass with one set of weights: 'model' (sliding windows) and, with NGRAM_ENABLED, 'ngram'
-    (chunk k mixed with tables of chunks < k) from the same logits; `trainer` (TTT) adapts after each chunk."""
+    """One pass with one set of weights: 'model' and (NGRAM_ENABLED) 'ngram' from the same logits; `trainer`
+    (TTT) adapts after each chunk."""
     val = ValData(val.tokens.to(rt.device), val.tables.to(rt.device))
     scorers, hooks = {"model": model_nll}, []
     if h.ngram_enabled:
@@ -3411,7 +3351,7 @@ def scored_pass(model, val: ValData, h: Hyperparameters, rt: Runtime, trainer=No
     results = evaluate(model, val, windows, scorers, h, rt, chunk, after_chunk if hooks else None, progress)
     bad = [f"{name} val_loss:{r.loss} val_bpb:{r.bpb}" for name, r in results.items()
            if not (math.isfinite(r.loss) and math.isfinite(r.bpb))]
-    if bad:  # a non-finite score is no code length: nothing is reported
+    if bad:  # no code length: nothing is reported
         raise RunFailed("nonfinite_score", f"non-finite score ({', '.join(bad)})")
     if h.ngram_enabled:
         scorers["ngram"].audit_report(exact=h.ngram_mode == "exact")
@@ -3420,7 +3360,6 @@ def scored_pass(model, val: ValData, h: Hyperparameters, rt: Runtime, trainer=No
 
 
 def roundtrip_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> dict[str, EvalResult]:
-    """The plain pass on the artifact's weights: the round-trip score and (NGRAM_ENABLED) the n-gram mixture."""
     if h.ngram_enabled:
         log_event("ngram_start", min_order=h.ngram_min_order, max_order=h.ngram_max_order, mode=h.ngram_mode,
                   chunk_tokens=h.ngram_chunk_tokens, mixer=ngram_mixer_kind(h))
@@ -3432,8 +3371,7 @@ def roundtrip_eval(model, val: ValData, h: Hyperparameters, rt: Runtime) -> dict
 
 
 def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, compile_fn=None) -> dict:
-    """The TTT pass (USE_TTT=1) on a deep copy of `model`, whose own weights never change: 'model' is
-    `legal_ttt`, 'ngram' (NGRAM_ENABLED) is `ttt_ngram_eval`, the adapted logits mixed with the same tables."""
+    """The TTT pass, on a deep copy of `model`."""
     adapted = copy.deepcopy(model)
     runner = compile_fn(adapted) if compile_fn is not None else adapted
     trainer = ScoreFirstTTT(runner, adapted, val.tokens.to(rt.device), h, rt)
@@ -3448,161 +3386,12 @@ def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, co
         report_eval("ttt_" + NGRAM_SCORE_NAMES[h.ngram_mode], results["ngram"])
     return results
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training loop
-# One `train_step` serves the compile warm-up and training. Warm-up runs real steps, then restores model and
-# optimizer state exactly and restarts the data. The clock runs only around training steps (validation stops it).
-# One MAX all-reduce per step carries (elapsed time, stop flag, non-finite flag): every rank takes LR, QAT and the
-# stop decision from the same (largest) elapsed time, and a non-finite loss on any rank stops the run. Each next
-# micro-batch is loaded while the device still runs the current one (before the step's sync for the next step).
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def train_step(model, opt, loader, h: Hyperparameters, rt: Runtime, step: int, scale: float) -> torch.Tensor:
-    """Gradient-accumulated forward/backward over one global batch, clip, optimizer step; returns the mean loss."""
-    accum, micro = h.grad_accum_steps(rt.world_size), h.micro_batch_tokens(rt.world_size)
-    opt.zero_grad()
-    total = torch.zeros((), device=rt.device)
-    for i in range(accum):
-        x, y = loader.next_batch(micro, h.train_seq_len)
-        with autocast(rt):
-            loss = model(x, y)
-        (loss / accum).backward()
-        total += loss.detach().float()
-        if i + 1 < accum:
-            loader.prefetch(micro, h.train_seq_len)
-    opt.set_muon_momentum(muon_momentum(step, h))
-    opt.set_lr_scale(scale)
-    clip_gradients(model, h.grad_clip_norm)
-    opt.step()
-    return total / accum
-
-
-def warmup_and_restore(model, base_model, opt, h: Hyperparameters, rt: Runtime) -> None:
-    """Run WARMUP_STEPS real steps (compiling both the plain and, if used, the QAT graph), then undo them exactly."""
-    if h.warmup_steps <= 0:
-        return
-    model_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-    opt_state = opt.state_dict()  # already an independent copy
-    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
-    for i in range(h.warmup_steps):
-        base_model.qat_active = h.use_late_qat and i == h.warmup_steps - 1
-        train_step(model, opt, loader, h, rt, i, 1.0)
-        if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
-            log_event(f"warmup_step:{i + 1}/{h.warmup_steps}")
-    base_model.qat_active = False
-    base_model.load_state_dict(model_state, strict=True)
-    opt.load_state_dict(opt_state)
-    synchronize(rt)
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    train_time_ms: float
-    raw: dict
-    ema: EMA | None
-    swa: SWA
-
-
-def should_validate(step: int, last: bool, h: Hyperparameters) -> bool:
-    """Periodic validation every VAL_LOSS_EVERY steps (not at step 0; 0 = none); after the last step only with
-    VAL_LAST_STEP=1 (the export weights are chosen by configuration, so nothing needs that score)."""
-    if last:
-        return h.val_last_step
-    return h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0
-
-
-def validate_during_training(model, val, h, rt, step, train_ms) -> None:
-    res = sliding_eval(model, val, h, rt)
-    log_event(f"step:{step}/{h.iterations}", val_loss=f"{res.loss:.4f}", val_bpb=f"{res.bpb:.4f}",
-              train_time=f"{train_ms:.0f}ms", step_avg=f"{train_ms / max(step, 1):.2f}ms")
-
-
-def maybe_start_qat(base_model, step: int, elapsed_ms: float, scale: float, h: Hyperparameters) -> None:
-    """Switch late QAT on (once) from the rank-agreed elapsed time, so every replica switches on the same step."""
-    if not base_model.qat_active and qat_should_start(step, elapsed_ms, h):
-        base_model.qat_active = True
-        log_event("qat_start", step=step, progress=f"{training_progress(step, elapsed_ms, h):.3f}",
-                  lr_scale=f"{scale:.4f}")
-
-
-def finish_step(loss: torch.Tensor, h: Hyperparameters, rt: Runtime, *, base_model, ema, loader,
-                elapsed_ms: float = 0.0, stop: bool = False) -> StepStatus:
-    """What follows every optimizer step, in train()'s order (benchmarks time steps through it too): the EMA update,
-    the next step's first micro-batch (host work and copy while the device still runs this step), then the step's
-    one blocking sync."""
-    if ema is not None:
-        ema.update(base_model)
-    loader.prefetch(h.micro_batch_tokens(rt.world_size), h.train_seq_len)
-    return reduce_step_status(loss, elapsed_ms, stop)
-
-
-def stop_on_nonfinite(loss: torch.Tensor, step: int) -> None:
-    log_event("nonfinite_loss", step=step, train_loss=float(loss))
-    raise RunFailed("diverged", f"training diverged: non-finite loss at step {step}; lower the learning rates "
-                                "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
-
-
-def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> TrainResult:
-    """The timed loop: returns raw weights, the EMA and the SWA of EMA snapshots. The clock runs only around training
-    steps (periodic validation pauses it); the optional last validation happens after training, outside the clock.
-    Each step has one blocking sync (reduce_step_status); the loss is read back only on log steps. QAT is switched
-    off at the end: evaluation graphs compiled before it started stay valid (no recompile)."""
-    loader = DistributedTokenLoader(find_shards(h.data_path, "train"), rt, h.vocab_size)
-    ema = EMA(base_model, h.ema_decay) if h.use_ema else None
-    swa, cap_ms = SWA(), 1000.0 * h.max_wallclock_seconds
-    step, train_ms, status = 0, 0.0, StepStatus(0.0, False, False)
-    synchronize(rt)
-    t0 = clock()
-    while step < h.iterations and not status.stop:
-        if should_validate(step, False, h):
-            synchronize(rt)
-            train_ms += 1000.0 * (clock() - t0)
-            validate_during_training(model, val, h, rt, step, train_ms)
-            t0 = clock()
-        scale = lr_scale(step, status.elapsed_ms, h)
-        maybe_start_qat(base_model, step, status.elapsed_ms, scale, h)
-        loss = train_step(model, opt, loader, h, rt, step, scale)
-        step += 1
-        local_ms = train_ms + 1000.0 * (clock() - t0)
-        status = finish_step(loss, h, rt, base_model=base_model, ema=ema, loader=loader, elapsed_ms=local_ms,
-                             stop=cap_ms > 0 and local_ms >= cap_ms)
-        if status.nonfinite:
-            stop_on_nonfinite(loss, step)
-        if ema is not None and h.swa_enabled and scale < h.swa_lr_threshold and step % h.swa_every == 0:
-            if swa.count == 0:
-                log_event("swa_start", step=step)
-            swa.add(ema.state())
-        if step <= 10 or step % h.train_log_every == 0 or status.stop or step == h.iterations:
-            log_event(f"step:{step}/{h.iterations}", train_loss=f"{float(loss):.4f}",
-                      train_time=f"{status.elapsed_ms:.0f}ms", step_avg=f"{status.elapsed_ms / step:.2f}ms")
-    synchronize(rt)
-    train_ms += 1000.0 * (clock() - t0)
-    base_model.qat_active = False
-    if status.stop and step < h.iterations:
-        log_event(f"{STOPPING_EARLY} wallclock_cap", train_time=f"{train_ms:.0f}ms", step=f"{step}/{h.iterations}")
-    log_peak_memory(rt, "train")
-    raw = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-    return TrainResult(step, train_ms, raw, ema, swa)
-
-
-def log_peak_memory(rt: Runtime, phase: str) -> None:
-    """Peak memory of a phase: on CUDA the device's peak since the previous phase (the counters are reset), on the
-    CPU the process's peak resident set."""
-    if rt.is_cuda:
-        log_event("peak_memory", allocated_mib=torch.cuda.max_memory_allocated(rt.device) // 2**20,
-                  reserved_mib=torch.cuda.max_memory_reserved(rt.device) // 2**20, phase=phase)
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    else:
-        import resource
-        log_event("peak_memory", rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, phase=phase)
 
 # ---------------------------------------------------------------------------------------------------------------
 # main
 # Orchestration only: config → runtime → header → data → model → warm-up → train → export → rebuild from the
-# artifact bytes → one pass (round trip + n-gram) → TTT pass (USE_TTT=1) → timing. An artifact over the limit
-# fails the run after the evals.
+# artifact bytes → one pass (round trip + n-gram) → TTT pass (TTT_ENABLED=1). An artifact over the limit fails the
+# run after the evals.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -3613,18 +3402,17 @@ def seed_everything(seed: int) -> None:
 
 
 def log_header(h: Hyperparameters, rt: Runtime) -> CodeIdentity:
-    """Settings, code identity and environment; the readable source text and versions go to the log file only."""
+    """Settings, code identity, environment; source text and versions to the log file only."""
     code = code_identity()
     for line in h.log_lines():
         log0(line)
-    log_event(f"code_bytes:{code.code_bytes}", code_sha256=code.code_sha256, code=code.form,
+    log_event(None, code_bytes=code.code_bytes, code_sha256=code.code_sha256, code=code.form,
               source_sha256=code.source_sha256, packed_bytes=code.packed_bytes)
     log_event("runtime", device=rt.device.type, world_size=rt.world_size,
               grad_accum_steps=h.grad_accum_steps(rt.world_size), attention=rt.attention.name, compile=rt.use_compile,
               torch=torch.__version__)
-    log_attention(rt.attention)
-    warn_slow_attention(rt, h)
-    log_event(f"world_size:{rt.world_size}", grad_accum_steps=h.grad_accum_steps(rt.world_size))
+    log_attention(rt, h)
+    log_event(None, world_size=rt.world_size, grad_accum_steps=h.grad_accum_steps(rt.world_size))
     log_event("versions", python=sys.version.split()[0], numpy=np.__version__, console=False)
     log0(code.source + "\n" + "=" * 100, console=False)
     return code
@@ -3634,16 +3422,8 @@ def compile_model(model: nn.Module, use_compile: bool) -> nn.Module:
     return torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
 
 
-def export_state(result: TrainResult, h: Hyperparameters) -> dict:
-    """The weights chosen by EXPORT_WEIGHTS (never by a validation score), in the model's dtypes."""
-    log_event(f"export_weights:{h.export_weights}")
-    if h.export_weights == "raw":
-        return result.raw
-    return cast_like(result.ema.state() if h.export_weights == "ema" else result.swa.state(), result.raw)
-
-
 def diagnostic_evals(base_model, model, val, result: TrainResult, h, rt) -> None:
-    """Opt-in fp scores of every candidate; they are only logged and never change the exported choice."""
+    """Only logged: never changes the exported choice."""
     candidates = {"raw": result.raw}
     if result.ema is not None:
         candidates["ema"] = cast_like(result.ema.state(), result.raw)
@@ -3656,14 +3436,14 @@ def diagnostic_evals(base_model, model, val, result: TrainResult, h, rt) -> None
 
 
 def train_and_export(h, rt, val, code: CodeIdentity) -> tuple[bool, float]:
-    """Build, warm up, train, export; returns (artifact over the limit?, wall time when training ended)."""
+    """Returns (artifact over the limit?, wall time when training ended)."""
     base_model = build_model(h, rt)
     model = compile_model(base_model, rt.use_compile)
-    log_event(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
+    log_event(None, model_params=sum(p.numel() for p in base_model.parameters()))
     opt = build_optimizers(base_model, h, rt)
     warmup_and_restore(model, base_model, opt, h, rt)
     result = train(model, base_model, opt, val, h, rt)
-    t_end = time.perf_counter()  # everything from here on counts as post-training time
+    t_end = time.perf_counter()  # post-training time from here
     if should_validate(result.steps, True, h):
         validate_during_training(model, val, h, rt, result.steps, result.train_time_ms)
     if h.diag_eval_candidates:
@@ -3683,12 +3463,11 @@ def train_and_export(h, rt, val, code: CodeIdentity) -> tuple[bool, float]:
 
 
 def evaluate_artifact(art: LoadedArtifact, h, rt, val) -> None:
-    """Rebuild the model from the artifact bytes (read from disk by rank 0) and run every scored evaluation on it."""
     check_finite_weights(art.state, f"the weights in {art.path}")
     model = build_model(h, rt)
     model.load_state_dict(art.state, strict=True)
     roundtrip_eval(compile_model(model, rt.use_compile), val, h, rt)
-    if h.use_ttt:
+    if h.ttt_enabled:
         ttt_eval(model, val, h, rt, lambda m: compile_model(m, rt.use_compile))
 
 
@@ -3696,7 +3475,6 @@ EXIT_USER_ERROR, EXIT_OVER_LIMIT, EXIT_RUN_FAILED = 2, 3, 4  # 1 stays Python's 
 
 
 def run() -> int:
-    """One run; returns the exit code (EXIT_OVER_LIMIT when the artifact is over the limit, after the evals)."""
     h = Hyperparameters.from_env(os.environ)
     rt = init_runtime(h)
     h.validate(rt.world_size)
@@ -3716,10 +3494,10 @@ def run() -> int:
         over_limit = report_artifact_size(art.path, art.blob, code, h).over_limit
     else:
         over_limit, t_end = train_and_export(h, rt, val, code)
-        art = load_artifact(h.artifact_path, rt)  # rank 0 reads the file back and broadcasts its bytes
+        art = load_artifact(h.artifact_path, rt)
     evaluate_artifact(art, h, rt, val)
-    log_peak_memory(rt, "eval")  # since training ended: export, calibration and every eval pass
-    log_event(f"post_training_time:{1000.0 * (time.perf_counter() - t_end):.0f}ms")
+    log_peak_memory(rt, "eval")
+    log_event(None, post_training_time=f"{1000.0 * (time.perf_counter() - t_end):.0f}ms")
     raise_if_log_failed(rt)
     if over_limit:
         log_event("run_failed", reason="artifact_over_limit", limit=h.artifact_limit_bytes)
@@ -3727,7 +3505,6 @@ def run() -> int:
 
 
 def fail_run(reason: str, message: str, code: int) -> int:
-    """Rank 0 prints the one-line message and ends the log with `run_failed`; returns the exit code."""
     message = " ".join(message.split())
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -3736,10 +3513,10 @@ def fail_run(reason: str, message: str, code: int) -> int:
 
 
 def main() -> None:
-    """A user error (setting, path, data: exit 2), a failed run (divergence, non-finite weights or score, failed
-    audit, failed write: exit 4) or SIGINT/SIGTERM (128 + signal) ends the run with one line; an artifact over the
-    limit exits 3 after the evals; anything else is a bug and keeps its traceback (exit 1)."""
+    """A user error (exit 2), a failed run (4) or SIGINT/SIGTERM (128 + signal) ends the run with one line; over the
+    limit exits 3 after the evals; a bug keeps its traceback (1)."""
     previous = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    LOG.path = LOG.failure = None  # nothing of an earlier run in this process: neither its log nor its failure
     try:
         code = run()
     except UserError as e:
@@ -3748,17 +3525,15 @@ def main() -> None:
         code = fail_run(e.reason, str(e), EXIT_RUN_FAILED)
     except RunInterrupted as e:
         code = fail_run("interrupted", str(e), e.exit_code)
-    finally:  # a caller in the same process (a test, a tool) gets its own handlers back
+    finally:  # a caller's own handlers come back
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     shutdown(code)
 
 
 def shutdown(code: int) -> None:
-    """Leave the process group and exit with `code`. Only the codes every rank reaches together at the end of a run
-    (0, EXIT_OVER_LIMIT) pass a barrier; after a failure the other ranks may be gone. On gloo (CPU) the interpreter's
-    C++ teardown in torch 2.13 intermittently aborts after all work is done, so those runs end with os._exit once
-    output is flushed."""
+    """Only 0 and EXIT_OVER_LIMIT (all ranks there) pass a barrier; gloo runs end with os._exit once flushed
+    (torch 2.13's teardown intermittently aborts)."""
     if dist.is_available() and dist.is_initialized():
         cuda = dist.get_backend() == "nccl"
         finished = code in (0, EXIT_OVER_LIMIT)

@@ -115,7 +115,7 @@ def is_valid_local(path: Path) -> bool:
     if path.suffix == ".bin":
         try:
             train_gpt.read_shard(path)
-        except train_gpt.ShardError:
+        except train_gpt.UserError:  # read_shard: not a valid shard
             return False
         return True
     try:

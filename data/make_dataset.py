@@ -358,7 +358,7 @@ def write_manifest(folder: Path, tokenizer: bytes, vocab_size: int, splits: dict
     manifest = {"format": 1, "tokenizer_sha256": hashlib.sha256(tokenizer).hexdigest(), "vocab_size": vocab_size,
                 "splits": splits}
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    train_gpt.write_file_atomic(str(folder / train_gpt.DATASET_MANIFEST), text.encode("utf-8"))
+    toolkit.write_file_atomic(str(folder / train_gpt.DATASET_MANIFEST), text.encode("utf-8"))
 
 
 def build_shards(args, sp, splits: dict[str, list[str]], folder: Path) -> dict[str, dict]:
@@ -394,7 +394,7 @@ def build(args: argparse.Namespace) -> dict[str, dict]:
         write_manifest(tmp, data, args.vocab_size, records)
         same_tokenizer = tok_path.is_file() and tok_path.read_bytes() == data
         if not same_tokenizer:
-            train_gpt.write_file_atomic(str(tok_tmp), data)
+            toolkit.write_file_atomic(str(tok_tmp), data)
         with toolkit.interrupts_held():  # a signal here is delivered once both are in place
             toolkit.swap_in(tmp, data_dir, [] if same_tokenizer else [(tok_tmp, tok_path)])
             swapped = True

@@ -1,6 +1,10 @@
 """The one test toolkit: the tiny configurations, a tiny real model, a tokenizer trained by data/make_dataset.py,
 synthetic streams and byte tables, and the subprocess helpers for whole runs. Test modules and workers import
-helpers from here only, never from each other. Run the suite with: python3 -m pytest"""
+helpers from here only, never from each other.
+
+Two tiers. `python3 -m pytest` runs the fast tier (in-process tests, for development); `python3 -m pytest --full`
+runs everything, as CI does (.ci/run): also the tests marked `slow`, i.e. every test that starts a process (the
+script, torchrun, a tool's command line), compiles with inductor or runs the README's commands."""
 import functools
 import importlib.util
 import os
@@ -21,6 +25,38 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import demo_config  # noqa: E402
 import train_gpt  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="the full suite (CI): also the slow tier (processes, torchrun, inductor, README commands)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --full, the slow tier is deselected (counted as `deselected` in pytest's summary)."""
+    if config.getoption("--full"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_process(request, monkeypatch):
+    """The tier rule, enforced: a test outside the slow tier that starts a process fails, naming the marker."""
+    if request.node.get_closest_marker("slow"):
+        return
+
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process ({args!r}): mark it @pytest.mark.slow")
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+def pytest_report_header(config):
+    return ("tier: full (--full)" if config.getoption("--full") else
+            "tier: fast (tests marked slow are deselected; python3 -m pytest --full runs everything, as CI does)")
+
 
 CPU = torch.device("cpu")
 RT1 = train_gpt.Runtime(0, 1, 0, CPU, False)  # one process on the CPU
@@ -53,6 +89,16 @@ def tiny():
 @pytest.fixture
 def tg():
     return train_gpt
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a tool run in-process, as its command line runs in the tests (OMP_NUM_THREADS=1):
+    far less contention on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def settings_env(fields: dict) -> dict:
@@ -89,6 +135,32 @@ def run_script(env, nproc=1, timeout=600):
                str(ROOT / "train_gpt.py")]
     return subprocess.run(cmd, env=env, cwd=env["LOG_DIR"].rsplit("/", 1)[0], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def main_in_process(env: dict, monkeypatch, cwd=None, main=None, argv=None) -> int:
+    """train_gpt.main() (or a tool's `main(argv)`) in this process with exactly `env` as the environment, started in
+    `cwd` (default LOG_DIR's parent folder); returns its exit code (its return value or the SystemExit code)."""
+    for key in list(os.environ):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(cwd or env["LOG_DIR"].rsplit("/", 1)[0])
+    try:
+        return main(argv) if main else train_gpt.main() or 0
+    except SystemExit as e:
+        return e.code
+
+
+class FakeClock:
+    """A clock for train(clock=...) that advances `tick_s` seconds per reading (train reads it once before the first
+    step and once after each)."""
+
+    def __init__(self, tick_s: float):
+        self.now, self.tick_s = 0.0, tick_s
+
+    def __call__(self) -> float:
+        self.now += self.tick_s
+        return self.now
 
 
 # ---------------------------------------------------------------------------------------- a fake CUDA device

@@ -19,7 +19,7 @@ def main(out_path: str) -> None:
     val = tg.ValData(repeating_stream(1500, vocab, seed=21), random_tables(vocab, 1))
     model = tiny_model(h)
     hashed = dataclasses.replace(h, ngram_mode="hashed", ngram_buckets=512)
-    ttt = dataclasses.replace(h, use_ttt=True, ttt_chunk_tokens=200, ttt_batch_seqs=3, ttt_epochs=2, ttt_lr=0.05)
+    ttt = dataclasses.replace(h, ttt_enabled=True, ttt_chunk_tokens=200, ttt_batch_seqs=3, ttt_epochs=2, ttt_lr=0.05)
     plain, hashed_pass = tg.roundtrip_eval(model, val, h, rt), tg.roundtrip_eval(model, val, hashed, rt)
     adapted = tg.ttt_eval(model, val, ttt, rt)
     runs = {"sliding": tg.sliding_eval(model, val, h, rt), "roundtrip": plain["model"], "ngram_exact": plain["ngram"],

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -18,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
 from conftest import flat_params, make_batches, rel_diffs, train_steps  # noqa: E402
+
+STEP_SCALES = (1.0, 0.5)  # the LR multiplier of each step
 
 
 class StandInBlock(nn.Module):
@@ -98,10 +101,43 @@ def state_rel_diffs(dist_opt, single_opt) -> dict:
     return out
 
 
+def bf16_report(a, b, init, steps: int, lr_sum: float) -> dict:
+    """How far the bf16 parameter a lies from b, against the two bounds of tests/test_optim.py: two bf16 roundings
+    per step (weight decay, update), each of one ulp at the element's largest magnitude (8 significant bits); and
+    a flip of AdamW's sign-like early steps (|m/sqrt(v)| <= 1.0004 for betas 0.9/0.95) over the summed LRs."""
+    a, b, init = a.detach().float(), b.detach().float(), init.float()
+    top = torch.maximum(torch.maximum(a.abs(), b.abs()), init.abs()).clamp(min=2.0**-126)
+    rounding = 2 * steps * torch.exp2(torch.floor(torch.log2(top)) - 7)
+    diff = (a - b).abs()
+    return {"share_beyond_rounding": (diff > rounding).float().mean().item(),
+            "excess_over_flip_bound": (diff - rounding - 2 * 1.0004 * lr_sum).max().item()}
+
+
+def refused(*args, **kwargs):
+    raise RuntimeError("reduce_scatter is not supported by this gloo build")  # what such a build raises at launch
+
+
+def train_on_my_half(init_model, h, rt, mine, gloo_without_reduce_scatter: bool):
+    """The model and optimizers after the steps; a gloo build without reduce-scatter is simulated by refusing both
+    of its names, so the optimizer's own switch to all-reduce + slice is what runs."""
+    real = {name: getattr(dist, name) for name in ("reduce_scatter_single", "reduce_scatter_tensor")}
+    try:
+        if gloo_without_reduce_scatter:
+            for name in real:
+                setattr(dist, name, refused)
+        model = copy.deepcopy(init_model)
+        opt = tg.build_optimizers(model, h, rt)
+        train_steps(model, opt, mine, scales=STEP_SCALES)
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    return model, opt
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    tg.dist.init_process_group("gloo")
-    rank, world = tg.dist.get_rank(), tg.dist.get_world_size()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     h = tg.Hyperparameters(grad_clip_norm=0.0)
     torch.manual_seed(0)
     init_model = StandIn()
@@ -112,23 +148,23 @@ def main() -> None:
     rt = tg.Runtime(rank, world, 0, torch.device("cpu"), True)
     results = {}
     for mode in ("native", "fallback"):
-        tg.BankCollectives.use_fallback = mode == "fallback"
-        model = copy.deepcopy(init_model)
-        opt = tg.build_optimizers(model, h, rt)
-        train_steps(model, opt, mine)
-        results[mode], results[mode + "_opt"] = model, opt
+        results[mode], results[mode + "_opt"] = train_on_my_half(init_model, h, rt, mine, mode == "fallback")
     gathered = [torch.empty_like(flat_params(results["native"])) for _ in range(world)]
-    tg.dist.all_gather(gathered, flat_params(results["native"]))
+    dist.all_gather(gathered, flat_params(results["native"]))
     if rank == 0:
         ref = copy.deepcopy(init_model)
         ref_opt = tg.build_optimizers(ref, h, tg.Runtime(0, 1, 0, torch.device("cpu"), False))
-        train_steps(ref, ref_opt, batches)
+        train_steps(ref, ref_opt, batches, scales=STEP_SCALES)
         report = {
             "world": world,
+            "used_fallback": {mode: results[mode + "_opt"].muon.comm.use_fallback for mode in ("native", "fallback")},
             "rank_max_abs_diff": max((g - gathered[0]).abs().max().item() for g in gathered),
             "fallback_max_abs_diff": (flat_params(results["fallback"]) - flat_params(results["native"])).abs().max().item(),
             "rel_diff_vs_single": rel_diffs(results["native"], ref, init),
             "state_rel_diff_vs_single": state_rel_diffs(results["native_opt"], ref_opt),
+            "bf16": {n: bf16_report(p, ref_p, init[n], len(batches), h.tied_embed_lr * sum(STEP_SCALES))
+                     for (n, p), ref_p in zip(results["native"].named_parameters(), ref.parameters())
+                     if p.dtype == torch.bfloat16},
         }
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
     tg.shutdown(0)  # the script's own end: barrier, leave the group, skip gloo's C++ teardown

@@ -1,61 +1,51 @@
-"""tools/bench_ngram_cache.py on CPU: the README commands' flags work (--json PATH and --json -), figures add up.
-Run: python3 -m pytest tests/test_bench_ngram_cache.py"""
+"""tools/bench_ngram_cache.py in-process on CPU: the README commands' flags work (--json PATH and --json -), figures
+add up (its bad arguments are rows of tests/test_tool_exits.py). Run: python3 -m pytest tests/test_bench_ngram_cache.py"""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "bench_ngram_cache.py"
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_ngram_cache  # noqa: E402
+
 ARGS = ["--tokens", "6000", "--chunk", "500", "--vocab", "64", "--device", "cpu", "--edge-chunks", "3",
         "--batch-positions", "256", "--log-every", "0"]
 
 
-def run_tool(tmp_path, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(TOOL), *ARGS, *args], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc
+def run_tool(capsys, *args) -> str:
+    """The tool's stdout (its main in this process)."""
+    assert bench_ngram_cache.main([*ARGS, *args]) == 0
+    return capsys.readouterr().out
 
 
-def test_json_to_stdout_and_to_a_file_agree_on_the_table_sizes(tmp_path):
-    res = json.loads(run_tool(tmp_path, "--json", "-").stdout)  # stdout is only the JSON
+def test_json_to_stdout_and_to_a_file_agree_on_the_table_sizes(tmp_path, capsys):
+    res = json.loads(run_tool(capsys, "--json", "-"))  # stdout is only the JSON
     assert res["chunks"] == 12 and res["tokens"] == 6000
     assert res["update_s"] > 0 and res["lookup_s"] > 0
     assert res["update_ms_per_chunk_first"] > 0 and res["update_ms_per_chunk_last"] > 0
     tables = res["tables"]
     assert len(tables["runs"]) == 2 and all(r >= 1 for r in tables["runs"])  # one table of contexts, one of pairs
     assert tables["pairs"] >= tables["contexts"] > 0  # every context has a next token
-    proc = run_tool(tmp_path, "--json", "out.json")
-    assert "update_ms_per_chunk_last:" in proc.stdout
+    assert "update_ms_per_chunk_last:" in run_tool(capsys, "--json", str(tmp_path / "out.json"))
     assert json.loads((tmp_path / "out.json").read_text())["tables"] == tables  # same stream, same tables
 
 
-def test_bad_arguments_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, str(TOOL), "--tokens", "0"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--tokens" in proc.stderr
-
-
-def test_count_reports_few_ops_and_syncs_and_the_same_answers(tmp_path):
+def test_count_reports_few_ops_and_syncs_and_the_same_answers(capsys):
     """--count: no host sync on the lookup path, 2 per chunk update, and few ops (fde52ff's per-batch lookups took
     1,458 ops per 1,000 targets here and its updates 681-911 ops with 104-128 syncs); the counts do not change the
     answers (same checksum as a plain run)."""
-    res = json.loads(run_tool(tmp_path, "--json", "-", "--count").stdout)
+    res = json.loads(run_tool(capsys, "--json", "-", "--count"))
     assert res["lookup_syncs_per_1k_targets"] == 0 and res["update_syncs_per_chunk_max"] == 2
     assert 0 < res["lookup_ops_per_1k_targets"] < 300 and 0 < res["update_ops_per_chunk_max"] < 300
     assert res["sync_ops"] == {"tolist": 2 * 11}  # the 11 updated chunks: sizes of the distinct and the new keys
-    assert res["lookup_checksum"] == json.loads(run_tool(tmp_path, "--json", "-").stdout)["lookup_checksum"]
+    assert res["lookup_checksum"] == json.loads(run_tool(capsys, "--json", "-"))["lookup_checksum"]
 
 
 def test_op_counter_rule():
     """The counter's sync rule on known calls: each data-dependent size or host read is one sync, other ops none."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_ngram_cache import OpCounter
-    x, counter = torch.arange(10), OpCounter()
+    x, counter = torch.arange(10), bench_ngram_cache.OpCounter()
     with counter:
         y = (x + 1) * 2
         torch.searchsorted(x, y)

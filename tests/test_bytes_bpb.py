@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import train_tokenizer
+from conftest import RT1, random_stream, tiny_model, train_tokenizer, unit_tables
 
 SP = "\u2581"
 CORPUS = ["The quick brown fox jumps over the lazy dog near the river bank.",
@@ -44,11 +44,6 @@ def piece_id(sp, piece):
 def encode_docs(sp, docs):
     """The training/eval stream layout: BOS before every document, no EOS."""
     return torch.tensor([t for d in docs for t in (1, *sp.encode(d))], dtype=torch.int64)
-
-
-def test_table_shapes_and_dtypes(sp, tables):
-    assert tables.base_bytes.dtype == torch.int16 and tables.base_bytes.numel() == sp.vocab_size()
-    assert tables.has_leading_space.dtype == torch.bool and tables.is_boundary.dtype == torch.bool
 
 
 def test_control_and_unknown_tokens_are_zero_byte_boundaries(sp, tables):
@@ -93,11 +88,8 @@ def test_ids_beyond_tokenizer_are_boundaries(sp):
     assert t.is_boundary[sp.vocab_size():].all() and not t.base_bytes[sp.vocab_size():].any()
 
 
-def test_docs_are_normalisation_invariant(sp):
-    assert [sp.decode(sp.encode(d)) for d in DOCS] == DOCS
-
-
 def test_independent_byte_count_matches_utf8_of_documents(sp, tables):
+    assert [sp.decode(sp.encode(d)) for d in DOCS] == DOCS  # precondition: DOCS are normalisation-invariant
     stream = encode_docs(sp, DOCS)
     counted = int(tg.count_bytes(stream[:-1], stream[1:], tables).sum())
     assert counted == sum(len(d.encode("utf-8")) for d in DOCS)
@@ -110,16 +102,12 @@ def test_independent_byte_count_matches_decoded_text_on_corpus(sp, tables):
     assert counted == sum(len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs)
 
 
-def test_unit_tables_give_bpb_equal_loss_over_ln2():
-    v = 16
-    unit = tg.ByteTables(torch.ones(v, dtype=torch.int16), torch.zeros(v, dtype=torch.bool),
-                         torch.zeros(v, dtype=torch.bool))
-    g = torch.Generator().manual_seed(0)
-    prev, tgt = torch.randint(0, v, (100,), generator=g), torch.randint(0, v, (100,), generator=g)
-    nll = torch.rand(100, generator=g, dtype=torch.float64) * 5
-    n_bytes = int(tg.count_bytes(prev, tgt, unit).sum())
-    assert n_bytes == 100
-    assert math.isclose(tg.bits_per_byte(float(nll.sum()), n_bytes), float(nll.mean()) / math.log(2), rel_tol=1e-12)
+def test_unit_tables_give_bpb_equal_loss_over_ln2(tiny):
+    """One byte per target (unit tables): the evaluator's bpb is its loss in bits, bpb = loss / ln 2."""
+    h = tiny(vocab_size=16)
+    r = tg.sliding_eval(tiny_model(h), tg.ValData(random_stream(100, 16), unit_tables(16)), h, RT1)
+    assert (r.tokens, r.bytes) == (100, 100) and r.loss > 0
+    assert math.isclose(r.bpb, r.loss / math.log(2), rel_tol=1e-12)
 
 
 def test_load_val_data_logs_independent_byte_count(sp, tmp_path, monkeypatch, capsys, tiny):

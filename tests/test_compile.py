@@ -24,9 +24,11 @@ def test_training_forward_backward_is_one_inductor_graph_with_qat_off_and_on(tin
 
     torch.manual_seed(0)
     model = tg.build_model(h).train()
+    banks = [p for name, p in model.named_parameters() if name.endswith("_bank")]  # W_q/W_o, W_k/W_v, W_up, W_down
+    assert len(banks) == 4
     with torch.no_grad():  # zero W_o / W_down at init would hide the quantized banks from the loss
-        for name in tg.BANK_NAMES:
-            getattr(model, name).normal_(std=0.2)
+        for bank in banks:
+            bank.normal_(std=0.2)
     compiled = torch.compile(model, backend=recording_inductor, fullgraph=True, dynamic=False)
     g = torch.Generator().manual_seed(1)
     x, y = (torch.randint(0, h.vocab_size, (2, 16), generator=g) for _ in range(2))
@@ -37,7 +39,7 @@ def test_training_forward_backward_is_one_inductor_graph_with_qat_off_and_on(tin
         loss = compiled(x, y)
         loss.backward()
         assert len(graphs) == 1 + qat  # one graph per QAT state: the whole forward, no breaks
-        assert all(getattr(model, b).grad is not None for b in tg.BANK_NAMES)
+        assert all(bank.grad is not None for bank in banks)
         torch.testing.assert_close(loss, model(x, y), rtol=1e-4, atol=1e-4)
         losses[qat] = loss.item()
     assert not counters["graph_break"] and losses[True] != losses[False]

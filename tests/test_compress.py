@@ -100,7 +100,7 @@ def test_ngram_coder_reads_the_evaluator_s_distributions(setup):
     dists = compress.Distributions(model, h, tokens.clone(), compress.FLAG_NGRAM)
     nll = 0.0
     for c0, c1, pieces in dists.chunks:
-        for w in map(tg.Window._make, pieces.tolist()):
+        for w in map(compress.Window._make, pieces.tolist()):
             logits = dists.logits(w)
             for p in range(w.score_from, w.end + 1):
                 dist = dists.scorer.full_distribution(logits[p - w.start - 1][None], torch.tensor([p]))

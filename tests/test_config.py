@@ -6,39 +6,44 @@ import re
 import pytest
 
 import train_gpt as tg
-from conftest import CPU_DEMO_ENV, ROOT
+import toolkit
+from conftest import CPU_DEMO_ENV, ROOT, main_in_process, tiny_run_env
 
 
-def test_defaults_are_the_record_configuration():
-    h = tg.Hyperparameters.from_env({"RUN_ID": "x"})
-    assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_hidden) == (11, 512, 8, 4, 1536)
-    assert (h.train_batch_tokens, h.train_seq_len, h.iterations, h.warmdown_iters) == (786432, 2048, 20000, 3500)
-    assert (h.matrix_lr, h.scalar_lr, h.tied_embed_lr, h.muon_wd, h.adam_wd, h.grad_clip_norm) == (
-        0.025, 0.025, 0.035, 0.04, 0.04, 0.3)
-    assert (h.ngram_min_order, h.ngram_max_order, h.ngram_chunk_tokens, h.ngram_mode) == (2, 9, 65536, "exact")
-    assert (h.eval_stride, h.eval_batch_windows, h.rope_dims, h.xsa_last_n, h.bigram_vocab_size) == (64, 32, 16, 4, 1024)
-    assert h.max_wallclock_seconds == 600.0 and h.export_weights == "ema" and h.ema_decay == 0.997
-    assert h.grad_accum_steps(8) == 1 and h.grad_accum_steps(1) == 8
+def readme_defaults() -> dict:
+    """{field: default text} of README's settings table (rows that list as many defaults as variables)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("| variable | default | meaning |"):].split("\n\n")[0].splitlines()[2:]
+    out = {}
+    for row in table:
+        names, defaults = (re.split(r", | / ", cell.strip()) for cell in row.split("|")[1:3])
+        if len(names) == len(defaults):
+            out.update((n.strip("`").lower(), d.strip("`")) for n, d in zip(names, defaults))
+    return out
+
+
+def test_defaults_are_the_documented_record_configuration():
+    """Defaults = the record configuration as README's settings table documents it (one row per variable)."""
+    documented, h = readme_defaults(), tg.Hyperparameters()
+    assert len(documented) >= 40, sorted(documented)
+    fields = {f.name for f in dataclasses.fields(h)}
+    assert set(documented) - {"run_id"} <= fields  # every documented variable is a setting
+    for name, text in documented.items():
+        if name == "run_id":
+            assert text == "random" and tg.Hyperparameters.from_env({}).run_id != tg.Hyperparameters.from_env({}).run_id
+            continue
+        value = toolkit.format_setting(getattr(h, name))
+        assert value == text or (re.fullmatch(r"[-\d.e]+", text) and float(value) == float(text)), (name, text)
 
 
 def test_env_parsing_by_type():
-    h = tg.Hyperparameters.from_env({"SEED": "42", "EMA_DECAY": "0.99", "USE_SMEARGATE": "false", "LN_SCALE": "1",
+    h = tg.Hyperparameters.from_env({"SEED": "42", "EMA_DECAY": "0.99", "SMEARGATE_ENABLED": "false", "LN_SCALE": "1",
                                      "NGRAM_ORDER_MULTS": "1,2,3,4,5,6,7,8", "DATA_PATH": "/d",
                                      "CONTROL_TENSOR_NAME_PATTERNS": "a, b"})
-    assert h.seed == 42 and h.ema_decay == 0.99 and h.use_smeargate is False and h.ln_scale is True
+    assert h.seed == 42 and h.ema_decay == 0.99 and h.smeargate_enabled is False and h.ln_scale is True
     assert h.ngram_order_mults == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
     assert h.data_path == "/d" and h.control_tensor_name_patterns == ("a", "b")
     assert h.run_id  # a fresh UUID when RUN_ID is absent
-
-
-@pytest.mark.parametrize("env, words", [
-    ({"SEED": "abc"}, ["SEED", "int"]),
-    ({"USE_EMA": "yes"}, ["USE_EMA", "0, 1, true or false"]),
-])
-def test_unparseable_values_name_the_variable(env, words):
-    with pytest.raises(ValueError) as e:
-        tg.Hyperparameters.from_env(env)
-    assert all(w in str(e.value) for w in words)
 
 
 def test_typos_and_reference_only_settings_are_reported():
@@ -53,65 +58,70 @@ def test_typos_and_reference_only_settings_are_reported():
         tg.Hyperparameters.from_env({"EVAL_ONLY": "1", "ARTIFACT": "x.ptz"})
 
 
-@pytest.mark.parametrize("name, suggestion", [("NGRAM_MAX_ORDR", "NGRAM_MAX_ORDER"), ("EVAL_STRIDES", "EVAL_STRIDE"),
-                                              ("TRAIN_SEQLEN", "TRAIN_SEQ_LEN"), ("USE_EMAS", "USE_EMA")])
-def test_near_misses_of_real_settings_stay_errors(name, suggestion):
-    with pytest.raises(tg.UserError, match=f"{name} is not a setting; did you mean {suggestion}"):
-        tg.Hyperparameters.from_env({name: "1"})
+# ---- every message of a bad setting, in one table: Hyperparameters.from_env(env).validate(world) -------------------
+# (tests/test_user_errors.py proves once, through main() and a real process, that such an error is one line, exit 2,
+# nothing written)
+
+SETTING_ERRORS = [  # (env, world size, words of the one-line message)
+    ({"SEED": "abc"}, 1, ["SEED", "int"]),
+    ({"EMA_ENABLED": "yes"}, 1, ["EMA_ENABLED", "0, 1, true or false"]),
+    ({"NUM_HEADS": "0"}, 1, ["NUM_HEADS=0 must be > 0"]),
+    ({"MODEL_DIM": "-512"}, 1, ["MODEL_DIM=-512 must be > 0"]),
+    ({"ITERATIONS": "0"}, 1, ["ITERATIONS=0 must be > 0"]),
+    ({"MAX_WALLCLOCK_SECONDS": "-1"}, 1, ["MAX_WALLCLOCK_SECONDS=-1.0 must be >= 0"]),
+    ({"VAL_MAX_TOKENS": "-5"}, 1, ["VAL_MAX_TOKENS=-5 must be >= 0"]),
+    ({"TRAIN_SEQ_LEN": "0"}, 1, ["TRAIN_SEQ_LEN=0 must be >= 2"]),
+    ({"RUN_ID": "../escape"}, 1, ["RUN_ID='../escape' must be a plain file name"]),
+    ({"RUN_ID": "a b"}, 1, ["RUN_ID='a b'"]),
+    ({"MATRIX_LR": "-0.02"}, 1, ["MATRIX_LR=-0.02 must be >= 0"]),
+    ({"BETA1": "1"}, 1, ["BETA1=1.0 must be in [0, 1)"]),
+    ({"MUON_MOMENTUM": "1.5"}, 1, ["MUON_MOMENTUM=1.5 must be in [0, 1)"]),
+    ({"EMA_DECAY": "1"}, 1, ["EMA_DECAY=1.0 must be in (0, 1)"]),
+    ({"SEED": str(2**32)}, 1, ["SEED=4294967296 must be in [0, 4294967295]"]),
+    ({"GPTQ_CALIB_SEED": "-1"}, 1, ["GPTQ_CALIB_SEED=-1"]),
+    ({"VOCAB_SIZE": "70000"}, 1, ["VOCAB_SIZE=70000 must be in [2, 65536]"]),
+    ({"ZSTD_LEVEL": "23"}, 1, ["ZSTD_LEVEL=23 must be in [1, 22]"]),
+    ({"GPTQ_DAMP": "1e-6"}, 1, ["GPTQ_DAMP=1e-06 must be >= 0.0001"]),
+    ({"GPTQ_CALIB_TEMPERATURE": "1e-40"}, 1, ["GPTQ_CALIB_TEMPERATURE=1e-40 must be >= 0.001"]),
+    ({"NGRAM_ORDER_MULTS": "1,nan,2"}, 1, ["NGRAM_ORDER_MULTS=1.0,nan,2.0 must each be >= 0"]),
+    ({"INT6_CLIP_CANDIDATES": "0.99,1.5"}, 1, ["INT6_CLIP_CANDIDATES=0.99,1.5 must each be in (0, 1]"]),
+    ({"NGRAM_ALPHA_MIN": "0.8", "NGRAM_ALPHA_MAX": "0.5"}, 1, ["NGRAM_ALPHA_MIN=0.8 must be <= NGRAM_ALPHA_MAX=0.5"]),
+    ({"TRAIN_LOG_EVERY": "0"}, 1, ["TRAIN_LOG_EVERY=0 must be > 0"]),
+    ({"MLP_MULT": "0.001"}, 1, ["MLP_MULT=0.001 x MODEL_DIM=512 must give an MLP of at least 1 unit"]),
+    ({"MODEL_DIM": "500"}, 1, ["MODEL_DIM"]),
+    ({"NUM_KV_HEADS": "3"}, 1, ["NUM_KV_HEADS"]),
+    ({"ROPE_DIMS": "17"}, 1, ["ROPE_DIMS"]),
+    ({"EVAL_STRIDE": "4096"}, 1, ["EVAL_STRIDE"]),
+    ({"NGRAM_MIN_ORDER": "5", "NGRAM_MAX_ORDER": "3"}, 1, ["NGRAM_MIN_ORDER"]),
+    ({"NGRAM_BUCKETS": "1000"}, 1, ["NGRAM_BUCKETS"]),
+    ({"NGRAM_MIXER": "fixed"}, 1, ["NGRAM_MIXER"]),
+    ({"NGRAM_MIXER_PRIOR": "1.0"}, 1, ["NGRAM_MIXER_PRIOR"]),
+    ({"NGRAM_MIXER_SMOOTH": "0"}, 1, ["NGRAM_MIXER_SMOOTH"]),
+    ({"NGRAM_MIXER_GUARD": "0"}, 1, ["NGRAM_MIXER_GUARD"]),
+    ({"EXPORT_WEIGHTS": "best"}, 1, ["EXPORT_WEIGHTS"]),
+    ({"TOKENIZER_PATH": "tok.vocab"}, 1, ["TOKENIZER_PATH"]),
+    ({"EVAL_ONLY": "1", "ARTIFACT_PATH": "out/"}, 1, ["ARTIFACT_PATH=", "must name a file"]),
+    ({"TRAIN_MICRO_BATCH_TOKENS": "1000"}, 1, ["TRAIN_MICRO_BATCH_TOKENS"]),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, 1, ["TRAIN_BATCH_TOKENS=1000", "use TRAIN_BATCH_TOKENS="]),
+    ({"NGRAM_MAX_ORDR": "5"}, 1, ["NGRAM_MAX_ORDR is not a setting; did you mean NGRAM_MAX_ORDER?"]),
+]
 
 
-def test_unrelated_names_with_our_prefixes_are_only_reported():
-    env = {"USE_EXPERIMENTAL_CUDNN_V8_API": "1", "TRAIN_DIR": "/tmp", "EVAL_MODE": "x", "VAL_SOMETHING": "1",
-           "TTT_SOMETHING_ELSE": "3", "SEED": "7"}
-    h = tg.Hyperparameters.from_env(env)  # containers and CI set such names: they never stop a run
-    assert h.seed == 7
-    assert tg.check_unknown_settings(env) == ["EVAL_MODE", "TRAIN_DIR", "TTT_SOMETHING_ELSE",
-                                              "USE_EXPERIMENTAL_CUDNN_V8_API", "VAL_SOMETHING"]
-
-
-@pytest.mark.parametrize("env, field", [
-    ({"NUM_HEADS": "0"}, "NUM_HEADS=0 must be > 0"),
-    ({"MODEL_DIM": "-512"}, "MODEL_DIM=-512 must be > 0"),
-    ({"ITERATIONS": "0"}, "ITERATIONS=0 must be > 0"),
-    ({"MAX_WALLCLOCK_SECONDS": "-1"}, "MAX_WALLCLOCK_SECONDS=-1.0 must be >= 0"),
-    ({"VAL_MAX_TOKENS": "-5"}, "VAL_MAX_TOKENS=-5 must be >= 0"),
-    ({"TRAIN_SEQ_LEN": "0"}, "TRAIN_SEQ_LEN=0 must be >= 2"),
-    ({"RUN_ID": "../escape"}, "RUN_ID='../escape' must be a plain file name"),
-    ({"RUN_ID": "a b"}, "RUN_ID='a b'"),
-])
-def test_zero_negative_and_unsafe_values_name_the_field(env, field):
-    with pytest.raises(tg.UserError) as e:  # not a bare ZeroDivisionError
-        tg.Hyperparameters.from_env(env)
-    assert field in str(e.value) and "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize("overrides, field", [
-    ({"model_dim": 500}, "MODEL_DIM"),
-    ({"num_kv_heads": 3}, "NUM_KV_HEADS"),
-    ({"rope_dims": 17}, "ROPE_DIMS"),
-    ({"eval_stride": 4096}, "EVAL_STRIDE"),
-    ({"ngram_min_order": 5, "ngram_max_order": 3}, "NGRAM_MIN_ORDER"),
-    ({"ngram_buckets": 1000}, "NGRAM_BUCKETS"),
-    ({"ngram_mixer": "fixed"}, "NGRAM_MIXER"),
-    ({"ngram_mixer_prior": 1.0}, "NGRAM_MIXER_PRIOR"),
-    ({"ngram_mixer_smooth": 0.0}, "NGRAM_MIXER_SMOOTH"),
-    ({"ngram_mixer_guard": 0.0}, "NGRAM_MIXER_GUARD"),
-    ({"export_weights": "best"}, "EXPORT_WEIGHTS"),
-    ({"tokenizer_path": "tok.vocab"}, "TOKENIZER_PATH"),
-    ({"eval_only": True, "artifact_path": ""}, "ARTIFACT_PATH"),
-    ({"train_micro_batch_tokens": 1000}, "TRAIN_MICRO_BATCH_TOKENS"),
-])
-def test_validation_errors_name_the_fields(overrides, field):
-    with pytest.raises(tg.UserError) as e:
-        dataclasses.replace(tg.Hyperparameters(), **overrides).validate()
-    assert field in str(e.value)
+@pytest.mark.parametrize("env, world, words", SETTING_ERRORS, ids=[" ".join(f"{k}={v}" for k, v in env.items())
+                                                                    for env, _, _ in SETTING_ERRORS])
+def test_a_bad_setting_is_one_line_naming_the_setting(env, world, words):
+    with pytest.raises(ValueError) as e:  # a UserError (or the parser's ValueError), never ZeroDivisionError & co.
+        tg.Hyperparameters.from_env(dict(env, RUN_ID=env.get("RUN_ID", "x"))).validate(world)
+    message = str(e.value)
+    assert all(w in message for w in words) and "\n" not in message, message
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_record_batch_is_eight_micro_steps_over_the_world(world):
     h = tg.Hyperparameters()
     h.validate(world)
-    assert h.micro_batch_tokens(world) == 98_304 and h.grad_accum_steps(world) == 8 // world
+    micro, accum = h.micro_batch_tokens(world), h.grad_accum_steps(world)
+    assert accum == 8 // world and world * accum * micro == h.train_batch_tokens and micro % h.train_seq_len == 0
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
@@ -158,22 +168,28 @@ def test_impossible_batch_proposes_values_that_work(env, world):
         dataclasses.replace(h, train_batch_tokens=value).validate(world)
 
 
-def test_every_field_is_logged_once_sorted():
-    h = tg.Hyperparameters(run_id="r")
+def test_every_field_is_logged_once_sorted_and_reads_back_as_the_same_setting():
+    h = tg.Hyperparameters(run_id="r", ngram_order_mults=(0.5,) * 8, ema_enabled=False, export_weights="raw",
+                           matrix_lr=0.0125, data_path="/some/where")
     lines = h.log_lines()
     names = [line.split()[1].split(":")[0] for line in lines]
     assert names == sorted(f.name for f in dataclasses.fields(h))
-    assert "hparam ngram_order_mults:0.3,0.3,0.97,2.0,2.0,2.0,2.0,2.0,2.0,2.0,2.0" in lines
-    assert "hparam use_ema:1" in lines
+    env = dict(line.removeprefix("hparam ").split(":", 1) for line in lines)
+    assert tg.Hyperparameters.from_env({k.upper(): v for k, v in env.items()}) == h  # a log line is the setting
 
 
-def test_import_has_no_side_effects(tmp_path):
-    import subprocess
+def test_import_has_no_side_effects(tmp_path, monkeypatch, capsys):
+    """Importing a fresh copy of the script (in an empty folder) prints nothing, writes nothing, starts nothing."""
+    import importlib.util
     import sys
-    code = "import os, sys; sys.path.insert(0, sys.argv[1]); import train_gpt; print(sorted(os.listdir('.')))"
-    out = subprocess.run([sys.executable, "-c", code, str(tg.Path(tg.__file__).parent)], cwd=tmp_path,
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]" and not out.stderr
+    import torch.distributed as dist
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("train_gpt_fresh_import", ROOT / "train_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while the class runs
+    spec.loader.exec_module(module)
+    assert capsys.readouterr() == ("", "") and list(tmp_path.iterdir()) == []
+    assert not dist.is_initialized()
 
 
 def run_sh_cpu_exports() -> dict:
@@ -192,20 +208,31 @@ def test_run_sh_cpu_branch_exports_the_toolkit_demo_config():
 
 def test_cpu_demo_config_is_a_valid_configuration():
     h = tg.Hyperparameters.from_env(dict(CPU_DEMO_ENV, RUN_ID="demo"))
-    assert (h.num_layers, h.model_dim, h.iterations, h.max_wallclock_seconds) == (4, 128, 200, 0.0)
-    assert h.train_batch_tokens // h.train_micro_batch_tokens == 2  # 2 micro-steps on one process
+    h.validate(1)
+    assert h.grad_accum_steps(1) == 2  # 2 micro-steps on one process
 
 
 # ---- typos of any setting; quiet for what containers, schedulers and CI set --------------------------------------
 
 @pytest.mark.parametrize("name, suggestion", [
-    ("NUM_LAYER", "NUM_LAYERS"), ("SEEDS", "SEED"), ("DATA_PAHT", "DATA_PATH"), ("MATRIXLR", "MATRIX_LR"),
-    ("GPTQ_DAMPING", "GPTQ_DAMP"), ("LOGDIR", "LOG_DIR"), ("ITERATION", "ITERATIONS"), ("BETA_1", "BETA1"),
-    ("num_layers", "NUM_LAYERS"), ("seed", "SEED"), ("Model_Dim", "MODEL_DIM"),
+    ("NGRAM_MAX_ORDR", "NGRAM_MAX_ORDER"), ("EVAL_STRIDES", "EVAL_STRIDE"), ("TRAIN_SEQLEN", "TRAIN_SEQ_LEN"),
+    ("EMA_ENABLEDS", "EMA_ENABLED"), ("NUM_LAYER", "NUM_LAYERS"), ("SEEDS", "SEED"), ("DATA_PAHT", "DATA_PATH"),
+    ("MATRIXLR", "MATRIX_LR"), ("GPTQ_DAMPING", "GPTQ_DAMP"), ("LOGDIR", "LOG_DIR"), ("ITERATION", "ITERATIONS"),
+    ("BETA_1", "BETA1"), ("num_layers", "NUM_LAYERS"), ("seed", "SEED"), ("Model_Dim", "MODEL_DIM"),
 ])
 def test_near_misses_of_every_setting_are_errors_whatever_the_prefix(name, suggestion):
     with pytest.raises(tg.UserError, match=f"{name} is not a setting; did you mean {suggestion}\\?"):
         tg.Hyperparameters.from_env({name: "42"})
+
+@pytest.mark.parametrize("old, new", [("USE_EMA", "EMA_ENABLED"), ("USE_LATE_QAT", "QAT_ENABLED"),
+                                      ("USE_TTT", "TTT_ENABLED"), ("USE_SMEARGATE", "SMEARGATE_ENABLED"),
+                                      ("USE_VALUE_RESIDUAL", "VALUE_RESIDUAL_ENABLED"),
+                                      ("USE_GATED_ATTENTION", "GATED_ATTENTION_ENABLED")])
+def test_the_old_switch_names_are_refused_naming_the_new_one(old, new):
+    for value in ("0", "1"):  # never accepted, not even with the value the new switch has by default
+        with pytest.raises(tg.UserError, match=f"^unknown or unsupported settings in the environment: "
+                                               f"{old}={value}: renamed {new}$"):
+            tg.Hyperparameters.from_env({old: value})
 
 
 # Variables set by Docker images (NVIDIA CUDA, PyTorch, Python), Kubernetes, SLURM, torchrun/torchelastic, GitHub
@@ -243,10 +270,23 @@ no_proxy SSL_CERT_FILE REQUESTS_CA_BUNDLE MALLOC_ARENA_MAX XLA_FLAGS TF_CPP_MIN_
 """.split()
 
 
-def test_what_containers_schedulers_and_ci_set_is_never_a_near_miss():
-    env = dict.fromkeys(CONTAINER_AND_CI_ENV, "1")
-    assert tg.Hyperparameters.from_env(env).seed == 1337  # nothing refused
-    assert tg.check_unknown_settings(env) == []  # and none of them shares one of our prefixes
+def test_unknown_names_with_our_prefixes_are_logged_and_what_containers_set_is_quiet(tiny_corpus, tmp_path,
+                                                                                      monkeypatch):
+    """Neither stops a run: names that only share one of our prefixes are logged once each as `env_ignored`, what
+    containers, schedulers and CI set is not even logged (it is no near-miss and shares no prefix)."""
+    ours = {"USE_EXPERIMENTAL_CUDNN_V8_API": "1", "TRAIN_DIR": "/tmp", "EVAL_MODE": "x", "VAL_SOMETHING": "1",
+            "TTT_SOMETHING_ELSE": "3"}
+    containers = dict.fromkeys(CONTAINER_AND_CI_ENV, "1")
+    assert tg.Hyperparameters.from_env({**containers, **ours, "SEED": "7"}).seed == 7  # nothing refused
+    for key in ("PATH", "HOME", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "TMPDIR", "PWD", "CUDA_VISIBLE_DEVICES"):
+        del containers[key]  # the run below must still find python's packages and this folder
+    containers.update(dict.fromkeys(("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK"), "0"))  # one process
+    tok = tmp_path / "not_a_tokenizer.model"
+    tok.write_text("x")  # the run stops at the tokenizer, after its header and the env_ignored lines
+    env = tiny_run_env(tiny_corpus, tmp_path, TOKENIZER_PATH=str(tok), **containers, **ours)
+    assert main_in_process(env, monkeypatch, tmp_path) == 2
+    log = (tmp_path / "logs" / "e2e.txt").read_text().splitlines()
+    assert [line for line in log if line.startswith("env_ignored ")] == [f"env_ignored name:{n}" for n in sorted(ours)]
 
 
 # ---- every numeric field: finite and in its range ---------------------------------------------------------------
@@ -256,10 +296,6 @@ NUMERIC_FIELDS = [f.name for f in dataclasses.fields(tg.Hyperparameters)
 FLOAT_FIELDS = [f.name for f in dataclasses.fields(tg.Hyperparameters) if "float" in str(f.type)]
 
 
-def test_every_numeric_field_has_a_range():
-    assert sorted(tg.FIELD_RANGES) == sorted(NUMERIC_FIELDS)
-
-
 @pytest.mark.parametrize("name", FLOAT_FIELDS)
 @pytest.mark.parametrize("raw", ["nan", "inf", "-inf"])
 def test_non_finite_floats_are_refused_before_the_run(name, raw):
@@ -267,33 +303,18 @@ def test_non_finite_floats_are_refused_before_the_run(name, raw):
         tg.Hyperparameters.from_env({name.upper(): raw})
 
 
-@pytest.mark.parametrize("name", [n for n in NUMERIC_FIELDS if not tg.FIELD_RANGES[n].startswith("(-inf")])
-def test_negative_values_are_refused_where_the_range_is_not_negative(name):
+NEGATIVE_OK = {"ngram_entropy_center", "ngram_center_shift"}  # the seed rule's entropy center may sit below 0
+
+
+@pytest.mark.parametrize("name", NUMERIC_FIELDS)
+def test_every_numeric_field_is_range_checked(name):
+    """Every numeric field has a range: -1 is refused naming it (beside NaN and inf, refused for every float),
+    except where a negative value means something."""
+    if name in NEGATIVE_OK:
+        tg.Hyperparameters.from_env({name.upper(): "-1"})
+        return
     with pytest.raises(tg.UserError, match=f"{name.upper()}=-1"):
         tg.Hyperparameters.from_env({name.upper(): "-1"})
-
-
-@pytest.mark.parametrize("env, message", [
-    ({"MATRIX_LR": "-0.02"}, "MATRIX_LR=-0.02 must be >= 0"),
-    ({"BETA1": "1"}, "BETA1=1.0 must be in [0, 1)"),
-    ({"MUON_MOMENTUM": "1.5"}, "MUON_MOMENTUM=1.5 must be in [0, 1)"),
-    ({"EMA_DECAY": "1"}, "EMA_DECAY=1.0 must be in (0, 1)"),
-    ({"SEED": str(2**32)}, "SEED=4294967296 must be in [0, 4294967295]"),
-    ({"GPTQ_CALIB_SEED": "-1"}, "GPTQ_CALIB_SEED=-1"),
-    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000 must be in [2, 65536]"),
-    ({"ZSTD_LEVEL": "23"}, "ZSTD_LEVEL=23 must be in [1, 22]"),
-    ({"GPTQ_DAMP": "1e-6"}, "GPTQ_DAMP=1e-06 must be >= 0.0001"),
-    ({"GPTQ_CALIB_TEMPERATURE": "1e-40"}, "GPTQ_CALIB_TEMPERATURE=1e-40 must be >= 0.001"),
-    ({"NGRAM_ORDER_MULTS": "1,nan,2"}, "NGRAM_ORDER_MULTS=1.0,nan,2.0 must each be >= 0"),
-    ({"INT6_CLIP_CANDIDATES": "0.99,1.5"}, "INT6_CLIP_CANDIDATES=0.99,1.5 must each be in (0, 1]"),
-    ({"NGRAM_ALPHA_MIN": "0.8", "NGRAM_ALPHA_MAX": "0.5"}, "NGRAM_ALPHA_MIN=0.8 must be <= NGRAM_ALPHA_MAX=0.5"),
-    ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be > 0"),
-    ({"MLP_MULT": "0.001"}, "MLP_MULT=0.001 x MODEL_DIM=512 must give an MLP of at least 1 unit"),
-])
-def test_out_of_range_values_name_the_field_and_the_range(env, message):
-    with pytest.raises(tg.UserError) as e:
-        tg.Hyperparameters.from_env(env)
-    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_range_bounds_are_accepted():
@@ -332,7 +353,7 @@ def test_small_chunks_are_refused_naming_their_cost(world):
 
 
 def test_small_ttt_chunks_are_refused_and_fewer_batch_windows_fit():
-    h = tg.Hyperparameters.from_env({"USE_TTT": "1", "TTT_CHUNK_TOKENS": "4096", "RUN_ID": "x"})
+    h = tg.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096", "RUN_ID": "x"})
     h.validate(1)
     with pytest.raises(tg.UserError, match=r"TTT_CHUNK_TOKENS=4096 .* cost 4x .* or EVAL_BATCH_WINDOWS <= 8"):
         h.validate(8)
@@ -341,6 +362,6 @@ def test_small_ttt_chunks_are_refused_and_fewer_batch_windows_fit():
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_record_and_demo_chunks_fill_their_batches(world):
-    tg.Hyperparameters(use_ttt=True).validate(world)
+    tg.Hyperparameters(ttt_enabled=True).validate(world)
     if world == 1:
-        tg.Hyperparameters.from_env(dict(CPU_DEMO_ENV, RUN_ID="demo", USE_TTT="1", TTT_CHUNK_TOKENS="8192")).validate(1)
+        tg.Hyperparameters.from_env(dict(CPU_DEMO_ENV, RUN_ID="demo", TTT_ENABLED="1", TTT_CHUNK_TOKENS="8192")).validate(1)

@@ -19,8 +19,13 @@ def write_raw(path, header_words, payload: bytes = b""):
     return path
 
 
-def full_header(magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=0):
-    h = np.zeros(tg.SHARD_HEADER_WORDS, dtype="<i4")
+# The shard format (upstream's FineWeb shards, a compatibility contract): 256 little-endian int32 header words (magic
+# 20240520, version 1, token count, zeros), then the tokens as little-endian uint16.
+HEADER_WORDS, MAGIC, VERSION = 256, 20240520, 1
+
+
+def full_header(magic=MAGIC, version=VERSION, count=0):
+    h = np.zeros(HEADER_WORDS, dtype="<i4")
     h[:3] = (magic, version, count)
     return h
 
@@ -49,21 +54,21 @@ def test_write_read_round_trip(tmp_path):
     out = tg.read_shard(path)
     assert out.dtype == np.uint16
     np.testing.assert_array_equal(out, tokens.astype(np.uint16))
-    assert path.stat().st_size == tg.SHARD_HEADER_BYTES + 2 * tokens.size
+    assert path.stat().st_size == 4 * HEADER_WORDS + 2 * tokens.size
 
 
 def test_round_trip_empty_shard_and_header_layout(tmp_path):
     path = tmp_path / "e_val_000000.bin"
     tg.write_shard(path, np.zeros(0, dtype=np.uint16))
     assert tg.read_shard(path).size == 0
-    header = np.fromfile(path, dtype="<i4", count=tg.SHARD_HEADER_WORDS)
-    assert list(header[:3]) == [20240520, 1, 0] and not header[3:].any()
+    header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
+    assert list(header[:3]) == [MAGIC, VERSION, 0] and not header[3:].any() and path.stat().st_size == 4 * HEADER_WORDS
 
 
 def test_write_shard_rejects_out_of_range_ids(tmp_path):
-    with pytest.raises(tg.ShardError):
+    with pytest.raises(tg.UserError):
         tg.write_shard(tmp_path / "bad.bin", np.array([0, 65536]))
-    with pytest.raises(tg.ShardError):
+    with pytest.raises(tg.UserError):
         tg.write_shard(tmp_path / "bad.bin", np.array([-1, 2]))
     assert not (tmp_path / "bad.bin").exists()
 
@@ -88,7 +93,7 @@ def test_read_shard_rejections_name_the_file(tmp_path, case):
     expected = {"bad_magic": "bad magic", "bad_version": "version", "truncated_header": "truncated header",
                 "truncated_file": "truncated file", "extra_bytes": "size mismatch", "token_too_large": "vocab size",
                 "missing": "cannot open"}[case]
-    with pytest.raises(tg.ShardError, match=expected) as err:
+    with pytest.raises(tg.UserError, match=expected) as err:
         tg.read_shard(path, vocab_size=8 if case == "token_too_large" else None)
     assert str(path) in str(err.value)
 
@@ -146,6 +151,16 @@ def make_runtime(rank, world):
     return tg.Runtime(rank, world, 0, torch.device("cpu"), world > 1)
 
 
+def stream_of(loader, batches: int, local: int) -> np.ndarray:
+    """The stream positions a one-rank loader hands out in `batches` batches of `local` inputs (local + 1 tokens
+    each: the inputs and the last target)."""
+    out = []
+    for _ in range(batches):
+        x, y = loader.next_batch(local, local)
+        out += [x.flatten().numpy(), y.flatten()[-1:].numpy()]
+    return np.concatenate(out)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_rank_spans_disjoint_and_cover_global_batch(tmp_path, world):
     files = write_position_shards(tmp_path, "pos", "train", [1000, 1000, 1000])
@@ -168,25 +183,25 @@ def test_rank_spans_disjoint_and_cover_global_batch(tmp_path, world):
 
 def test_stream_wraps_across_shards_and_back_to_first(tmp_path):
     files = write_position_shards(tmp_path, "pos", "train", [5, 7, 3])
-    stream = tg.TokenStream(files)
-    got = np.concatenate([stream.take(4) for _ in range(10)])
-    np.testing.assert_array_equal(got, np.arange(40) % 15)
+    loader = tg.DistributedTokenLoader(files, make_runtime(0, 1))
+    np.testing.assert_array_equal(stream_of(loader, 10, 3), np.arange(40) % 15)
 
 
 def test_stream_skips_empty_shards_and_rejects_all_empty(tmp_path):
     files = write_position_shards(tmp_path, "pos", "train", [3, 0, 2])
-    np.testing.assert_array_equal(tg.TokenStream(files).take(7), [0, 1, 2, 3, 4, 0, 1])
+    np.testing.assert_array_equal(stream_of(tg.DistributedTokenLoader(files, make_runtime(0, 1)), 1, 6),
+                                  [0, 1, 2, 3, 4, 0, 1])
     empty = write_position_shards(tmp_path, "none", "train", [0, 0])
-    with pytest.raises(tg.ShardError, match="hold no tokens"):
-        tg.TokenStream(empty).take(1)
+    with pytest.raises(tg.UserError, match="hold no tokens"):
+        tg.DistributedTokenLoader(empty, make_runtime(0, 1)).next_batch(1, 1)
 
 
 def test_stream_checks_each_shard_once_however_often_it_is_reread(tmp_path, monkeypatch):
     files = write_position_shards(tmp_path, "pos", "train", [5, 7, 3])
     reads, real = [], tg.read_shard
     monkeypatch.setattr(tg, "read_shard", lambda path, vocab=None: reads.append((path, vocab)) or real(path, vocab))
-    stream = tg.TokenStream(files, vocab_size=16)
-    np.testing.assert_array_equal(np.concatenate([stream.take(5) for _ in range(9)]), np.arange(45) % 15)
+    loader = tg.DistributedTokenLoader(files, make_runtime(0, 1), vocab_size=16)
+    np.testing.assert_array_equal(stream_of(loader, 9, 4), np.arange(45) % 15)
     checked = [path for path, vocab in reads if vocab == 16]
     assert sorted(checked) == sorted(files)  # three cycles, every shard checked exactly once
     assert len(reads) >= 9  # ... while every cycle re-reads the shards
@@ -194,9 +209,9 @@ def test_stream_checks_each_shard_once_however_often_it_is_reread(tmp_path, monk
 
 def test_stream_reports_a_bad_later_shard_by_name(tmp_path):
     files = write_position_shards(tmp_path, "pos", "train", [4, 4])
-    stream = tg.TokenStream(files, vocab_size=6)  # shard 1 holds ids 4..7
-    with pytest.raises(tg.ShardError, match=r"pos_train_000001\.bin: token id 6 at index 2 >= vocab size 6"):
-        stream.take(6)
+    loader = tg.DistributedTokenLoader(files, make_runtime(0, 1), vocab_size=6)  # shard 1 holds ids 4..7
+    with pytest.raises(tg.UserError, match=r"pos_train_000001\.bin: token id 6 at index 2 >= vocab size 6"):
+        loader.next_batch(5, 5)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bad_magic"])
@@ -205,8 +220,8 @@ def test_every_train_shard_header_is_checked_before_the_first_batch(tmp_path, da
     data = open(files[2], "rb").read()
     bad = data[:-2] if damage == "truncated" else np.int32(7).tobytes() + data[4:]
     open(files[2], "wb").write(bad)
-    with pytest.raises(tg.ShardError, match=r"pos_train_000002\.bin: (truncated file|bad magic)"):
-        tg.TokenStream(files)  # before any token is taken, not when the stream reaches shard 2
+    with pytest.raises(tg.UserError, match=r"pos_train_000002\.bin: (truncated file|bad magic)"):
+        tg.DistributedTokenLoader(files, make_runtime(0, 1))  # before any batch, not when it reaches shard 2
 
 
 def test_loader_batch_straddles_wrap(tmp_path):
@@ -223,29 +238,37 @@ def test_loader_batch_straddles_wrap(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_validation_truncates_to_whole_sequences_plus_one(tmp_path):
-    files = write_position_shards(tmp_path, "pos", "val", [60, 40])
-    tokens = tg.load_validation_tokens(files, seq_len=8)
+@pytest.fixture
+def val_tokens(tmp_path, tiny_corpus, tiny):
+    """(lengths of the val shards, EVAL_SEQ_LEN, VAL_MAX_TOKENS) -> the tokens load_val_data keeps, from shards whose
+    tokens are their stream positions."""
+    _, tok, vocab = tiny_corpus
+
+    def load(lengths, seq_len=8, cap=0):
+        write_position_shards(tmp_path, "pos", "val", lengths)
+        h = tiny(data_path=str(tmp_path), tokenizer_path=tok, vocab_size=vocab, eval_seq_len=seq_len, val_max_tokens=cap)
+        return tg.load_val_data(h, tg.load_tokenizer(h)).tokens
+    return load
+
+
+def test_validation_truncates_to_whole_sequences_plus_one(val_tokens):
+    tokens = val_tokens([60, 40])
     assert tokens.dtype == torch.int64
     torch.testing.assert_close(tokens, torch.arange(97))  # (100 - 1) // 8 * 8 = 96 targets + 1
 
 
-def test_validation_exact_multiple_keeps_everything(tmp_path):
-    files = write_position_shards(tmp_path, "pos", "val", [17])
-    assert tg.load_validation_tokens(files, seq_len=8).numel() == 17
+def test_validation_exact_multiple_keeps_everything(val_tokens):
+    assert val_tokens([17]).numel() == 17
 
 
 @pytest.mark.parametrize("cap,expected_targets", [(20, 16), (16, 16), (3, 8), (1000, 96)])
-def test_validation_cap(tmp_path, cap, expected_targets):
-    files = write_position_shards(tmp_path, "pos", "val", [100])
-    tokens = tg.load_validation_tokens(files, seq_len=8, max_targets=cap)
-    torch.testing.assert_close(tokens, torch.arange(expected_targets + 1))
+def test_validation_cap(val_tokens, cap, expected_targets):
+    torch.testing.assert_close(val_tokens([100], cap=cap), torch.arange(expected_targets + 1))
 
 
-def test_validation_too_short_is_an_error(tmp_path):
-    files = write_position_shards(tmp_path, "pos", "val", [8])
-    with pytest.raises(ValueError, match="fewer than one sequence"):
-        tg.load_validation_tokens(files, seq_len=8)
+def test_validation_too_short_is_an_error(val_tokens):
+    with pytest.raises(tg.UserError, match="fewer than one sequence of EVAL_SEQ_LEN=8"):
+        val_tokens([8])
 
 
 def test_loader_on_cuda_copies_each_batch_once_from_pinned_memory_without_blocking(tmp_path, monkeypatch):

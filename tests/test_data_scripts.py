@@ -298,26 +298,20 @@ def test_names_that_would_confuse_shard_discovery_are_refused(tmp_path, name):
 
 
 def test_long_document_contributes_to_tokenizer(built):
+    import io
     import sentencepiece as spm
     long_doc = " ".join(["qzvk"] * 3000)  # one 15,000-byte line, far above SentencePiece's 4,192 default
     docs = built.docs + [long_doc]
+    # precondition (SentencePiece's default, which make_dataset overrides, drops the line): else this test proves nothing
+    default = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_writer=default, model_type="bpe",
+                                   vocab_size=VOCAB, byte_fallback=True, hard_vocab_limit=False, minloglevel=2)
+    default_sp = spm.SentencePieceProcessor(model_proto=default.getvalue())
+    assert not any("qzvk" in default_sp.id_to_piece(i) for i in range(default_sp.vocab_size()))
     sp = spm.SentencePieceProcessor(model_proto=md.train_tokenizer(docs, VOCAB, threads=1))
     pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
     assert any("qzvk" in p for p in pieces)
     assert len(sp.encode(long_doc)) <= 3001  # one piece per word (the first has no leading space), not bytes
-
-
-def test_long_document_would_be_dropped_at_default_limit(built):
-    """Control for the test above: SentencePiece's default max_sentence_length really drops the long line."""
-    # The trainer is called directly on purpose: the control needs the default that make_dataset overrides.
-    import io
-    import sentencepiece as spm
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(built.docs + [" ".join(["qzvk"] * 3000)]),
-                                   model_writer=model, model_type="bpe", vocab_size=VOCAB, byte_fallback=True,
-                                   hard_vocab_limit=False, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    assert not any("qzvk" in sp.id_to_piece(i) for i in range(sp.vocab_size()))
 
 
 def test_sample_missing_package_error(monkeypatch, tmp_path, capsys):
@@ -335,7 +329,7 @@ def test_sample_end_to_end(tmp_path, capsys):
     assert "val: docs:500 " in text and "train: docs:9533 " in text
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizers" / "sample_1024_bpe.model"))
-    assert sp.vocab_size() == 1024
+    assert sp.vocab_size() == tg.Hyperparameters().vocab_size  # by default the record's vocabulary
     data = tmp_path / "datasets" / "sample_sp1024"
     val = tg.read_shard(data / "sample_val_000000.bin", 1024)
     train = tg.read_shard(data / "sample_train_000000.bin", 1024)
@@ -450,6 +444,7 @@ def test_missing_huggingface_hub_is_a_clean_error(monkeypatch, tmp_path, capsys)
     assert "pip install huggingface-hub" in err and "make_dataset.py --input sample" in err
 
 
+@pytest.mark.slow  # the command line's own exit code (a process)
 def test_download_cli_exit_code_without_hub(tmp_path):
     code = ("import sys, runpy; sys.modules['huggingface_hub'] = None; sys.argv = ['x', '--out-dir', sys.argv[1]]; "
             f"runpy.run_path({str(ROOT / 'data' / 'cached_challenge_fineweb.py')!r}, run_name='__main__')")

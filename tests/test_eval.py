@@ -1,6 +1,6 @@
 """Evaluation engine: window planning, driver, totals, sliding and n-gram evals, caches, audit.
 
-Run: python3 -m pytest tests/test_eval.py -q      (slow 2-process test included; -m "not slow" skips it)
+Run: python3 -m pytest tests/test_eval.py -q      (--full adds the 2-process test)
 """
 import collections
 import dataclasses
@@ -10,19 +10,34 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
-from conftest import (CPU, RT1, FakeCudaTransfers, UniformLM, random_stream, random_tables, repeating_stream,  # noqa: E402
+from conftest import (CPU, RT1, UniformLM, random_stream, random_tables, repeating_stream,  # noqa: E402
                       tiny_model, unit_tables)
+
+
+class Window(typing.NamedTuple):
+    """A row of a window array [n, 3]: inputs tokens[start:end], scored targets score_from..end."""
+    start: int
+    end: int
+    score_from: int
+
+
+def entropy(logp):
+    """Entropy of each row of log-probabilities (nats), as the mixers compute it."""
+    return -(logp.exp() * logp).sum(-1)
+
 
 def ngram_eval(model, val, h, rt=RT1):
     """The n-gram score of the one plain pass."""
@@ -36,7 +51,7 @@ def scored_targets(w):
 def rows(windows):
     """Window rows of an [n, 3] window array."""
     assert windows.dtype == np.int64 and windows.ndim == 2 and windows.shape[1] == 3
-    return [tg.Window(*r) for r in windows.tolist()]
+    return [Window(*r) for r in windows.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------- windows
@@ -48,7 +63,7 @@ def test_plan_windows_scores_every_target_once_with_max_context(seq_len):
             ws = rows(tg.plan_windows(n, seq_len, stride))
             got = [p for w in ws for p in scored_targets(w)]
             assert got == list(range(1, n + 1)), (n, seq_len, stride)
-            assert ws[0] == tg.Window(0, min(seq_len, n), 1)  # the first window scores all its targets
+            assert ws[0] == Window(0, min(seq_len, n), 1)  # the first window scores all its targets
             for w in ws:
                 assert 0 <= w.start < w.score_from <= w.end <= n
                 assert w.end - w.start == min(seq_len, w.end)  # as long as possible
@@ -86,21 +101,52 @@ def test_group_by_chunk_monotone_no_straddle_same_context(chunk):
     assert seen == list(range(1, n + 1))
 
 
-def test_make_batch_shapes_shift_and_selection():
+class InputRecorder(nn.Module):
+    """Uniform logits; records every batch of inputs it is given."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.inputs = vocab, []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return torch.zeros(*x.shape, self.vocab)
+
+
+def recorded_batches(tiny, tokens, windows, rows, chunk=None):
+    """(inputs, batch) of every batch that evaluate() builds for `windows`, `rows` windows a batch."""
+    model, batches = InputRecorder(101), []
+
+    def scorer(logp, batch):
+        assert logp.shape == (len(batch.pos), 101)
+        batches.append(batch)
+        return torch.zeros(len(batch.pos))
+
+    h = tiny(vocab_size=101, eval_batch_windows=rows)
+    tg.evaluate(model, tg.ValData(tokens, unit_tables(101)), windows, {"s": scorer}, h, RT1, chunk)
+    return list(zip(model.inputs, batches))
+
+
+def test_batches_shapes_shift_and_selection(tiny):
+    """evaluate()'s batches: a window's row holds tokens[start:end]; the scored entries are exactly its targets
+    score_from..end, each read where its previous token is the input; shares are padded to whole batches with empty
+    windows; the span is the rank's scored targets of the chunk."""
     tokens = torch.arange(101) * 7 % 101  # token at position p differs from p
     ws = np.array([[0, 10, 1], [5, 15, 12]])
-    table, offsets = tg.window_table([ws[:1], ws[1:]], rows=4, device=CPU)
-    assert offsets == [0, 4, 8] and table.host[1:4].tolist() == [[0, 0, 1]] * 3  # padded with empty windows
-    assert tg.scored_span(table.host[0:4]) == (1, 11) and tg.scored_span(table.host[4:8]) == (12, 16)
-    assert tg.scored_span(table.host[1:4]) == (0, 0)
-    b = tg.make_batch(tokens, table, 0, 8, length=12, span=(1, 16))
-    assert b.x.shape == (8, 12)
-    assert torch.equal(b.x[4, :10], tokens[5:15]) and torch.equal(b.x[0, :10], tokens[:10])
+    (x, b), = recorded_batches(tiny, tokens, ws, rows=4)  # one chunk, one batch: 2 windows + 2 empty ones
+    assert x.shape == b.x.shape == (4, 10) and torch.equal(x, b.x)  # as long as the longest window
+    assert torch.equal(x[0], tokens[:10]) and torch.equal(x[1], tokens[5:15])
     assert b.sel_pos.tolist() == list(range(1, 11)) + [12, 13, 14, 15]
     assert b.pos.tolist() == b.sel_pos.tolist()
     assert torch.equal(b.tgt, tokens[b.pos]) and torch.equal(b.prev, tokens[b.pos - 1])
-    assert torch.equal(b.x.flatten()[b.sel], b.prev)  # the scored entry's input is the token before its target
-    assert sorted(set((b.sel // 12).tolist())) == [0, 4] and b.span == (1, 16)
+    assert torch.equal(x.flatten()[b.sel], b.prev)  # the scored entry's input is the token before its target
+    assert sorted(set((b.sel // 10).tolist())) == [0, 1] and b.span == (1, 16)
+    chunked = recorded_batches(tiny, tokens, ws, rows=4, chunk=11)  # chunks [1, 12) and [12, 23): one window each
+    assert [(tuple(x.shape), b.span, b.sel_pos.tolist()) for x, b in chunked] == [
+        ((4, 10), (1, 11), list(range(1, 11))), ((4, 10), (12, 16), [12, 13, 14, 15])]
+    assert [sorted(set((b.sel // 10).tolist())) for _, b in chunked] == [[0], [0]]  # rows 1..3: padding
+    two = recorded_batches(tiny, tokens, np.array([[0, 10, 1], [5, 15, 12], [9, 19, 16]]), rows=2)
+    assert [b.sel_pos.tolist() for _, b in two] == [list(range(1, 11)) + [12, 13, 14, 15], [16, 17, 18, 19]]
 
 
 # ------------------------------------------------------------------------------------------ driver equivalences
@@ -180,12 +226,12 @@ def test_exact_cache_grows_in_few_geometric_runs_and_stays_exact():
     vocab, n, chunk = 16, 2400, 24
     tokens = random_stream(n, vocab, 5)
     cache = tg.ExactNgramCache(vocab, min_order=2, max_order=4, min_count=1, device=CPU)
-    most_runs = 0
+    most_runs, growth = 0, tg.LSM_GROWTH  # pinned: the sorted runs grow geometrically
     for a in range(1, n, chunk):
         cache.update(tokens, a, min(a + chunk, n + 1))
         for table in (cache.ctx, cache.pairs):
             sizes = [run[0].numel() for run in table.runs]
-            assert all(big >= tg.LSM_GROWTH * small for big, small in zip(sizes, sizes[1:])), sizes
+            assert all(big >= growth * small for big, small in zip(sizes, sizes[1:])), sizes
             keys = torch.cat([run[0] for run in table.runs])
             assert keys.unique().numel() == keys.numel()
             assert all(bool((run[0][1:] > run[0][:-1]).all()) for run in table.runs)  # each run sorted
@@ -235,7 +281,8 @@ def test_exact_stats_give_every_order_s_counts(vocab, lo, hi):
 
 def hashed_reference(t, lo, hi, min_count, buckets, upto, queries, vocab):
     """Straightforward Python version of SPEC §7.3.3-7.3.4: (order, p for every candidate) per query."""
-    P = tg.NGRAM_PRIMES
+    P = (36313, 27191, 51647, 81929, 131071, 174763, 233017, 283721, 347237, 409891, 479909, 557927, 631553, 716279,
+         811207)  # the reference's primes
 
     def ctx_hash(p, n):
         h = 0
@@ -269,7 +316,9 @@ def hashed_reference(t, lo, hi, min_count, buckets, upto, queries, vocab):
 def test_hashed_cache_matches_spec_reference_loop():
     vocab, n, buckets = 40, 800, 256
     tokens = random_stream(n, vocab, 5)
-    cache = tg.HashedNgramCache(min_order=2, max_order=9, min_count=2, num_buckets=buckets, device=CPU)
+    h = tg.Hyperparameters(vocab_size=vocab, ngram_mode="hashed", ngram_min_order=2, ngram_max_order=9,
+                           ngram_min_count=2, ngram_buckets=buckets)
+    cache = tg.make_ngram_scorer(tokens, h, RT1).cache
     cache.update(tokens, 1, 300)
     cache.update(tokens, 300, 600)
     queries = list(range(1, n + 1, 7))
@@ -341,7 +390,7 @@ def learned_reference(tokens, logp, h):
                 continue
             top = int(np.nonzero(cc)[0].max())
             types = sum(1 for key in pair if key[:-1] == contexts[top])
-            ent = float(tg.row_entropy(torch.from_numpy(lp)))
+            ent = float(entropy(torch.from_numpy(lp)))
             bucket = (top + 1, min(int(math.floor(math.log2(cc[top]))), 11), min(4 * types // int(cc[top]), 3),
                       min(max(int(math.floor(ent / 2)), 0), 3))
             present = np.r_[True, cc > 0]
@@ -398,7 +447,7 @@ def test_learned_mixer_matches_a_plain_python_reference(tiny):
 def recorded_ngram_run(model, tokens, h):
     """Run the n-gram driver, recording each target's NLL and checking it reads a normalized distribution."""
     val = tg.ValData(tokens, unit_tables(h.vocab_size))
-    scorer = tg.NgramScorer(tg.make_ngram_cache(h, CPU), tg.make_ngram_mixer(h, CPU), tokens, np.zeros(0, np.int64))
+    scorer = tg.make_ngram_scorer(tokens, dataclasses.replace(h, ngram_audit_positions=0), RT1)
     nll_at, dist_at = {}, {}
 
     def scorer_with_record(logp, batch):
@@ -443,15 +492,16 @@ def test_chunk_reads_equal_reading_the_tables_at_every_batch(tiny, mode):
     h = tiny(vocab_size=vocab, ngram_chunk_tokens=100, ngram_alpha_min=0.3, ngram_mode=mode, ngram_buckets=64,
              eval_batch_windows=2, ngram_mixer="seed")
     tokens, model = random_stream(n, vocab, 4), tiny_model(h)
-    scorer = tg.NgramScorer(tg.make_ngram_cache(h, CPU), tg.SeedMixer(h, CPU), tokens, np.zeros(0, np.int64))
+    scorer = tg.make_ngram_scorer(tokens, dataclasses.replace(h, ngram_audit_positions=0), RT1)
     checked = collections.Counter()
 
     def scorer_checked(logp, batch):
         nll = scorer(logp, batch)
         order, p = scorer.cache.probs(tokens, batch.pos, batch.tgt)
-        alpha = scorer.mixer.alpha(tg.row_entropy(logp), order)
-        lp = logp.gather(1, batch.tgt[:, None]).squeeze(1).double()
-        assert torch.equal(nll, -tg.SeedMixer.mix_logprob(lp, p, alpha))
+        alpha = scorer.mixer.alpha(entropy(logp), order)
+        lp = logp.gather(1, batch.tgt[:, None]).squeeze(1).double()  # log((1 - a) p_model + a p_ngram), a > 0
+        mixed = torch.logaddexp(torch.log1p(-alpha) + lp, torch.log(alpha) + torch.log(p))
+        assert torch.equal(nll, -torch.where(alpha > 0, mixed, lp))
         checked[batch.span] += 1
         checked["matched"] += int((order > 0).sum())
         return nll
@@ -505,19 +555,12 @@ def test_ngram_eval_hashed_mode_uses_its_own_prefix(tiny, capsys):
     assert re.search(r"^ngram_mixer mixer:seed score:ngram_hashed_unnormalized targets:1200 ", out, re.M)
 
 
-def test_host_to_device_pins_and_does_not_block_on_cuda(monkeypatch):
-    t = torch.arange(6)
-    with FakeCudaTransfers(monkeypatch) as fake:
-        out = tg.host_to_device(t, torch.device("cuda", 0))
-    assert fake.log == [("pin",), ("to_cuda", True, True)] and torch.equal(out, t)
-    assert tg.host_to_device(t, CPU) is t  # nothing to copy on the CPU
-
-
 def test_audit_moves_its_positions_in_one_copy_per_batch(tiny, monkeypatch):
     """The audit's rows and slots go to the device through host_to_device (pinned, non-blocking on CUDA), as one
     copy per batch that holds audited positions."""
-    copies, real = [], tg.host_to_device
-    monkeypatch.setattr(tg, "host_to_device", lambda t, device: copies.append(tuple(t.shape)) or real(t, device))
+    copies, real = [], tg.host_to_device  # pinned: the audit's transfers to the GPU, one copy per batch
+    record = lambda t, device: copies.append(tuple(t.shape)) or real(t, device)  # noqa: E731
+    monkeypatch.setattr(tg, "host_to_device", record)  # pinned: the audit's transfers to the GPU, one per batch
     vocab = 16
     h = tiny(vocab_size=vocab, ngram_audit_positions=64, ngram_log_every=0)
     ngram_eval(tiny_model(h), tg.ValData(random_stream(1200, vocab, 2), unit_tables(vocab)), h, RT1)
@@ -531,8 +574,7 @@ def test_audit_fails_an_unnormalized_exact_run(tiny, monkeypatch):
             st = super().stats(tokens, pos, cand)
             return st._replace(pair=st.pair * 2)
 
-    monkeypatch.setattr(tg, "make_ngram_cache", lambda h, device: Inflated(
-        h.vocab_size, min_order=2, max_order=9, min_count=2, device=device))
+    monkeypatch.setattr(tg, "ExactNgramCache", Inflated)  # the exact mode's cache class
     vocab = 8
     h = tiny(vocab_size=vocab, ngram_audit_positions=64)
     with pytest.raises(tg.RunFailed, match="not normalized") as e:  # a failed run (exit 4), not a bug
@@ -540,14 +582,23 @@ def test_audit_fails_an_unnormalized_exact_run(tiny, monkeypatch):
     assert e.value.reason == "ngram_audit"
 
 
-def test_report_eval_and_leaderboard_alias(capsys):
-    r = tg.EvalResult(1.9044357812, 1.1279176712, 100, 243, 86812.4)
-    lines = tg.report_eval("final_int6_zstd_roundtrip", r)
-    assert lines == ["final_int6_zstd_roundtrip val_loss:1.9044 val_bpb:1.1279 eval_time:86812ms",
-                     "final_int6_zstd_roundtrip_exact val_loss:1.90443578 val_bpb:1.12791767",
-                     "final_int8_zlib_roundtrip_exact val_loss:1.90443578 val_bpb:1.12791767"]
-    assert capsys.readouterr().out.splitlines() == lines
-    assert len(tg.report_eval("ngram_eval", r)) == 2
+def test_roundtrip_report_lines_and_leaderboard_alias(tiny, capsys):
+    """The round trip's three lines (4-digit, 8-digit exact, the leaderboard alias of the exact line) carry the
+    returned result; the n-gram score adds its own two lines."""
+    vocab = 16
+    val = tg.ValData(random_stream(300, vocab, 2), unit_tables(vocab))
+    for ngram in (False, True):
+        h = tiny(vocab_size=vocab, ngram_enabled=ngram, ngram_log_every=0, ngram_audit_positions=0)
+        results = tg.roundtrip_eval(tiny_model(h), val, h, RT1)
+        lines = capsys.readouterr().out.splitlines()
+        r = results["model"]
+        assert lines[-5 if ngram else -3:][:3] == [
+            f"final_int6_zstd_roundtrip val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} eval_time:{r.time_ms:.0f}ms",
+            f"final_int6_zstd_roundtrip_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f}",
+            f"final_int8_zlib_roundtrip_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f}"]
+    g = results["ngram"]
+    assert lines[-2:] == [f"ngram_eval val_loss:{g.loss:.4f} val_bpb:{g.bpb:.4f} eval_time:{g.time_ms:.0f}ms",
+                          f"ngram_eval_exact val_loss:{g.loss:.8f} val_bpb:{g.bpb:.8f}"]
 
 
 # ------------------------------------------------------------------------------------------------ distributed

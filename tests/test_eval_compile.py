@@ -3,7 +3,6 @@ fixed shapes), the TTT pass traces its scoring and training steps, and inductor 
 
 Run: python3 -m pytest tests/test_eval_compile.py -q
 """
-import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import train_gpt as tg  # noqa: E402
-from conftest import RT1, random_stream, random_tables  # noqa: E402
+from conftest import RT1, main_in_process, random_stream, random_tables, settings_env, tiny_run_env  # noqa: E402
 from torch._dynamo.backends.registry import lookup_backend  # noqa: E402
 
 
@@ -75,6 +74,7 @@ def test_ttt_pass_scores_and_trains_through_the_compiled_module(tiny):
     assert got["model"].loss < tg.sliding_eval(model, val, h, RT1).loss
 
 
+@pytest.mark.slow  # inductor compiles C++ kernels (it starts the compiler)
 def test_eval_forward_compiles_fullgraph_with_inductor_on_cpu(tiny):
     h, model, val = gpt_and_val(tiny, n=200)
     torch._dynamo.reset()
@@ -85,41 +85,43 @@ def test_eval_forward_compiles_fullgraph_with_inductor_on_cpu(tiny):
     assert got.loss == pytest.approx(want.loss, rel=1e-4)
 
 
-def graphs_after_training(tiny, tiny_corpus, tmp_path, monkeypatch, **overrides):
-    """(graphs compiled by training, graphs compiled after it) of train_and_export + evaluate_artifact with
-    COMPILE forced on, every torch.compile given a recording backend. 8 steps, QAT from step 4 (as late QAT in a
-    record run starts after the last periodic validation); the warm-up compiles the plain and the QAT graph."""
-    data, tok, vocab = tiny_corpus
-    h = tiny(data_path=data, tokenizer_path=tok, vocab_size=vocab, compile="1", iterations=8, warmup_steps=2,
-             use_late_qat=True, qat_time_frac=0.5, val_max_tokens=512, ngram_audit_positions=8, ngram_log_every=0,
-             artifact_path=str(tmp_path / "model.ptz"), **overrides)
-    rt = dataclasses.replace(RT1, use_compile=True, attention=tg.AttentionChoice("sdpa", tg.sdpa_attention, ()))
-    rec = Recorder()
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=rec))
-    at_end, real_train = [], tg.train
+REAL = {"compile": torch.compile, "train": tg.train, "with_attention": tg.with_attention}  # before any patch
+
+
+def graphs_after_training(tiny_corpus, tmp_path, monkeypatch, **overrides):
+    """(graphs compiled by training, graphs compiled after it) of a whole run (main) with COMPILE=1, every
+    torch.compile given a recording backend (the attention probe compiles with the eager backend). 8 steps, QAT from
+    step 4 (as late QAT in a record run starts after the last periodic validation); the warm-up compiles the plain
+    and the QAT graph."""
+    run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"  # each run its own log and artifact
+    run_dir.mkdir()
+    env = tiny_run_env(tiny_corpus, run_dir, COMPILE="1", ITERATIONS="8", WARMUP_STEPS="2", QAT_ENABLED="1",
+                       QAT_TIME_FRAC="0.5", VAL_MAX_TOKENS="512", NGRAM_AUDIT_POSITIONS="8", NGRAM_LOG_EVERY="0",
+                       **settings_env(overrides))
+    rec, at_end = Recorder(), []
+    monkeypatch.setattr(torch, "compile", functools.partial(REAL["compile"], backend=rec))
 
     def train(*args, **kwargs):
-        result = real_train(*args, **kwargs)
+        result = REAL["train"](*args, **kwargs)
         at_end.append(len(rec.graphs))
         return result
 
     monkeypatch.setattr(tg, "train", train)
+    monkeypatch.setattr(tg, "with_attention", lambda rt, h: REAL["with_attention"](rt, h, compile_backend="eager"))
     torch._dynamo.reset()
-    val = tg.load_val_data(h, tg.load_tokenizer(h))
-    tg.train_and_export(h, rt, val, tg.CodeIdentity("", 0, "c" * 64, "s" * 64, False, 0))
-    tg.evaluate_artifact(tg.load_artifact(h.artifact_path), h, rt, val)
+    assert main_in_process(env, monkeypatch) == 0
     return at_end[0], len(rec.graphs) - at_end[0]
 
 
 @pytest.mark.slow  # three short training runs under torch.compile
-def test_after_training_no_graph_is_compiled_but_the_evaluations(tiny, tiny_corpus, tmp_path, monkeypatch):
+def test_after_training_no_graph_is_compiled_but_the_evaluations(tiny_corpus, tmp_path, monkeypatch):
     """No validation after the last step by default (nothing uses its score) and QAT switched off when training ends:
     after training at most the evaluation's graph is compiled (the model rebuilt from the artifact; dynamo reuses an
     eval-mode graph of the same shapes when one exists)."""
-    during, after = graphs_after_training(tiny, tiny_corpus, tmp_path, monkeypatch, val_loss_every=4)
+    during, after = graphs_after_training(tiny_corpus, tmp_path, monkeypatch, val_loss_every=4)
     assert (during, after) == (3, 0)  # plain, QAT, the step-4 validation's eval graph; the evaluation reuses it
-    during, after = graphs_after_training(tiny, tiny_corpus, tmp_path, monkeypatch, val_loss_every=0)
+    during, after = graphs_after_training(tiny_corpus, tmp_path, monkeypatch, val_loss_every=0)
     assert (during, after) == (2, 1)  # the evaluation's graph
-    during, after = graphs_after_training(tiny, tiny_corpus, tmp_path, monkeypatch, val_loss_every=0,
+    during, after = graphs_after_training(tiny_corpus, tmp_path, monkeypatch, val_loss_every=0,
                                           val_last_step=True)
     assert (during, after) == (2, 1)  # the last validation's graph, and the evaluation reuses it (QAT is off)

@@ -4,6 +4,8 @@ torch.library custom ops so that torch.compile(fullgraph=True) traces them (a st
 follow), the `attention_warning` of an H100 left on SDPA, tools/install_flash_attn.py (fake pip, fake torch CUDA
 builds) and run.sh's GPU branch calling it (shims for nvidia-smi, pip and torchrun).
 Run: python3 -m pytest tests/test_flash_attention.py"""
+import dataclasses
+import importlib
 import math
 import os
 import subprocess
@@ -16,12 +18,20 @@ import torch
 from torch._dynamo.utils import counters
 
 import train_gpt as tg
-from conftest import ROOT, tiny_hparams
+from conftest import ROOT, TINY, settings_env, tiny_hparams
 
 sys.path.insert(0, str(ROOT / "tools"))
 import install_flash_attn  # noqa: E402
 
-LAYOUT = (4, 2, 16)  # heads, kv heads, head dim of the probes here
+LAYOUT = (4, 2, 16)  # heads, kv heads, head dim of the probes here: the tiny configuration's
+
+
+def chosen(candidates, use_compile=True, compile_backend="aot_eager"):
+    """The attention choice of with_attention on the CPU at the tiny layout (LAYOUT) among `candidates`."""
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, use_compile)
+    h = tiny_hparams()
+    assert (h.num_heads, h.num_kv_heads, h.head_dim) == LAYOUT
+    return tg.with_attention(rt, h, candidates=candidates, compile_backend=compile_backend).attention
 
 
 # ------------------------------------------------------------------ a stand-in kernel pair (FlashAttention's maths)
@@ -106,11 +116,11 @@ def test_fullgraph_probe_rejects_the_raw_kernel_and_accepts_it_wrapped_as_custom
     candidates = (tg.AttentionCandidate("raw", lambda: raw_standin), tg.AttentionCandidate("wrapped", lambda: wrapped),
                   tg.AttentionCandidate("sdpa", lambda: tg.sdpa_attention))
     torch._dynamo.reset()
-    choice = tg.select_attention("cpu", True, LAYOUT, candidates=candidates, compile_backend="aot_eager")
+    choice = chosen(candidates)
     assert choice.name == "wrapped" and choice.fn is wrapped
     assert [name for name, _ in choice.skipped] == ["raw"]
     assert "graph_break" in dict(choice.skipped)["raw"] or "Unsupported" in dict(choice.skipped)["raw"]
-    eager = tg.select_attention("cpu", False, LAYOUT, candidates=candidates)
+    eager = chosen(candidates, use_compile=False)
     assert eager.name == "raw"  # fine without compile: only tracing needs the wrapping
 
 
@@ -118,8 +128,10 @@ def test_wrapped_kernel_traces_inside_the_whole_model_in_one_graph(tiny):
     h = tiny(num_heads=4, num_kv_heads=2, model_dim=64)
     wrapped = tg.custom_attention("standin", standin_fwd, standin_bwd)
     torch.manual_seed(0)
-    model = tg.build_model(h, tg.Runtime(0, 1, 0, torch.device("cpu"), False,
-                                         attention=tg.AttentionChoice("standin", wrapped, ())))
+    standin = tg.AttentionCandidate("standin", lambda: wrapped)
+    rt = tg.with_attention(tg.single_process_runtime(), h, candidates=(standin,))
+    model = tg.build_model(h, rt)
+    assert model.attention_backend == "standin"
     with torch.no_grad():
         model.qo_bank[h.num_layers:].normal_(0, 0.05)  # zero W_o would hide the attention output
     reference = tg.build_model(h)  # SDPA
@@ -174,18 +186,18 @@ def test_fa4_candidate_wraps_flash_attn_cute_kernels(fake_modules):
     fake_modules("flash_attn")
     fake_modules("flash_attn.cute")
     fake_modules("flash_attn.cute.interface", _flash_attn_fwd=fwd, _flash_attn_bwd=bwd)
-    fa4 = next(c for c in tg.ATTENTION_CANDIDATES if c.name == "fa4")
+    fa4 = next(c for c in tg.ATTENTION_CANDIDATES if c.name == "fa4")  # pinned: the shipped loaders (CUDA only)
     torch._dynamo.reset()
-    tg._probe_attention(fa4.load(), torch.device("cpu"), LAYOUT, "aot_eager")  # raises if anything disagrees
+    assert fa4.cuda_only and chosen((fa4._replace(cuda_only=False),)).name == "fa4"  # the probe: compiled, vs SDPA
     scale = LAYOUT[2] ** -0.5
     assert ("fwd", scale, True, True) in calls and ("bwd", scale, True) in calls
 
 
 def test_fa3_candidate_loads_flash_attn_interface_and_drops_the_lse(fake_modules):
     fake_modules("flash_attn_interface", flash_attn_func=lambda q, k, v, causal: standin_fwd(q, k, v))
-    fa3 = next(c for c in tg.ATTENTION_CANDIDATES if c.name == "fa3")
+    fa3 = next(c for c in tg.ATTENTION_CANDIDATES if c.name == "fa3")  # pinned: the shipped loaders (CUDA only)
     assert fa3.cuda_only
-    choice = tg.select_attention("cpu", False, LAYOUT, candidates=(fa3._replace(cuda_only=False),))
+    choice = chosen((fa3._replace(cuda_only=False),), use_compile=False)
     q, k, v = qkv()
     assert choice.name == "fa3"
     torch.testing.assert_close(choice.fn(q, k, v).float(), tg.sdpa_attention(q, k, v).float(), atol=0.03, rtol=0.03)
@@ -194,18 +206,27 @@ def test_fa3_candidate_loads_flash_attn_interface_and_drops_the_lse(fake_modules
 # ------------------------------------------------------------------ an H100 that ended up on SDPA
 
 def hopper_runtime(monkeypatch, capability=(9, 0), backend="sdpa"):
+    """A compiled run on a (fake) GPU of `capability` whose attention is `backend`; on SDPA, FA3 was not found."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    skipped = (("fa3", "ModuleNotFoundError: No module named 'flash_attn_interface'"),)
-    choice = tg.AttentionChoice(backend, tg.sdpa_attention, skipped if backend == "sdpa" else ())
-    return tg.Runtime(0, 1, 0, torch.device("cuda", 0), False, use_compile=True, attention=choice)
+    fa3 = tg.AttentionCandidate("fa3", lambda: importlib.import_module("flash_attn_interface"))
+    candidates = (fa3, tg.AttentionCandidate("sdpa", lambda: tg.sdpa_attention)) if backend == "sdpa" else (
+        tg.AttentionCandidate(backend, lambda: tg.sdpa_attention),)
+    rt = tg.with_attention(tg.single_process_runtime(), tiny_hparams(), candidates=candidates)
+    return dataclasses.replace(rt, device=torch.device("cuda", 0), use_compile=True)
+
+
+def attention_lines(capsys, h, rt):
+    """The `attention*` lines of the run's header."""
+    tg.log_header(h, rt)
+    return [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("attention")]
 
 
 def test_h100_on_sdpa_logs_one_attention_warning_naming_cost_and_fix(monkeypatch, capsys):
-    h = tiny_hparams()
-    tg.log_header(h, hopper_runtime(monkeypatch))
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("attention_warning")]
-    assert len(lines) == 1
-    line = lines[0]
+    lines = attention_lines(capsys, tiny_hparams(), hopper_runtime(monkeypatch))
+    assert lines[0] == "attention backend:sdpa detail:fa3 skipped: ModuleNotFoundError: No module named " \
+                       "'flash_attn_interface'"
+    assert len(lines) == 2
+    line = lines[1]
     assert line.startswith("attention_warning backend:sdpa device:sm_90 detail:")
     for words in ("+15-25 ms/step", "1,000 fewer steps", "tools/install_flash_attn.py", "ACCEPT_SDPA=1"):
         assert words in line
@@ -213,15 +234,17 @@ def test_h100_on_sdpa_logs_one_attention_warning_naming_cost_and_fix(monkeypatch
     assert logparse.parse_text(line).event("attention_warning")["device"] == "sm_90"
 
 
-def test_no_attention_warning_when_accepted_elsewhere_or_on_flash_attention(monkeypatch):
-    accepted = tg.Hyperparameters.from_env({"ACCEPT_SDPA": "1"})
+def test_no_attention_warning_when_accepted_elsewhere_or_on_flash_attention(monkeypatch, capsys):
+    accepted = tg.Hyperparameters.from_env({"ACCEPT_SDPA": "1", **settings_env(TINY)})
     assert accepted.accept_sdpa and "hparam accept_sdpa:1" in accepted.log_lines()
-    assert tg.warn_slow_attention(hopper_runtime(monkeypatch), accepted) is None
     h = tiny_hparams()
-    assert tg.warn_slow_attention(hopper_runtime(monkeypatch, capability=(8, 0)), h) is None  # A100: no FA3 there
-    assert tg.warn_slow_attention(hopper_runtime(monkeypatch, backend="fa3"), h) is None
-    assert tg.warn_slow_attention(tg.Runtime(0, 1, 0, torch.device("cpu"), False,
-                                             attention=tg.AttentionChoice("sdpa", tg.sdpa_attention, ())), h) is None
+    assert len(attention_lines(capsys, h, hopper_runtime(monkeypatch))) == 2  # the warning, unless:
+    assert len(attention_lines(capsys, accepted, hopper_runtime(monkeypatch))) == 1  # accepted
+    assert len(attention_lines(capsys, h, hopper_runtime(monkeypatch, capability=(8, 0)))) == 1  # A100: no FA3 there
+    assert attention_lines(capsys, h, hopper_runtime(monkeypatch, backend="fa3")) == ["attention backend:fa3"]
+    cpu = tg.with_attention(tg.single_process_runtime(), h)
+    assert attention_lines(capsys, h, cpu) == ["attention backend:sdpa detail:fa3 skipped: needs CUDA; fa4 skipped: "
+                                               "needs CUDA"]
 
 
 # ------------------------------------------------------------------ tools/install_flash_attn.py
@@ -290,12 +313,12 @@ def test_installer_says_why_it_could_not(pod, monkeypatch, capsys):
     assert "but flash_attn_interface does not import" in capsys.readouterr().out
 
 
-def test_installer_on_this_cpu_machine_reports_one_line(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "install_flash_attn.py")], capture_output=True,
-                         text=True, timeout=120, cwd=tmp_path)
-    assert out.returncode == 4 and not out.stderr
-    assert out.stdout.count("\n") == 1 and out.stdout.startswith("flash_attn_3 status:unavailable detail:torch ")
-    assert "CPU build" in out.stdout
+def test_installer_on_this_cpu_machine_reports_one_line(capsys):
+    """The installer on this machine's real facts (a CPU build of torch): exit 4, one line saying why."""
+    assert install_flash_attn.main([]) == 4
+    out = capsys.readouterr()
+    assert not out.err and out.out.count("\n") == 1
+    assert out.out.startswith("flash_attn_3 status:unavailable detail:torch ") and "CPU build" in out.out
 
 
 PYTHON_SHIM = """#!/usr/bin/env bash
@@ -310,6 +333,7 @@ echo "{name} $*" >> "$CALLS"
 """
 
 
+@pytest.mark.slow  # runs run.sh (bash, the installer, the packer)
 def test_run_sh_gpu_branch_runs_the_installer_before_training(tmp_path):
     """nvidia-smi lists one GPU, pip and the FineWeb download only record their calls, torchrun records its launch;
     the installer runs for real (this machine's CPU torch: it says why it cannot install, and the job goes on)."""
@@ -340,5 +364,5 @@ def test_run_sh_gpu_branch_runs_the_installer_before_training(tmp_path):
 @pytest.mark.slow  # inductor compiles C++ kernels
 def test_wrapped_kernel_passes_the_probe_under_inductor():
     torch._dynamo.reset()
-    tg._probe_attention(tg.custom_attention("standin", standin_fwd, standin_bwd), torch.device("cpu"), LAYOUT,
-                        "inductor")
+    wrapped = tg.custom_attention("standin", standin_fwd, standin_bwd)
+    assert chosen((tg.AttentionCandidate("standin", lambda: wrapped),), compile_backend="inductor").name == "standin"

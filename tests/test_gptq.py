@@ -27,11 +27,25 @@ def row_output_error(x, w, q, scale):
     return (x @ w.T - x @ (q.float() * scale.float()[:, None]).T).square().sum(dim=0)
 
 
+# Private contracts pinned here (tests/test_public_api.py PINNED): GPTQ and its quantizer on a Hessian the test
+# chooses (calibration, the public path, cannot), and the unbanked matrix names (the reference's state-dict keys).
+def gptq(tg, *args):
+    return tg.gptq_quantize_matrix(*args)  # pinned: GPTQ on a Hessian the test chooses
+
+
+def quantizer_on(tg, hessian):
+    return tg.GPTQQuantizer({"m": hessian}, tiny_hparams(), calib_ms=0.0)  # pinned: on a Hessian the test chooses
+
+
+def matrix_names(tg, num_layers):
+    return {n for b in tg.BANK_LAYOUT for n in tg.bank_slice_names(b, num_layers)}  # pinned: reference's keys
+
+
 def test_gptq_output_error_is_below_the_clip_search(tg):
     x, w = correlated_layer()
     q_clip, scale = tg.quantize_int6_rows(w)
-    q = tg.gptq_quantize_matrix(w, x.T @ x, scale.float(), damp=0.01, block_size=16)
-    assert torch.equal(q, q.round()) and q.abs().max() <= tg.INT6_MAX  # the same int6 grid
+    q = gptq(tg, w, x.T @ x, scale.float(), 0.01, 16)
+    assert torch.equal(q, q.round()) and q.abs().max() <= 31  # the same int6 grid, [-31, 31]
     gptq_err, clip_err = row_output_error(x, w, q, scale).sum(), row_output_error(x, w, q_clip, scale).sum()
     assert gptq_err < 0.5 * clip_err, (gptq_err, clip_err)
 
@@ -39,17 +53,17 @@ def test_gptq_output_error_is_below_the_clip_search(tg):
 def test_blocks_only_batch_the_updates(tg):
     x, w = correlated_layer(rows=16, cols=40)
     _, scale = tg.quantize_int6_rows(w)
-    one, many = (tg.gptq_quantize_matrix(w, x.T @ x, scale.float(), 0.01, b) for b in (1, 16))
+    one, many = (gptq(tg, w, x.T @ x, scale.float(), 0.01, b) for b in (1, 16))
     assert (one == many).float().mean() > 0.99  # equal up to float rounding at a few .5 ties
 
 
 def test_quantizer_falls_back_per_row_and_keeps_the_clip_scales(tg, monkeypatch):
     x, w = correlated_layer()
     q_clip, scale = tg.quantize_int6_rows(w)
-    real = tg.gptq_quantize_matrix
-    spoiled = lambda *args: torch.cat((torch.clamp(real(*args)[:10] + 3, max=tg.INT6_MAX), real(*args)[10:]))
-    monkeypatch.setattr(tg, "gptq_quantize_matrix", spoiled)  # rows 0-9 made worse than the clip search
-    quantizer = tg.GPTQQuantizer({"m": x.T @ x}, tiny_hparams(), calib_ms=0.0)
+    real = tg.gptq_quantize_matrix  # pinned: GPTQ on a Hessian the test chooses
+    spoiled = lambda *args: torch.cat((torch.clamp(real(*args)[:10] + 3, max=31), real(*args)[10:]))
+    monkeypatch.setattr(tg, "gptq_quantize_matrix", spoiled)  # pinned: rows 0-9 made worse than the clip search
+    quantizer = quantizer_on(tg, x.T @ x)
     q, s = quantizer("m", w)
     assert torch.equal(s, scale) and q.dtype == torch.int8
     kept = real(w, x.T @ x, scale.float(), 0.01, 128)[10:].to(torch.int8)
@@ -78,9 +92,10 @@ def test_gptq_artifact_loads_with_the_unchanged_loader(tg):
     model.load_state_dict(loaded, strict=True)
     assert quantizer.matrices == 6 * h.num_layers and quantizer.rows > 0
     _, lite = tg.unpack_artifact(tg.pack_artifact(state, h)[0])
-    for bank in tg.BANK_LAYOUT:
+    banks = [k for k in state if k.endswith("_bank")]
+    for bank in banks:
         assert (loaded[bank] - state[bank]).abs().max() < 0.1
-    assert any(not torch.equal(loaded[b], lite[b]) for b in tg.BANK_LAYOUT)  # GPTQ changed some values
+    assert any(not torch.equal(loaded[b], lite[b]) for b in banks)  # GPTQ changed some values
     assert torch.equal(loaded["bigram.embed.weight"], lite["bigram.embed.weight"])  # one-hot inputs: clip search
 
 
@@ -91,7 +106,7 @@ def test_calibration_reads_no_shard_and_is_reproducible(tg, monkeypatch, tmp_pat
     monkeypatch.setattr(tg, "find_shards", refuse)
     h = tiny_hparams(gptq_calib_seqs=2, gptq_calib_len=8, data_path=str(tmp_path / "gone"))
     first, second = calibrated(tg, h)[1], calibrated(tg, h)[1]
-    assert set(first.hessians) == {n for b in tg.BANK_LAYOUT for n in tg.bank_slice_names(b, h.num_layers)}
+    assert set(first.hessians) == matrix_names(tg, h.num_layers)
     assert all(torch.equal(first.hessians[k], second.hessians[k]) for k in first.hessians)
     q_in = first.hessians["blocks.0.attn.c_q.weight"]  # normalized inputs: mean diag = number of tokens
     assert abs(q_in.diagonal().mean().item() - 2 * 8) < 1e-3
@@ -100,7 +115,7 @@ def test_calibration_reads_no_shard_and_is_reproducible(tg, monkeypatch, tmp_pat
 def test_a_matrix_without_a_cholesky_factor_falls_back_to_the_clip_search(tg, capsys):
     x, w = correlated_layer()
     q_clip, scale = tg.quantize_int6_rows(w)
-    quantizer = tg.GPTQQuantizer({"m": -(x.T @ x)}, tiny_hparams(), calib_ms=0.0)  # not positive definite
+    quantizer = quantizer_on(tg, -(x.T @ x))  # not positive definite
     q, s = quantizer("m", w)
     assert torch.equal(q, q_clip) and torch.equal(s, scale)
     assert quantizer.fallback_matrices == 1 and quantizer.matrices == 0
@@ -110,8 +125,9 @@ def test_a_matrix_without_a_cholesky_factor_falls_back_to_the_clip_search(tg, ca
 
 def test_nonfinite_gptq_values_fall_back_to_the_clip_search(tg, monkeypatch, capsys):
     x, w = correlated_layer()
-    monkeypatch.setattr(tg, "gptq_quantize_matrix", lambda w, *args: torch.full_like(w, float("nan")))
-    q, _ = tg.GPTQQuantizer({"m": x.T @ x}, tiny_hparams(), calib_ms=0.0)("m", w)
+    nan = lambda w, *args: torch.full_like(w, float("nan"))
+    monkeypatch.setattr(tg, "gptq_quantize_matrix", nan)  # pinned: GPTQ on a Hessian the test chooses
+    q, _ = quantizer_on(tg, x.T @ x)("m", w)
     assert torch.equal(q, tg.quantize_int6_rows(w)[0])
     assert "gptq_fallback matrix:m reason:nonfinite_values" in capsys.readouterr().out
 
@@ -143,9 +159,11 @@ def bf16_only_attention(q, k, v):
 def test_calibration_runs_under_the_evaluation_autocast_with_a_bf16_only_attention(tg, monkeypatch):
     """On CUDA, training and evaluation run under bf16 autocast and FlashAttention accepts nothing else; the Hessian
     pass must too (it used to run in fp32 and crash after training). CUDA's autocast is simulated on the CPU."""
-    monkeypatch.setattr(tg, "autocast", lambda rt: torch.autocast("cpu", dtype=torch.bfloat16))
+    cpu_bf16 = lambda rt: torch.autocast("cpu", dtype=torch.bfloat16)
+    monkeypatch.setattr(tg, "autocast", cpu_bf16)  # pinned: CUDA's bf16 autocast, simulated on the CPU
     h = tiny_hparams(gptq_calib_seqs=2, gptq_calib_len=8, keep_float_max_numel=1000)
-    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, attention=tg.AttentionChoice("fa", bf16_only_attention, ()))
+    fa = tg.AttentionCandidate("fa", lambda: bf16_only_attention)
+    rt = tg.with_attention(tg.Runtime(0, 1, 0, torch.device("cpu"), False), h, candidates=(fa,))
     torch.manual_seed(0)
     model = tg.build_model(h, rt)
     with torch.no_grad():
@@ -153,7 +171,7 @@ def test_calibration_runs_under_the_evaluation_autocast_with_a_bf16_only_attenti
         model.mlp_down_bank.normal_(0, 0.05)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     quantizer = tg.calibrate_gptq(model, state, h, rt)
-    names = {n for b in tg.BANK_LAYOUT for n in tg.bank_slice_names(b, h.num_layers)}
+    names = matrix_names(tg, h.num_layers)
     assert set(quantizer.hessians) == names
     for name, hessian in quantizer.hessians.items():  # every slice recorded (bf16 bank copies are found too), fp32
         assert hessian.dtype == torch.float32 and torch.isfinite(hessian).all() and hessian.trace() > 0, name

@@ -1,4 +1,5 @@
 """Model section: parameter contract, shapes, losses, optional features, RoPE, hashing, causality, QAT, dtypes."""
+import importlib
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import TINY
 
 
 def make(h, seed=0):
@@ -70,10 +72,10 @@ def test_logits_are_soft_capped_tied_projection(tiny):
 
 
 FEATURES = [
-    (dict(use_smeargate=False), lambda n: n.startswith("smear.")),
+    (dict(smeargate_enabled=False), lambda n: n.startswith("smear.")),
     (dict(bigram_vocab_size=0), lambda n: n.startswith("bigram.")),
-    (dict(use_value_residual=False), lambda n: n.endswith("attn.vr_lambda")),
-    (dict(use_gated_attention=False), lambda n: ".attn.attn_gate." in n),
+    (dict(value_residual_enabled=False), lambda n: n.endswith("attn.vr_lambda")),
+    (dict(gated_attention_enabled=False), lambda n: ".attn.attn_gate." in n),
 ]
 
 
@@ -102,14 +104,14 @@ def test_features_off_still_run(tiny, override):
     loss.backward()
     assert torch.isfinite(loss)
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
-    assert no_grad == ({"blocks.0.attn.vr_lambda"} if h.use_value_residual else set())  # layer 0 has no v0
+    assert no_grad == ({"blocks.0.attn.vr_lambda"} if h.value_residual_enabled else set())  # layer 0 has no v0
 
 
-def test_layer_specs(tiny):
-    specs = tg.layer_specs(tiny(num_layers=5, xsa_last_n=2, ln_scale=True))
-    assert [s.xsa for s in specs] == [False, False, False, True, True]
-    assert [round(s.norm_scale, 6) for s in specs] == [round(1 / math.sqrt(i + 1), 6) for i in range(5)]
-    assert all(s.norm_scale == 1.0 for s in tg.layer_specs(tiny(num_layers=5)))
+def test_layer_specs_xsa_on_the_last_layers_and_ln_scale(tiny):
+    blocks = make(tiny(num_layers=5, xsa_last_n=2, ln_scale=True)).blocks
+    assert [b.attn.xsa for b in blocks] == [False, False, False, True, True]
+    assert [round(b.norm_scale, 6) for b in blocks] == [round(1 / math.sqrt(i + 1), 6) for i in range(5)]
+    assert all(b.norm_scale == 1.0 for b in make(tiny(num_layers=5)).blocks)
 
 
 def test_init_is_deterministic_and_follows_orthoinit(tiny):
@@ -130,39 +132,74 @@ def test_init_is_deterministic_and_follows_orthoinit(tiny):
     assert torch.equal(a.blocks[1].resid_mix, torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
 
 
-def test_rope_ntk_base_and_frequencies():
-    assert tg.rope_base_eff(10000.0, 16, 1024, 2048) == pytest.approx(22081.79, abs=0.01)
-    assert tg.rope_base_eff(10000.0, 16, 1024, 1024) == 10000.0
-    rotary = tg.Rotary(tg.Hyperparameters())
-    freqs = rotary.freqs(2048)
-    assert freqs.shape == (8,)
-    expected = torch.tensor([22081.79 ** (-2 * j / 16) for j in range(8)])
-    torch.testing.assert_close(freqs, expected, rtol=1e-5, atol=0)
-    assert freqs[1].item() == pytest.approx(0.2864, abs=1e-4) and freqs[7].item() == pytest.approx(1.581e-4, rel=1e-3)
-    torch.testing.assert_close(rotary.freqs(512), torch.tensor([1e4 ** (-2 * j / 16) for j in range(8)]))
-    assert tg.Rotary(tg.Hyperparameters(rope_dims=0)).freqs(64).shape == (32,)
+def rope_head(tiny, rope_dims=16):
+    """A model whose heads have the record's 64 dims and 16 RoPE dims (base 10000, training length 1024)."""
+    return make(tiny(num_layers=1, model_dim=128, num_heads=2, num_kv_heads=1, rope_dims=rope_dims))
 
 
-def test_apply_rotary_half_split_partial():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 6, 2, 64, generator=g)
-    rope = tg.Rotary(tg.Hyperparameters())(6)
-    out = tg.apply_rotary(x, rope)
+def rope_frequencies(rotary, seq_len):
+    """The per-pair angle step of the (cos, sin) tables at length seq_len: the angle at position 1."""
+    cos, sin = rotary(seq_len)
+    return torch.atan2(sin[1], cos[1])
+
+
+def test_rope_ntk_base_and_frequencies(tiny):
+    rotary = rope_head(tiny).rotary
+    long = rope_frequencies(rotary, 2048)  # beyond the training length: NTK base 1e4 * 2^(16/14) = 22081.79
+    assert long.shape == (8,)
+    torch.testing.assert_close(long, torch.tensor([22081.79 ** (-2 * j / 16) for j in range(8)]), rtol=1e-5, atol=0)
+    assert long[1].item() == pytest.approx(0.2864, abs=1e-4) and long[7].item() == pytest.approx(1.581e-4, rel=1e-3)
+    base = torch.tensor([1e4 ** (-2 * j / 16) for j in range(8)])
+    for seq_len in (512, 1024):  # up to the training length: the base itself
+        torch.testing.assert_close(rope_frequencies(rotary, seq_len), base, rtol=1e-5, atol=0)
+    cos, sin = rotary(6)
+    angles = torch.outer(torch.arange(6.0), base)  # angle of pair j at position t: t * freq_j
+    torch.testing.assert_close(cos, angles.cos())
+    torch.testing.assert_close(sin, angles.sin())
+    assert rope_head(tiny, rope_dims=0).rotary(64)[0].shape == (64, 32)  # ROPE_DIMS=0: the whole head
+
+
+def test_rotary_rotates_half_split_pairs_of_the_first_rope_dims(tiny):
+    """Attention's keys as the backend receives them = RMS-normed W_k x rotated: pair (j, j + 8) of the first 16
+    dims by angle position * freq_j, the other 48 dims passed through."""
+    seen, inputs = {}, {}
+
+    def spy(q, k, v):
+        seen["k"] = k
+        return tg.sdpa_attention(q, k, v)
+
+    model = randomize(tg.GPT(tiny(num_layers=1, model_dim=128, num_heads=2, num_kv_heads=1, rope_dims=16), spy))
+    attn = model.blocks[0].attn
+    attn.register_forward_pre_hook(lambda m, args: inputs.update(x=args[0], w_k=args[1][1]))
+    model.forward_logits(torch.arange(6)[None] % 128)
+    x = F.rms_norm(F.linear(inputs["x"], inputs["w_k"]).view(1, 6, 1, 64), (64,))  # [B, T, Hkv, D] before RoPE
+    out = seen["k"]
     torch.testing.assert_close(out[..., 16:], x[..., 16:], rtol=0, atol=0)  # 48 dims pass through
     torch.testing.assert_close(out[:, 0], x[:, 0])  # position 0: angle 0
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
-    ang = 1 * tg.Rotary(tg.Hyperparameters()).freqs(6)[3]  # position 1, pair (3, 3 + 8)
+    ang = torch.tensor(1e4 ** (-2 * 3 / 16))  # position 1, pair (3, 3 + 8)
     x1, x2 = x[0, 1, 0, 3], x[0, 1, 0, 11]
     torch.testing.assert_close(out[0, 1, 0, 3], x1 * ang.cos() + x2 * ang.sin())
     torch.testing.assert_close(out[0, 1, 0, 11], x2 * ang.cos() - x1 * ang.sin())
 
 
-def test_bigram_buckets():
+def bigram_bucket_ids(tiny, ids, buckets=1024):
+    """The bucket of every position, read through the model's bigram module: a 1-dim table whose row b holds b,
+    projected by ones with scale 1 (int ids < 2^24 are exact in fp32)."""
+    model = make(tiny(bigram_vocab_size=buckets, bigram_dim=1))
+    with torch.no_grad():
+        model.bigram.embed.weight.copy_(torch.arange(float(buckets))[:, None])
+        model.bigram.proj.weight.fill_(1.0)
+        model.bigram.scale.fill_(1.0)
+    return model.bigram(ids, torch.float32)[..., 0].long()
+
+
+def test_bigram_buckets(tiny):
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 1024, (3, 50), generator=g)
-    b = tg.bigram_buckets(t, 1024)
-    assert b.dtype == torch.int64 and b.shape == t.shape
-    assert torch.all(b[:, 0] == 1023)
+    b = bigram_bucket_ids(tiny, t)
+    assert b.shape == t.shape
+    assert torch.all(b[:, 0] == 1023)  # position 0 has no previous token: the last bucket
     assert b[:, 1:].min() >= 0 and b[:, 1:].max() <= 1022
     assert b[1, 7].item() == ((36313 * int(t[1, 7])) ^ (27191 * int(t[1, 6]))) % 1023
     assert len(torch.unique(b[:, 1:])) > 100  # spreads over the buckets
@@ -193,8 +230,8 @@ def test_model_is_causal(tiny):
 
 
 def test_sdpa_backend_matches_explicit_gqa_attention():
-    name, fn, skipped = tg.select_attention("cpu", use_compile=False, layout=(4, 2, 8))
-    assert name == "sdpa" and [n for n, _ in skipped] == ["fa3", "fa4"]
+    name, fn, skipped = tg.with_attention(tg.single_process_runtime(), tg.Hyperparameters(**TINY)).attention
+    assert name == "sdpa" and skipped == (("fa3", "needs CUDA"), ("fa4", "needs CUDA"))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 5, n, 8, generator=g) for n in (4, 2, 2))
     kk, vv = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # query head h reads kv head h // 2
@@ -204,13 +241,26 @@ def test_sdpa_backend_matches_explicit_gqa_attention():
     torch.testing.assert_close(fn(q, k, v), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_xsa_removes_own_value_component():
-    g = torch.Generator().manual_seed(0)
-    y, v = torch.randn(2, 5, 4, 8, generator=g), torch.randn(2, 5, 2, 8, generator=g)
-    out = tg.exclude_self_value(y, v)
-    own = v.repeat_interleave(2, dim=2)
-    assert (out * own).sum(-1).abs().max() < 1e-5
-    torch.testing.assert_close(out + (y * F.normalize(own, dim=-1)).sum(-1, keepdim=True) * F.normalize(own, dim=-1), y)
+def test_xsa_removes_own_value_component(tiny):
+    """On an XSA layer the attention output (read through W_o = I) is the backend's output less its component along
+    the position's own value: orthogonal to it, and adding the component back gives the backend's output."""
+    h = tiny(num_layers=1, xsa_last_n=1, gated_attention_enabled=False, value_residual_enabled=False)
+    seen = {}
+
+    def spy(q, k, v):
+        seen["y"], seen["v"] = tg.sdpa_attention(q, k, v), v
+        return seen["y"]
+
+    model = randomize(tg.GPT(h, spy))
+    with torch.no_grad():
+        model.qo_bank[1].copy_(torch.eye(h.model_dim))  # W_o of layer 0
+    model.blocks[0].attn.register_forward_hook(lambda m, args, out: seen.update(out=out[0]))
+    model.forward_logits(ids(h)[:1])
+    y, v = seen["y"], seen["v"]
+    out = seen["out"].view_as(y)
+    own = F.normalize(v.repeat_interleave(h.num_heads // h.num_kv_heads, dim=2), dim=-1)
+    assert (out * own).sum(-1).abs().max() < 1e-5 and (y * own).sum(-1).abs().max() > 0.1
+    torch.testing.assert_close(out + (y * own).sum(-1, keepdim=True) * own, y)
 
 
 def test_qat_fake_quant_matches_export_grid(tiny):
@@ -232,7 +282,7 @@ def test_qat_reaches_bigram_table_and_passes_gradients(tiny):
     model = randomize(make(h)).train()
     x, y = ids(h), ids(h, seed=5)
     table = model.bigram.embed.weight
-    expected = model.bigram.proj(tg.dequantize_rows(*tg.quantize_int6_rows(table))[tg.bigram_buckets(x, 64)])
+    expected = model.bigram.proj(tg.dequantize_rows(*tg.quantize_int6_rows(table))[bigram_bucket_ids(tiny, x, 64)])
     torch.testing.assert_close(model.bigram(x, torch.float32, model.clips), expected * model.bigram.scale)
     model.qat_active = True
     model(x, y).backward()
@@ -240,17 +290,28 @@ def test_qat_reaches_bigram_table_and_passes_gradients(tiny):
 
 
 def test_qat_switch_retraces_under_compile(tiny):
+    """Switching QAT on compiles a second graph (dynamo guards on the flag, AOTAutograd traces the fake-quant) and
+    switching it off reuses the first: two graphs, the eager results."""
     h = tiny()
     model = randomize(make(h)).train()
     x, y = ids(h), ids(h, seed=5)
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    off = compiled(x, y)
-    model.qat_active = True
-    on = compiled(x, y)
-    assert not torch.allclose(on, off)
-    torch.testing.assert_close(on, model(x, y))
-    model.qat_active = False
-    torch.testing.assert_close(compiled(x, y), off)
+    aot_eager, graphs = torch._dynamo.lookup_backend("aot_eager"), []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=recording, fullgraph=True)
+    with torch.no_grad():  # the inference graphs: the retrace is the point, not the backward
+        off = compiled(x, y)
+        model.qat_active = True
+        on = compiled(x, y)
+        assert not torch.allclose(on, off) and len(graphs) == 2
+        torch.testing.assert_close(on, model(x, y))
+        model.qat_active = False
+        torch.testing.assert_close(compiled(x, y), off)
+    assert len(graphs) == 2
 
 
 def test_build_model_dtypes_and_cpu_forward(tiny):
@@ -272,7 +333,7 @@ def test_autocast_runs_in_bf16_and_compiles(tiny):
     h = tiny()
     model = tg.build_model(h)
     x, y = ids(h), ids(h, seed=5)
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.hidden(x).dtype == torch.bfloat16
         loss = compiled(x, y)
@@ -308,30 +369,38 @@ def _candidates(*fns):
     return (*named, tg.AttentionCandidate("sdpa", lambda: tg.sdpa_attention))
 
 
-def test_select_attention_skips_backends_that_fail_under_compile_or_backward():
-    choice = tg.select_attention("cpu", True, (4, 2, 16), compile_backend="aot_eager",
-                                 candidates=_candidates(_breaks_under_compile, _bad_backward, _wrong_numbers))
-    assert choice.name == "sdpa" and choice.fn is tg.sdpa_attention
-    reasons = dict(choice.skipped)
+def chosen(*fns, use_compile=True, candidates=None):
+    """The attention choice of with_attention on the CPU at the tiny layout (4 heads, 2 KV heads, head dim 16),
+    probing under aot_eager when compiled."""
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, use_compile)
+    return tg.with_attention(rt, tg.Hyperparameters(**TINY), compile_backend="aot_eager",
+                             candidates=candidates or _candidates(*fns))
+
+
+def test_select_attention_skips_backends_that_fail_under_compile_or_backward(capsys):
+    rt = chosen(_breaks_under_compile, _bad_backward, _wrong_numbers)
+    assert rt.attention.name == "sdpa" and rt.attention.fn is tg.sdpa_attention
+    reasons = dict(rt.attention.skipped)
     assert list(reasons) == ["breaks_under_compile", "bad_backward", "wrong_numbers"]
     assert "graph_break" in reasons["breaks_under_compile"]
     assert "backward kernel not built" in reasons["bad_backward"]
     assert "differs from SDPA" in reasons["wrong_numbers"]
     assert all("\n" not in r for r in reasons.values())
-    line = tg.log_attention(choice)
-    assert line.startswith("attention backend:sdpa detail:breaks_under_compile skipped: ") and "\n" not in line
+    assert tg.build_model(tg.Hyperparameters(**TINY), rt).attention_backend == "sdpa"
+    tg.log_header(tg.Hyperparameters(**TINY), rt)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("attention ")]
+    assert len(lines) == 1 and lines[0].startswith("attention backend:sdpa detail:breaks_under_compile skipped: ")
 
 
 def test_select_attention_eager_accepts_a_backend_that_only_breaks_under_compile():
-    choice = tg.select_attention("cpu", False, (4, 2, 16), candidates=_candidates(_breaks_under_compile))
+    choice = chosen(_breaks_under_compile, use_compile=False).attention
     assert choice.name == "breaks_under_compile" and choice.skipped == ()
 
 
 def test_select_attention_without_a_working_backend_names_the_fix():
-    only_bad = (tg.AttentionCandidate("broken", lambda: _breaks_under_compile),)
     with pytest.raises(tg.UserError, match="COMPILE=0"):
-        tg.select_attention("cpu", True, (4, 2, 16), compile_backend="aot_eager", candidates=only_bad)
-    missing = (tg.AttentionCandidate("fa3", tg._flash_backend("no_such_flash_module")),)
+        chosen(candidates=(tg.AttentionCandidate("broken", lambda: _breaks_under_compile),))
+    missing = (tg.AttentionCandidate("fa3", lambda: importlib.import_module("no_such_flash_module")),)
     with pytest.raises(tg.UserError, match="fa3: ModuleNotFoundError") as e:
-        tg.select_attention("cpu", False, (4, 2, 16), candidates=missing)
+        chosen(candidates=missing, use_compile=False)
     assert "COMPILE=0" not in str(e.value)

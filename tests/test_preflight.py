@@ -1,4 +1,5 @@
-"""tools/preflight.py on CPU with tiny settings: every section and a verdict on 1 process and on 2 under gloo;
+"""tools/preflight.py on CPU with tiny settings: every section and a verdict on 1 process (its main(argv), in this
+process) and on 2 under gloo (torchrun, full tier);
 failing checks (no data, an attention backend that cannot compile, a wrong manifest) give `fail` with their
 reason; the watchdog turns a hang into a message naming NCCL settings. Run: python3 -m pytest tests/test_preflight.py
 """
@@ -15,29 +16,47 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RT1, TINY_RUN, tiny_env, tiny_hparams
+from conftest import RT1, TINY_RUN, main_in_process, tiny_env, tiny_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "preflight.py"
 sys.path.insert(0, str(ROOT / "tools"))
 
 import preflight  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 TINY_ARGS = ["--steps", "2", "--warmup", "1", "--eval-tokens", "1024", "--collective-iters", "2"]
 
 
-def run_tool(tmp_path, tiny_corpus, nproc=1, **extra_env):
+@pytest.fixture(autouse=True)
+def no_nvidia_smi(monkeypatch):
+    """The environment section asks nvidia-smi for the driver version: a process, which in-process tests must not
+    start (there is no GPU here anyway: the answer would be None)."""
+    monkeypatch.setattr(preflight, "driver_version", lambda: None)
+
+
+def tool_env(tiny_corpus, **extra_env):
     data_path, tok, vocab = tiny_corpus
-    env = tiny_env(VOCAB_SIZE=str(vocab), DATA_PATH=data_path, TOKENIZER_PATH=tok, **extra_env)
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  f"--nproc_per_node={nproc}"]
-    out = "-" if nproc == 1 else str(tmp_path / "preflight.json")  # JSON on stdout (table on stderr) or in a file
-    proc = subprocess.run(launch + [str(TOOL), *TINY_ARGS, "--json", out], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    return tiny_env(VOCAB_SIZE=str(vocab), DATA_PATH=data_path, TOKENIZER_PATH=tok, **extra_env)
+
+
+def run_in_process(tmp_path, tiny_corpus, monkeypatch, capsys, **extra_env):
+    """main(argv) on one process, in this one, with the environment of a command line: (JSON on stdout, the table
+    on stderr)."""
+    argv = [*TINY_ARGS, "--json", "-"]
+    assert main_in_process(tool_env(tiny_corpus, **extra_env), monkeypatch, tmp_path, preflight.main, argv) == 0
+    out, err = capsys.readouterr()
+    return json.loads(out), err
+
+
+def run_torchrun(tmp_path, tiny_corpus, nproc, **extra_env):
+    """The command line under torchrun: (JSON from --json PATH, the table on stdout)."""
+    out = tmp_path / "preflight.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(TOOL), *TINY_ARGS, "--json", str(out)], env=tool_env(tiny_corpus, **extra_env),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if out == "-":
-        return json.loads(proc.stdout), proc.stderr
-    return json.loads(Path(out).read_text()), proc.stdout
+    return json.loads(out.read_text()), proc.stdout
 
 
 def by_name(report):
@@ -52,8 +71,11 @@ def check_every_section(report, text, world):
     assert all(c["status"] in ("ok", "warn") for c in report["checks"])
     plain, qat = checks["training", "steps"]["figures"], checks["training", "steps_qat"]["figures"]
     assert plain["qat"] is False and qat["qat"] is True and plain["ms_per_step"] > 0 and qat["timed_steps"] == 2
-    steps = checks["training", "projection"]["figures"]["projected_steps"]  # defaults: QAT last 15% of 600 s
-    assert steps == min(20000, int(0.85 * 600_000 / plain["ms_per_step"] + 0.15 * 600_000 / qat["ms_per_step"]))
+    steps = checks["training", "projection"]["figures"]["projected_steps"]
+    d = tg.Hyperparameters()  # the run's wall clock, QAT share and step cap: the defaults (tiny_env sets none)
+    frac, budget_ms = (d.qat_time_frac if d.qat_enabled else 0.0), 1000 * d.max_wallclock_seconds
+    assert steps == min(d.iterations, int((1 - frac) * budget_ms / plain["ms_per_step"]
+                                          + frac * budget_ms / qat["ms_per_step"]))
     assert checks["data", "shards"]["figures"]["train_shards"] == 2
     assert checks["data", "manifest"]["status"] == "warn"  # the fixture writes none
     supply = checks["data", "supply"]["figures"]
@@ -66,8 +88,8 @@ def check_every_section(report, text, world):
     return checks
 
 
-def test_one_process_every_section_with_ttt(tmp_path, tiny_corpus):
-    report, text = run_tool(tmp_path, tiny_corpus, USE_TTT="1", TTT_CHUNK_TOKENS="512")
+def test_one_process_every_section_with_ttt(tmp_path, tiny_corpus, monkeypatch, capsys, one_thread):
+    report, text = run_in_process(tmp_path, tiny_corpus, monkeypatch, capsys, TTT_ENABLED="1", TTT_CHUNK_TOKENS="512")
     checks = check_every_section(report, text, 1)
     assert set(checks["evaluation", "throughput"]["figures"]["seconds"]) == {"one_pass", "ttt"}
     for kind in ("all_reduce", "reduce_scatter", "all_gather"):
@@ -77,7 +99,7 @@ def test_one_process_every_section_with_ttt(tmp_path, tiny_corpus):
 
 @pytest.mark.slow
 def test_two_ranks_gloo_every_section(tmp_path, tiny_corpus):
-    report, text = run_tool(tmp_path, tiny_corpus, nproc=2)
+    report, text = run_torchrun(tmp_path, tiny_corpus, nproc=2)
     checks = check_every_section(report, text, 2)
     # padded Muon bank buffers of the tiny model (L=2, d=64, kv_dim=32, hidden=192), bf16
     bank_bytes = 2 * (4 * 64 * 64 + 4 * 32 * 64 + 2 * 192 * 64 + 2 * 64 * 192)
@@ -85,15 +107,6 @@ def test_two_ranks_gloo_every_section(tmp_path, tiny_corpus):
         c = checks["collectives", kind]
         assert c["status"] == "ok" and c["figures"]["bytes"] == bank_bytes and c["figures"]["bus_bytes_per_s"] > 0
     assert set(checks["evaluation", "throughput"]["figures"]["seconds"]) == {"one_pass"}  # TTT off
-
-
-@pytest.fixture
-def one_thread():
-    """In-process runs use one intra-op thread, like the subprocess runs (OMP_NUM_THREADS=1): far less contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def in_process(tiny_corpus, tmp_path, use_compile=False, **overrides):
@@ -123,13 +136,12 @@ def test_no_data_fails_with_reason(tmp_path, tiny_corpus, one_thread):
 
 def _cannot_compile(q, k, v):
     torch._dynamo.graph_break()  # fullgraph compilation refuses this
-    return preflight.tg.sdpa_attention(q, k, v)
+    return tg.sdpa_attention(q, k, v)
 
 
 def test_attention_backend_that_cannot_compile_fails(tmp_path, tiny_corpus, monkeypatch, one_thread):
-    broken = preflight.tg.AttentionCandidate("broken", lambda: _cannot_compile)
-    monkeypatch.setattr(preflight.tg, "select_attention",
-                        functools.partial(preflight.tg.select_attention, candidates=(broken,)))
+    broken = tg.AttentionCandidate("broken", lambda: _cannot_compile)
+    monkeypatch.setattr(tg, "with_attention", functools.partial(tg.with_attention, candidates=(broken,)))
     pf = in_process(tiny_corpus, tmp_path, use_compile=True)
     checks = preflight.run_checks(pf)
     s = statuses(checks)
@@ -146,7 +158,7 @@ def test_manifest_match_and_mismatch(tmp_path, tiny_corpus):
     preflight.check_data(pf)
     assert statuses(pf.checks)["data", "manifest"][0] == "warn"  # none yet
     shards = {split: sorted(p.name for p in data.glob(f"*_{split}_*.bin")) for split in ("train", "val")}
-    counts = {split: sum(len(preflight.tg.read_shard(data / n)) for n in names) for split, names in shards.items()}
+    counts = {split: sum(len(tg.read_shard(data / n)) for n in names) for split, names in shards.items()}
     manifest = {"format": 1, "tokenizer_sha256": hashlib.sha256(Path(tiny_corpus[1]).read_bytes()).hexdigest(),
                 "vocab_size": 320, "splits": {s: {"shards": shards[s], "tokens": counts[s]} for s in shards}}
 
@@ -181,12 +193,12 @@ def test_watchdog_turns_a_hang_into_nccl_advice():
 def test_formulas():
     assert preflight.bus_bandwidth("all_reduce", 8e9, 1.0, 8) == pytest.approx(14e9)
     assert preflight.bus_bandwidth("all_gather", 8e9, 1.0, 8) == pytest.approx(7e9)
-    h = tiny_hparams(max_wallclock_seconds=600.0, iterations=20000, qat_time_frac=0.15, use_late_qat=True)
+    h = tiny_hparams(max_wallclock_seconds=600.0, iterations=20000, qat_time_frac=0.15, qat_enabled=True)
     # the reference's 88.6 ms/step everywhere gives its 6,772 steps
     assert preflight.projected_steps(h, 88.6, 88.6) == 6772
     assert preflight.projected_steps(h, 100.0, 200.0) == int(0.85 * 6000 + 0.15 * 3000)
     assert preflight.projected_steps(dataclasses.replace(h, iterations=10), 1.0, 1.0) == 10
-    assert preflight.projected_steps(dataclasses.replace(h, use_late_qat=False), 100.0, 1.0) == 6000
+    assert preflight.projected_steps(dataclasses.replace(h, qat_enabled=False), 100.0, 1.0) == 6000
 
 
 def test_user_error_is_one_line(monkeypatch, capsys):
@@ -203,8 +215,9 @@ def test_h100_left_on_sdpa_is_not_ready_unless_accepted(tmp_path, tiny_corpus, m
     fix) and the verdict is not_ready; ACCEPT_SDPA=1 turns it into a warning; another GPU only warns."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     skipped = (("fa3", "ModuleNotFoundError: No module named 'flash_attn_interface'"), ("fa4", "ModuleNotFoundError"))
-    monkeypatch.setattr(preflight.tg, "with_attention", lambda rt, h, **kw: dataclasses.replace(
-        rt, attention=preflight.tg.AttentionChoice("sdpa", preflight.tg.sdpa_attention, skipped)))
+    cpu = tg.with_attention(dataclasses.replace(RT1, use_compile=False), tiny_hparams()).attention  # SDPA, eager
+    monkeypatch.setattr(tg, "with_attention", lambda rt, h, **kw: dataclasses.replace(
+        rt, attention=cpu._replace(skipped=skipped)))
 
     def attention_check(**overrides):
         pf = in_process(tiny_corpus, tmp_path, use_compile=True, **overrides)

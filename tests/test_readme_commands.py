@@ -53,6 +53,14 @@ def test_readme_has_the_commands_we_expect():
     assert any("tools/make_record.py" in c for c in commands)
 
 
+def test_the_readme_test_command_is_what_ci_runs():
+    """README's test command (in "The two commands") runs the full tier, the pytest command of .ci/run."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip().startswith("python3 -m pytest")]
+    readme = [c.split("&&")[-1].strip() for c in readme_commands() if "python3 -m pytest" in c]
+    assert ci == ["python3 -m pytest --full"] and readme[:1] == ci
+
+
 @pytest.mark.slow
 def test_every_readme_command_works_as_written(tiny_corpus, tmp_path):
     repo = tmp_path / "repo"

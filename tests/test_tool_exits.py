@@ -190,6 +190,49 @@ def test_every_bad_argument_is_one_error_line_and_its_exit_code(tool, argv, code
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing written, not even a temporary file
 
 
+@pytest.mark.parametrize("tool", sorted(MAINS))
+def test_every_tool_prints_its_help_and_exits_0(tool, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert exit_of(MAINS[tool], ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and len(out.splitlines()) > 3, out  # the usage line and the options
+
+
+def test_a_bad_setting_in_the_environment_is_one_error_line(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("NUM_HEADS", "0")
+    monkeypatch.setenv("DEVICE", "cpu")
+    assert exit_of(bench_train.main, ["--synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and "error: invalid settings: NUM_HEADS=0" in err
+
+
+def test_toolkit_settings_text_is_what_the_script_logs_and_reads():
+    import dataclasses
+    import train_gpt
+    h = train_gpt.Hyperparameters(run_id="x", ngram_max_order=3, ngram_order_mults=(0.5, 2.0), smeargate_enabled=False)
+    assert [f"hparam {f.name}:{toolkit.format_setting(getattr(h, f.name))}"
+            for f in sorted(dataclasses.fields(h), key=lambda f: f.name)] == h.log_lines()
+    env = {f.name.upper(): toolkit.format_setting(getattr(h, f.name)) for f in dataclasses.fields(h)}
+    assert train_gpt.Hyperparameters.from_env(env) == h  # the text of every setting reads back as the same value
+
+
+@pytest.mark.parametrize("write", ["toolkit", "write_shard"])
+def test_an_interrupted_atomic_write_leaves_nothing(tmp_path, monkeypatch, write):
+    import numpy as np
+    import train_gpt
+
+    def interrupted(fd):
+        raise toolkit.Interrupted(signal.SIGTERM)
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(toolkit.Interrupted):
+        if write == "toolkit":
+            toolkit.write_file_atomic(str(tmp_path / "out.json"), b"x" * 1000)
+        else:
+            train_gpt.write_shard(tmp_path / "s_train_000000.bin", np.arange(1000))
+    assert os.listdir(tmp_path) == []
+
+
 def test_cuda_without_a_gpu_is_a_user_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -208,11 +251,50 @@ def test_bench_eval_refuses_more_tokens_than_the_val_shards_hold(tiny_corpus, ca
     assert err.startswith(f"error: --val-shards {data}: ") and "< --tokens 100000000" in err and "Traceback" not in err
 
 
+NGRAM_BENCH = ["--tokens", "2000000", "--chunk", "500", "--vocab", "64", "--device", "cpu", "--log-every", "1"]
+
+
+class SignalAfterFirstProgressLine:
+    """sys.stderr that passes writes on and sends `signum` to this process once the first progress line is out."""
+
+    def __init__(self, stream, signum):
+        self.stream, self.signum, self.written, self.sent = stream, signum, "", False
+
+    def write(self, text):
+        self.stream.write(text)
+        self.written += text
+        if not self.sent and self.written.startswith("chunk 1/") and "\n" in self.written:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)  # a real signal, handled by the tool's own handlers
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_tool_returns_128_plus_the_signal_with_one_line(tmp_path, signum, capsys, monkeypatch,
+                                                                       one_thread):
+    """In this process: the signal arrives while the benchmark runs; main returns 128 + signal after one line, no
+    output file is left, and the handlers are restored (the process's own exit status: the slow test below)."""
+    handlers = [signal.getsignal(s) for s in toolkit.INTERRUPT_SIGNALS]
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stderr", SignalAfterFirstProgressLine(sys.stderr, signum))
+    code = bench_ngram_cache.main([*NGRAM_BENCH, "--json", str(tmp_path / "figures.json")])
+    err = capsys.readouterr().err
+    assert sys.stderr.sent and err.startswith("chunk 1/"), err
+    assert code == 128 + signum, err
+    assert err.strip().splitlines()[1:] == [f"error: stopped by {signal.Signals(signum).name}"]
+    assert list(tmp_path.iterdir()) == []  # no JSON, no temporary file
+    assert [signal.getsignal(s) for s in toolkit.INTERRUPT_SIGNALS] == handlers
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_tool_exits_128_plus_the_signal_with_one_line(tmp_path, signum):
     out = tmp_path / "figures.json"
-    cmd = [sys.executable, str(ROOT / "tools" / "bench_ngram_cache.py"), "--tokens", "2000000", "--chunk", "500",
-           "--vocab", "64", "--device", "cpu", "--log-every", "1", "--json", str(out)]
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_ngram_cache.py"), *NGRAM_BENCH, "--json", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     first = proc.stderr.readline()  # the first progress line: the benchmark is running

@@ -3,15 +3,17 @@ Run: python3 -m pytest tests/test_training.py"""
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import RT1, tiny_model
+from conftest import RT1, main_in_process, tiny_model, tiny_run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,30 +39,23 @@ def flat_state(opt_state):
     return out
 
 
-def test_warmup_leaves_model_and_optimizer_bit_identical(tiny, tiny_corpus):
-    h, rt, model, opt = setup(tiny, tiny_corpus, warmup_steps=3)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
-    tg.train_step(model, opt, loader, h, rt, 0, 1.0)  # non-empty optimizer state before the warm-up
-    before_model = copy.deepcopy(model.state_dict())
-    before_opt = copy.deepcopy(opt.state_dict())
-    tg.warmup_and_restore(model, model, opt, h, rt)
-    assert model.qat_active is False
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before_model[k]), k
-    after, ref = flat_state(opt.state_dict()), flat_state(before_opt)
-    assert len(after) == len(ref) and len(ref) > 0
-    assert all(torch.equal(a, b) for a, b in zip(after, ref))
-    # and the restored optimizer continues exactly as the untouched one would
-    loader_a = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
-    tg.train_step(model, opt, loader_a, h, rt, 1, 1.0)
-    replay_model = tg.build_model(h, rt)
-    replay_model.load_state_dict(before_model)
-    replay_opt = tg.build_optimizers(replay_model, h, rt)
-    replay_opt.load_state_dict(copy.deepcopy(before_opt))
-    loader_b = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
-    tg.train_step(replay_model, replay_opt, loader_b, h, rt, 1, 1.0)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, replay_model.state_dict()[k]), k
+def test_the_warmup_is_undone_exactly_and_the_last_validation_changes_nothing(tiny_corpus, tmp_path, monkeypatch):
+    """WARMUP_STEPS real steps (QAT on in the last) are then undone: model, optimizer state and data order restart as
+    if they never ran, so a run with warm-up trains the same weights, bit for bit, as one without. The second run
+    also validates after the last step (VAL_LAST_STEP=1; the default 0 does not), which changes nothing either."""
+    runs = {}
+    for warmup in ("0", "3"):
+        env = tiny_run_env(tiny_corpus, tmp_path / warmup, WARMUP_STEPS=warmup, ITERATIONS="4", VAL_LOSS_EVERY="0",
+                           NGRAM_ENABLED="0", TRAIN_LOG_EVERY="1", VAL_LAST_STEP=str(int(warmup == "3")))
+        (tmp_path / warmup).mkdir()
+        assert main_in_process(env, monkeypatch) == 0
+        log = (tmp_path / warmup / "logs" / "e2e.txt").read_text()
+        runs[warmup] = (Path(env["ARTIFACT_PATH"]).read_bytes(), re.findall(r"^step:\d+/4 train_loss:\S+", log, re.M),
+                        re.findall(r"^warmup_step:\S+", log, re.M), re.findall(r"^step:\d+/4 val_loss:", log, re.M))
+    assert runs["0"][2] == [] and runs["3"][2] == ["warmup_step:1/3", "warmup_step:2/3", "warmup_step:3/3"]
+    assert len(runs["0"][1]) == 4 and runs["3"][1] == runs["0"][1]
+    assert runs["3"][0] == runs["0"][0]
+    assert runs["0"][3] == [] and runs["3"][3] == ["step:4/4 val_loss:"]
 
 
 def test_train_steps_lower_the_loss(tiny, tiny_corpus):
@@ -88,23 +83,24 @@ def test_ranks_with_skewed_clocks_share_lr_qat_and_stop_step(tiny_corpus, tmp_pa
 
 
 def test_train_validates_periodically_but_leaves_the_last_validation_to_after_the_clock(tiny, tiny_corpus,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, capsys):
     h, rt, model, opt = setup(tiny, tiny_corpus, val_loss_every=3, iterations=6, val_last_step=True)
     calls = []
-    monkeypatch.setattr(tg, "validate_during_training", lambda *args: calls.append(args[4]))
+    monkeypatch.setattr(tg, "sliding_eval", lambda *args: calls.append(args) or SimpleNamespace(loss=1.0, bpb=2.0))
     result = tg.train(model, model, opt, None, h, rt)
-    assert result.steps == 6 and calls == [3]
-    assert tg.should_validate(result.steps, True, h)  # train_and_export runs it after taking t_end
-    assert not tg.should_validate(result.steps, True, tiny(val_loss_every=3))  # VAL_LAST_STEP=0 (the default): none
+    assert result.steps == 6 and len(calls) == 1
+    assert re.findall(r"^step:\d+/6 val_loss:\S+ val_bpb:\S+", capsys.readouterr().out, re.M) == [
+        "step:3/6 val_loss:1.0000 val_bpb:2.0000"]  # not after step 6: main validates then, once the clock stopped
 
 
 def test_each_next_micro_batch_is_loaded_before_the_steps_sync(tiny, tiny_corpus, monkeypatch):
     """The host work and copy of the next batch overlap the device's work: within a step, micro-batch k+1 is loaded
     once micro-step k is queued; across steps, the next step's first micro-batch is loaded before the step's one
-    blocking sync (reduce_step_status). Every batch comes from a prefetch but the very first."""
-    h, rt, model, opt = setup(tiny, tiny_corpus, iterations=3, use_ema=True)
+    blocking sync (its one host read of the device, here `tolist`). Every batch comes from a prefetch but the very
+    first."""
+    h, rt, model, opt = setup(tiny, tiny_corpus, iterations=3, ema_enabled=True)
     events, loader = [], tg.DistributedTokenLoader
-    real_load, real_take, real_sync = loader._load, loader.next_batch, tg.reduce_step_status
+    real_load, real_take, real_tolist = loader._load, loader.next_batch, torch.Tensor.tolist
 
     def take(self, *args):
         batch = real_take(self, *args)
@@ -113,7 +109,7 @@ def test_each_next_micro_batch_is_loaded_before_the_steps_sync(tiny, tiny_corpus
 
     monkeypatch.setattr(loader, "_load", lambda self, *args: events.append("load") or real_load(self, *args))
     monkeypatch.setattr(loader, "next_batch", take)
-    monkeypatch.setattr(tg, "reduce_step_status", lambda *args: events.append("sync") or real_sync(*args))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: events.append("sync") or real_tolist(t))  # a host read
     tg.train(model, model, opt, None, h, rt)
     assert h.grad_accum_steps(1) == 2
     step = ["take", "load", "take", "load", "sync"]  # each load: the batch taken next (prefetch)

@@ -1,4 +1,4 @@
-"""Legal score-first TTT (USE_TTT=1) and the one-pass engine's compiled path.
+"""Legal score-first TTT (TTT_ENABLED=1) and the one-pass engine's compiled path.
 
 Run: python3 -m pytest tests/test_ttt.py -q      (the 1-rank = 2-rank TTT check is in test_eval.py, marked slow)
 """
@@ -16,29 +16,36 @@ sys.path.insert(0, str(ROOT / "tests"))
 import train_gpt as tg  # noqa: E402
 from conftest import RT1, random_stream, random_tables, repeating_stream, tiny_model, unit_tables  # noqa: E402
 
-PLAIN_NLL, NGRAM_CALL = tg.model_nll, tg.NgramScorer.__call__
+
+
+EVALUATE = tg.evaluate
 
 
 def ttt_hparams(tiny, **overrides):
     base = dict(vocab_size=16, eval_seq_len=32, eval_stride=8, eval_batch_windows=4, ngram_chunk_tokens=128,
-                ngram_audit_positions=48, ngram_log_every=0, use_ttt=True, ttt_chunk_tokens=128, ttt_batch_seqs=3,
+                ngram_audit_positions=48, ngram_log_every=0, ttt_enabled=True, ttt_chunk_tokens=128, ttt_batch_seqs=3,
                 ttt_epochs=2, ttt_lr=0.05, ttt_log_every=0)
     base.update(overrides)
     return tiny(**base)
 
 
 def recorded_passes(monkeypatch, model, tokens, h):
-    """(per-target NLL of the TTT pass for 'model' and 'ngram', results) with every score recorded by position."""
+    """(per-target NLL of the TTT pass for 'model' and 'ngram', results) with every score recorded by position: the
+    pass's own scorers, as ttt_eval hands them to evaluate, each wrapped by a recorder."""
     seen = {"model": {}, "ngram": {}}
 
-    def record(name, nll, batch):
-        for p, v in zip(batch.sel_pos.tolist(), nll.tolist()):
-            assert p not in seen[name]
-            seen[name][p] = v
-        return nll
+    def recording(name, scorer):
+        def score(logp, batch):
+            nll = scorer(logp, batch)
+            for p, v in zip(batch.sel_pos.tolist(), nll.tolist()):
+                assert p not in seen[name]
+                seen[name][p] = v
+            return nll
+        return score
 
-    monkeypatch.setattr(tg, "model_nll", lambda logp, b: record("model", PLAIN_NLL(logp, b), b))
-    monkeypatch.setattr(tg.NgramScorer, "__call__", lambda self, logp, b: record("ngram", NGRAM_CALL(self, logp, b), b))
+    def evaluate(model, val, windows, scorers, *args, **kwargs):
+        return EVALUATE(model, val, windows, {n: recording(n, s) for n, s in scorers.items()}, *args, **kwargs)
+    monkeypatch.setattr(tg, "evaluate", evaluate)
     results = tg.ttt_eval(model, tg.ValData(tokens, unit_tables(h.vocab_size)), h, RT1)
     return seen, results
 
@@ -87,28 +94,35 @@ def test_ttt_leaves_the_artifact_weights_alone_and_adapts_a_copy(tiny, capsys):
         assert re.search(rf"^{name}_exact val_loss:\d+\.\d{{8}} val_bpb:\d+\.\d{{8}}$", out, re.M)
 
 
-def test_ttt_schedule_and_sequences_are_causal():
-    assert tg.ttt_lr_at(0, 5, 0.002) == 0.002 and tg.ttt_lr_at(4, 5, 0.002) == pytest.approx(0.0, abs=1e-18)
-    assert tg.ttt_lr_at(2, 5, 0.002) == pytest.approx(0.001)
-    assert tg.ttt_lr_at(1, 5, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
-    assert tg.ttt_lr_at(0, 1, 0.002) == 0.002
-    for start, end, T in [(1, 129, 32), (129, 257, 32), (1, 100, 32), (33, 40, 8), (5, 6, 2)]:
-        starts = tg.ttt_sequences(start, end, T)
-        assert len(starts) == (end - start) // T
-        assert all(start - 1 <= s and s + T <= end - 1 for s in starts)  # targets s+1..s+T inside [start, end)
+def test_ttt_lr_follows_a_cosine_over_the_chunks(tiny):
+    """Chunk k of K trains at TTT_LR * (1 + cos(pi k / (K - 1))) / 2; the last chunk is scored, never trained on."""
+    h = ttt_hparams(tiny, ttt_lr=0.002, ttt_epochs=1, ttt_chunk_tokens=64, ngram_enabled=False)
+    model = tiny_model(h)
+    trainer = tg.ScoreFirstTTT(model, model, random_stream(5 * 64, h.vocab_size, 2), h, RT1)
+    assert trainer.num_chunks == 5
+    lrs = []
+    for k in range(5):
+        before = {n: p.clone() for n, p in model.state_dict().items()}
+        trainer.after_chunk(1 + 64 * k, 1 + 64 * (k + 1))
+        lrs.append(trainer.opt.param_groups[0]["lr"])
+        trained = any(not torch.equal(before[n], p) for n, p in model.state_dict().items())
+        assert trained == (k < 4), k
+    assert lrs[:4] == pytest.approx([0.002, 0.001 * (1 + math.cos(math.pi / 4)), 0.001, 0.001 * (1 - math.cos(math.pi / 4))])
 
 
 def test_ttt_batch_shape_is_fixed_and_reads_only_scored_tokens(tiny):
     """Every TTT step has the same input shape (one compiled graph) and never reads a token at or after `end`."""
     h = ttt_hparams(tiny, ttt_batch_seqs=3, ttt_chunk_tokens=160, eval_seq_len=32)
     tokens = random_stream(700, h.vocab_size, 6)
-    shapes, reads = [], []
+    shapes, reads, firsts, lows = [], [], [], []
 
     def spy(module, args, kwargs):
         x, targets = args[0], args[1] if len(args) > 1 else kwargs.get("targets")
         if targets is not None:
             shapes.append(tuple(x.shape))
             reads.append(int(torch.cat([x, targets], 1).max()))
+            lows.append(int(x.min()))
+            firsts.extend(x[:, 0].tolist())
 
     positions = torch.arange(701)  # token value = its position: what a step reads shows where it read
     h = dataclasses.replace(h, vocab_size=701)
@@ -119,13 +133,15 @@ def test_ttt_batch_shape_is_fixed_and_reads_only_scored_tokens(tiny):
         before = len(reads)
         trainer.after_chunk(start, end)
         assert len(reads) - before == h.ttt_epochs * 2  # 5 sequences in steps of 3: 2 steps per epoch
-        assert max(reads[before:]) <= end - 1
+        assert max(reads[before:]) <= end - 1 and min(lows[before:]) >= start - 1  # targets of this chunk only
+        whole = {start - 1 + i * h.eval_seq_len for i in range((end - start) // h.eval_seq_len)}
+        assert whole <= set(firsts[before * 3:])  # every whole sequence of the chunk's targets is trained on
     assert set(shapes) == {(3, 32)}
 
 
 def test_freeze_blocks_keeps_their_bank_rows(tiny):
     h = tiny(vocab_size=64, eval_seq_len=32, eval_stride=16, eval_batch_windows=4, ngram_enabled=False,
-             use_ttt=True, ttt_chunk_tokens=64, ttt_batch_seqs=2, ttt_epochs=1, ttt_lr=0.05, ttt_freeze_blocks=1,
+             ttt_enabled=True, ttt_chunk_tokens=64, ttt_batch_seqs=2, ttt_epochs=1, ttt_lr=0.05, ttt_freeze_blocks=1,
              ttt_log_every=0)
     model = tg.build_model(h)
     trainer = tg.ScoreFirstTTT(model, model, random_stream(400, 64, 7), h, RT1)
@@ -141,14 +157,12 @@ def test_freeze_blocks_keeps_their_bank_rows(tiny):
     assert frozen > 0 and trainable + frozen == sum(p.numel() for p in model.parameters())
 
 
-def test_use_ttt_is_a_setting_and_ttt_settings_are_checked(tiny):
-    h = tg.Hyperparameters.from_env({"USE_TTT": "1", "TTT_LR": "0.001", "TTT_EPOCHS": "2", "RUN_ID": "x"})
-    assert h.use_ttt and h.ttt_lr == 0.001 and h.ttt_epochs == 2
-    d = tg.Hyperparameters()
-    assert (d.use_ttt, d.ttt_lr, d.ttt_epochs, d.ttt_chunk_tokens, d.ttt_batch_seqs, d.ttt_momentum,
-            d.ttt_grad_clip, d.ttt_freeze_blocks) == (False, 0.002, 3, 32768, 32, 0.9, 1.0, 0)
+def test_ttt_enabled_is_a_setting_and_ttt_settings_are_checked(tiny):
+    h = tg.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_LR": "0.001", "TTT_EPOCHS": "2", "RUN_ID": "x"})
+    assert h.ttt_enabled and h.ttt_lr == 0.001 and h.ttt_epochs == 2
+    # (the defaults are the README's record configuration: tests/test_config.py reads them from its settings table)
     with pytest.raises(ValueError, match="TTT_CHUNK_TOKENS=100 must be >= EVAL_SEQ_LEN=2048"):
-        tg.Hyperparameters.from_env({"USE_TTT": "1", "TTT_CHUNK_TOKENS": "100"})
+        tg.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "100"})
     with pytest.raises(ValueError, match="TTT_FREEZE_BLOCKS=12"):
         tg.Hyperparameters.from_env({"TTT_FREEZE_BLOCKS": "12"})
     with pytest.raises(ValueError, match="TTT_MOMENTUM"):

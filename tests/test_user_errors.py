@@ -1,7 +1,8 @@
 """Whole-script behaviour on bad input: one line, exit code 2 (130/143 for signals), nothing lost or left behind.
+The messages of bad settings are rows of tests/test_config.py (Hyperparameters.from_env / validate); here every
+problem goes through main(), in this process, and one bad setting through a real process.
 Run: python3 -m pytest tests/test_user_errors.py"""
 import dataclasses
-import os
 import re
 import signal
 import subprocess
@@ -12,14 +13,13 @@ from pathlib import Path
 import pytest
 
 import train_gpt as tg
-from conftest import ROOT, run_script, tiny_run_env
+from conftest import ROOT, main_in_process, run_script, tiny_run_env
 
 
-def assert_one_line_error(out, *words):
-    """Exit 2, exactly one `error:` line naming `words` on stderr, no traceback."""
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+def one_error_line(stderr: str, *words) -> str:
+    """Exactly one `error:` line naming `words` on stderr, no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
     assert all(w in errors[0] for w in words), errors[0]
     return errors[0]
 
@@ -28,56 +28,72 @@ def left_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("settings, words", [
-    ({"NUM_HEADS": "0"}, ["NUM_HEADS=0 must be > 0"]),
-    ({"ITERATIONS": "0"}, ["ITERATIONS=0"]),
-    ({"MAX_WALLCLOCK_SECONDS": "-5"}, ["MAX_WALLCLOCK_SECONDS"]),
-    ({"NGRAM_MAX_ORDR": "5"}, ["did you mean NGRAM_MAX_ORDER"]),
-    ({"RUN_ID": "../../escape"}, ["RUN_ID"]),
-    ({"TRAIN_BATCH_TOKENS": "1000"}, ["TRAIN_BATCH_TOKENS=1000", "use TRAIN_BATCH_TOKENS="]),
-])
-def test_bad_settings_fail_in_one_line_before_anything_is_written(tiny_corpus, tmp_path, settings, words):
-    env = tiny_run_env(tiny_corpus, tmp_path, **settings)
-    assert_one_line_error(run_script(env), *words)
-    assert left_files(tmp_path) == []
+def not_a_model(tmp_path):
+    path = tmp_path / "tok.model"
+    path.write_bytes(b"this is not a sentencepiece model")
+    return str(path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("where", ["folder", "under_a_file", "read_only"])
-def test_unusable_artifact_path_is_found_before_training(tiny_corpus, tmp_path, where):
-    (tmp_path / "a_file").write_text("x")
-    path = {"folder": tmp_path, "under_a_file": tmp_path / "a_file" / "model.ptz",
-            "read_only": Path("/proc/model.int6.ptz")}[where]
-    env = tiny_run_env(tiny_corpus, tmp_path, ARTIFACT_PATH=str(path))
-    assert_one_line_error(run_script(env), "ARTIFACT_PATH=")
-    assert left_files(tmp_path) == ["a_file", "logs"]  # the (empty) log folder was checked first; no log, no model
+# id -> (settings (a function of tmp_path), words of the error line, files left under tmp_path). Every row but the
+# first writes `a_file` first; a row that gets as far as the log ends it with `run_failed reason:user_error`.
+BEFORE_TRAINING = {
+    "bad_setting": (lambda d: {"NUM_HEADS": "0"}, ["NUM_HEADS=0 must be > 0"], []),
+    "artifact_path_is_a_folder": (lambda d: {"ARTIFACT_PATH": str(d)}, ["ARTIFACT_PATH=", "is a folder"],
+                                  ["a_file", "logs"]),  # the (empty) log folder was checked first; no log, no model
+    "artifact_under_a_file": (lambda d: {"ARTIFACT_PATH": str(d / "a_file" / "model.ptz")}, ["ARTIFACT_PATH="],
+                              ["a_file", "logs"]),
+    "artifact_folder_read_only": (lambda d: {"ARTIFACT_PATH": "/proc/model.int6.ptz"}, ["ARTIFACT_PATH="],
+                                  ["a_file", "logs"]),
+    "log_dir_under_a_file": (lambda d: {"LOG_DIR": str(d / "a_file" / "logs")}, ["LOG_DIR="], ["a_file"]),
+    "not_a_tokenizer": (lambda d: {"TOKENIZER_PATH": not_a_model(d)}, ["tok.model", "not a SentencePiece model"],
+                        ["a_file", "logs", "logs/e2e.txt", "tok.model"]),
+    "no_shards": (lambda d: {"DATA_PATH": str(d / "nothing")}, ["no val shards match", "make_dataset.py --input sample"],
+                  ["a_file", "logs", "logs/e2e.txt"]),
+}
 
 
-@pytest.mark.slow
-def test_unwritable_log_dir_and_bad_data(tiny_corpus, tmp_path):
-    (tmp_path / "a_file").write_text("x")
-    env = tiny_run_env(tiny_corpus, tmp_path, LOG_DIR=str(tmp_path / "a_file" / "logs"))
-    out = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert_one_line_error(out, "LOG_DIR=")
-    not_a_model = tmp_path / "tok.model"
-    not_a_model.write_bytes(b"this is not a sentencepiece model")
-    env = tiny_run_env(tiny_corpus, tmp_path, TOKENIZER_PATH=str(not_a_model))
-    assert_one_line_error(run_script(env), str(not_a_model), "not a SentencePiece model")
-    log = (tmp_path / "logs" / "e2e.txt").read_text().splitlines()
-    assert log[-1].startswith("run_failed reason:user_error detail:tokenizer ")
+@pytest.mark.parametrize("case", list(BEFORE_TRAINING))
+def test_user_errors_stop_the_run_in_one_line_before_training(tiny_corpus, tmp_path, monkeypatch, capsys, case):
+    settings, words, left = BEFORE_TRAINING[case]
+    if case != "bad_setting":
+        (tmp_path / "a_file").write_text("x")
+    assert main_in_process(tiny_run_env(tiny_corpus, tmp_path, **settings(tmp_path)), monkeypatch, tmp_path) == 2
+    one_error_line(capsys.readouterr().err, *words)
+    assert left_files(tmp_path) == left
+    if "logs/e2e.txt" in left:  # the log ends with the same message
+        last = (tmp_path / "logs" / "e2e.txt").read_text().splitlines()[-1]
+        assert last.startswith("run_failed reason:user_error detail:") and all(w in last for w in words), last
 
 
-@pytest.mark.slow
-def test_reused_run_id_never_appends_to_the_old_log(tiny_corpus, tmp_path):
+def test_eval_only_settings_that_conflict_with_the_artifact_are_one_line(tiny_corpus, tmp_path, monkeypatch, capsys):
+    env = tiny_run_env(tiny_corpus, tmp_path, EVAL_ONLY="1")
+    artifact = Path(env["ARTIFACT_PATH"])
+    artifact.write_bytes(tg.pack_artifact(tg.build_model(tg.Hyperparameters.from_env(env)).state_dict(),
+                                          tg.Hyperparameters.from_env(env))[0])
+    before = artifact.read_bytes()
+    assert main_in_process(dict(env, XSA_LAST_N="0", NUM_LAYERS="3"), monkeypatch, tmp_path) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: EVAL_ONLY: NUM_LAYERS=3 (artifact: 2), XSA_LAST_N=0 (artifact: 1) conflict"), line
+    assert left_files(tmp_path) == [artifact.name] and artifact.read_bytes() == before
+
+
+def test_reused_run_id_never_appends_to_the_old_log(tiny_corpus, tmp_path, monkeypatch, capsys):
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "e2e.txt").write_text("an earlier run\n")
-    env = tiny_run_env(tiny_corpus, tmp_path)
-    assert_one_line_error(run_script(env), "RUN_ID=e2e", "already exists")
+    assert main_in_process(tiny_run_env(tiny_corpus, tmp_path), monkeypatch) == 2
+    one_error_line(capsys.readouterr().err, "RUN_ID=e2e", "already exists")
     assert (logs / "e2e.txt").read_text() == "an earlier run\n"
     assert left_files(tmp_path) == ["logs", "logs/e2e.txt"]
+
+
+@pytest.mark.slow
+def test_a_user_error_in_a_real_process_is_one_line_exit_2_and_nothing_written(tiny_corpus, tmp_path):
+    """The contract across a process boundary (what a shell sees): stderr, the exit code, the files."""
+    out = run_script(tiny_run_env(tiny_corpus, tmp_path, NUM_HEADS="0"))
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    one_error_line(out.stderr, "NUM_HEADS=0 must be > 0")
+    assert left_files(tmp_path) == []
 
 
 @pytest.mark.slow
@@ -109,16 +125,6 @@ def test_signal_ends_the_run_in_one_line_and_leaves_no_temporary_files(tiny_corp
     assert "Traceback" not in stderr
     assert log.read_text().splitlines()[-1] == f"run_failed reason:interrupted detail:stopped by {name}"
     assert not [p for p in left_files(tmp_path) if ".tmp" in p]
-
-
-def test_interrupted_atomic_write_leaves_nothing(tmp_path, monkeypatch):
-    def interrupted(fd):
-        raise tg.RunInterrupted(signal.SIGTERM)
-
-    monkeypatch.setattr(tg.os, "fsync", interrupted)
-    with pytest.raises(tg.RunInterrupted):
-        tg.write_file_atomic(str(tmp_path / "model.ptz"), b"x" * 1000)
-    assert os.listdir(tmp_path) == []
 
 
 def test_eval_only_tokenizer_of_another_vocabulary_points_at_the_tokenizer(tiny_corpus, tmp_path):

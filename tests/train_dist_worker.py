@@ -9,23 +9,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
-from conftest import tiny_hparams  # noqa: E402
-
-
-class FakeClock:
-    """Advances `tick_s` seconds per reading: rank 1's clock runs 3.7x faster than rank 0's."""
-
-    def __init__(self, tick_s: float):
-        self.now, self.tick_s = 0.0, tick_s
-
-    def __call__(self) -> float:
-        self.now += self.tick_s
-        return self.now
+from conftest import FakeClock, tiny_hparams  # noqa: E402
 
 
 def main(data_path: str, vocab: int, out_prefix: str) -> None:
     h = tiny_hparams(data_path=data_path, vocab_size=vocab, iterations=60, max_wallclock_seconds=1.0,
-                     warmdown_iters=10, qat_time_frac=0.5, use_late_qat=True, swa_enabled=False,
+                     warmdown_iters=10, qat_time_frac=0.5, qat_enabled=True, swa_enabled=False,
                      train_batch_tokens=128, train_micro_batch_tokens=64, run_id="skew")
     rt = tg.init_runtime(h)
     torch.manual_seed(0)

@@ -27,6 +27,7 @@ Exit status: 0, or 2 after one `error:` line (an unreadable artifact, a missing 
 from __future__ import annotations
 
 import argparse
+import io
 import lzma
 import sys
 import time
@@ -57,21 +58,34 @@ def unit_samples(rng: np.random.Generator, shape, dof: int) -> np.ndarray:
     return rng.standard_t(dof, shape) * ((dof - 2) / dof) ** 0.5
 
 
+# each bank's slices in order: slice k * num_layers + i is matrix type k of layer i (the model's bank layout)
+BANK_TYPES = {"qo_bank": ("attn.c_q", "attn.proj"), "kv_bank": ("attn.c_k", "attn.c_v"), "mlp_up_bank": ("mlp.fc",),
+              "mlp_down_bank": ("mlp.proj",)}
+
+
+def synthetic_matrix(rng: np.random.Generator, kind: str, shape, std: float) -> torch.Tensor:
+    rel, row_logsd, col_logsd, dof = SYNTHETIC_TYPES[kind]
+    rows, cols = shape
+    w = (unit_samples(rng, (rows, cols), dof) * np.exp(rng.standard_normal((rows, 1)) * row_logsd)
+         * np.exp(rng.standard_normal((1, cols)) * col_logsd))
+    return torch.from_numpy(w * rel * std)
+
+
 def synthetic_state(h: tg.Hyperparameters, std: float, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Unbanked state dict of h's model with trained-like weights (see the module docstring)."""
+    """State dict of h's model with trained-like weights (see the module docstring); a bank's slices are drawn one
+    matrix at a time, in slice order."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model = tg.build_model(h, tg.single_process_runtime())
-    flat = tg.unbank_state({k: v.detach() for k, v in model.state_dict().items()}, h.num_layers)
     out = {}
-    for name, t in flat.items():
-        kind = next((k for k in SYNTHETIC_TYPES if k in name), None)
-        if kind is not None:
-            rel, row_logsd, col_logsd, dof = SYNTHETIC_TYPES[kind]
-            rows, cols = t.shape
-            w = (unit_samples(rng, (rows, cols), dof) * np.exp(rng.standard_normal((rows, 1)) * row_logsd)
-                 * np.exp(rng.standard_normal((1, cols)) * col_logsd))
-            out[name] = torch.from_numpy(w * rel * std).to(t.dtype)
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        kind = BANK_TYPES.get(name) or next((k for k in SYNTHETIC_TYPES if k in name), None)
+        if isinstance(kind, tuple):
+            out[name] = torch.stack([synthetic_matrix(rng, kind[j // h.num_layers], t.shape[1:], std)
+                                     for j in range(t.shape[0])]).to(t.dtype)
+        elif kind is not None:
+            out[name] = synthetic_matrix(rng, kind, t.shape, std).to(t.dtype)
         elif t.is_floating_point() and t.numel() > 1:
             noise = FLOAT_NOISE_STD["large" if t.numel() >= 4096 else "small"]
             out[name] = (t.float() + torch.from_numpy(rng.standard_normal(tuple(t.shape))).float() * noise).to(t.dtype)
@@ -80,17 +94,33 @@ def synthetic_state(h: tg.Hyperparameters, std: float, seed: int = 0) -> dict[st
     return out
 
 
+def int6_object(state: dict, h: tg.Hyperparameters) -> dict:
+    """The int6 object train_gpt.py exports for `state` (its quantizer and export policy)."""
+    return tg.decode_artifact(tg.pack_artifact(state, h)[0])
+
+
 def synthetic_object(std: float, seed: int = 0) -> dict:
     h = tg.Hyperparameters()
-    obj, _ = tg.quantize_state(synthetic_state(h, std, seed), h)
-    obj["__model_config__"] = tg.model_config(h)
-    return obj
+    return int6_object(synthetic_state(h, std, seed), h)
+
+
+def torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def torch_object(raw: bytes) -> dict:
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
 
 def generic_codecs() -> dict:
     """name -> (compress(bytes) -> bytes, decompress(bytes) -> bytes): generic compressors of the torch.save bytes
     that train_gpt.py does not offer."""
-    brotli = tg.require_package("brotli")
+    try:
+        import brotli
+    except ImportError:
+        raise toolkit.ToolError("bench_codec needs the `brotli` package (pip install -r requirements-dev.txt)") from None
     return {"brotli-11": (lambda raw: brotli.compress(raw, quality=11, lgwin=24), brotli.decompress),
             "lzma-9e": (lambda raw: lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)}
 
@@ -114,7 +144,7 @@ def timed(fn, *args):
 
 def measure(obj: dict) -> list[dict]:
     """One row per codec: bytes, encode_s, decode_s, decoded_identical."""
-    raw = tg.torch_bytes(obj)
+    raw = torch_bytes(obj)
     rows = []
     for codec in ("zstd", "rans"):
         h = tg.Hyperparameters(artifact_codec=codec)
@@ -124,7 +154,7 @@ def measure(obj: dict) -> list[dict]:
                      "decode_s": dec_s, "decoded_identical": same_object(obj, back)})
     for name, (compress, decompress) in generic_codecs().items():
         blob, enc_s = timed(compress, raw)
-        back, dec_s = timed(lambda b: tg.torch_object(decompress(b)), blob)
+        back, dec_s = timed(lambda b: torch_object(decompress(b)), blob)
         rows.append({"codec": name, "bytes": len(blob), "encode_s": enc_s, "decode_s": dec_s,
                      "decoded_identical": same_object(obj, back)})
     base = rows[0]["bytes"]
@@ -137,7 +167,7 @@ def describe(obj: dict) -> dict:
     values = sum(q.numel() for q in obj["quantized"].values())
     payload = sum(t.numel() * t.element_size() for part in ("quantized", "scales", "passthrough")
                   for t in obj[part].values())
-    return {"int6_values": values, "payload_bytes": payload, "torch_save_bytes": len(tg.torch_bytes(obj))}
+    return {"int6_values": values, "payload_bytes": payload, "torch_save_bytes": len(torch_bytes(obj))}
 
 
 def render(source: str, info: dict, rows: list[dict]) -> str:

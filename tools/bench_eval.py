@@ -15,6 +15,7 @@ exact cache) or the first --tokens targets of the val shards under --val-shards.
 An argument out of range, a model shape train_gpt.py refuses, missing or too few val shards, or --device cuda
 without a GPU is one `error:` line, exit 2 (tools/toolkit.py).
 """
+import dataclasses
 import statistics
 import sys
 import time
@@ -89,7 +90,7 @@ def timed_pass(model, val, h, rt, ngram: bool) -> dict:
     tg.make_ngram_scorer = make_timed
     try:
         t0 = time.perf_counter()
-        res = tg.scored_pass(model, val, tg.dataclasses.replace(h, ngram_enabled=ngram), rt)
+        res = tg.scored_pass(model, val, dataclasses.replace(h, ngram_enabled=ngram), rt)
         seconds = time.perf_counter() - t0
     finally:
         tg.make_ngram_scorer = make

@@ -41,12 +41,14 @@ def demo_hparams(env) -> tg.Hyperparameters:
 
 
 def train_weights(h: tg.Hyperparameters, rt: tg.Runtime, val: tg.ValData) -> tuple[tg.GPT, dict, float]:
-    """(model, export weights, training seconds) after ITERATIONS steps."""
-    tg.seed_everything(h.seed)
+    """(model, export weights, training seconds) after ITERATIONS steps: the weights EXPORT_WEIGHTS names, in the
+    model's dtypes (the averages are kept in fp32), as the script exports them."""
+    torch.manual_seed(h.seed)
     model = tg.build_model(h, rt)
     t0 = time.perf_counter()
     result = tg.train(model, model, tg.build_optimizers(model, h, rt), val, h, rt)
-    return model, tg.export_state(result, h), time.perf_counter() - t0
+    chosen = result.raw if h.export_weights == "raw" else getattr(result, h.export_weights).state()
+    return model, {k: v.to(result.raw[k].dtype) for k, v in chosen.items()}, time.perf_counter() - t0
 
 
 def roundtrip(state: dict, h: tg.Hyperparameters, rt: tg.Runtime, val: tg.ValData, model: tg.GPT) -> dict:

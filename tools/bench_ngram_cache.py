@@ -27,12 +27,10 @@ import argparse
 import collections
 import contextlib
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -124,9 +122,8 @@ def sync(device) -> None:
 
 
 def peak_memory_bytes(device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    """Allocated bytes on CUDA, the process's peak RSS on the CPU."""
+    return int(next(iter(toolkit.peak_memory_mib(device).values())) * 2**20)
 
 
 def table_entries(cache) -> dict:
@@ -190,12 +187,11 @@ def look_up_chunk(scorer, share: range, batch_positions: int, counts: Counts) ->
 def run(args) -> dict:
     device = toolkit.torch_device(args.device)
     tokens = make_stream(args.tokens, args.vocab, args.dist, args.seed, device)
-    kw = dict(min_order=args.min_order, max_order=args.max_order, min_count=args.min_count, device=device)
-    cache = (tg.HashedNgramCache(num_buckets=args.buckets, **kw) if args.mode == "hashed"
-             else tg.ExactNgramCache(args.vocab, **kw))
     h = tg.Hyperparameters(vocab_size=args.vocab, ngram_min_order=args.min_order, ngram_max_order=args.max_order,
-                           ngram_min_count=args.min_count)
-    scorer = tg.NgramScorer(cache, tg.SeedMixer(h, device), tokens, np.zeros(0, dtype=np.int64))
+                           ngram_min_count=args.min_count, ngram_mode=args.mode, ngram_buckets=args.buckets,
+                           ngram_mixer="seed")
+    scorer = tg.make_ngram_scorer(tokens, h, tg.single_process_runtime(device))  # the eval's own cache and scorer
+    cache = scorer.cache
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     lookup_s, update_times, counts, sums = 0.0, [], Counts(args.count), []

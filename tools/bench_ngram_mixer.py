@@ -19,6 +19,7 @@ each mixer used, what the learned mixer learned (its ngram_mixer fields), and wh
 (`never_worse`). Exit 4 when it is not, or when training fails; 2 on a user error (tools/toolkit.py). Settings
 (NGRAM_*, EVAL_*) come from the environment.
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -67,7 +68,8 @@ def ensure_dataset(data: Path, tokenizer: Path, bench: str | None) -> None:
 
 def train_env(data: Path, tokenizer: Path, steps: int, artifact: Path) -> dict:
     """train_gpt.py's environment for the benchmark model: run.sh's CPU demo, --steps steps, no n-gram eval."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(tg.CHECKED_PREFIXES) and k != "RUN_ID"}
+    settings = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
+    keep = {k: v for k, v in os.environ.items() if k not in settings}
     return {**keep, **CPU_DEMO_ENV, "DATA_PATH": str(data), "TOKENIZER_PATH": str(tokenizer),
             "ITERATIONS": str(steps), "VAL_LOSS_EVERY": "0", "NGRAM_ENABLED": "0", "VAL_MAX_TOKENS": "8192",
             "ARTIFACT_PATH": str(artifact), "LOG_DIR": str(artifact.parent / "logs"),
@@ -90,7 +92,7 @@ def ensure_artifact(args, data: Path, tokenizer: Path) -> Path:
     return artifact
 
 
-def settings(data: Path, tokenizer: Path, art: tg.LoadedArtifact, targets: int) -> tg.Hyperparameters:
+def settings(data: Path, tokenizer: Path, art, targets: int) -> tg.Hyperparameters:
     """The environment's settings over the demo's eval shape (NGRAM_*, EVAL_* from the environment win); the
     model's shape is the artifact's."""
     env = {**EVAL_ENV, "NGRAM_CHUNK_TOKENS": "65536", **os.environ, "DATA_PATH": str(data),
@@ -99,13 +101,18 @@ def settings(data: Path, tokenizer: Path, art: tg.LoadedArtifact, targets: int) 
     return tg.adopt_artifact_config(tg.Hyperparameters.from_env(env), art.config, {})
 
 
-def evaluate(h: tg.Hyperparameters, art: tg.LoadedArtifact) -> dict:
+def model_nll(logp, batch):
+    """The plain scorer: -log p_model(target) of the batch's scored entries."""
+    return -logp.gather(1, batch.tgt[:, None]).squeeze(1)
+
+
+def evaluate(h: tg.Hyperparameters, art) -> dict:
     """One pass: round trip, seed rule and learned mixer from the same logits; per-mixer usage and learned fields."""
     rt = tg.single_process_runtime()
     model = tg.build_model(h, rt)
     model.load_state_dict(art.state, strict=True)
     val = tg.load_val_data(h, tg.load_tokenizer(h))
-    scorers = {kind: tg.make_ngram_scorer(val.tokens, tg.dataclasses.replace(h, ngram_mixer=kind), rt)
+    scorers = {kind: tg.make_ngram_scorer(val.tokens, dataclasses.replace(h, ngram_mixer=kind), rt)
                for kind in ("seed", "learned")}
 
     def after_chunk(start: int, end: int) -> None:
@@ -114,8 +121,7 @@ def evaluate(h: tg.Hyperparameters, art: tg.LoadedArtifact) -> dict:
 
     windows = tg.plan_windows(val.num_targets, h.eval_seq_len, h.eval_stride)
     t0 = time.perf_counter()
-    res = tg.evaluate(model, val, windows, {"model": tg.model_nll, **scorers}, h, rt, h.ngram_chunk_tokens,
-                      after_chunk)
+    res = tg.evaluate(model, val, windows, {"model": model_nll, **scorers}, h, rt, h.ngram_chunk_tokens, after_chunk)
     seconds = time.perf_counter() - t0
     out = {"targets": val.num_targets, "bytes": res["model"].bytes, "seconds": round(seconds, 1),
            "model_bpb": res["model"].bpb}

@@ -17,7 +17,7 @@ FLOPs per token (training = forward + backward, 3 × the forward's 2 FLOPs per m
   N = L·(2·d² + 2·d·kv_dim + 2·d·mlp_hidden + d·H·[gated attention]) + d·bigram_dim·[bigram] + V·d
 
 N counts the weights of every matrix multiply a token goes through: per layer W_q, W_o (d×d), W_k, W_v (kv_dim×d),
-MLP up/down (mlp_hidden×d), the attention gate (H×d) when USE_GATED_ATTENTION; the BigramHash projection; and the
+MLP up/down (mlp_hidden×d), the attention gate (H×d) when GATED_ATTENTION_ENABLED; the BigramHash projection; and the
 tied output head (V×d). Embedding lookups (tok_emb as input, the bigram table) are not matrix multiplies and are
 excluded. The attention term: per layer, QKᵀ and AV cost 2·T·d multiply-adds per token for full attention; causal
 masking halves that to T·d multiply-adds = 2·T·d FLOPs forward, ×3 for forward+backward = 6·T·d (GQA does not change
@@ -35,7 +35,6 @@ exit 2 (tools/toolkit.py).
 """
 import argparse
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ def matmul_params(h: tg.Hyperparameters) -> int:
     """N of the docstring: weights of the matrix multiplies per token (tied head included, lookups excluded)."""
     d = h.model_dim
     per_layer = 2 * d * d + 2 * d * h.kv_dim + 2 * d * h.mlp_hidden
-    if h.use_gated_attention:
+    if h.gated_attention_enabled:
         per_layer += d * h.num_heads
     n = h.num_layers * per_layer + h.vocab_size * d
     if h.bigram_vocab_size > 0:
@@ -85,27 +84,26 @@ def peak_flops_for(device: torch.device, override: float | None) -> float | None
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
+class SyntheticTokenStream:
+    """Uniform random tokens in memory, the same stream on every rank (as the shards are): `take(n)` like theirs."""
+
+    def __init__(self, vocab_size: int, seed: int = 0):
+        self.vocab, self.gen = vocab_size, torch.Generator().manual_seed(seed)
+
+    def take(self, n: int) -> np.ndarray:
+        return torch.randint(0, self.vocab, (n,), generator=self.gen, dtype=torch.int32).numpy()
+
+
 class SyntheticTokenLoader(tg.DistributedTokenLoader):
-    """DistributedTokenLoader (same batches, copies and prefetch) on uniform random tokens; each rank its own seed."""
+    """DistributedTokenLoader (same batches, rank spans, copies and prefetch) on a SyntheticTokenStream."""
 
     def __init__(self, rt: tg.Runtime, vocab_size: int, seed: int = 0):
-        self.rt, self.vocab, self.pending = rt, vocab_size, None
-        self.gen = torch.Generator().manual_seed(seed + 1000 * rt.rank)
-
-    def _span(self, local_tokens: int) -> np.ndarray:
-        return torch.randint(0, self.vocab, (local_tokens + 1,), generator=self.gen).numpy()
+        self.stream, self.rt, self.pending = SyntheticTokenStream(vocab_size, seed), rt, None
 
 
 def reset_peak_memory(rt: tg.Runtime) -> None:
     if rt.is_cuda:
         torch.cuda.reset_peak_memory_stats(rt.device)
-
-
-def peak_memory_mib(rt: tg.Runtime) -> dict:
-    if rt.is_cuda:
-        return {"peak_memory_allocated_mib": torch.cuda.max_memory_allocated(rt.device) / 2**20,
-                "peak_memory_reserved_mib": torch.cuda.max_memory_reserved(rt.device) / 2**20}
-    return {"peak_memory_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,10 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 class TrainingRig(NamedTuple):
     """What a timed training measurement drives: the model (raw and as run), its optimizers, a token loader and the
-    EMA train() keeps (None with USE_EMA=0)."""
+    EMA train() keeps (None with EMA_ENABLED=0)."""
     base_model: torch.nn.Module
     model: torch.nn.Module
-    opt: tg.Optimizers
+    opt: object  # build_optimizers' bundle
     loader: object
     ema: tg.EMA | None
 
@@ -134,7 +132,7 @@ class TrainingRig(NamedTuple):
 def build_rig(h: tg.Hyperparameters, rt: tg.Runtime, synthetic: bool) -> TrainingRig:
     """The training script's own model (on the runtime's device and attention backend), compile wrapper,
     optimizers, EMA and loader (or synthetic tokens)."""
-    tg.seed_everything(h.seed)
+    torch.manual_seed(h.seed)
     base_model = tg.build_model(h, rt)
     model = tg.compile_model(base_model, rt.use_compile)
     opt = tg.build_optimizers(base_model, h, rt)
@@ -142,7 +140,7 @@ def build_rig(h: tg.Hyperparameters, rt: tg.Runtime, synthetic: bool) -> Trainin
         loader = SyntheticTokenLoader(rt, h.vocab_size, h.seed)
     else:
         loader = tg.DistributedTokenLoader(tg.find_shards(h.data_path, "train"), rt, h.vocab_size)
-    return TrainingRig(base_model, model, opt, loader, tg.EMA(base_model, h.ema_decay) if h.use_ema else None)
+    return TrainingRig(base_model, model, opt, loader, tg.EMA(base_model, h.ema_decay) if h.ema_enabled else None)
 
 
 def _timed_steps(rig: TrainingRig, h: tg.Hyperparameters, rt: tg.Runtime, first: int, count: int):
@@ -177,7 +175,7 @@ def time_training(rig: TrainingRig, h: tg.Hyperparameters, rt: tg.Runtime, warmu
         "tokens_per_step": tokens_per_step, "ms_per_step": ms_per_step,
         "tokens_per_s": per_device * rt.world_size, "tokens_per_s_per_device": per_device,
         "achieved_flops_per_device": achieved, "peak_flops": peak, "mfu": achieved / peak if peak else None,
-        "final_loss": float(loss.item()), **peak_memory_mib(rt),
+        "final_loss": float(loss.item()), **toolkit.peak_memory_mib(rt.device),
     }
 
 

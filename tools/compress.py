@@ -54,6 +54,7 @@ from the encoded ones): one `error:` line, exit 4. Exit codes: tools/toolkit.py.
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -84,6 +85,13 @@ FLAG_NGRAM, FLAG_TTT = 1, 2
 PAD_TOKEN = 0  # what the decoder feeds at positions it has not decoded yet (never read: the model is causal)
 # settings that do not change any distribution (paths to data and outputs, identifiers) stay out of the header
 UNCODED_SETTINGS = {"run_id", "log_dir", "data_path", "artifact", "artifact_path", "eval_only", "val_max_tokens"}
+
+
+class Window(NamedTuple):
+    """A row of plan_windows: the model sees tokens[start:end], predicts start+1..end, targets >= score_from count."""
+    start: int
+    end: int
+    score_from: int
 
 
 class CompressError(toolkit.ToolError):
@@ -254,7 +262,7 @@ def sha256_file(path: str, what: str) -> bytes:
 
 def write_output(path: str, data: bytes) -> None:
     try:
-        tg.write_file_atomic(path, data)
+        toolkit.write_file_atomic(path, data)
     except OSError as e:
         raise CompressError(f"-o {path}: cannot write ({e.strerror})") from None
 
@@ -270,7 +278,7 @@ def platform_id() -> str:
 def coded_settings(h: tg.Hyperparameters) -> dict:
     """{ENV_NAME: text} of every setting that differs from the default and can change a distribution."""
     default = tg.Hyperparameters()
-    return {f.name.upper(): tg.format_setting(getattr(h, f.name)) for f in tg.dataclasses.fields(h)
+    return {f.name.upper(): toolkit.format_setting(getattr(h, f.name)) for f in dataclasses.fields(h)
             if f.name not in UNCODED_SETTINGS and getattr(h, f.name) != getattr(default, f.name)}
 
 
@@ -301,7 +309,7 @@ def load_model(path: str, h: tg.Hyperparameters, env) -> tuple[tg.GPT, tg.Hyperp
     settings, as EVAL_ONLY adopts them: an explicit conflicting setting in env is refused)."""
     try:
         art = tg.load_artifact(path)
-        h = tg.adopt_artifact_config(tg.dataclasses.replace(h, artifact_path=path), art.config, env)
+        h = tg.adopt_artifact_config(dataclasses.replace(h, artifact_path=path), art.config, env)
     except tg.UserError as e:
         raise CompressError(" ".join(str(e).split())) from None
     model = tg.build_model(h)
@@ -344,7 +352,7 @@ def validation_tokens(h: tg.Hyperparameters, k: int) -> torch.Tensor:
     """The first k targets of the validation split (k + 1 tokens), as train_gpt reads the split."""
     try:
         tokens = np.concatenate([tg.read_shard(f, h.vocab_size) for f in tg.find_shards(h.data_path, "val")])
-    except (FileNotFoundError, tg.ShardError) as e:
+    except (FileNotFoundError, tg.UserError) as e:
         raise CompressError(str(e)) from None
     if not 1 <= k <= tokens.size - 1:
         raise CompressError(f"--tokens {k}: the validation split has {tokens.size - 1} targets; pick 1..that")
@@ -391,8 +399,7 @@ class Distributions:
         windows = tg.plan_windows(k, h.eval_seq_len, h.eval_stride)
         self.length = int((windows[:, 1] - windows[:, 0]).max())
         if flags & FLAG_NGRAM:
-            cache, mixer = tg.make_ngram_cache(h, tokens.device), tg.make_ngram_mixer(h, tokens.device)
-            self.scorer = tg.NgramScorer(cache, mixer, tokens, np.zeros(0, dtype=np.int64))
+            self.scorer = tg.make_ngram_scorer(tokens, h, rt)  # the evaluator's cache and mixer
             self.hooks.append(self.scorer.after_chunk)
         if flags & FLAG_TTT:
             self.model = copy.deepcopy(model)
@@ -400,13 +407,14 @@ class Distributions:
         chunk = h.ttt_chunk_tokens if flags & FLAG_TTT else h.ngram_chunk_tokens if flags & FLAG_NGRAM else 0
         self.chunks = tg.group_by_chunk(windows, chunk) if chunk else [(1, k + 1, windows)]
 
-    def logits(self, w: tg.Window) -> torch.Tensor:
-        """fp32 logits [L, V] of the window (row i predicts target w.start + 1 + i), from one [1, L] forward."""
-        table, _ = tg.window_table([np.array([w], dtype=np.int64)], 1, self.tokens.device)
+    def logits(self, w: Window) -> torch.Tensor:
+        """fp32 logits [L, V] of the window (row i predicts target w.start + 1 + i), from one [1, L] forward of the
+        input the evaluator's batch has for this window: L tokens from w.start, the last one repeated past the end."""
+        at = (w.start + torch.arange(self.length, device=self.tokens.device)).clamp(max=self.tokens.numel() - 2)
         with torch.inference_mode():
-            return self.model(tg.make_batch(self.tokens, table, 0, 1, self.length).x)[0]
+            return self.model(self.tokens[at][None])[0]
 
-    def distribution(self, logits: torch.Tensor, w: tg.Window, p: int) -> np.ndarray:
+    def distribution(self, logits: torch.Tensor, w: Window, p: int) -> np.ndarray:
         """Cumulative frequencies of target p from its window's logits (computed on a [1, V] row)."""
         row = logits[p - w.start - 1][None]
         with torch.inference_mode():
@@ -416,7 +424,7 @@ class Distributions:
                 dist = self.scorer.full_distribution(row, torch.tensor([p]))
         return frequencies(dist[0])
 
-    def coded(self, logits: torch.Tensor, w: tg.Window, p: int) -> None:
+    def coded(self, logits: torch.Tensor, w: Window, p: int) -> None:
         """Target p is coded (its token known to both sides): the n-gram mixer learns from it as the evaluator's does."""
         if self.scorer is not None:
             with torch.inference_mode():
@@ -430,7 +438,7 @@ class Distributions:
 def encode_tokens(dists: Distributions) -> bytes:
     enc, tokens = ArithmeticEncoder(), dists.tokens
     for c0, c1, pieces in dists.chunks:
-        for w in map(tg.Window._make, pieces.tolist()):
+        for w in map(Window._make, pieces.tolist()):
             logits = dists.logits(w)
             for p in range(w.score_from, w.end + 1):
                 cum, s = dists.distribution(logits, w, p), int(tokens[p])
@@ -444,7 +452,7 @@ def decode_tokens(dists: Distributions, payload: bytes) -> None:
     """Fill dists.tokens[1:] in place, one forward per target (only tokens before it are known)."""
     dec, tokens = ArithmeticDecoder(payload), dists.tokens
     for c0, c1, pieces in dists.chunks:
-        for w in map(tg.Window._make, pieces.tolist()):
+        for w in map(Window._make, pieces.tolist()):
             for p in range(w.score_from, w.end + 1):
                 logits = dists.logits(w)
                 tokens[p] = dec.decode(dists.distribution(logits, w, p))
@@ -452,11 +460,11 @@ def decode_tokens(dists: Distributions, payload: bytes) -> None:
         dists.after_chunk(c0, c1)
 
 
-def evaluator_bits(model: tg.GPT, h: tg.Hyperparameters, tokens: torch.Tensor, tables, flags: int) -> tg.EvalResult:
+def evaluator_bits(model: tg.GPT, h: tg.Hyperparameters, tokens: torch.Tensor, tables, flags: int):
     """The script's own score of the same targets: its round-trip pass (or its TTT pass with --ttt), 'model' or
     with --ngram 'ngram'; its log lines are kept off the console."""
     rt = tg.single_process_runtime()
-    h = tg.dataclasses.replace(h, ngram_enabled=bool(flags & FLAG_NGRAM))
+    h = dataclasses.replace(h, ngram_enabled=bool(flags & FLAG_NGRAM))
     val = tg.ValData(tokens.clone(), tables)
     with contextlib.redirect_stdout(io.StringIO()):
         results = (tg.ttt_eval if flags & FLAG_TTT else tg.roundtrip_eval)(model, val, h, rt)
@@ -520,7 +528,7 @@ def decode_file(blob: bytes, name: str, artifact: str, tokenizer: str | None) ->
     return tokens, text_of(tokens, load_sp(h.tokenizer_path))
 
 
-def report(claimed: tg.EvalResult, payload_bytes: int, header_bytes: int, identical: bool, times: dict) -> dict:
+def report(claimed, payload_bytes: int, header_bytes: int, identical: bool, times: dict) -> dict:
     """Claimed bits (the evaluator's sum) vs the coded payload and the whole file, per token and per byte."""
     claimed_bits = claimed.loss * claimed.tokens / math.log(2.0)
     payload_bits, file_bits = 8 * payload_bytes, 8 * (payload_bytes + header_bytes)
@@ -600,7 +608,7 @@ def parse_args(argv):
                      help=f"the first K targets of the val split (default {DEFAULT_TOKENS})")
     src.add_argument("--text", help="a UTF-8 text file (one document per line) instead of the val split")
     enc.add_argument("--ngram", action="store_true", help="the exact n-gram mixture (as ngram_eval)")
-    enc.add_argument("--ttt", action="store_true", help="legal score-first TTT (as the USE_TTT=1 pass, TTT_* settings)")
+    enc.add_argument("--ttt", action="store_true", help="legal score-first TTT (as the TTT_ENABLED=1 pass, TTT_* settings)")
     enc.add_argument("--threads", type=toolkit.positive_int, default=1, help="CPU threads for encode and decode "
                      "(default 1: decoding runs many small forwards, fastest on one thread)")
     enc.add_argument("--no-verify", dest="verify", action="store_false", help="skip decoding the file back")

@@ -41,18 +41,18 @@ def convert(mode: str, src: Path, out: Path) -> dict:
     if out.resolve() == src.resolve():
         raise logparse.ToolError(f"-o {out}: would overwrite the input; write to another path")
     text = read_text(src)
-    is_packed = text.startswith(tg.PACKED_HEAD)
-    if mode == "pack" and is_packed:
-        raise logparse.ToolError(f"{src} is already packed (use `unpack` to get the readable source)")
-    if mode == "unpack" and not is_packed:
-        raise logparse.ToolError(f"{src} is not a packed train_gpt.py (it lacks the header {tg.PACKED_HEAD!r})")
     try:
-        source = tg.unpack_source(text) if is_packed else text
+        code = tg.code_identity(str(src))  # readable or packed, told apart by the packed form's header
     except (ValueError, OSError) as exc:  # bad base85, a corrupt bz2 stream, bytes that are not UTF-8
         raise logparse.ToolError(f"{src}: the packed source cannot be decoded ({exc})") from None
-    packed = text if is_packed else tg.pack_source(source)
+    if mode == "pack" and code.packed:
+        raise logparse.ToolError(f"{src} is already packed (use `unpack` to get the readable source)")
+    if mode == "unpack" and not code.packed:
+        raise logparse.ToolError(f"{src} is not a packed train_gpt.py (it lacks the packed form's header)")
+    source = code.source
+    packed = text if code.packed else tg.pack_source(source)
     try:
-        tg.write_file_atomic(str(out), (packed if mode == "pack" else source).encode("utf-8"))
+        toolkit.write_file_atomic(str(out), (packed if mode == "pack" else source).encode("utf-8"))
     except OSError as exc:
         raise logparse.ToolError(f"-o {out}: cannot write ({exc.strerror or exc})") from None
     digest = lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest()

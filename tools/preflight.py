@@ -37,6 +37,7 @@ naming the NCCL settings to try and exit code 4. Output: the Markdown table and 
 """
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -97,9 +98,10 @@ class Preflight:
 
 
 def one_line(e: BaseException) -> str:
-    """The script's one-line error, whole and of the exception itself (a check's reason may list several causes;
+    """Type and message on one line, whole and of the exception itself (a check's reason may list several causes;
     an error raised while another check's error was being handled must not report that one)."""
-    return tg.one_line_error(e, max_chars=None, innermost=False)
+    text = toolkit.one_line(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,12 +195,17 @@ def check_attention(pf: Preflight, candidates=None) -> None:
     how = "compiled (fullgraph) forward + backward" if rt.use_compile else "eager forward + backward (COMPILE off)"
     skipped = "; ".join(f"{name}: {why}" for name, why in choice.skipped) or "none"
     slow = rt.is_cuda and choice.name == "sdpa"
-    missed = tg.sdpa_on_hopper(rt)  # FlashAttention-3 would run here: a record run would lose ~1,000 steps
+    missed = slow and tuple(torch.cuda.get_device_capability(rt.device)) == (9, 0)  # FA3 would run on sm_90
     status = "fail" if missed and not pf.h.accept_sdpa else "warn" if slow else "ok"
-    why = (f" ({tg.SDPA_ON_HOPPER}{'; accepted: ACCEPT_SDPA=1' if pf.h.accept_sdpa else ''})" if missed
+    why = (f" ({SDPA_ON_HOPPER}{'; accepted: ACCEPT_SDPA=1' if pf.h.accept_sdpa else ''})" if missed
            else " (no FlashAttention: slower than the record)" if slow else "")
     pf.add("attention", "backend", status, f"{choice.name}: {how} matches SDPA{why}; skipped: {skipped}",
            backend=choice.name, compile=pf.rt.use_compile, skipped=dict(choice.skipped))
+
+
+SDPA_ON_HOPPER = ("FlashAttention-3 is not in use on this H100-class GPU: SDPA costs an estimated +15-25 ms/step "
+                  "(about 1,000 fewer steps in 600 s, a worse score); install it with `python3 "
+                  "tools/install_flash_attn.py` (run.sh does), or set ACCEPT_SDPA=1 to run on SDPA knowingly")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ def _bank_buffers(pf: Preflight) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return pairs
 
 
-def _collective_calls(pairs, comm: tg.BankCollectives):
+def _collective_calls(pairs, comm):
     """The three collectives over every bank, each waiting on its handles as the optimizer does."""
     def all_reduce():
         for full, _ in pairs:
@@ -279,7 +286,7 @@ def _one_collective(pf: Preflight, kind: str) -> None:
     rt = pf.rt
     pairs = _bank_buffers(pf)
     nbytes = sum(full.numel() * full.element_size() for full, _ in pairs)
-    fn = _collective_calls(pairs, tg.BankCollectives())[kind]
+    fn = _collective_calls(pairs, pf.rig.opt.muon.comm)[kind]  # the optimizer's own bank collectives
     seconds = _timed(rt, fn, pf.args.collective_iters)
     for full, shard in pairs:
         full.fill_(float(rt.rank + 1))
@@ -302,7 +309,7 @@ def projected_steps(h: tg.Hyperparameters, ms_plain: float, ms_qat: float) -> in
     """Steps that fit MAX_WALLCLOCK_SECONDS: late QAT runs the last QAT_TIME_FRAC of the time; capped at ITERATIONS."""
     if h.max_wallclock_seconds <= 0:
         return h.iterations
-    f = h.qat_time_frac if h.use_late_qat else 0.0
+    f = h.qat_time_frac if h.qat_enabled else 0.0
     cap_ms = 1000.0 * h.max_wallclock_seconds
     return min(h.iterations, int((1.0 - f) * cap_ms / ms_plain + f * cap_ms / ms_qat))
 
@@ -372,10 +379,8 @@ def eval_slice(pf: Preflight, targets: int) -> tg.ValData:
     """The first `targets` validation targets with real byte tables, or uniform random tokens with one byte each
     when the data is missing (the timing does not depend on the token values much)."""
     h = pf.h
-    with contextlib.suppress(ValueError):  # tg.UserError (no shards, no tokenizer) or a split too short
-        files = tg.find_shards(h.data_path, "val")
-        tokens = tg.load_validation_tokens(files, h.eval_seq_len, h.vocab_size, targets)
-        return tg.ValData(tokens, tg.build_byte_luts(tg.load_tokenizer(h), h.vocab_size))
+    with contextlib.suppress(ValueError), contextlib.redirect_stdout(io.StringIO()):  # tg.UserError: no shards,
+        return tg.load_val_data(dataclasses.replace(h, val_max_tokens=targets), tg.load_tokenizer(h))  # tokenizer
     n = max(targets // h.eval_seq_len, 1) * h.eval_seq_len
     tokens = torch.randint(0, h.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(h.seed))
     ones = torch.ones(h.vocab_size, dtype=torch.int16)
@@ -385,12 +390,12 @@ def eval_slice(pf: Preflight, targets: int) -> tg.ValData:
 
 def _timed_evals(pf: Preflight, raw_model, val: tg.ValData) -> dict:
     """Seconds of each post-training pass on `val`, as evaluate_artifact runs them: the one pass (round trip +
-    n-gram from the same logits) on the compiled model, then TTT (USE_TTT=1) on a copy. The time is the one each
+    n-gram from the same logits) on the compiled model, then TTT (TTT_ENABLED=1) on a copy. The time is the one each
     eval measures and reports itself; their log lines are swallowed."""
     h, rt = pf.h, pf.rt
     compiled = tg.compile_model(raw_model, pf.rt.use_compile)
     passes = {"one_pass": lambda: tg.roundtrip_eval(compiled, val, h, rt)}
-    if h.use_ttt:
+    if h.ttt_enabled:
         passes["ttt"] = lambda: tg.ttt_eval(raw_model, val, h, rt, lambda m: tg.compile_model(m, pf.rt.use_compile))
     with contextlib.redirect_stdout(io.StringIO()):
         return {name: run()["model"].time_ms / 1000.0 for name, run in passes.items()}
@@ -404,7 +409,7 @@ def check_evaluation(pf: Preflight) -> None:
     model = tg.build_model(h, pf.rt)  # a fresh model with the trained weights, as after export
     model.load_state_dict(pf.rig.base_model.state_dict(), strict=True)
     t0 = time.perf_counter()
-    _timed_evals(pf, model, eval_slice(pf, 2 * (h.ttt_chunk_tokens if h.use_ttt else h.eval_seq_len)))  # compiles
+    _timed_evals(pf, model, eval_slice(pf, 2 * (h.ttt_chunk_tokens if h.ttt_enabled else h.eval_seq_len)))  # compiles
     compile_s = time.perf_counter() - t0
     n_large = min(pf.args.eval_tokens, pf.data.get("val_targets") or pf.args.eval_tokens)
     small, large = eval_slice(pf, n_large // 2), eval_slice(pf, n_large)
@@ -438,7 +443,7 @@ def _check_eval_projection(pf: Preflight, timings: dict, compile_s: float) -> No
     linear = compile_s + sum(total * large[1] / large[0] for _, large in timings.values())
     seconds = compile_s + sum(passes.values())
     parts = " + ".join(f"{k} {s:.0f} s" for k, s in passes.items())
-    ttt = "" if pf.h.use_ttt else "; TTT off"
+    ttt = "" if pf.h.ttt_enabled else "; TTT off"
     how = (f"n-gram tables growing: fitted a + b·ln(targets) per target from 2 slice sizes, {linear:,.0f} s if linear"
            if grows else "linear from the slice")
     over = seconds > EVAL_BUDGET_S
@@ -453,14 +458,23 @@ def _check_eval_projection(pf: Preflight, timings: dict, compile_s: float) -> No
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def shard_tokens(path: str) -> int:
-    """Token count from a shard's header; a header that disagrees with the file is read_shard's error."""
-    header = np.fromfile(path, dtype="<i4", count=3)
-    if (header.size == 3 and header[0] == tg.SHARD_MAGIC and header[1] == tg.SHARD_VERSION
-            and os.path.getsize(path) == tg.SHARD_HEADER_BYTES + 2 * int(header[2])):
+def shard_format(path: str) -> tuple[tuple[int, int], int]:
+    """((magic, version), header bytes) of a shard that read_shard accepts (header: int32 magic, version, token
+    count, ...; then uint16 tokens)."""
+    tokens = tg.read_shard(path)
+    magic, version = np.fromfile(path, dtype="<i4", count=2).tolist()
+    return (magic, version), os.path.getsize(path) - 2 * tokens.size
+
+
+def shard_tokens(path: str, fmt: tuple[tuple[int, int], int]) -> int:
+    """Token count from a shard's header (without reading its tokens); a header that disagrees with the file or
+    with the format of a valid shard (`fmt`) is read_shard's error."""
+    header, (magic_version, header_bytes) = np.fromfile(path, dtype="<i4", count=3), fmt
+    if (header.size == 3 and tuple(header[:2].tolist()) == magic_version
+            and os.path.getsize(path) == header_bytes + 2 * int(header[2])):
         return int(header[2])
-    tg.read_shard(path)  # raises ShardError naming the problem
-    raise tg.ShardError(f"{path}: unreadable shard header")
+    tg.read_shard(path)  # raises UserError naming the problem
+    raise tg.UserError(f"{path}: unreadable shard header")
 
 
 def check_data(pf: Preflight) -> None:
@@ -469,7 +483,8 @@ def check_data(pf: Preflight) -> None:
         train, val = tg.find_shards(h.data_path, "train"), tg.find_shards(h.data_path, "val")
         for f in val + train[:1]:  # full validation (format, vocab) of what evaluation and step 1 read
             tg.read_shard(f, h.vocab_size)
-        train_tokens, val_tokens = sum(map(shard_tokens, train)), sum(map(shard_tokens, val))
+        fmt = shard_format(val[0])
+        train_tokens, val_tokens = (sum(shard_tokens(f, fmt) for f in files) for files in (train, val))
     except tg.UserError as e:  # no shards, or a shard that is not valid
         pf.add("data", "shards", "fail", one_line(e))
         _check_tokenizer(pf)
@@ -614,7 +629,7 @@ def start(args: argparse.Namespace) -> Preflight:
 def finish(pf: Preflight, checks: list[Check]) -> bool:
     """Agree on failure across ranks, print (rank 0) or report this rank's failures; True when a check failed."""
     mine = any(c.status == "fail" for c in checks)
-    failed = tg.any_rank(mine, pf.rt.device)
+    failed = toolkit.any_rank(mine, pf.rt.device)
     if failed and not mine:
         checks.append(Check("environment", "other_ranks", "fail", "a check failed on another rank (its reason is "
                             "on that rank's stderr)", {}))

@@ -13,7 +13,8 @@ Exit codes (the same for train_gpt.py; README "When something is wrong"):
 `@entry(*user_errors)` wraps a tool's `main(argv)` in these paths: ToolError and the given exception types give
 exit 2, CheckFailed exit 4, SIGINT/SIGTERM (raised as `Interrupted` so `finally` blocks clean up) 130/143. Under
 torchrun only rank 0 prints the line. `ArgParser` prints argparse's own errors as that one line, and the argument
-types below refuse out-of-range and non-finite numbers while parsing.
+types below refuse out-of-range and non-finite numbers while parsing. Also the small helpers tools share instead of
+reaching into train_gpt.py: atomic writes, the settings' text form, peak memory, a flag agreed by every rank.
 """
 
 from __future__ import annotations
@@ -239,3 +240,50 @@ def json_safe(value):
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a reader never sees a partial file, and an
+    interrupted write leaves neither a partial file nor the temporary one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def format_setting(value) -> str:
+    """A setting's value as the environment variable that gives it (what train_gpt.py's `hparam` lines print):
+    tuples comma-joined, booleans 0/1."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+def peak_memory_mib(device) -> dict:
+    """The peak memory so far: on CUDA allocated and reserved MiB of the device, on the CPU the process's peak RSS."""
+    import torch
+    if torch.device(device).type == "cuda":
+        return {"peak_memory_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_memory_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20}
+    import resource
+    return {"peak_memory_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if flag is true on any rank (one MAX all-reduce; alone, the flag itself)."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
