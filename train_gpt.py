@@ -10,6 +10,7 @@ then `Total submission int6+zstd: … bytes` (compressed model + this file; the 
 
 Every score is the code length of a distribution over the whole vocabulary that sums to 1, depends only on earlier
 tokens, is taken before any update with the token, counts every target once and comes from the artifact's bytes.
+Nothing is chosen on validation data: the exported weights and every setting come from the configuration.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class RunFailed(Exception):
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_weights", "smear",
                     "bigram_scale", "vr_lambda", "attn_gate", "ve_layer_scales", "ve_shared.scale")
 INT6_CLIP_CANDIDATES = (0.9990, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite per-row clip quantiles
+ARTIFACT_CODECS = ("rans", "zstd")  # told apart in the file by their first bytes (ARTIFACT_MAGIC)
 
 
 @dataclass(frozen=True)
@@ -150,12 +152,12 @@ class Hyperparameters:
     # averaging and QAT
     ema_enabled: bool = True
     ema_decay: float = 0.997
-    swa_enabled: bool = True
+    swa_enabled: bool = True  # SWA averages EMA snapshots: nothing without EMA_ENABLED=1
     swa_every: int = 50
     swa_lr_threshold: float = 0.2
     qat_enabled: bool = True
     qat_time_frac: float = 0.15
-    export_weights: str = "ema"  # ema | swa | raw
+    export_weights: str = "ema"  # ema | swa | raw: chosen by configuration, never by a validation score
     diag_eval_candidates: bool = False  # also score the weights not exported
     # export
     artifact_path: str = "final_model.int6.ptz"
@@ -180,13 +182,14 @@ class Hyperparameters:
     ngram_mode: str = "exact"  # exact | hashed (the reference's rule, comparison only)
     ngram_min_order: int = 2
     ngram_max_order: int = 9
-    ngram_min_count: int = 2  # the seed rule's gate
     ngram_mixer: str = "learned"  # learned | seed (the reference's entropy rule)
     ngram_mixer_prior: float = 0.75  # learned: the model's starting weight
     ngram_mixer_smooth: float = 10.0  # learned: step damping n / (n + this)
     ngram_mixer_guard: float = 0.9  # learned: prior of "the model alone"
     ngram_chunk_tokens: int = 65_536
     ngram_buckets: int = 4_194_304  # hashed mode only
+    # the seed mixer only (NGRAM_MIXER=seed, and hashed mode): its count gate and entropy rule
+    ngram_min_count: int = 2
     ngram_alpha_min: float = 0.05
     ngram_alpha_max: float = 0.70
     ngram_entropy_center: float = 3.0
@@ -197,14 +200,14 @@ class Hyperparameters:
     ngram_audit_positions: int = 256
     ngram_log_every: int = 20
     ttt_enabled: bool = False  # a second pass: score-first test-time training on a copy of the weights
-    ttt_lr: float = 0.002  # cosine over chunks
+    ttt_lr: float = 0.002  # chunk k of K: lr * 0.5 * (1 + cos(pi * k / (K - 1)))
     ttt_epochs: int = 3
-    ttt_chunk_tokens: int = 32_768  # targets per chunk
-    ttt_batch_seqs: int = 32  # sequences per SGD step, over all ranks
+    ttt_chunk_tokens: int = 32_768  # targets per chunk; also the n-gram chunk of the TTT pass
+    ttt_batch_seqs: int = 32  # EVAL_SEQ_LEN sequences per SGD step, over all ranks; at most a chunk's whole ones
     ttt_momentum: float = 0.9
     ttt_grad_clip: float = 1.0  # 0 disables
     ttt_freeze_blocks: int = 0  # the first N blocks stay fixed
-    ttt_log_every: int = 10
+    ttt_log_every: int = 10  # also the TTT pass's n-gram progress lines
     # runtime
     device: str = "auto"  # auto | cuda | cpu
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
@@ -292,7 +295,7 @@ class Hyperparameters:
         yield self.export_weights != "swa" or (self.swa_enabled and self.ema_enabled), "EXPORT_WEIGHTS=swa needs SWA_ENABLED=1 and EMA_ENABLED=1 (SWA averages EMA snapshots)"
         yield self.device in ("auto", "cuda", "cpu") and self.compile in ("auto", "0", "1"), "DEVICE must be auto|cuda|cpu and COMPILE auto|0|1"
         yield self.tokenizer_path.endswith(".model"), f"TOKENIZER_PATH={self.tokenizer_path} must be a SentencePiece .model file"
-        yield self.artifact_codec in ARTIFACT_MAGIC, f"ARTIFACT_CODEC={self.artifact_codec!r} must be one of {sorted(ARTIFACT_MAGIC)}"
+        yield self.artifact_codec in ARTIFACT_CODECS, f"ARTIFACT_CODEC={self.artifact_codec!r} must be one of {sorted(ARTIFACT_CODECS)}"
         yield self.export_quantizer in ("gptq_lite", "gptq"), f"EXPORT_QUANTIZER={self.export_quantizer!r} must be gptq_lite or gptq"
         if world_size is not None:
             passes = [("NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens)] * self.ngram_enabled + [
@@ -663,6 +666,17 @@ def log_event(event: str | None, console: bool = True, **fields) -> str:
     return line
 
 
+def log_peak_memory(rt: Runtime, phase: str) -> None:
+    """On CUDA since the previous phase; on the CPU the peak RSS."""
+    if rt.is_cuda:
+        log_event("peak_memory", allocated_mib=torch.cuda.max_memory_allocated(rt.device) // 2**20,
+                  reserved_mib=torch.cuda.max_memory_reserved(rt.device) // 2**20, phase=phase)
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    else:
+        import resource
+        log_event("peak_memory", rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, phase=phase)
+
+
 # The counted code is the file that runs: this source, or its packed form (bz2 + base85 run by a 4-line wrapper).
 PACKED_HEAD = "# train_gpt.py, packed: bz2 + base85 of the readable source"
 PACKED_TEMPLATE = PACKED_HEAD + """ (sha256 {sha256}); to read it, print(source) instead of exec
@@ -996,9 +1010,10 @@ def load_val_data(h: Hyperparameters, sp) -> ValData:
 
 # The int6 row grid, shared by late QAT (GPT.banks below) and export (quantize_state): it sits here, where a reader
 # first meets it. Per row, the clip quantile of |w| with the least squared error wins; values in [-31, 31], fp16
-# scales >= 1/31. Invariant: QAT's forward value is the exported value bit for bit: both quantize the same fp32
-# weights, the quantile is torch.quantile's (float32 rank, lerp of the top-k values) and the scale is rounded to
-# fp16 by integer ops that no compiler can fuse away.
+# scales >= 1/31. Invariant: for any weights w, QAT's forward value fake_quantize_int6(w) is bit for bit what
+# GPTQ-lite stores for w (dequantize_rows(*quantize_int6_rows(w))): the quantile is torch.quantile's (float32 rank,
+# lerp of the top-k values) and the scale is rounded to fp16 by integer ops that no compiler can fuse away. (Export
+# quantizes the EMA weights, and EXPORT_QUANTIZER=gptq picks other integers on the same grid.)
 INT6_MAX = 31
 
 
@@ -1419,7 +1434,7 @@ class GPT(nn.Module):
         return Banks(*(w.to(dtype) for w in ws))
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        kind = ids.device.type
+        kind = ids.device.type  # the compute dtype: autocast's (bf16 on CUDA) or fp32; weights are cast to it
         dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
         banks, rope = self.banks(dt), self.rotary(ids.size(1))
         x = self.tok_emb(ids).to(dt)
@@ -1563,23 +1578,7 @@ class BankCollectives:
 # the mean, update the momentum shard, orthogonalize (NS5), start the all-gather of the updates, and apply the
 # previous bank's update while this one travels. Invariant: every rank applies the same full update, from the mean
 # gradient, so replicas never drift; a rank keeps momentum only for its own bank rows. One process: no collectives.
-class _Bank:
-    """One bank's bf16 Muon buffers: padded grad, local grad shard, momentum shard, padded update."""
-
-    def __init__(self, name: str, param: torch.Tensor, world: int, rank: int):
-        B, r, c = param.shape
-        pad = -(-B // world) * world
-        self.name, self.param, self.size, self.shard = name, param, B, pad // world
-        self.scale = math.sqrt(max(1.0, r / c))  # of the un-transposed matrix
-        self.grad = torch.zeros((pad, r, c), dtype=torch.bfloat16, device=param.device)  # padding rows stay 0
-        self.local = self.grad[:B] if world == 1 else torch.zeros_like(self.grad[:self.shard])
-        self.momentum = torch.zeros_like(self.local)
-        self.update = torch.zeros_like(self.grad) if world > 1 else None
-        self.work = None
-
-
 class ParallelMuon:
-
     def __init__(self, banks, lr: float, wd: float, momentum: float, ns_steps: int, rt: Runtime):
         self.world = rt.world_size if rt.distributed else 1
         rank = rt.rank if rt.distributed else 0
@@ -1639,6 +1638,21 @@ class ParallelMuon:
         self.lr, self.momentum = sd["lr"], sd["momentum"]
         for b in self.banks:
             b.momentum.copy_(sd["buffers"][b.name])
+
+
+class _Bank:
+    """One bank's bf16 Muon buffers: padded grad, local grad shard, momentum shard, padded update."""
+
+    def __init__(self, name: str, param: torch.Tensor, world: int, rank: int):
+        B, r, c = param.shape
+        pad = -(-B // world) * world
+        self.name, self.param, self.size, self.shard = name, param, B, pad // world
+        self.scale = math.sqrt(max(1.0, r / c))  # of the un-transposed matrix
+        self.grad = torch.zeros((pad, r, c), dtype=torch.bfloat16, device=param.device)  # padding rows stay 0
+        self.local = self.grad[:B] if world == 1 else torch.zeros_like(self.grad[:self.shard])
+        self.momentum = torch.zeros_like(self.local)
+        self.update = torch.zeros_like(self.grad) if world > 1 else None
+        self.work = None
 
 
 def _cloned(obj):
@@ -1946,17 +1960,6 @@ def train(model, base_model, opt, val: ValData, h: Hyperparameters, rt: Runtime,
     return TrainResult(step, train_ms, raw, ema, swa)
 
 
-def log_peak_memory(rt: Runtime, phase: str) -> None:
-    """On CUDA since the previous phase; on the CPU the peak RSS."""
-    if rt.is_cuda:
-        log_event("peak_memory", allocated_mib=torch.cuda.max_memory_allocated(rt.device) // 2**20,
-                  reserved_mib=torch.cuda.max_memory_reserved(rt.device) // 2**20, phase=phase)
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    else:
-        import resource
-        log_event("peak_memory", rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, phase=phase)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Export
 # Artifact = the int6 object of the unbanked state dict, encoded by ARTIFACT_CODEC (told apart by the first bytes);
@@ -1979,7 +1982,7 @@ QUANT_OBJECT_KEYS = ("quantized", "scales", "dtypes", "passthrough", "qmeta", "p
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # zstd(torch.save(object))
 RANS_MAGIC = b"I6rA"  # + header length (8 bytes LE) + lzma(torch.save(the object less its int6 values, plus
 # "__rans__": order, shapes, histograms, values' sha256)) + the rANS words (uint32 LE)
-ARTIFACT_MAGIC = {"rans": RANS_MAGIC, "zstd": ZSTD_MAGIC}
+ARTIFACT_MAGIC = dict(zip(ARTIFACT_CODECS, (RANS_MAGIC, ZSTD_MAGIC)))
 INT6_SYMBOLS = 2 * INT6_MAX + 1  # int6 value v is coded as symbol v + INT6_MAX
 INT6_TENSOR_CLIP_Q = 0.9999984  # int6 tensors that are not 2-D
 BANK_LAYOUT = {  # bank -> per-layer names; slice k * num_layers + i of the bank is names[k] of layer i
@@ -2191,6 +2194,9 @@ class GPTQQuantizer:
                          gptq_time=f"{self.calib_ms + self.quant_ms:.0f}ms")
 
 
+GPTQ_HESSIAN_BATCH_SEQS = 8  # calibration sequences per forward of the Hessian pass
+
+
 def calibrate_gptq(model: GPT, state: Mapping[str, torch.Tensor], h: Hyperparameters, rt: Runtime) -> GPTQQuantizer:
     """Every rank: generate with the export weights and record the Hessians (under autocast: FlashAttention)."""
     t0 = time.perf_counter()
@@ -2198,8 +2204,8 @@ def calibrate_gptq(model: GPT, state: Mapping[str, torch.Tensor], h: Hyperparame
     model.eval()
     tokens, recorder = generate_calibration(model, h, rt), HessianRecorder(model, h.num_layers)
     with torch.no_grad(), recorder, autocast(rt):
-        for lo in range(0, tokens.size(0), 8):
-            model.forward_logits(tokens[lo:lo + 8])
+        for lo in range(0, tokens.size(0), GPTQ_HESSIAN_BATCH_SEQS):
+            model.forward_logits(tokens[lo:lo + GPTQ_HESSIAN_BATCH_SEQS])
     all_reduce_sum(*recorder.hessians.values())
     synchronize(rt)
     return GPTQQuantizer(recorder.hessians, h, 1000.0 * (time.perf_counter() - t0))
@@ -2578,12 +2584,6 @@ def adopt_artifact_config(h: Hyperparameters, config: dict, env: Mapping[str, st
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Window(NamedTuple):
-    start: int  # first input token
-    end: int  # last target position; inputs are tokens[start:end]
-    score_from: int  # first scored target position
-
-
 class Batch(NamedTuple):
     x: torch.Tensor  # [B, L] inputs
     sel: torch.Tensor  # [S] flat indices of the scored entries of x
@@ -2609,11 +2609,14 @@ class EvalResult(NamedTuple):
 
 
 # The batch geometry. A window (start, end, score_from) feeds tokens[start:end] and scores targets score_from..end;
-# windows are rows of one int64 array [n, 3]. Why every target is scored exactly once, with its window's context:
-# plan_windows partitions 1..N into the windows' scored ranges, each after up to seq_len − stride tokens of context;
+# windows are rows of one int64 array [n, 3] (first input token, last target position, first scored target). Why
+# every target is scored exactly once, with its window's context: plan_windows partitions 1..N into the windows'
+# scored ranges, each target seeing at least seq_len − stride + 1 tokens (fewer only within the first seq_len);
 # group_by_chunk cuts the partition at chunk boundaries, a straddling window becoming pieces with the same start
 # (same context, disjoint ranges); split_for_rank gives each rank a contiguous share of each chunk; window_table pads
 # shares to whole batches with empty windows (end < score_from); make_batch scores exactly score_from..end per row.
+# Its rows are `length` tokens long, so a short window's row also reads tokens after its end: attention is causal
+# and those positions are never scored, so no score sees a later token.
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> np.ndarray:
     """Windows [n, 3] whose scored ranges partition 1..N in order; each window is maximal."""
     if not 1 <= stride <= seq_len:
@@ -2757,11 +2760,13 @@ def report_eval(name: str, r: EvalResult) -> list[str]:
 # [start, end) under their context of every order, stats() reads every order's counts at once. Exact mode keeps
 # context key -> (count, dense id, distinct continuations) and pair key id*V + token -> count, so sum_v pair(c, v) =
 # ctx(c). A context key packs the token ids and the order (bits 60..62) while they fit in 60 bits, else it is a
-# splitmix64 chain with the sign bit set (two chained contexts of 62 M tokens coincide with probability < 1e-3).
+# splitmix64 chain with the sign bit set (two chained contexts of 62 M tokens coincide with probability < 1e-3; such
+# a pair merely shares its counts, pairs included, so the distribution still sums to 1, unlike hashed mode).
 # The sorted runs: a table is a list of runs, each sorted with unique keys, and every key lives in exactly one run,
 # so a lookup is one searchsorted per run (absent keys read 0) and an update adds in place where keys are found. A
-# chunk's new keys become a new run, merged into the previous one until that is LSM_GROWTH times larger: no chunk
-# copies the whole table. Worst case 32 B per position per order (< 16 GB at 62 M tokens, orders 2..9).
+# chunk's new keys become a new run, merged into the previous one until that is LSM_GROWTH times larger: runs shrink
+# geometrically (O(log N) of them) and each entry is copied O(log N) times in all (amortized; one chunk's merge may
+# still reach the bottom run). Worst case 32 B per position per order (< 16 GB at 62 M tokens, orders 2..9).
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64, 0x9E3779B97F4A7C15 - 2**64
 _HASHED = -2**63  # sign bit of a chained key: packed keys are >= 0
 
@@ -3045,7 +3050,6 @@ class SeedMixer(NgramMixer):
             h.ngram_entropy_scale * (entropy.double() - center))
         return (a * self.mults[order]).clamp(0.0, h.ngram_alpha_clip)
 
-
     def prepare(self, stats: NgramStats) -> tuple[torch.Tensor, torch.Tensor]:
         return stats.backoff(self.h.ngram_min_order, self.h.ngram_min_count)
 
@@ -3160,6 +3164,14 @@ def ngram_mixer_kind(h: Hyperparameters) -> str:
 
 def make_ngram_mixer(h: Hyperparameters, device) -> NgramMixer:
     return {"learned": LearnedMixer, "seed": SeedMixer}[ngram_mixer_kind(h)](h, device)
+
+
+NGRAM_AUDIT_TOLERANCE = 1e-6
+
+
+def audit_normalized(sums) -> bool:
+    """Every audited sum within NGRAM_AUDIT_TOLERANCE of 1 (tools/make_record.py checks it too)."""
+    return float(np.abs(np.asarray(sums, dtype=np.float64) - 1.0).max()) <= NGRAM_AUDIT_TOLERANCE
 
 
 class NgramScorer:
@@ -3301,15 +3313,6 @@ class ScoreFirstTTT:
         _average_grads(self.params, self.rt.world_size)  # SUM / W of (W x per-rank share) = the step's mean
         clip_gradients(self.base, self.h.ttt_grad_clip)
         self.opt.step()
-
-
-NGRAM_AUDIT_TOLERANCE = 1e-6
-EVAL_TIME_LIMIT_S = 600.0  # challenge rule: export + evals
-
-
-def audit_normalized(sums) -> bool:
-    """Every audited sum within NGRAM_AUDIT_TOLERANCE of 1 (tools/make_record.py checks it too)."""
-    return float(np.abs(np.asarray(sums, dtype=np.float64) - 1.0).max()) <= NGRAM_AUDIT_TOLERANCE
 
 
 NGRAM_SCORE_NAMES = {"exact": "ngram_eval", "hashed": "ngram_hashed_unnormalized"}

