@@ -3278,8 +3278,8 @@ class ScoreFirstTTT:
         self.frozen_rows = freeze_first_blocks(base, h.ttt_freeze_blocks)
         self.params = [p for p in base.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-        per_step = max(1, min(h.ttt_batch_seqs, h.ttt_chunk_tokens // h.eval_seq_len))
-        self.rows = -(-per_step // rt.world_size)
+        self.per_step = max(1, min(h.ttt_batch_seqs, h.ttt_chunk_tokens // h.eval_seq_len))  # a chunk's whole seqs
+        self.rows = -(-self.per_step // rt.world_size)
 
     def counts(self) -> tuple[int, int]:
         frozen = sum(p[rows].numel() for p, rows in self.frozen_rows)
@@ -3379,8 +3379,8 @@ def ttt_eval(model: nn.Module, val: ValData, h: Hyperparameters, rt: Runtime, co
     runner = compile_fn(adapted) if compile_fn is not None else adapted
     trainer = ScoreFirstTTT(runner, adapted, val.tokens.to(rt.device), h, rt)
     log_event("ttt_start", chunks=trainer.num_chunks, chunk_tokens=h.ttt_chunk_tokens, lr=h.ttt_lr,
-              epochs=h.ttt_epochs, batch_seqs=h.ttt_batch_seqs, momentum=h.ttt_momentum,
-              grad_clip=h.ttt_grad_clip, freeze_blocks=h.ttt_freeze_blocks)
+              epochs=h.ttt_epochs, batch_seqs=h.ttt_batch_seqs, seqs_per_step=trainer.per_step,
+              momentum=h.ttt_momentum, grad_clip=h.ttt_grad_clip, freeze_blocks=h.ttt_freeze_blocks)
     unfrozen, frozen = trainer.counts()
     log_event("ttt_params", unfrozen=unfrozen, frozen=frozen)
     results = scored_pass(runner, val, h, rt, trainer)

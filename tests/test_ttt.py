@@ -75,6 +75,12 @@ def test_ttt_with_zero_lr_equals_the_plain_pass(tiny):
         assert ttt[name][:4] == plain[name][:4], name  # loss, bpb, tokens, bytes: bit-identical
 
 
+def test_a_step_takes_at_most_a_chunks_whole_sequences_and_the_log_says_so(tiny, capsys):
+    h = ttt_hparams(tiny, ttt_batch_seqs=32)  # a chunk of 128 targets holds 4 whole sequences of 32
+    tg.ttt_eval(tiny_model(h), tg.ValData(random_stream(300, h.vocab_size, 4), random_tables(h.vocab_size)), h, RT1)
+    assert re.search(r"^ttt_start .* batch_seqs:32 seqs_per_step:4 ", capsys.readouterr().out, re.M)
+
+
 def test_ttt_leaves_the_artifact_weights_alone_and_adapts_a_copy(tiny, capsys):
     h = ttt_hparams(tiny, ngram_audit_positions=64)
     val = tg.ValData(repeating_stream(900, h.vocab_size, seed=5), random_tables(h.vocab_size))
@@ -88,7 +94,7 @@ def test_ttt_leaves_the_artifact_weights_alone_and_adapts_a_copy(tiny, capsys):
     out = capsys.readouterr().out
     audits = re.findall(r"^ngram_audit positions:64 sum_min:(\S+) sum_median:(\S+) sum_max:(\S+)$", out, re.M)
     assert len(audits) == 3 and all(abs(float(x) - 1) <= 1e-6 for a in audits for x in a)  # plain, TTT, plain again
-    assert re.search(r"^ttt_start chunks:8 chunk_tokens:128 lr:0.05 epochs:2 ", out, re.M)
+    assert re.search(r"^ttt_start chunks:8 chunk_tokens:128 lr:0.05 epochs:2 batch_seqs:3 seqs_per_step:3 ", out, re.M)
     for name in ("legal_ttt", "ttt_ngram_eval"):
         assert re.search(rf"^{name} val_loss:\d+\.\d{{4}} val_bpb:\d+\.\d{{4}} eval_time:\d+ms$", out, re.M)
         assert re.search(rf"^{name}_exact val_loss:\d+\.\d{{8}} val_bpb:\d+\.\d{{8}}$", out, re.M)
