@@ -112,7 +112,7 @@ class Hyperparameters:
     train_seq_len: int = 2048
     max_wallclock_seconds: float = 600.0
     val_loss_every: int = 4000  # periodic validation of the raw weights (0 = none)
-    val_last_step: bool = False  # also validate after the last step (a full eval pass)
+    val_last_step: bool = False  # also validate after the last step (a full eval pass; nothing uses its score)
     train_log_every: int = 500
     # model shape
     num_layers: int = 11
