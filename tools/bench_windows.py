@@ -15,24 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
 import logparse  # noqa: E402
 import toolkit  # noqa: E402
-
-
-def padded_table(shares: list, rows: int) -> np.ndarray:
-    """The shares (windows [m, 3]) in one array, each padded with empty windows to a multiple of `rows`."""
-    sizes = np.array([len(share) for share in shares], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(-(-sizes // rows) * rows)])
-    table = np.zeros((int(offsets[-1]), 3), dtype=np.int64)
-    table[:, 2] = 1  # an empty window scores nothing (score_from > end)
-    for share, o in zip(shares, offsets.tolist()):
-        table[o:o + len(share)] = share
-    return table
 
 
 def plan_once(args) -> tuple[dict, dict]:
@@ -42,7 +30,8 @@ def plan_once(args) -> tuple[dict, dict]:
     t1 = time.perf_counter()
     chunks = tg.group_by_chunk(windows, args.chunk)
     t2 = time.perf_counter()
-    table = padded_table([tg.split_for_rank(c, args.rank, args.world) for _, _, c in chunks], args.batch_windows)
+    table = tg.window_table([tg.split_for_rank(c, args.rank, args.world) for _, _, c in chunks], args.batch_windows,
+                            "cpu")[0].host
     t3 = time.perf_counter()
     sizes = {"windows": len(windows), "pieces": sum(len(c) for _, _, c in chunks), "chunks": len(chunks),
              "table_rows": len(table)}

@@ -289,10 +289,7 @@ def coded_settings(h: tg.Hyperparameters) -> dict:
 
 def settings_from(env) -> tg.Hyperparameters:
     """train_gpt's Hyperparameters from env; the coder needs the eager CPU path (see the module docstring)."""
-    try:
-        h = tg.Hyperparameters.from_env(env)
-    except ValueError as e:
-        raise CompressError(" ".join(str(e).split())) from None
+    h = tg.Hyperparameters.from_env(env)  # a bad setting is a UserError: main's one line, exit 2
     if h.device == "cuda" or h.compile == "1":
         raise CompressError(f"DEVICE={h.device} COMPILE={h.compile}: compress.py needs bit-identical logits in the "
                             "encoder and the decoder, which only eager CPU kernels give; unset DEVICE and COMPILE")
@@ -307,11 +304,8 @@ def set_deterministic(threads: int) -> None:
 def load_model(path: str, h: tg.Hyperparameters, env) -> tuple[tg.GPT, tg.Hyperparameters]:
     """(model rebuilt from the artifact bytes, eager on the CPU, in eval mode; h with the artifact's recorded model
     settings, as EVAL_ONLY adopts them: an explicit conflicting setting in env is refused)."""
-    try:
-        art = tg.load_artifact(path)
-        h = tg.adopt_artifact_config(dataclasses.replace(h, artifact_path=path), art.config, env)
-    except tg.UserError as e:
-        raise CompressError(" ".join(str(e).split())) from None
+    art = tg.load_artifact(path)
+    h = tg.adopt_artifact_config(dataclasses.replace(h, artifact_path=path), art.config, env)
     model = tg.build_model(h)
     model.load_state_dict(art.state, strict=True)
     return model.eval(), h
@@ -350,10 +344,7 @@ def load_sp(path: str):
 
 def validation_tokens(h: tg.Hyperparameters, k: int) -> torch.Tensor:
     """The first k targets of the validation split (k + 1 tokens), as train_gpt reads the split."""
-    try:
-        tokens = np.concatenate([tg.read_shard(f, h.vocab_size) for f in tg.find_shards(h.data_path, "val")])
-    except (FileNotFoundError, tg.UserError) as e:
-        raise CompressError(str(e)) from None
+    tokens = np.concatenate([tg.read_shard(f, h.vocab_size) for f in tg.find_shards(h.data_path, "val")])
     if not 1 <= k <= tokens.size - 1:
         raise CompressError(f"--tokens {k}: the validation split has {tokens.size - 1} targets; pick 1..that")
     return torch.from_numpy(tokens[:k + 1].astype(np.int64))
@@ -547,10 +538,7 @@ def encode_command(args, env) -> dict:
         toolkit.refuse_overwrite(path, (args.artifact, args.text, h.tokenizer_path), flag)
     set_deterministic(threads)
     model, h = load_model(args.artifact, h, env)
-    try:
-        sp = tg.load_tokenizer(h)  # also checked against the dataset's manifest
-    except tg.UserError as e:
-        raise CompressError(" ".join(str(e).split())) from None
+    sp = tg.load_tokenizer(h)  # also checked against the dataset's manifest
     source = read_source(args, h, sp)
     tables = tg.build_byte_luts(sp, h.vocab_size)
     if int(tg.count_bytes(source.tokens[:-1], source.tokens[1:], tables).sum()) == 0:  # bpb would divide by 0

@@ -8,7 +8,7 @@ become numbers where they are numbers, `N/M` counters become `key` and `key_of`,
 (a line needs a `key:value` field to be one) and land in `RunLog.unparsed`.
 
 Public API: `parse_log(path) -> RunLog`, `require_complete(run)`, `LogError`, `load_runs(paths, complete=True)`,
-`emit(text, result, json_dest)`, `emit_status(...)` (the same, as an exit status).
+`emit(text, result, json_dest)`.
 
 Conventions shared by every tool (exit codes and error lines: toolkit.py): `--json PATH` writes the JSON result to
 PATH (temporary file + rename; non-finite figures become null) and prints the usual text, while `--json -` prints
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -311,20 +310,11 @@ def emit(text: str, result, json_dest: str | None) -> None:
         return
     print(text, flush=True)
     if json_dest:
-        path = Path(json_dest)
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        toolkit.check_writable(json_dest)  # a missing folder is an error, not created
         try:
-            tmp.write_text(json.dumps(toolkit.json_safe(result), indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+            toolkit.write_file_atomic(json_dest, (json.dumps(toolkit.json_safe(result), indent=2) + "\n").encode())
         except OSError as exc:
             raise ToolError(f"--json {json_dest}: cannot write ({exc.strerror or exc})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def emit_status(text: str, result, json_dest: str | None) -> int:
-    """emit(), as a tool's exit status: 0, or 2 after one `error:` line when the JSON cannot be written."""
-    return toolkit.exit_code(emit, text, result, json_dest)
 
 
 cli_parser = toolkit.cli_parser  # the tools' ArgumentParser: one-line errors, exit 2

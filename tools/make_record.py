@@ -46,7 +46,6 @@ import train_gpt as tg  # noqa: E402
 SIZE_LIMIT = tg.Hyperparameters.artifact_limit_bytes  # code + compressed model may reach it, not exceed it
 TRAIN_TIME_LIMIT_S = tg.Hyperparameters.max_wallclock_seconds
 EVAL_TIME_LIMIT_S = 600.0  # export + evaluation after training take at most 10 minutes
-AUDIT_TOLERANCE = 1e-6  # audited sums within this of 1 (the script fails an exact-mode run whose audit is not)
 PER_RUN_KEYS = ("seed", "run_id", "artifact_path")  # settings allowed to differ between the seeds of one record
 NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"  # the packages train_gpt.py imports
@@ -151,7 +150,8 @@ def _check_size(runs) -> dict:
     """Total submission bytes within the limit (the script's rule) and no artifact_over_limit line."""
     results = []
     for r in runs:
-        ok = r.total_bytes is not None and r.total_bytes <= SIZE_LIMIT and not r.event("artifact_over_limit")
+        ok = (r.total_bytes is not None and not tg.over_size_limit(r.total_bytes, SIZE_LIMIT)
+              and not r.event("artifact_over_limit"))
         results.append((ok, _ev(r, "total_submission")))
     return _item(f"artifact total (compressed model + code) <= {SIZE_LIMIT:,} bytes", results)
 
@@ -193,13 +193,13 @@ def _check_single_pass(runs) -> dict:
 
 
 def _check_normalization(runs) -> dict:
-    """ngram_audit sums (min, median, max) within AUDIT_TOLERANCE of 1."""
+    """ngram_audit sums (min, median, max) within the script's tolerance of 1."""
     results = []
     for r in runs:
         a = r.event("ngram_audit")
-        ok = bool(a) and all(abs(a[k] - 1.0) <= AUDIT_TOLERANCE for k in ("sum_min", "sum_median", "sum_max"))
+        ok = bool(a) and tg.audit_normalized([a[k] for k in ("sum_min", "sum_median", "sum_max")])
         results.append((ok, _ev(r, "ngram_audit")))
-    return _item(f"normalization audit: mixed distributions sum to 1 within {AUDIT_TOLERANCE:g}", results)
+    return _item(f"normalization audit: mixed distributions sum to 1 within {tg.NGRAM_AUDIT_TOLERANCE:g}", results)
 
 
 # ------------------------------------------------------------------ launch command

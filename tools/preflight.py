@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -195,17 +194,12 @@ def check_attention(pf: Preflight, candidates=None) -> None:
     how = "compiled (fullgraph) forward + backward" if rt.use_compile else "eager forward + backward (COMPILE off)"
     skipped = "; ".join(f"{name}: {why}" for name, why in choice.skipped) or "none"
     slow = rt.is_cuda and choice.name == "sdpa"
-    missed = slow and tuple(torch.cuda.get_device_capability(rt.device)) == (9, 0)  # FA3 would run on sm_90
+    missed = tg.sdpa_on_hopper(rt)  # FA3 would run there
     status = "fail" if missed and not pf.h.accept_sdpa else "warn" if slow else "ok"
-    why = (f" ({SDPA_ON_HOPPER}{'; accepted: ACCEPT_SDPA=1' if pf.h.accept_sdpa else ''})" if missed
+    why = (f" ({tg.SDPA_ON_HOPPER}{'; accepted: ACCEPT_SDPA=1' if pf.h.accept_sdpa else ''})" if missed
            else " (no FlashAttention: slower than the record)" if slow else "")
     pf.add("attention", "backend", status, f"{choice.name}: {how} matches SDPA{why}; skipped: {skipped}",
            backend=choice.name, compile=pf.rt.use_compile, skipped=dict(choice.skipped))
-
-
-SDPA_ON_HOPPER = ("FlashAttention-3 is not in use on this H100-class GPU: SDPA costs an estimated +15-25 ms/step "
-                  "(about 1,000 fewer steps in 600 s, a worse score); install it with `python3 "
-                  "tools/install_flash_attn.py` (run.sh does), or set ACCEPT_SDPA=1 to run on SDPA knowingly")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,33 +452,13 @@ def _check_eval_projection(pf: Preflight, timings: dict, compile_s: float) -> No
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def shard_format(path: str) -> tuple[tuple[int, int], int]:
-    """((magic, version), header bytes) of a shard that read_shard accepts (header: int32 magic, version, token
-    count, ...; then uint16 tokens)."""
-    tokens = tg.read_shard(path)
-    magic, version = np.fromfile(path, dtype="<i4", count=2).tolist()
-    return (magic, version), os.path.getsize(path) - 2 * tokens.size
-
-
-def shard_tokens(path: str, fmt: tuple[tuple[int, int], int]) -> int:
-    """Token count from a shard's header (without reading its tokens); a header that disagrees with the file or
-    with the format of a valid shard (`fmt`) is read_shard's error."""
-    header, (magic_version, header_bytes) = np.fromfile(path, dtype="<i4", count=3), fmt
-    if (header.size == 3 and tuple(header[:2].tolist()) == magic_version
-            and os.path.getsize(path) == header_bytes + 2 * int(header[2])):
-        return int(header[2])
-    tg.read_shard(path)  # raises UserError naming the problem
-    raise tg.UserError(f"{path}: unreadable shard header")
-
-
 def check_data(pf: Preflight) -> None:
     h = pf.h
     try:
         train, val = tg.find_shards(h.data_path, "train"), tg.find_shards(h.data_path, "val")
-        for f in val + train[:1]:  # full validation (format, vocab) of what evaluation and step 1 read
-            tg.read_shard(f, h.vocab_size)
-        fmt = shard_format(val[0])
-        train_tokens, val_tokens = (sum(shard_tokens(f, fmt) for f in files) for files in (train, val))
+        val_tokens = sum(tg.read_shard(f, h.vocab_size).size for f in val)  # full checks of what evaluation reads
+        tg.read_shard(train[0], h.vocab_size)  # and of what step 1 reads; the other train shards' headers only:
+        train_tokens = sum(map(tg.shard_token_count, train))
     except tg.UserError as e:  # no shards, or a shard that is not valid
         pf.add("data", "shards", "fail", one_line(e))
         _check_tokenizer(pf)
