@@ -5,6 +5,7 @@ helpers from here only, never from each other.
 Two tiers. `python3 -m pytest` runs the fast tier (in-process tests, for development); `python3 -m pytest --full`
 runs everything, as CI does (.ci/run): also the tests marked `slow`, i.e. every test that starts a process (the
 script, torchrun, a tool's command line), compiles with inductor or runs the README's commands."""
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -59,7 +60,7 @@ def pytest_report_header(config):
 
 
 CPU = torch.device("cpu")
-RT1 = train_gpt.Runtime(0, 1, 0, CPU, False)  # one process on the CPU
+RT1 = train_gpt.single_process_runtime()  # one process on the CPU; dataclasses.replace(RT1, ...) for variants
 
 # ------------------------------------------------------------------------------------------- configurations
 
@@ -89,6 +90,13 @@ def tiny():
 @pytest.fixture
 def tg():
     return train_gpt
+
+
+@pytest.fixture
+def small_h(tmp_path):
+    """TINY for export: threshold 256 keeps the control tensors and bigram projection float and sends bank slices to
+    int6 rows; zstd at level 3 (fast) where ARTIFACT_CODEC=zstd; the artifact under tmp_path."""
+    return tiny_hparams(keep_float_max_numel=256, zstd_level=3, artifact_path=str(tmp_path / "model.int6.ptz"))
 
 
 @pytest.fixture
@@ -151,6 +159,16 @@ def main_in_process(env: dict, monkeypatch, cwd=None, main=None, argv=None) -> i
         return e.code
 
 
+def one_error_line(stderr: str, *words, alone=True, warnings=False) -> str:
+    """The one `error: ` line on stderr, naming `words`, and no traceback. alone: stderr holds that line and nothing
+    else (no blank line either), but for `warning:` lines where warnings=True; else other lines may surround it."""
+    lines = [ln for ln in stderr.splitlines() if not (warnings and ln.startswith("warning:"))]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr and (lines == errors or not alone), stderr[-2000:]
+    assert all(w in errors[0] for w in words), errors[0]
+    return errors[0]
+
+
 class FakeClock:
     """A clock for train(clock=...) that advances `tick_s` seconds per reading (train reads it once before the first
     step and once after each)."""
@@ -204,6 +222,24 @@ def muon_model(seed=0):
     """The real GPT at the optimizer tests' shapes: 3 layers (bank rows 6 and 3), dim 32, vocab 64, bigram 32x8."""
     h = tiny_hparams(num_layers=3, model_dim=32, vocab_size=64, bigram_vocab_size=32, bigram_dim=8)
     return tiny_model(h, seed)
+
+
+TINY_LAYOUT = (4, 2, 16)  # heads, KV heads, head dim of the tiny configuration: the attention probes' shapes
+
+
+def probed_runtime(candidates, use_compile=True, compile_backend="aot_eager"):
+    """RT1 (with use_compile) after with_attention probed `candidates` at TINY_LAYOUT; compiled probes run under
+    `compile_backend`."""
+    h = tiny_hparams()
+    assert (h.num_heads, h.num_kv_heads, h.head_dim) == TINY_LAYOUT
+    rt = dataclasses.replace(RT1, use_compile=use_compile)
+    return train_gpt.with_attention(rt, h, candidates=candidates, compile_backend=compile_backend)
+
+
+def breaks_under_compile(q, k, v):
+    """An attention backend that works eagerly but that torch.compile(fullgraph=True) refuses."""
+    torch._dynamo.graph_break()
+    return train_gpt.sdpa_attention(q, k, v)
 
 
 class UniformLM(nn.Module):

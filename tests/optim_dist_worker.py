@@ -153,7 +153,7 @@ def main() -> None:
     dist.all_gather(gathered, flat_params(results["native"]))
     if rank == 0:
         ref = copy.deepcopy(init_model)
-        ref_opt = tg.build_optimizers(ref, h, tg.Runtime(0, 1, 0, torch.device("cpu"), False))
+        ref_opt = tg.build_optimizers(ref, h, tg.single_process_runtime())
         train_steps(ref, ref_opt, batches, scales=STEP_SCALES)
         report = {
             "world": world,

@@ -8,13 +8,9 @@ import torch
 
 import bench_codec  # tools/ (conftest puts it on sys.path)
 import train_gpt as tg
+from conftest import one_error_line
 
 pytest.importorskip("brotli")
-
-
-@pytest.fixture
-def small_h(tiny, tmp_path):
-    return tiny(keep_float_max_numel=256, artifact_path=str(tmp_path / "model.int6.ptz"))
 
 
 def matrices_by_type(state, h):
@@ -67,4 +63,4 @@ def test_cli_on_an_artifact_prints_the_table_and_json(small_h, tmp_path, capsys)
     assert data["int6_values"] == sum(w.numel() for w in matrices if w.numel() > small_h.keep_float_max_numel)
     assert "| rans |" in out.err and len(data["rows"]) == 4
     assert bench_codec.main(["--artifact", str(tmp_path / "absent.ptz")]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    one_error_line(capsys.readouterr().err)

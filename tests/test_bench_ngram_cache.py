@@ -1,14 +1,10 @@
 """tools/bench_ngram_cache.py in-process on CPU: the README commands' flags work (--json PATH and --json -), figures
 add up (its bad arguments are rows of tests/test_tool_exits.py). Run: python3 -m pytest tests/test_bench_ngram_cache.py"""
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import bench_ngram_cache  # noqa: E402
+import bench_ngram_cache
 
 ARGS = ["--tokens", "6000", "--chunk", "500", "--vocab", "64", "--device", "cpu", "--edge-chunks", "3",
         "--batch-positions", "256", "--log-every", "0"]

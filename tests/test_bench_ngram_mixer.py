@@ -1,16 +1,13 @@
 """tools/bench_ngram_mixer.py: model, seed rule and learned mixer from one pass on a tiny corpus, and its errors.
 Run: python3 -m pytest tests/test_bench_ngram_mixer.py -q"""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import bench_ngram_mixer as bench  # noqa: E402
-from conftest import run_script, tiny_run_env  # noqa: E402
-
-import train_gpt as tg  # noqa: E402
+import bench_ngram_mixer as bench
+import train_gpt as tg
+from conftest import run_script, tiny_run_env
 
 
 @pytest.fixture(scope="module")

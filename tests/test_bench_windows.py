@@ -1,11 +1,8 @@
 """tools/bench_windows.py in-process on CPU: the figures add up and --json works (its bad arguments are rows of
 tests/test_tool_exits.py). Run: python3 -m pytest tests/test_bench_windows.py"""
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import bench_windows  # noqa: E402
+import bench_windows
 
 
 def figures(capsys, *args) -> dict:

@@ -2,18 +2,14 @@
 (plain, n-gram mixture, TTT), the coded size matches the evaluator's bits, and bad input fails in one line."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import compress  # noqa: E402
-from conftest import tiny_hparams  # noqa: E402
-
-import train_gpt as tg  # noqa: E402
+import compress
+import train_gpt as tg
+from conftest import tiny_hparams
 
 TARGETS = 160
 

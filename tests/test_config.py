@@ -117,19 +117,14 @@ def test_a_bad_setting_is_one_line_naming_the_setting(env, world, words):
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
-def test_record_batch_is_eight_micro_steps_over_the_world(world):
-    h = tg.Hyperparameters()
+@pytest.mark.parametrize("env, total", [({}, 786_432), ({"TRAIN_BATCH_TOKENS": "65536"}, 65_536)],
+                         ids=["record batch", "TRAIN_BATCH_TOKENS alone, as upstream"])
+def test_a_batch_is_eight_micro_steps_over_the_world(env, total, world):
+    h = tg.Hyperparameters.from_env(dict(env, RUN_ID="x"))
     h.validate(world)
     micro, accum = h.micro_batch_tokens(world), h.grad_accum_steps(world)
-    assert accum == 8 // world and world * accum * micro == h.train_batch_tokens and micro % h.train_seq_len == 0
-
-
-@pytest.mark.parametrize("world", [1, 2, 4, 8])
-def test_train_batch_tokens_alone_works_as_upstream(world):
-    h = tg.Hyperparameters.from_env({"TRAIN_BATCH_TOKENS": "65536", "RUN_ID": "x"})
-    h.validate(world)
-    micro, accum = h.micro_batch_tokens(world), h.grad_accum_steps(world)
-    assert accum == 8 // world and world * accum * micro == 65536 and micro % h.train_seq_len == 0
+    assert h.train_batch_tokens == total
+    assert accum == 8 // world and world * accum * micro == total and micro % h.train_seq_len == 0
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])

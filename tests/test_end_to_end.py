@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import train_gpt as tg
-from conftest import ROOT, run_script, tiny_run_env
+from conftest import ROOT, one_error_line, run_script, tiny_run_env
 
 CODE_LINE = r"^code_bytes:(\d+) code_sha256:([0-9a-f]{64}) code:(readable|packed) source_sha256:([0-9a-f]{64}) packed_bytes:(\d+)$"
 
@@ -119,8 +119,7 @@ def test_nonfinite_loss_stops_the_run(tiny_corpus, tmp_path):
                        GRAD_CLIP_NORM="0", ITERATIONS="10", VAL_LOSS_EVERY="0")
     out = run_script(env)
     assert out.returncode == 4, out.stderr[-2000:]  # a failed run, not a bug: one line, no traceback
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: training diverged") and "Traceback" not in out.stderr
+    assert one_error_line(out.stderr, alone=False).startswith("error: training diverged")
     log = (tmp_path / "logs" / "e2e.txt").read_text()
     assert re.search(r"^nonfinite_loss step:\d+", log, re.M)
     assert log.splitlines()[-1].startswith("run_failed reason:diverged detail:training diverged: non-finite loss")
@@ -157,15 +156,12 @@ def test_two_nodes_without_shared_storage_score_the_same(tiny_corpus, tmp_path):
     with relative LOG_DIR and ARTIFACT_PATH: rank 0 writes the artifact in its folder only and broadcasts its bytes,
     so both ranks evaluate the same artifact and finish with the same scores."""
     import json
-    import subprocess
-    import sys
-    root = Path(__file__).resolve().parents[1]
     env = tiny_run_env(tiny_corpus, tmp_path, ITERATIONS="6", VAL_LOSS_EVERY="0", LOG_DIR="logs",
                        ARTIFACT_PATH="final_model.int6.ptz", RUN_ID="nodes")
     port, procs, nodes = free_port(), [], [tmp_path / "node0", tmp_path / "node1"]
     for node_rank, cwd in enumerate(nodes):
         cwd.mkdir()
-        (cwd / "wrapper.py").write_text(NODE_WRAPPER.format(root=str(root)))
+        (cwd / "wrapper.py").write_text(NODE_WRAPPER.format(root=str(ROOT)))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                "--rdzv_id=two_nodes", "wrapper.py"]

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import typing
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import train_gpt as tg  # noqa: E402
-from conftest import (CPU, RT1, UniformLM, random_stream, random_tables, repeating_stream,  # noqa: E402
+import train_gpt as tg
+from conftest import (CPU, ROOT, RT1, UniformLM, random_stream, random_tables, repeating_stream,
                       tiny_model, unit_tables)
 
 

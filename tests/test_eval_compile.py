@@ -4,18 +4,13 @@ fixed shapes), the TTT pass traces its scoring and training steps, and inductor 
 Run: python3 -m pytest tests/test_eval_compile.py -q
 """
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import train_gpt as tg  # noqa: E402
-from conftest import RT1, main_in_process, random_stream, random_tables, settings_env, tiny_run_env  # noqa: E402
-from torch._dynamo.backends.registry import lookup_backend  # noqa: E402
-
+import train_gpt as tg
+from conftest import RT1, main_in_process, random_stream, random_tables, settings_env, tiny_run_env
 
 
 class Recorder:

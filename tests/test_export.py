@@ -52,12 +52,6 @@ def contract_state(h, seed=0):
     return s
 
 
-@pytest.fixture
-def small_h(tiny, tmp_path):
-    # threshold 256 keeps the control tensors and bigram projection float and sends bank slices to int6 rows
-    return tiny(keep_float_max_numel=256, zstd_level=3, artifact_path=str(tmp_path / "model.int6.ptz"))
-
-
 # ---- quantizer ------------------------------------------------------------------------------------------------
 
 def reference_rows(w, candidates):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import RT1, ROOT, main_in_process, random_stream, tiny_model, tiny_run_env, unit_tables
+from conftest import RT1, ROOT, main_in_process, one_error_line, random_stream, tiny_model, tiny_run_env, unit_tables
 
 
 class NaNModel(torch.nn.Module):
@@ -156,10 +156,10 @@ def test_a_file_size_limit_on_the_log_fails_before_training(tiny_corpus, tmp_pat
     out = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=300, preexec_fn=set_file_size_limit(32_000))  # the log holds the source
     assert out.returncode == 4, out.stderr[-2000:]
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     log = tmp_path / "logs" / "e2e.txt"
-    assert errors == [f"error: cannot write the log {log} (EFBIG: File too large); its lines from then on are only "
-                      "on the console"] and "Traceback" not in out.stderr
+    line = one_error_line(out.stderr, alone=False)
+    assert line == (f"error: cannot write the log {log} (EFBIG: File too large); its lines from then on are only on "
+                    "the console")
     assert f"log_write_failed path:{log} errno:EFBIG" in out.stdout
     assert not re.search(r"^step:\d+/\d+ train_loss:", out.stdout, re.M)  # stopped before step 1
     assert not os.path.exists(env["ARTIFACT_PATH"])

@@ -17,21 +17,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import install_flash_attn
 import train_gpt as tg
-from conftest import ROOT, TINY, settings_env, tiny_hparams
-
-sys.path.insert(0, str(ROOT / "tools"))
-import install_flash_attn  # noqa: E402
-
-LAYOUT = (4, 2, 16)  # heads, kv heads, head dim of the probes here: the tiny configuration's
-
-
-def chosen(candidates, use_compile=True, compile_backend="aot_eager"):
-    """The attention choice of with_attention on the CPU at the tiny layout (LAYOUT) among `candidates`."""
-    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, use_compile)
-    h = tiny_hparams()
-    assert (h.num_heads, h.num_kv_heads, h.head_dim) == LAYOUT
-    return tg.with_attention(rt, h, candidates=candidates, compile_backend=compile_backend).attention
+from conftest import ROOT, TINY, TINY_LAYOUT, probed_runtime, settings_env, tiny_hparams
 
 
 # ------------------------------------------------------------------ a stand-in kernel pair (FlashAttention's maths)
@@ -93,7 +81,9 @@ def raw_standin(q, k, v):
 
 def qkv(seed=0, t=32):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, t, n, LAYOUT[2], generator=g).bfloat16().requires_grad_() for n in LAYOUT[:2] + LAYOUT[1:2]]
+    heads, kv_heads, head_dim = TINY_LAYOUT
+    return [torch.randn(2, t, n, head_dim, generator=g).bfloat16().requires_grad_()
+            for n in (heads, kv_heads, kv_heads)]
 
 
 def test_standin_kernel_pair_is_attention_with_its_gradients():
@@ -116,11 +106,11 @@ def test_fullgraph_probe_rejects_the_raw_kernel_and_accepts_it_wrapped_as_custom
     candidates = (tg.AttentionCandidate("raw", lambda: raw_standin), tg.AttentionCandidate("wrapped", lambda: wrapped),
                   tg.AttentionCandidate("sdpa", lambda: tg.sdpa_attention))
     torch._dynamo.reset()
-    choice = chosen(candidates)
+    choice = probed_runtime(candidates).attention
     assert choice.name == "wrapped" and choice.fn is wrapped
     assert [name for name, _ in choice.skipped] == ["raw"]
     assert "graph_break" in dict(choice.skipped)["raw"] or "Unsupported" in dict(choice.skipped)["raw"]
-    eager = chosen(candidates, use_compile=False)
+    eager = probed_runtime(candidates, use_compile=False).attention
     assert eager.name == "raw"  # fine without compile: only tracing needs the wrapping
 
 
@@ -188,8 +178,9 @@ def test_fa4_candidate_wraps_flash_attn_cute_kernels(fake_modules):
     fake_modules("flash_attn.cute.interface", _flash_attn_fwd=fwd, _flash_attn_bwd=bwd)
     fa4 = next(c for c in tg.ATTENTION_CANDIDATES if c.name == "fa4")  # pinned: the shipped loaders (CUDA only)
     torch._dynamo.reset()
-    assert fa4.cuda_only and chosen((fa4._replace(cuda_only=False),)).name == "fa4"  # the probe: compiled, vs SDPA
-    scale = LAYOUT[2] ** -0.5
+    assert fa4.cuda_only
+    assert probed_runtime((fa4._replace(cuda_only=False),)).attention.name == "fa4"  # the probe: compiled, vs SDPA
+    scale = TINY_LAYOUT[2] ** -0.5
     assert ("fwd", scale, True, True) in calls and ("bwd", scale, True) in calls
 
 
@@ -197,7 +188,7 @@ def test_fa3_candidate_loads_flash_attn_interface_and_drops_the_lse(fake_modules
     fake_modules("flash_attn_interface", flash_attn_func=lambda q, k, v, causal: standin_fwd(q, k, v))
     fa3 = next(c for c in tg.ATTENTION_CANDIDATES if c.name == "fa3")  # pinned: the shipped loaders (CUDA only)
     assert fa3.cuda_only
-    choice = chosen((fa3._replace(cuda_only=False),), use_compile=False)
+    choice = probed_runtime((fa3._replace(cuda_only=False),), use_compile=False).attention
     q, k, v = qkv()
     assert choice.name == "fa3"
     torch.testing.assert_close(choice.fn(q, k, v).float(), tg.sdpa_attention(q, k, v).float(), atol=0.03, rtol=0.03)
@@ -365,4 +356,5 @@ def test_run_sh_gpu_branch_runs_the_installer_before_training(tmp_path):
 def test_wrapped_kernel_passes_the_probe_under_inductor():
     torch._dynamo.reset()
     wrapped = tg.custom_attention("standin", standin_fwd, standin_bwd)
-    assert chosen((tg.AttentionCandidate("standin", lambda: wrapped),), compile_backend="inductor").name == "standin"
+    standin = (tg.AttentionCandidate("standin", lambda: wrapped),)
+    assert probed_runtime(standin, compile_backend="inductor").attention.name == "standin"

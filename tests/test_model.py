@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import TINY
+from conftest import TINY, breaks_under_compile, probed_runtime
 
 
 def make(h, seed=0):
@@ -351,11 +351,6 @@ class _RaisingBackward(torch.autograd.Function):
         raise RuntimeError("backward kernel not built for this GPU")
 
 
-def _breaks_under_compile(q, k, v):
-    torch._dynamo.graph_break()  # fine eagerly, refused by fullgraph=True
-    return tg.sdpa_attention(q, k, v)
-
-
 def _bad_backward(q, k, v):
     return _RaisingBackward.apply(tg.sdpa_attention(q, k, v))
 
@@ -369,16 +364,8 @@ def _candidates(*fns):
     return (*named, tg.AttentionCandidate("sdpa", lambda: tg.sdpa_attention))
 
 
-def chosen(*fns, use_compile=True, candidates=None):
-    """The attention choice of with_attention on the CPU at the tiny layout (4 heads, 2 KV heads, head dim 16),
-    probing under aot_eager when compiled."""
-    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, use_compile)
-    return tg.with_attention(rt, tg.Hyperparameters(**TINY), compile_backend="aot_eager",
-                             candidates=candidates or _candidates(*fns))
-
-
 def test_select_attention_skips_backends_that_fail_under_compile_or_backward(capsys):
-    rt = chosen(_breaks_under_compile, _bad_backward, _wrong_numbers)
+    rt = probed_runtime(_candidates(breaks_under_compile, _bad_backward, _wrong_numbers))
     assert rt.attention.name == "sdpa" and rt.attention.fn is tg.sdpa_attention
     reasons = dict(rt.attention.skipped)
     assert list(reasons) == ["breaks_under_compile", "bad_backward", "wrong_numbers"]
@@ -393,14 +380,14 @@ def test_select_attention_skips_backends_that_fail_under_compile_or_backward(cap
 
 
 def test_select_attention_eager_accepts_a_backend_that_only_breaks_under_compile():
-    choice = chosen(_breaks_under_compile, use_compile=False).attention
+    choice = probed_runtime(_candidates(breaks_under_compile), use_compile=False).attention
     assert choice.name == "breaks_under_compile" and choice.skipped == ()
 
 
 def test_select_attention_without_a_working_backend_names_the_fix():
     with pytest.raises(tg.UserError, match="COMPILE=0"):
-        chosen(candidates=(tg.AttentionCandidate("broken", lambda: _breaks_under_compile),))
+        probed_runtime((tg.AttentionCandidate("broken", lambda: breaks_under_compile),))
     missing = (tg.AttentionCandidate("fa3", lambda: importlib.import_module("no_such_flash_module")),)
     with pytest.raises(tg.UserError, match="fa3: ModuleNotFoundError") as e:
-        chosen(candidates=missing, use_compile=False)
+        probed_runtime(missing, use_compile=False)
     assert "COMPILE=0" not in str(e.value)

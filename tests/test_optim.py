@@ -10,14 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import flat_params, make_batches, muon_model, tiny_hparams, tiny_model, train_steps
-
-CPU = torch.device("cpu")
-
-
-def single_runtime(tg):
-    return tg.Runtime(0, 1, 0, CPU, False)
-
+from conftest import CPU, RT1, flat_params, make_batches, muon_model, tiny_hparams, tiny_model, train_steps
 
 def svals(x):
     return torch.linalg.svdvals(x.float())
@@ -53,7 +46,7 @@ BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")  # the model's pa
 
 def routed_names(tg, model, h=None) -> dict:
     """Optimizer group -> names of the parameters build_optimizers gives it."""
-    opt = tg.build_optimizers(model, h or tiny_hparams(), single_runtime(tg))
+    opt = tg.build_optimizers(model, h or tiny_hparams(), RT1)
     name_of = {id(p): n for n, p in model.named_parameters()}
     groups = {k: [name_of[id(p)] for g in a.param_groups for p in g["params"]] for k, a in opt.adams.items()}
     return dict(groups, muon=[name_of[id(b.param)] for b in opt.muon.banks])
@@ -77,12 +70,12 @@ def test_routing_rejects_unknown_parameter(tg):
     model = muon_model()
     model.head = nn.Linear(4, 4, bias=False)
     with pytest.raises(ValueError, match=r"head\.weight"):
-        tg.build_optimizers(model, tiny_hparams(), single_runtime(tg))
+        tg.build_optimizers(model, tiny_hparams(), RT1)
 
 
 def test_build_optimizers_groups_and_lr_scale(tg, tiny):
     h = tiny()
-    opt = tg.build_optimizers(muon_model(), h, single_runtime(tg))
+    opt = tg.build_optimizers(muon_model(), h, RT1)
     tok = opt.adams["adam_tok"].param_groups
     assert len(tok) == 2 and all(g["lr"] == h.tied_embed_lr for g in tok)
     assert opt.adams["adam_scalar"].param_groups[0]["lr"] == h.scalar_lr
@@ -185,7 +178,7 @@ def test_single_process_step_matches_naive_reference(tg, tiny):
     model = muon_model()
     ref = copy.deepcopy(model)
     batches = make_batches()
-    train_steps(model, tg.build_optimizers(model, h, single_runtime(tg)), batches)
+    train_steps(model, tg.build_optimizers(model, h, RT1), batches)
     naive_reference_steps(tg, ref, h, batches)
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
@@ -195,7 +188,7 @@ def test_state_dict_restores_bit_identical_behaviour(tg, tiny):
     h = tiny()
     torch.manual_seed(0)
     model = muon_model()
-    opt = tg.build_optimizers(model, h, single_runtime(tg))
+    opt = tg.build_optimizers(model, h, RT1)
     batches = make_batches(steps=3, seed=2)
     train_steps(model, opt, batches[:1])
     snap_model, snap_opt = copy.deepcopy(model.state_dict()), opt.state_dict()
@@ -230,8 +223,7 @@ def grads_after_train_step(tg, clip: float) -> dict:
     h = tiny_hparams(num_layers=3, model_dim=32, vocab_size=64, bigram_vocab_size=32, bigram_dim=8,
                      train_seq_len=16, train_batch_tokens=128, train_micro_batch_tokens=64, grad_clip_norm=clip)
     model = muon_model()
-    tg.train_step(model, tg.build_optimizers(model, h, single_runtime(tg)), FixedBatches(make_batches(2, 4, 16)), h,
-                  single_runtime(tg), 0, 1.0)
+    tg.train_step(model, tg.build_optimizers(model, h, RT1), FixedBatches(make_batches(2, 4, 16)), h, RT1, 0, 1.0)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import pack as pack_tool  # tools/pack.py (conftest puts tools/ on sys.path)
 import train_gpt as tg
-from conftest import ROOT
+from conftest import ROOT, one_error_line
 
 SOURCE = (ROOT / "train_gpt.py").read_bytes().decode("utf-8")
 
@@ -100,8 +100,7 @@ def test_pack_tool_user_errors_exit_2_in_one_line(tmp_path, capsys, case):
                       "corrupt": (("unpack", corrupt, "-o", tmp_path / "o.py"), "cannot be decoded"),
                       "missing": (("pack", tmp_path / "absent.py", "-o", tmp_path / "o.py"), "cannot read")}[case]
     assert pack_tool.main(list(map(str, args))) == 2
-    err = capsys.readouterr().err
-    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: ") and expected in err
+    one_error_line(capsys.readouterr().err, expected)
     assert not (tmp_path / "o.py").exists() and readable.read_text() == SOURCE
 
 

@@ -16,15 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RT1, TINY_RUN, main_in_process, tiny_env, tiny_hparams
+import preflight
+import train_gpt as tg
+from conftest import ROOT, RT1, TINY_RUN, breaks_under_compile, main_in_process, one_error_line, tiny_env, tiny_hparams
 
-ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "preflight.py"
-sys.path.insert(0, str(ROOT / "tools"))
-
-import preflight  # noqa: E402
-import train_gpt as tg  # noqa: E402
-
 TINY_ARGS = ["--steps", "2", "--warmup", "1", "--eval-tokens", "1024", "--collective-iters", "2"]
 
 
@@ -134,13 +130,8 @@ def test_no_data_fails_with_reason(tmp_path, tiny_corpus, one_thread):
     assert preflight.verdict_line(checks).startswith("preflight verdict:not_ready")
 
 
-def _cannot_compile(q, k, v):
-    torch._dynamo.graph_break()  # fullgraph compilation refuses this
-    return tg.sdpa_attention(q, k, v)
-
-
 def test_attention_backend_that_cannot_compile_fails(tmp_path, tiny_corpus, monkeypatch, one_thread):
-    broken = tg.AttentionCandidate("broken", lambda: _cannot_compile)
+    broken = tg.AttentionCandidate("broken", lambda: breaks_under_compile)
     monkeypatch.setattr(tg, "with_attention", functools.partial(tg.with_attention, candidates=(broken,)))
     pf = in_process(tiny_corpus, tmp_path, use_compile=True)
     checks = preflight.run_checks(pf)
@@ -206,8 +197,8 @@ def test_user_error_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("DEVICE", "cpu")
     with pytest.raises(SystemExit) as e:
         preflight.main(TINY_ARGS)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and "NUM_HEADS=5" in err
+    assert e.value.code == 2
+    one_error_line(capsys.readouterr().err, "NUM_HEADS=5")
 
 
 def test_h100_left_on_sdpa_is_not_ready_unless_accepted(tmp_path, tiny_corpus, monkeypatch):

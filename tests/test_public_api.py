@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import train_gpt as tg
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PINNED = {  # private name -> the contract a test pins through it
     "_row_quantile": "bit-exact equality with torch.quantile: the QAT and export grids depend on it",
     "LSM_GROWTH": "the n-gram tables' sorted runs grow geometrically (the cost bound of an update)",

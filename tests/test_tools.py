@@ -12,18 +12,14 @@ from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
+import logparse
+import make_record
+import plot_logs
+import significance
+import summarize_logs
+import toolkit
+from conftest import ROOT, one_error_line, tiny_hparams
 
-from conftest import tiny_hparams  # noqa: E402
-import logparse  # noqa: E402
-import make_record  # noqa: E402
-import plot_logs  # noqa: E402
-import significance  # noqa: E402
-import summarize_logs  # noqa: E402
-import toolkit  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 # Settings of the real tiny run behind every log these tests read: periodic validation, diagnostic evals, late
 # QAT, SWA, the exact n-gram eval and score-first TTT, on top of the suite's tiny configuration.
 REAL_RUN = dict(ITERATIONS="16", WARMDOWN_ITERS="8", VAL_LOSS_EVERY="8", VAL_LAST_STEP="1", TRAIN_LOG_EVERY="4",
@@ -236,8 +232,9 @@ def test_json_option_means_the_same_in_every_tool(tmp_path, capsys, real_log):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: --json") and not list((tmp_path / "missing").glob("*")) if (
             tmp_path / "missing").exists() else err[-1].startswith("error: --json")
-    bench = subprocess.run([sys.executable, str(TOOLS / "bench_ngram_cache.py"), "--tokens", "3000", "--chunk", "1000",
-                            "--device", "cpu", "--json", "-"], capture_output=True, text=True, timeout=120)
+    bench = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_ngram_cache.py"), "--tokens", "3000",
+                            "--chunk", "1000", "--device", "cpu", "--json", "-"], capture_output=True, text=True,
+                           timeout=120)
     assert bench.returncode == 0, bench.stderr
     assert json.loads(bench.stdout)["tokens"] == 3000 and "tokens_per_s:" in bench.stderr
 
@@ -559,12 +556,6 @@ def nan_log(real_log: str, seed: int, value: str = "nan") -> str:
     return text
 
 
-def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.slow  # needs the real run (real_log)
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_a_non_finite_score_is_a_failed_run_for_every_tool(tmp_path, capsys, real_log, value):
@@ -578,7 +569,7 @@ def test_a_non_finite_score_is_a_failed_run_for_every_tool(tmp_path, capsys, rea
     captured = capsys.readouterr()
     assert [r["seed"] for r in json.loads(captured.out)["rows"]] == [1337, 42] and "non-finite score" in captured.err
     assert summarize_logs.main([str(bad)]) == 2
-    one_error_line(capsys.readouterr().err)
+    one_error_line(capsys.readouterr().err, warnings=True)
     # --allow-incomplete keeps it, with blank cells and strict JSON
     assert summarize_logs.main([str(good[0]), str(bad), "--allow-incomplete", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
@@ -586,13 +577,13 @@ def test_a_non_finite_score_is_a_failed_run_for_every_tool(tmp_path, capsys, rea
     # make_record: refused in one line, even with --allow-incomplete; nothing created
     for extra in ((), ("--allow-incomplete",)):
         assert make_record.main(record_args(tmp_path, script, [*good, bad], *extra)) == 2
-        line = one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err, warnings=True)
         assert str(bad) in line and "non-finite" in line and "nothing was created" in line
         assert not (tmp_path / "records").exists()
     # significance: refused in one line (it crashed on NaN)
     for metric in ("val_loss", "ngram_bpb"):
         assert significance.main(["--baseline", "1.92", "--metric", metric, "--logs", *map(str, good), str(bad)]) == 2
-        assert str(bad) in one_error_line(capsys.readouterr().err)
+        assert str(bad) in one_error_line(capsys.readouterr().err, warnings=True)
 
 
 @pytest.mark.slow  # needs the real run (real_log)
@@ -602,7 +593,7 @@ def test_make_record_allow_incomplete_refuses_a_log_without_a_score(tmp_path, ca
     early = tmp_path / "logs" / "run2024.txt"
     early.write_text(seed_log(real_log, 2024, truncate_at="final_int6_zstd_roundtrip"))  # killed before its score
     assert make_record.main(record_args(tmp_path, script, [*logs, early], "--allow-incomplete")) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, warnings=True)
     assert str(early) in line and "no 'final_int6_zstd_roundtrip_exact' score" in line
     assert not (tmp_path / "records").exists()
 
@@ -617,7 +608,7 @@ def test_significance_refuses_repeated_logs_seeds_and_scores(tmp_path, capsys, r
     for logs, words in (([a, a], "same file"), ([a, b, str(copy)], "one log per seed"),
                         ([a, str(same_scores)], "no spread")):
         assert significance.main(["--baseline", "1.92", "--logs", *logs]) == 2, logs  # it said PASS p=0
-        assert words in one_error_line(capsys.readouterr().err)
+        assert words in one_error_line(capsys.readouterr().err, warnings=True)
 
 
 @pytest.mark.slow  # needs the real run (real_log)
@@ -625,7 +616,7 @@ def test_plot_to_a_missing_folder_is_one_line_and_writes_nothing(tmp_path, capsy
     paths = write_logs(tmp_path, real_log, seeds=(1337,))
     out = tmp_path / "missing" / "curves.png"
     assert plot_logs.main([*map(str, paths), "-o", str(out)]) == 2
-    assert f"-o {out}: cannot write" in one_error_line(capsys.readouterr().err)
+    assert f"-o {out}: cannot write" in one_error_line(capsys.readouterr().err, warnings=True)
     assert plot_logs.main([*map(str, paths), "-o", str(tmp_path / "curves.svg")]) == 0  # the format of the extension
     assert (tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.svg", "logs"]  # no temporary file
@@ -655,7 +646,7 @@ def test_interrupted_make_record_leaves_no_temporary_folder_and_the_old_record(t
     except KeyboardInterrupt:
         code = "KeyboardInterrupt escaped"
     assert code == 130
-    assert one_error_line(capsys.readouterr().err) == "error: stopped by SIGINT"
+    assert one_error_line(capsys.readouterr().err, warnings=True) == "error: stopped by SIGINT"
     if force:
         assert {p.relative_to(parent): p.read_bytes() for p in parent.rglob("*") if p.is_file()} == before
         assert [p.name for p in parent.iterdir()] == ["2026-03-30_ExactNgram"]

@@ -1,6 +1,5 @@
 """Training loop pieces: the compile warm-up is undone exactly; one train step lowers the loss.
 Run: python3 -m pytest tests/test_training.py"""
-import copy
 import json
 import os
 import re
@@ -13,9 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import RT1, main_in_process, tiny_model, tiny_run_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, RT1, main_in_process, tiny_model, tiny_run_env
 
 
 def setup(tiny, tiny_corpus, **overrides):
@@ -23,20 +20,6 @@ def setup(tiny, tiny_corpus, **overrides):
     h = tiny(data_path=data, tokenizer_path=tok, vocab_size=vocab, **overrides)
     model = tiny_model(h)
     return h, RT1, model, tg.build_optimizers(model, h, RT1)
-
-
-def flat_state(opt_state):
-    """All tensors of a (nested) optimizer state dict, in a stable order."""
-    out = []
-    if isinstance(opt_state, torch.Tensor):
-        return [opt_state]
-    if isinstance(opt_state, dict):
-        for k in sorted(opt_state, key=str):
-            out += flat_state(opt_state[k])
-    elif isinstance(opt_state, (list, tuple)):
-        for v in opt_state:
-            out += flat_state(v)
-    return out
 
 
 def test_the_warmup_is_undone_exactly_and_the_last_validation_changes_nothing(tiny_corpus, tmp_path, monkeypatch):

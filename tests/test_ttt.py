@@ -5,17 +5,12 @@ Run: python3 -m pytest tests/test_ttt.py -q      (the 1-rank = 2-rank TTT check 
 import dataclasses
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import train_gpt as tg  # noqa: E402
-from conftest import RT1, random_stream, random_tables, repeating_stream, tiny_model, unit_tables  # noqa: E402
-
+import train_gpt as tg
+from conftest import RT1, random_stream, random_tables, repeating_stream, tiny_model, unit_tables
 
 
 EVALUATE = tg.evaluate
@@ -119,7 +114,6 @@ def test_ttt_lr_follows_a_cosine_over_the_chunks(tiny):
 def test_ttt_batch_shape_is_fixed_and_reads_only_scored_tokens(tiny):
     """Every TTT step has the same input shape (one compiled graph) and never reads a token at or after `end`."""
     h = ttt_hparams(tiny, ttt_batch_seqs=3, ttt_chunk_tokens=160, eval_seq_len=32)
-    tokens = random_stream(700, h.vocab_size, 6)
     shapes, reads, firsts, lows = [], [], [], []
 
     def spy(module, args, kwargs):

@@ -13,15 +13,7 @@ from pathlib import Path
 import pytest
 
 import train_gpt as tg
-from conftest import ROOT, main_in_process, run_script, tiny_run_env
-
-
-def one_error_line(stderr: str, *words) -> str:
-    """Exactly one `error:` line naming `words` on stderr, no traceback."""
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
-    assert all(w in errors[0] for w in words), errors[0]
-    return errors[0]
+from conftest import ROOT, main_in_process, one_error_line, run_script, tiny_run_env
 
 
 def left_files(folder: Path) -> list[str]:
@@ -58,7 +50,7 @@ def test_user_errors_stop_the_run_in_one_line_before_training(tiny_corpus, tmp_p
     if case != "bad_setting":
         (tmp_path / "a_file").write_text("x")
     assert main_in_process(tiny_run_env(tiny_corpus, tmp_path, **settings(tmp_path)), monkeypatch, tmp_path) == 2
-    one_error_line(capsys.readouterr().err, *words)
+    one_error_line(capsys.readouterr().err, *words, alone=False)
     assert left_files(tmp_path) == left
     if "logs/e2e.txt" in left:  # the log ends with the same message
         last = (tmp_path / "logs" / "e2e.txt").read_text().splitlines()[-1]
@@ -72,7 +64,7 @@ def test_eval_only_settings_that_conflict_with_the_artifact_are_one_line(tiny_co
                                           tg.Hyperparameters.from_env(env))[0])
     before = artifact.read_bytes()
     assert main_in_process(dict(env, XSA_LAST_N="0", NUM_LAYERS="3"), monkeypatch, tmp_path) == 2
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err, alone=False)
     assert line.startswith("error: EVAL_ONLY: NUM_LAYERS=3 (artifact: 2), XSA_LAST_N=0 (artifact: 1) conflict"), line
     assert left_files(tmp_path) == [artifact.name] and artifact.read_bytes() == before
 
@@ -82,7 +74,7 @@ def test_reused_run_id_never_appends_to_the_old_log(tiny_corpus, tmp_path, monke
     logs.mkdir()
     (logs / "e2e.txt").write_text("an earlier run\n")
     assert main_in_process(tiny_run_env(tiny_corpus, tmp_path), monkeypatch) == 2
-    one_error_line(capsys.readouterr().err, "RUN_ID=e2e", "already exists")
+    one_error_line(capsys.readouterr().err, "RUN_ID=e2e", "already exists", alone=False)
     assert (logs / "e2e.txt").read_text() == "an earlier run\n"
     assert left_files(tmp_path) == ["logs", "logs/e2e.txt"]
 
@@ -92,7 +84,7 @@ def test_a_user_error_in_a_real_process_is_one_line_exit_2_and_nothing_written(t
     """The contract across a process boundary (what a shell sees): stderr, the exit code, the files."""
     out = run_script(tiny_run_env(tiny_corpus, tmp_path, NUM_HEADS="0"))
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    one_error_line(out.stderr, "NUM_HEADS=0 must be > 0")
+    one_error_line(out.stderr, "NUM_HEADS=0 must be > 0", alone=False)
     assert left_files(tmp_path) == []
 
 
